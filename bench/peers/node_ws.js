@@ -1,0 +1,120 @@
+// Node.js `ws` peer: the architecture desks run today.
+// Holds the latest row per instrument, takes ticks on /ingest (JSON array of
+// tick objects), serves /ws with subscribe -> snapshot, then one update frame
+// per tick per subscribed client.
+//   node node_ws.js PORT            (or PORT env; BENCH_REDIS=redis://... to also
+//                                    take ticks from the Redis channel BENCH_REDIS_CHANNEL)
+'use strict';
+const http = require('http');
+const { WebSocketServer } = require('ws');
+
+const PORT = parseInt(process.argv[2] || process.env.PORT || '8081', 10);
+const FIELDS = ['sym', 'seq', 'ts', 'bid', 'ask', 'last', 'bid_size', 'ask_size', 'last_size', 'volume'];
+const SYM_RE = /^[A-Za-z0-9._\-:/]{1,32}$/;
+
+const rows = new Map();      // sym -> row array in FIELDS order
+const subs = new Map();      // sym -> Set of client sockets
+
+function nowNs() {
+  return Math.round((performance.timeOrigin + performance.now()) * 1e6);
+}
+
+function applyTick(tick, t) {
+  const sym = tick.sym;
+  if (typeof sym !== 'string' || !SYM_RE.test(sym) || typeof tick.seq !== 'number') return;
+  let row = rows.get(sym);
+  if (row === undefined) {
+    row = [sym, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    rows.set(sym, row);
+  } else if (tick.seq <= row[1]) {
+    return;                                   // stale
+  }
+  for (let i = 1; i < 10; i++) {
+    const v = tick[FIELDS[i]];
+    if (v !== undefined) row[i] = v;
+  }
+  const set = subs.get(sym);
+  if (set === undefined || set.size === 0) return;
+  const frame = Buffer.from('{"type":"update","t":' + t + ',"rows":[' + JSON.stringify(row) + ']}');
+  for (const ws of set) ws.send(frame, { binary: false });
+}
+
+function ingest(text) {
+  let msg;
+  try { msg = JSON.parse(text); } catch (e) { return; }
+  const t = nowNs();
+  if (Array.isArray(msg)) { for (const tick of msg) applyTick(tick, t); }
+  else if (msg && typeof msg === 'object') applyTick(msg, t);
+}
+
+function onClientMessage(ws, text) {
+  let req;
+  try { req = JSON.parse(text); } catch (e) { return; }
+  if (!req || typeof req !== 'object') return;
+  const id = req.id === undefined ? null : req.id;
+  const syms = Array.isArray(req.symbols) ? req.symbols.filter((s) => typeof s === 'string') : [];
+  if (req.op === 'subscribe') {
+    const out = [];
+    const unknown = [];
+    for (const s of syms) {
+      const row = rows.get(s);
+      if (row === undefined) { unknown.push(s); continue; }
+      if (ws.syms.has(s)) continue;
+      ws.syms.add(s);
+      let set = subs.get(s);
+      if (set === undefined) { set = new Set(); subs.set(s, set); }
+      set.add(ws);
+      out.push(row);
+    }
+    ws.send(JSON.stringify({ type: 'snapshot', id, fields: FIELDS, rows: out, unknown }));
+  } else if (req.op === 'unsubscribe') {
+    for (const s of syms) { ws.syms.delete(s); const set = subs.get(s); if (set) set.delete(ws); }
+    ws.send(JSON.stringify({ type: 'ack', id, op: 'unsubscribe', symbols: syms }));
+  } else if (req.op === 'watch' || req.op === 'unwatch') {
+    // every tick is pushed at once anyway
+    ws.send(JSON.stringify({ type: 'ack', id, op: req.op, symbols: syms }));
+  } else if (req.op === 'ping') {
+    ws.send(JSON.stringify({ type: 'pong', id, ts: nowNs() }));
+  } else {
+    ws.send(JSON.stringify({ type: 'error', id, code: 'unknown_op', message: String(req.op) }));
+  }
+}
+
+const server = http.createServer((req, res) => {
+  if (req.url === '/healthz') { res.writeHead(200); res.end('ok'); return; }
+  res.writeHead(404); res.end();
+});
+const clients = new WebSocketServer({ noServer: true });
+const publishers = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 * 1024 });
+
+server.on('upgrade', (req, socket, head) => {
+  const path = req.url.split('?')[0];
+  if (path === '/ws') {
+    clients.handleUpgrade(req, socket, head, (ws) => {
+      ws.syms = new Set();
+      ws.on('message', (data) => onClientMessage(ws, data));
+      ws.on('close', () => { for (const s of ws.syms) { const set = subs.get(s); if (set) set.delete(ws); } });
+      ws.on('error', () => {});
+    });
+  } else if (path === '/ingest') {
+    publishers.handleUpgrade(req, socket, head, (ws) => {
+      ws.on('message', (data) => ingest(data));
+      ws.on('error', () => {});
+    });
+  } else {
+    socket.destroy();
+  }
+});
+
+if (process.env.BENCH_REDIS) {
+  const Redis = require('ioredis');
+  const sub = new Redis(process.env.BENCH_REDIS);
+  sub.subscribe(process.env.BENCH_REDIS_CHANNEL || 'bench:ticks');
+  sub.on('messageBuffer', (_ch, data) => ingest(data));
+}
+
+server.listen(PORT, '127.0.0.1', () => {
+  process.stdout.write(`node_ws listening on ${PORT}\n`);
+});
+process.on('SIGTERM', () => process.exit(0));
+process.on('SIGINT', () => process.exit(0));

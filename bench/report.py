@@ -1,0 +1,272 @@
+"""Results of a bench run: results.json, results.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench import hist
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name, cmd in (("node", ["node", "--version"]),
+                      ("bun", [str(Path(__file__).parent / "node_modules/.bin/bun"), "--version"])):
+        try:
+            versions[name] = subprocess.run(cmd, capture_output=True, text=True,
+                                            timeout=10).stdout.strip()
+        except OSError:
+            versions[name] = None
+    for mod in ("websockets", "picows", "uvloop", "fastfeed"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def strip(obj: Any) -> Any:
+    """Results without histograms (for the console)."""
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if k not in ("hist", "whist")}
+    if isinstance(obj, list):
+        return [strip(v) for v in obj]
+    return obj
+
+
+def f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def pct(v: Any) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    try:
+        return f"{a / b:.2f}x" if a and b else "-"
+    except TypeError:
+        return "-"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"# bench results ({res['mode']}, {res['started']})", "",
+             f"Machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+             f"Command: `{res['command']}`. Server pinned to CPU {res['pins']['server']}, "
+             f"load client and publisher to CPU {res['pins']['load']}. "
+             f"Figures are medians of {res['repeats']} run(s); latency is tick source time → "
+             "client receive time; server CPU is in cores (1.0 = one core busy); \"its core busy\" "
+             "is the server's pinned CPU busy with anything (server, other processes, "
+             "interrupts): near 1.0 with a lower server CPU means the server shared its core.",
+             ""]
+    for name, why in res.get("skipped", {}).items():
+        lines.append(f"- {name} skipped: {why}")
+    sc = res["scenarios"]
+    ref = "fastfeed"
+
+    def rowsof(name: str) -> list[tuple[str, dict]]:
+        return [(s, r) for s, r in sc.get(name, {}).items()]
+
+    def problem(r: dict) -> str | None:
+        return r.get("skipped") or r.get("error")
+
+    if "capacity" in sc:
+        p = res["params"]["capacity"]
+        lines += ["", f"## Capacity ({p['rate']:,} ticks/s, 50 of 500 instruments per client, "
+                  f"pass: p99 ≤ {p['p99_ms']} ms and every client converged)", ""]
+        rows = []
+        for s, r in rowsof("capacity"):
+            if problem(r):
+                rows.append([s, problem(r)] + [""] * 7)
+                continue
+            best = next((c for c in r.get("curve", []) if c["clients"] == r["capacity"]), {})
+            rows.append([s, f(r["capacity"]), f(r.get("first_fail")), f(best.get("p99_ms")),
+                         f"{f(best.get('server_cpu'))} / {f(best.get('server_core_busy'))}",
+                         f(best.get("updates_per_s")),
+                         f(best.get("frames_per_s")), f(best.get("load_cpu_max")),
+                         _ratio(sc["capacity"].get(ref, {}).get("capacity"), r["capacity"])])
+        lines.append(_table(["server", "clients (largest passing)", "first failing",
+                             "p99 ms at best", "server CPU / its core busy", "updates/s",
+                             "frames/s",
+                             "load client CPU (max proc)", "fastfeed ÷ this"], rows))
+    for name, title in (("throughput", "Throughput"), ("watched", "Watched latency")):
+        if name not in sc:
+            continue
+        p = res["params"][name]
+        extra = ""
+        if name == "watched":
+            extra = f", {p['watch_clients']} clients watching {p['watch']}"
+        lines += ["", f"## {title} ({p['clients']:,} clients x 50 instruments, "
+                  f"{p['rate']:,} ticks/s{extra})", ""]
+        rows = []
+        for s, r in rowsof(name):
+            if problem(r):
+                rows.append([s, problem(r)] + [""] * 11)
+                continue
+            watched = "/".join(f(r[k]) for k in ("watched_p50_ms", "watched_p99_ms",
+                                                   "watched_p999_ms"))
+            rows.append([s, f(r["updates_per_s"]), f(r["frames_per_s"]), f(r["rows_per_frame"]),
+                         f(r["p50_ms"]), f(r["p99_ms"]), f(r["p999_ms"]), watched,
+                         f"{f(r['server_cpu'])} / {f(r.get('server_core_busy'))}",
+                         f(r["server_rss_mb"]), pct(r["converged_share"]),
+                         f(r["load_cpu_max"])])
+        lines.append(_table(["server", "updates/s", "frames/s", "rows/frame", "p50 ms", "p99 ms",
+                             "p99.9 ms", "watched p50/p99/p99.9 ms", "server CPU / its core busy",
+                             "RSS MB",
+                             "converged", "load client CPU"], rows))
+    if "ingest" in sc:
+        p = res["params"]["ingest"]
+        lines += ["", f"## Ingest ({p['ticks']:,} ticks in JSON arrays of {p['batch']:,}, "
+                  "one publisher connection)", ""]
+        rows = []
+        for s, r in rowsof("ingest"):
+            if problem(r):
+                rows.append([s, problem(r), "", "", ""])
+                continue
+            rows.append([s, f(r["json_ticks_per_s"]), f(r["json_server_cpu"]),
+                         f(r["binary_ticks_per_s"]), f(r["redis_ticks_per_s"])])
+        lines.append(_table(["server", "JSON ticks/s applied", "server CPU", "binary ticks/s",
+                             "via Redis ticks/s"], rows))
+    if "spike" in sc:
+        p = res["params"]["spike"]
+        lines += ["", f"## Spike ({p['clients']:,} clients, base {p['rate']:,} ticks/s, "
+                  f"{p['secs']} s phases; p50 / p99 ms, server CPU)", ""]
+        rows, head = [], None
+        for s, r in rowsof("spike"):
+            if problem(r):
+                rows.append([s, problem(r)])
+                continue
+            names = list(r["phases"])
+            head = head or ["server", *names, "converged"]
+            cells = []
+            for n in names:
+                ph = r["phases"][n]
+                cells.append(f"{f(ph['p50_ms'])} / {f(ph['p99_ms'])} ({f(ph['server_cpu'], 2)})")
+            rows.append([s, *cells, pct(r["converged_share"])])
+        lines.append(_table(head or ["server", "result"], rows))
+    if "idle" in sc:
+        lines += ["", f"## Idle connections ({res['params']['idle']['connections']:,})", ""]
+        rows = []
+        for s, r in rowsof("idle"):
+            if problem(r):
+                rows.append([s, problem(r), "", ""])
+                continue
+            b = r["bytes_per_conn"]
+            rows.append([s, f(r["connected"]), f(b / 1024 if b is not None else None),
+                         f(r["rss_after_mb"])])
+        lines.append(_table(["server", "connected", "KiB per connection", "RSS MB"], rows))
+    if "workers" in sc:
+        lines += ["", "## Workers (throughput load, 1 vs 2 worker processes)", ""]
+        rows = []
+        for s, r in rowsof("workers"):
+            if problem(r):
+                rows.append([s, problem(r), "", "", ""])
+                continue
+            rows.append([s, f(r["one"]["updates_per_s"]), f(r["two"]["updates_per_s"]),
+                         f(r["ratio"]), f"{f(r['one']['p99_ms'])} / {f(r['two']['p99_ms'])}"])
+        lines.append(_table(["server", "updates/s, 1 worker", "updates/s, 2 workers", "ratio",
+                             "p99 ms (1 / 2)"], rows))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plots(res: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    sc = res["scenarios"]
+    if sc.get("capacity"):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for s, r in sc["capacity"].items():
+            curve = r.get("curve") or []
+            if not curve:
+                continue
+            xs = [c["clients"] for c in curve]
+            ys = [c["p99_ms"] or float("nan") for c in curve]
+            ax.plot(xs, ys, marker="o", label=f"{s} (capacity {r['capacity']:,})")
+            bad = [(c["clients"], c["p99_ms"]) for c in curve if not c["pass"] and c["p99_ms"]]
+            if bad:
+                ax.scatter(*zip(*bad, strict=True), marker="x", color="black", zorder=5)
+        lim = res["params"]["capacity"]["p99_ms"]
+        ax.axhline(lim, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("clients (50 of 500 instruments each)")
+        ax.set_ylabel("p99 tick→client latency, ms")
+        ax.set_title(f"Capacity at {res['params']['capacity']['rate']:,} ticks/s, one core "
+                     "(x: failed)")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "capacity.png", dpi=110)
+        plt.close(fig)
+        made.append("capacity.png")
+    panels = []
+    for name, key, title in (("throughput", "hist", "throughput"),
+                             ("watched", "whist", "watched updates"),
+                             ("capacity", "hist", "capacity, at each server's largest pass")):
+        data = {s: r.get(key) for s, r in sc.get(name, {}).items() if r.get(key)}
+        if data:
+            panels.append((title, data))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+        for ax, (title, data) in zip(axes[0], panels, strict=True):
+            for s, h in data.items():
+                h = {int(k): v for k, v in h.items()}
+                xs, ys = hist.cdf(h)
+                ax.step(xs, ys, where="post", label=s)
+            ax.set_xscale("log")
+            ax.set_xlabel("tick→client latency, ms")
+            ax.set_ylabel("share of updates")
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency_cdf.png", dpi=110)
+        plt.close(fig)
+        made.append("latency_cdf.png")
+    return made
+
+
+def write(res: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    made = plots(res, out)
+    md = markdown(res) + "".join(f"\n![{p}]({p})\n" for p in made)
+    (out / "results.md").write_text(md)

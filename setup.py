@@ -1,0 +1,47 @@
+"""Build the compiled core.
+
+Build switches come from the environment so they work the same under pip,
+Docker and CI (pip never passes argv flags to setup.py):
+
+  FASTFEED_DEBUG=1      keep asserts, bounds checks and line tracing
+  FASTFEED_ANNOTATE=1   write the `cython -a` HTML next to the sources
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTFEED_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "infer_types": True,
+    "embedsignature": True,
+}
+macros = []
+if DEBUG:
+    directives["linetrace"] = True
+    macros.append(("CYTHON_TRACE_NOGIL", "1"))
+    macros.append(("FASTFEED_DEBUG", "1"))
+else:
+    macros.append(("NDEBUG", "1"))
+
+ext = Extension(
+    "fastfeed._core",
+    ["src/fastfeed/_core.pyx"],
+    define_macros=macros,
+    extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+)
+
+setup(
+    ext_modules=cythonize(
+        [ext],
+        compiler_directives=directives,
+        annotate=os.environ.get("FASTFEED_ANNOTATE", "") not in ("", "0"),
+    )
+)

@@ -1,0 +1,79 @@
+"""`fastfeed serve | publish | token`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import config, logs
+
+log = logging.getLogger("fastfeed")
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    cfg = config.from_sources(ns)
+    logs.setup(cfg.log_level, cfg.log_format)
+    from . import metrics
+
+    if cfg.workers != "1" or cfg.redis:
+        from . import workers
+
+        return workers.main(cfg)
+    import uvloop
+
+    from .server import serve
+
+    metrics_dir = metrics.prepare_dir(cfg.metrics_dir)
+    log.info("starting with %s", cfg.public())
+    try:
+        return uvloop.run(serve(cfg))
+    finally:
+        if not cfg.metrics_dir:
+            metrics.cleanup(metrics_dir)
+
+
+def _token(ns: argparse.Namespace) -> int:
+    from . import auth
+
+    cfg = config.from_sources(None)
+    secret = ns.secret or cfg.secret()
+    if not secret:
+        print("fastfeed token: no secret: pass --secret, or set FASTFEED_JWT_SECRET "
+              "or FASTFEED_JWT_SECRET_FILE", file=sys.stderr)
+        return 2
+    syms = [s for s in ns.syms.split(",") if s] if ns.syms else None
+    print(auth.issue(secret, ns.sub, syms, ns.ttl))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastfeed", description="Real-time market-data WebSocket gateway.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser(
+        "serve", help="run the gateway",
+        description="Run the gateway. Every flag can also be set as FASTFEED_<FLAG> in the "
+                    "environment (e.g. FASTFEED_FRAME_MS=16); a flag wins over the environment.")
+    config.add_arguments(p)
+    p.set_defaults(func=_serve)
+    t = sub.add_parser("token", help="print a client token (HS256 JWT) for operators")
+    t.add_argument("--sub", required=True, help="who the token is for")
+    t.add_argument("--syms", default="",
+                   help="comma-separated symbol globs it may see (default all)")
+    t.add_argument("--ttl", type=float, default=86400.0, help="seconds until it expires")
+    t.add_argument("--secret", default="",
+                   help="signing secret (default: FASTFEED_JWT_SECRET[_FILE])")
+    t.set_defaults(func=_token)
+    try:
+        from .feed import publish
+    except ImportError:
+        publish = None
+    if publish is not None and hasattr(publish, "add_publish_parser"):
+        publish.add_publish_parser(sub)
+    ns = parser.parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

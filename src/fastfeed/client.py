@@ -1,0 +1,952 @@
+"""An asyncio client for a fastfeed gateway.
+
+    from fastfeed.client import Client
+
+    async with Client("ws://localhost:8080/ws") as c:
+        unknown = await c.subscribe(["BBCA", "TLKM"])   # returns once the snapshot is in
+        print(c.rows["BBCA"].bid)
+        async for rows in c.updates():                 # rows changed since the last item
+            for row in rows:
+                print(row.sym, row.bid, row.ask)
+
+The client keeps a local copy of the latest row of every subscribed symbol in
+`Client.rows`, and keeps it current by itself: when the connection drops or
+the gateway closes it (a deploy drains with 1012, an overloaded gateway says
+1013, a killed process leaves 1006), it reconnects after a jittered
+exponential backoff, to the next URL when several replicas are given, and
+resumes by subscribing again with ``"since": {sym: last seq}`` so the gateway
+sends only the rows it missed, then watches again what was watched. It does
+not reconnect after it was closed by its user, nor after the gateway closed
+it for a fault of the client's own (1002, 1003, 1007, 1008, 1009, 1010) or
+refused the upgrade with an HTTP 4xx (a bad token, a wrong path), unless
+asked to with ``retry_client_errors=True``.
+
+Every request carries an ``id``; its coroutine returns when the reply with the
+same ``id`` arrives, and an ``error`` reply raises `FastfeedError`. The wire
+format is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import json
+import logging
+import random
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows.common import WSHandshakeError
+
+__all__ = [
+    "BIN_SUBPROTOCOL",
+    "FIELDS",
+    "JSON_SUBPROTOCOL",
+    "Backoff",
+    "Client",
+    "ConnectionClosed",
+    "FastfeedError",
+    "Row",
+    "decode_binary_update",
+]
+
+log = logging.getLogger("fastfeed.client")
+
+FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume")
+JSON_SUBPROTOCOL = "fastfeed.v1.json"
+BIN_SUBPROTOCOL = "fastfeed.v1.bin"
+BIN_MAGIC = b"FFB1"
+_BIN_HEADER = struct.Struct("<4sIq")  # magic, row count, server time ns: 16 bytes
+
+# Close codes that say the client itself did something wrong: reconnecting
+# would only repeat it.
+CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+_NO_STATUS = 1005  # the close frame had no code
+_ABNORMAL = 1006  # the socket went away without a close frame
+# Requests per message when resubscribing many symbols, so a resume stays
+# well under the gateway's message size limit.
+_CHUNK = 500
+
+
+class Row(NamedTuple):
+    """One instrument's latest state, fields in protocol order."""
+
+    sym: str
+    seq: int
+    ts: int
+    bid: float
+    ask: float
+    last: float
+    bid_size: float
+    ask_size: float
+    last_size: float
+    volume: float
+
+
+_make_row = Row._make
+
+
+class FastfeedError(Exception):
+    """An ``error`` reply from the gateway, or a request the client refused.
+
+    `code` is one of the protocol's error codes (``bad_request``,
+    ``forbidden``, ``not_subscribed``, ...); `symbols` lists the symbols it
+    names, if any.
+    """
+
+    def __init__(self, code: str, message: str = "", symbols: Sequence[str] | None = None):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.symbols: list[str] = list(symbols or [])
+        #: for a partly refused subscribe: the snapshot of the rest
+        self.reply: dict[str, Any] | None = None
+
+
+class ConnectionClosed(FastfeedError):
+    """The client stopped for good: closed by its user, or by a close or HTTP
+    status it must not retry. `close_code` is the WebSocket close code, or the
+    HTTP status of a refused upgrade."""
+
+    def __init__(self, close_code: int, message: str = ""):
+        super().__init__("closed", message or f"connection closed ({close_code})")
+        self.close_code = close_code
+
+
+class _Disconnected(Exception):
+    """The connection a request was sent on went away before its reply."""
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff between reconnection attempts.
+
+    Attempt ``n`` (0 for the first retry) waits a random time in
+    ``[d * (1 - jitter), d]`` where ``d = min(cap, base * factor ** n)``.
+    ``jitter=1`` is "full jitter" (anything from 0 to ``d``); ``jitter=0``
+    waits exactly ``d``. The randomness spreads the reconnections of many
+    clients whose gateway went away at the same moment.
+    """
+
+    base: float = 0.25
+    factor: float = 2.0
+    cap: float = 10.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.cap < 0 or self.factor < 1 or not 0 <= self.jitter <= 1:
+            raise ValueError("Backoff needs base >= 0, cap >= 0, factor >= 1, 0 <= jitter <= 1")
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait of attempt `attempt`."""
+        # min() before the power would overflow on a long outage
+        exp = min(attempt, 64)
+        return min(self.cap, self.base * self.factor**exp)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """A random wait, in seconds, before attempt `attempt`."""
+        d = self.ceiling(attempt)
+        r = (rng or random).random()
+        return d * (1.0 - self.jitter * r)
+
+
+def decode_binary_update(
+    buf: bytes | bytearray | memoryview, dtype: Any = None
+) -> tuple[int, list[Row]]:
+    """Decode one binary update frame of ``fastfeed.v1.bin``.
+
+    The layout: a 16-byte header (``<4s`` magic ``b"FFB1"``, ``<u4`` row
+    count, ``<i8`` server send time in ns), then that many rows laid out as
+    the NumPy dtype ``fastfeed._core.ROW_DTYPE`` (`dtype` overrides it).
+    Returns ``(server time ns, rows)``.
+    """
+    import numpy as np
+
+    if dtype is None:
+        from fastfeed._core import ROW_DTYPE as dtype
+    magic, count, t = _BIN_HEADER.unpack_from(buf, 0)
+    if magic != BIN_MAGIC:
+        raise ValueError(f"not a fastfeed binary frame (magic {magic!r})")
+    arr = np.frombuffer(buf, dtype, count, offset=_BIN_HEADER.size)
+    # a multi-field view puts the fields in protocol order whatever the layout
+    recs = arr[list(FIELDS)].tolist()
+    rows = []
+    for rec in recs:
+        sym = rec[0]
+        if isinstance(sym, bytes):
+            sym = sym.rstrip(b"\0").decode("ascii")
+        rows.append(_make_row((sym, *rec[1:])))
+    return t, rows
+
+
+class _Listener(WSListener):  # type: ignore[misc]
+    """picows callbacks of one connection, handed on to its `_Session`."""
+
+    def __init__(self, session: _Session):
+        super().__init__()
+        self.session = session
+        self.parts: list[bytes] | None = None  # a fragmented message being reassembled
+        self.part_type = WSMsgType.TEXT
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        t = frame.msg_type
+        if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
+            if frame.fin:
+                self.session.on_message(t is WSMsgType.BINARY, frame.get_payload_as_bytes())
+            else:
+                self.parts = [frame.get_payload_as_bytes()]
+                self.part_type = t
+        elif t is WSMsgType.CONTINUATION:
+            if self.parts is None:
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
+                transport.disconnect()
+                return
+            self.parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                data = b"".join(self.parts)
+                self.parts = None
+                self.session.on_message(self.part_type is WSMsgType.BINARY, data)
+        elif t is WSMsgType.CLOSE:
+            payload = frame.get_payload_as_bytes()
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else _NO_STATUS
+            reason = payload[2:].decode("utf-8", "replace")
+            self.session.close_code = code
+            self.session.close_reason = reason
+            # answer the closing handshake, then let the server drop the socket
+            if not transport.is_close_frame_sent:
+                transport.send_close(WSCloseCode(1000 if code == _NO_STATUS else code))
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.session.on_disconnected()
+
+    def pause_writing(self) -> None:
+        self.session.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.session.writable.set()
+
+
+class _Session:
+    """One WebSocket connection: its transport, replies it awaits, how it ended."""
+
+    def __init__(self, client: Client, url: str):
+        self.client = client
+        self.url = url
+        self.transport: WSTransport | None = None
+        self.pending: dict[Any, _Pending] = {}
+        self.close_code: int = _ABNORMAL
+        self.close_reason = ""
+        self.done = asyncio.get_running_loop().create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def on_message(self, binary: bool, data: bytes) -> None:
+        self.client._on_message(self, binary, data)
+
+    def on_disconnected(self) -> None:
+        if self.client._session is self:
+            # before the waiters below run: they must not see a stale "ready"
+            self.client._ready.clear()
+        for p in self.pending.values():
+            if not p.future.done():
+                p.future.set_exception(_Disconnected())
+        self.pending.clear()
+        if not self.done.done():
+            self.done.set_result(self.close_code)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.transport is None or self.transport.is_disconnected:
+            raise _Disconnected()
+        self.transport.send(WSMsgType.TEXT, json.dumps(msg, separators=(",", ":")).encode())
+
+    def close(self, code: int = 1000) -> None:
+        if self.transport is not None and not self.transport.is_disconnected:
+            if not self.transport.is_close_frame_sent:
+                self.transport.send_close(WSCloseCode(code))
+            self.transport.disconnect()
+
+
+class _Pending:
+    """A request waiting for its reply; `forbidden` collects a partial refusal."""
+
+    __slots__ = ("forbidden", "future", "op", "symbols")
+
+    def __init__(self, msg: dict[str, Any]):
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.op: str = msg["op"]
+        self.symbols: list[str] = msg.get("symbols") or []
+        self.forbidden: FastfeedError | None = None
+
+
+class Client:
+    """A fastfeed client that keeps `rows` current across reconnections.
+
+    Parameters:
+      url: the gateway's ``ws://host:port/ws``, or a list of them (replicas of
+        one gateway); the client uses the first that answers and fails over
+        to the next when a connection is lost.
+      token: a JWT, sent as ``Authorization: Bearer``.
+      frame_ms: ask for this update frame interval (``configure``), again on
+        every reconnection. ``None``: the gateway's default.
+      binary: negotiate ``fastfeed.v1.bin`` (update frames arrive binary and
+        are decoded with NumPy); otherwise ``fastfeed.v1.json``.
+      backoff: the `Backoff` between reconnection attempts.
+      reconnect: ``False`` stops the client at the first disconnection.
+      retry_client_errors: also reconnect after a close for a client fault
+        (1008, 1009, ...) or an HTTP 4xx at the upgrade.
+      stale_after: seconds without any message (the gateway sends a
+        ``heartbeat`` when it has nothing else, every 5 s by default) after
+        which the connection is taken for dead and replaced. ``None``: never.
+      connect_timeout: how long `connect` (and ``async with``) keeps trying
+        before raising; ``None``: forever.
+      request_timeout: how long a request waits for its reply.
+      on_update: ``callback(rows)``, called with the rows of every change
+        applied to `rows` (update frames, and resume snapshots).
+      on_status: ``callback(feed_up: bool)`` on every ``status`` message.
+      on_error: ``callback(FastfeedError)`` for an ``error`` that answers no
+        pending request.
+
+    Counters: `reconnects`, `frames` (update frames), `messages`,
+    `last_latency` (seconds from the gateway's send time to local receipt,
+    meaningful when both clocks agree), `last_message_at` (`time.monotonic`
+    of the last message of any kind: a heartbeat counts), `last_server_time`
+    (ns, from the last update or heartbeat), `last_close_code`.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: str | None = None,
+        frame_ms: int | None = None,
+        binary: bool = False,
+        backoff: Backoff | None = None,
+        reconnect: bool = True,
+        retry_client_errors: bool = False,
+        stale_after: float | None = 15.0,
+        connect_timeout: float | None = 30.0,
+        request_timeout: float = 10.0,
+        on_update: Callable[[list[Row]], Any] | None = None,
+        on_status: Callable[[bool], Any] | None = None,
+        on_error: Callable[[FastfeedError], Any] | None = None,
+    ):
+        self.urls: list[str] = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("Client needs at least one URL")
+        self.token = token
+        self.frame_ms = frame_ms
+        self.binary = binary
+        self.backoff = backoff or Backoff()
+        self.reconnect = reconnect
+        self.retry_client_errors = retry_client_errors
+        self.stale_after = stale_after
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.on_update = on_update
+        self.on_status = on_status
+        self.on_error = on_error
+
+        #: latest row of every subscribed symbol
+        self.rows: dict[str, Row] = {}
+        #: what the gateway last said about its upstream
+        self.feed_up = True
+        #: the URL of the current (or last) connection
+        self.url: str | None = None
+        self.reconnects = 0
+        self.frames = 0
+        self.messages = 0
+        self.last_latency: float | None = None
+        self.last_message_at: float | None = None
+        self.last_server_time: int | None = None
+        #: close code that ended the last connection (1006: no close frame)
+        self.last_close_code: int | None = None
+        #: why the client stopped, once it has
+        self.error: BaseException | None = None
+
+        self._subs: set[str] = set()  # what the user subscribed (and the gateway knows)
+        self._watched: set[str] = set()
+        self._lost: set[str] = set()  # subscribed, but unknown to the gateway after a resume
+        self._session: _Session | None = None
+        self._ready = asyncio.Event()  # a session is up and resumed
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._url_index = 0
+        self._iters: list[_UpdateIterator] = []
+        self._user_closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up and resumed."""
+        return self._ready.is_set()
+
+    @property
+    def closed(self) -> bool:
+        """True once the client has stopped for good."""
+        return self._stopped.is_set()
+
+    async def connect(self) -> None:
+        """Start the client and wait until it is connected.
+
+        Raises `ConnectionClosed` if the gateway refuses it for good (e.g.
+        HTTP 401), or `TimeoutError` after `connect_timeout`.
+        """
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._wait_ready(self.connect_timeout)
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting."""
+        self._user_closed = True
+        if self._session is not None:
+            self._session.close(1000)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._stop(ConnectionClosed(1000, "closed by the client"))
+
+    async def __aenter__(self) -> Client:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def disconnect(self) -> None:
+        """Drop the current connection as if the network failed (the client
+        reconnects). For tests and for callers that detect a dead socket."""
+        if self._session is not None and self._session.transport is not None:
+            self._session.transport.disconnect(graceful=False)
+
+    # ---------------------------------------------------------------- requests
+
+    async def subscribe(self, symbols: Iterable[str]) -> list[str]:
+        """Subscribe to `symbols`; return once their snapshot is applied.
+
+        Returns the symbols the gateway has never seen (they are not
+        subscribed). Raises `FastfeedError` if the request is refused, with
+        code ``forbidden`` and `symbols` naming those outside the token's
+        entitlements (the rest are subscribed nonetheless).
+        """
+        syms = _symbols(symbols)
+        new = [s for s in syms if s not in self._subs]
+        self._subs.update(new)
+        try:
+            reply = await self._request({"op": "subscribe", "symbols": syms}, resend=True)
+        except FastfeedError as e:
+            if e.code == "forbidden":
+                self._subs.difference_update(e.symbols)
+            else:
+                self._subs.difference_update(new)
+            raise
+        except BaseException:
+            self._subs.difference_update(new)
+            raise
+        if reply.get("type") == "resumed":
+            # the connection dropped: the resume subscribed them instead
+            unknown = [s for s in syms if s not in self._subs]
+            self._lost.difference_update(s for s in unknown if s in new)
+            return unknown
+        unknown = list(reply.get("unknown") or [])
+        self._subs.difference_update(unknown)
+        return unknown
+
+    async def unsubscribe(self, symbols: Iterable[str]) -> None:
+        """Unsubscribe; their rows leave `rows`."""
+        syms = _symbols(symbols)
+        self._subs.difference_update(syms)
+        self._watched.difference_update(syms)
+        self._lost.difference_update(syms)
+        for s in syms:
+            self.rows.pop(s, None)
+        await self._request({"op": "unsubscribe", "symbols": syms}, resend=False)
+
+    async def watch(self, symbols: Iterable[str]) -> None:
+        """Have every change of these (subscribed) symbols pushed at once."""
+        syms = _symbols(symbols)
+        missing = [s for s in syms if s not in self._subs]
+        if missing:
+            raise FastfeedError("not_subscribed", "watch needs a subscription", missing)
+        new = [s for s in syms if s not in self._watched]
+        self._watched.update(new)
+        try:
+            await self._request({"op": "watch", "symbols": syms}, resend=True)
+        except BaseException:
+            self._watched.difference_update(new)
+            raise
+
+    async def unwatch(self, symbols: Iterable[str]) -> None:
+        """Back to frame-paced updates for these symbols."""
+        syms = _symbols(symbols)
+        self._watched.difference_update(syms)
+        await self._request({"op": "unwatch", "symbols": syms}, resend=False)
+
+    async def configure(self, frame_ms: int) -> None:
+        """Set this connection's update frame interval (kept across reconnections)."""
+        old = self.frame_ms
+        self.frame_ms = frame_ms
+        try:
+            await self._request({"op": "configure", "frame_ms": frame_ms}, resend=True)
+        except BaseException:
+            self.frame_ms = old
+            raise
+
+    async def list(self, match: str | None = None) -> builtins.list[str]:
+        """Symbols the gateway knows and this client may see, optionally
+        filtered by a glob pattern such as ``"BB*"``."""
+        msg: dict[str, Any] = {"op": "list"}
+        if match is not None:
+            msg["match"] = match
+        reply = await self._request(msg)
+        return list(reply.get("symbols") or [])
+
+    async def ping(self) -> int:
+        """Round trip to the gateway; returns its clock (ns since the epoch)."""
+        reply = await self._request({"op": "ping"})
+        return int(reply["ts"])
+
+    @property
+    def subscribed(self) -> frozenset[str]:
+        """The symbols this client holds subscriptions for."""
+        return frozenset(self._subs)
+
+    @property
+    def watched(self) -> frozenset[str]:
+        """The symbols this client watches."""
+        return frozenset(self._watched)
+
+    @property
+    def lost(self) -> frozenset[str]:
+        """Subscribed symbols the gateway did not know when the client last
+        resumed (it asks again, with backoff); their rows are the last known."""
+        return frozenset(self._lost)
+
+    def updates(self) -> AsyncIterator[builtins.list[Row]]:
+        """Iterate over changes to `rows`, each item after it is applied.
+
+        Each item holds the rows changed since the previous item: one update
+        frame's rows while the consumer keeps up; if it falls behind, the
+        rows of the frames it missed are merged (latest per symbol), never
+        queued. Resume snapshots count as changes. Ends when the client is
+        closed; raises `ConnectionClosed` if the gateway closed it for good.
+        """
+        it = _UpdateIterator(self)
+        self._iters.append(it)
+        return it
+
+    # ---------------------------------------------------------------- internals
+
+    async def _request(self, msg: dict[str, Any], resend: bool = False) -> dict[str, Any]:
+        """Send `msg` with a fresh id and return the reply that echoes it.
+
+        If the connection is lost first: with `resend` (requests whose effect
+        the resume restores from the client's own state) the reply is
+        ``{"type": "resumed"}`` once the next connection is resumed;
+        otherwise the request is sent again on the next connection.
+        """
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            await self._wait_ready(remaining)
+            session = self._session
+            assert session is not None
+            rid = next(self._ids)
+            pending = _Pending(msg)
+            session.pending[rid] = pending
+            try:
+                session.send({**msg, "id": rid})
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    reply = await pending.future
+            except _Disconnected:
+                if resend:
+                    await self._wait_ready(deadline - time.monotonic())
+                    return {"type": "resumed"}
+                continue
+            finally:
+                session.pending.pop(rid, None)
+            if reply.get("type") == "error":
+                raise _error(reply)
+            if pending.forbidden is not None:
+                # the rest was subscribed; the caller learns of the refusal
+                pending.forbidden.reply = reply
+                self._subs.difference_update(reply.get("unknown") or ())
+                raise pending.forbidden
+            return reply
+
+    async def _wait_ready(self, timeout: float | None) -> None:
+        if self._ready.is_set():
+            return
+        if self._stopped.is_set():
+            raise self.error or ConnectionClosed(1000)
+        ready = asyncio.ensure_future(self._ready.wait())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            _done, _ = await asyncio.wait(
+                {ready, stopped},
+                timeout=None if timeout is None else max(0.0, timeout),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+            stopped.cancel()
+        if self._ready.is_set():
+            return
+        if self._stopped.is_set():
+            raise self.error or ConnectionClosed(1000)
+        raise TimeoutError(
+            f"not connected to {self.urls} within {timeout} s (last error: {self.error!r})"
+        )
+
+    async def _run(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                url = self.urls[self._url_index % len(self.urls)]
+                try:
+                    resumed = await self._session_once(url)
+                except ConnectionClosed as e:
+                    self._stop(e)
+                    return
+                except (TimeoutError, OSError, WSHandshakeError, _Disconnected, FastfeedError) as e:
+                    log.info("fastfeed: cannot connect to %s: %s", url, e)
+                    self.error = e
+                    resumed = False
+                if resumed:
+                    attempt = 0
+                if not self.reconnect or self._user_closed:
+                    self._stop(self.error or ConnectionClosed(_ABNORMAL))
+                    return
+                # fail over: the next attempt goes to the next replica
+                self._url_index += 1
+                delay = self.backoff.delay(attempt)
+                attempt += 1
+                await asyncio.sleep(delay)
+                self.reconnects += 1
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug: do not leave callers waiting forever
+            log.exception("fastfeed client stopped")
+            self._stop(e)
+
+    async def _session_once(self, url: str) -> bool:
+        """Connect to `url`, resume, serve until the connection ends.
+        Returns whether it got as far as resuming."""
+        session = _Session(self, url)
+        headers = {"Sec-WebSocket-Protocol": BIN_SUBPROTOCOL if self.binary else JSON_SUBPROTOCOL}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            transport, _ = await ws_connect(
+                lambda: _Listener(session),
+                url,
+                extra_headers=headers,
+                websocket_handshake_timeout=self.request_timeout,
+            )
+        except WSHandshakeError as e:
+            status = int(e.response.status) if e.response is not None else 0
+            if 400 <= status < 500 and status not in (408, 429) and not self.retry_client_errors:
+                raise ConnectionClosed(status, f"{url} refused the upgrade: HTTP {status}") from e
+            raise
+        session.transport = transport
+        self._session = session
+        self.url = url
+        self.last_message_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._watchdog(session))]
+        resumed = False
+        try:
+            await self._resume(session)
+            resumed = True
+            self.error = None
+            self._ready.set()
+            log.info("fastfeed: connected to %s", url)
+            if self._lost:
+                tasks.append(loop.create_task(self._find_lost(session)))
+            code = await session.done
+        except _Disconnected:
+            code = session.close_code
+        finally:
+            self._ready.clear()
+            for task in tasks:
+                task.cancel()
+            session.close(1000)
+            self._session = None
+        self.last_close_code = code
+        if self._user_closed:
+            return resumed
+        log.info("fastfeed: connection to %s closed (%s %s)", url, code, session.close_reason)
+        if code in CLIENT_FAULT_CLOSE_CODES and not self.retry_client_errors:
+            raise ConnectionClosed(code, f"closed by the gateway: {code} {session.close_reason}")
+        self.error = ConnectionClosed(code, f"connection lost: {code} {session.close_reason}")
+        return resumed
+
+    async def _resume(self, session: _Session) -> None:
+        """Bring a new connection to the client's state: frame interval,
+        subscriptions (with `since`, so only missed rows come back), watches."""
+        timeout = self.request_timeout
+        if self.frame_ms is not None:
+            await self._raw(session, {"op": "configure", "frame_ms": self.frame_ms}, timeout)
+        syms = sorted(self._subs | self._lost)
+        for i in range(0, len(syms), _CHUNK):
+            chunk = syms[i : i + _CHUNK]
+            since = {s: self.rows[s].seq for s in chunk if s in self.rows}
+            msg: dict[str, Any] = {"op": "subscribe", "symbols": chunk}
+            if since:
+                msg["since"] = since
+            reply = await self._raw(session, msg, timeout)
+            unknown = set(reply.get("unknown") or ())
+            # the gateway lost them (a fresh replica not yet fed): keep them
+            # and their last rows, and ask again on the next resume
+            self._lost.difference_update(chunk)
+            self._lost.update(unknown)
+            self._subs.update(s for s in chunk if s not in unknown)
+            self._subs.difference_update(unknown)
+        watch = sorted(self._watched & self._subs)
+        for i in range(0, len(watch), _CHUNK):
+            await self._raw(session, {"op": "watch", "symbols": watch[i : i + _CHUNK]}, timeout)
+
+    async def _raw(self, session: _Session, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        rid = next(self._ids)
+        pending = _Pending(msg)
+        session.pending[rid] = pending
+        try:
+            session.send({**msg, "id": rid})
+            async with asyncio.timeout(timeout):
+                reply = await pending.future
+        finally:
+            session.pending.pop(rid, None)
+        if reply.get("type") == "error":
+            err = _error(reply)
+            if err.code == "forbidden":  # entitlements shrank: drop those, go on
+                self._drop(err.symbols)
+                self._report_error(err)
+                return {}
+            raise err
+        if pending.forbidden is not None:
+            self._drop(pending.forbidden.symbols)
+            self._report_error(pending.forbidden)
+        return reply
+
+    async def _find_lost(self, session: _Session) -> None:
+        """Ask again, with backoff, for subscribed symbols the gateway did not
+        know at the resume (a restarted gateway not yet fed, a replica that
+        lags), until it knows them all."""
+        attempt = 0
+        while self._lost:
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+            lost = sorted(self._lost)[:_CHUNK]
+            since = {s: self.rows[s].seq for s in lost if s in self.rows}
+            msg: dict[str, Any] = {"op": "subscribe", "symbols": lost}
+            if since:
+                msg["since"] = since
+            try:
+                reply = await self._raw(session, msg, self.request_timeout)
+            except (TimeoutError, FastfeedError) as e:
+                log.info("fastfeed: resubscribing %d lost symbols: %s", len(lost), e)
+                continue
+            unknown = set(reply.get("unknown") or ())
+            found = [s for s in lost if s in self._lost and s not in unknown]
+            self._lost.difference_update(found)
+            self._subs.update(found)
+            watch = [s for s in found if s in self._watched]
+            if watch:
+                await self._raw(session, {"op": "watch", "symbols": watch}, self.request_timeout)
+            if found:
+                attempt = 0
+
+    def _drop(self, symbols: Iterable[str]) -> None:
+        for s in symbols:
+            self._subs.discard(s)
+            self._watched.discard(s)
+            self._lost.discard(s)
+            self.rows.pop(s, None)
+
+    async def _watchdog(self, session: _Session) -> None:
+        if not self.stale_after:
+            return
+        while True:
+            await asyncio.sleep(self.stale_after / 4)
+            idle = time.monotonic() - (self.last_message_at or 0.0)
+            if idle > self.stale_after:
+                log.warning("fastfeed: nothing from %s for %.1f s, reconnecting", session.url, idle)
+                if session.transport is not None:
+                    session.transport.disconnect(graceful=False)
+                return
+
+    def _stop(self, error: BaseException) -> None:
+        if self._stopped.is_set():
+            return
+        self.error = error
+        self._ready.clear()
+        self._stopped.set()
+        for it in self._iters:
+            it.wake()
+
+    # ---------------------------------------------------------------- incoming
+
+    def _on_message(self, session: _Session, binary: bool, data: bytes) -> None:
+        self.messages += 1
+        self.last_message_at = time.monotonic()
+        if binary:
+            t, rows = decode_binary_update(data)
+            self._on_rows(rows, t)
+            return
+        try:
+            msg = json.loads(data)
+            kind = msg["type"]
+        except (ValueError, TypeError, KeyError):
+            log.warning("fastfeed: unreadable message from %s: %.200r", session.url, data)
+            return
+        if kind == "update":
+            self._on_rows([_make_row(r) for r in msg["rows"]], msg.get("t"))
+            return
+        rid = msg.get("id")
+        pending = session.pending.get(rid) if rid is not None else None
+        if kind == "snapshot":
+            if pending is None:
+                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
+            else:
+                # applied here, before the caller resumes, so `rows` holds them
+                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
+                if not pending.future.done():
+                    pending.future.set_result(msg)
+        elif kind == "heartbeat":
+            self.last_server_time = msg.get("t")
+        elif kind == "status":
+            self.feed_up = msg.get("feed") == "up"
+            if self.on_status is not None:
+                _call(self.on_status, self.feed_up)
+        elif kind == "error":
+            err = _error(msg)
+            if pending is not None and not pending.future.done():
+                if (
+                    err.code == "forbidden"
+                    and pending.op == "subscribe"
+                    and pending.forbidden is None
+                    and not set(pending.symbols) <= set(err.symbols)
+                ):
+                    # partial refusal: the snapshot of the rest follows
+                    pending.forbidden = err
+                    self._subs.difference_update(err.symbols)
+                    return
+                pending.future.set_result(msg)
+            else:
+                self._report_error(err)
+        elif pending is not None and not pending.future.done():  # ack, pong, list
+            pending.future.set_result(msg)
+
+    def _on_rows(self, rows: builtins.list[Row], t: int | None) -> None:
+        self.frames += 1
+        if t:
+            self.last_server_time = t
+            self.last_latency = (time.time_ns() - t) / 1e9
+        self._apply_rows(rows)
+
+    def _apply_rows(self, rows: builtins.list[Row]) -> None:
+        """Apply rows to `rows`: a row not newer (by seq) than the one held,
+        or for a symbol no longer subscribed, is ignored."""
+        table = self.rows
+        subs = self._subs
+        changed = []
+        for row in rows:
+            sym = row[0]
+            held = table.get(sym)
+            if held is not None and row[1] <= held[1]:
+                continue
+            if sym not in subs and sym not in self._lost:
+                continue
+            table[sym] = row
+            changed.append(row)
+        if not changed:
+            return
+        for it in self._iters:
+            it.push(changed)
+        if self.on_update is not None:
+            _call(self.on_update, changed)
+
+    def _report_error(self, err: FastfeedError) -> None:
+        if self.on_error is not None:
+            _call(self.on_error, err)
+        else:
+            log.warning("fastfeed: %s", err)
+
+
+class _UpdateIterator:
+    """Rows changed since the consumer's last step, merged per symbol."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.pending: dict[str, Row] = {}
+        self.event = asyncio.Event()
+
+    def push(self, rows: list[Row]) -> None:
+        pending = self.pending
+        for row in rows:
+            pending[row[0]] = row
+        self.event.set()
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def __aiter__(self) -> _UpdateIterator:
+        return self
+
+    async def __anext__(self) -> list[Row]:
+        while not self.pending:
+            if self.client.closed:
+                self._detach()
+                err = self.client.error
+                if isinstance(err, ConnectionClosed) and self.client._user_closed:
+                    raise StopAsyncIteration
+                if err is not None:
+                    raise err
+                raise StopAsyncIteration
+            self.event.clear()
+            await self.event.wait()
+        rows = list(self.pending.values())
+        self.pending.clear()
+        return rows
+
+    def _detach(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.client._iters.remove(self)
+
+    async def aclose(self) -> None:
+        self._detach()
+
+
+def _symbols(symbols: Iterable[str]) -> list[str]:
+    if isinstance(symbols, str):
+        symbols = [symbols]
+    out = list(dict.fromkeys(symbols))
+    if not out:
+        raise ValueError("no symbols given")
+    return out
+
+
+def _error(msg: dict[str, Any]) -> FastfeedError:
+    return FastfeedError(
+        str(msg.get("code", "error")), str(msg.get("message", "")), msg.get("symbols")
+    )
+
+
+def _call(callback: Callable[..., Any], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("fastfeed: callback %r failed", callback)

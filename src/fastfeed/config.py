@@ -1,0 +1,151 @@
+"""Gateway settings: one dataclass, filled from flags, then `FASTFEED_*` env vars.
+
+Every field is a `fastfeed serve` flag (`--frame-ms`) and an environment
+variable (`FASTFEED_FRAME_MS`). A flag given on the command line wins over the
+environment; the environment wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # network
+    host: str = _opt("0.0.0.0", "address to listen on")
+    port: int = _opt(8080, "TCP port for /ws, /ingest, /healthz, /readyz, /metrics and /")
+    # feed
+    simulate: int = _opt(0, "run the built-in simulated feed with N instruments (0: off)")
+    rate: float = _opt(2000.0, "simulated ticks per second, all instruments together")
+    seed: int = _opt(0, "random seed of the simulated feed (0: random)")
+    # frames
+    frame_ms: int = _opt(16, "default update frame interval per connection, milliseconds")
+    min_frame_ms: int = _opt(16, "smallest frame interval a client may ask for with configure")
+    heartbeat_s: float = _opt(5.0, "send a heartbeat after this many quiet seconds")
+    # scale-out
+    workers: str = _opt("1", "worker processes: a number, or 'auto' for one per usable CPU")
+    redis: str = _opt("", "Redis URL for the tick bus and state store (empty: embedded mode)")
+    redis_channels: int = _opt(16, "pub/sub channels ticks are partitioned over, by symbol")
+    redis_prefix: str = _opt("fastfeed", "prefix of every Redis key and channel")
+    feed_grace_s: float = _opt(5.0, "seconds the feed may be down before /readyz turns 503")
+    # limits
+    max_message_bytes: int = _opt(65536, "largest client message; over it: close 1009")
+    max_ingest_bytes: int = _opt(4 * 1024 * 1024, "largest /ingest message; over it: close 1009")
+    requests_per_s: float = _opt(50.0, "client requests per second (token bucket refill)")
+    request_burst: int = _opt(100, "client request burst (token bucket size)")
+    abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
+    max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
+    max_watched: int = _opt(50, "watched symbols per connection")
+    max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
+    max_connections_per_ip: int = _opt(2000, "client connections per remote address per worker")
+    ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
+    high_water_bytes: int = _opt(256 * 1024,
+                                 "socket write buffer above which a client is conflated")
+    stall_s: float = _opt(30.0, "close a client with 1008 after it has not drained for this long")
+    handshake_timeout_s: float = _opt(5.0, "seconds to complete the HTTP upgrade")
+    idle_timeout_s: float = _opt(60.0, "close a connection that answers no ping for this long")
+    # auth
+    jwt_secret: str = _opt("", "HS256 secret for client tokens (empty: no auth)", secret=True)
+    jwt_secret_file: str = _opt("", "file holding the client token secret")
+    publisher_token: str = _opt("", "token /ingest publishers must present", secret=True)
+    publisher_token_file: str = _opt("", "file holding the publisher token")
+    allowed_origins: str = _opt("", "comma-separated browser Origins allowed on /ws (empty: any)")
+    # operations
+    drain_s: float = _opt(20.0, "on SIGTERM, spread client closes (1012) over this many seconds")
+    drain_delay_s: float = _opt(2.0,
+                                "on SIGTERM, keep accepting this long so load balancers see 503")
+    metrics_dir: str = _opt("", "prometheus multiprocess directory (default: a temp dir per pod)")
+    log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt("text", "text or json")
+
+    def secret(self) -> str:
+        return _read_secret(self.jwt_secret, self.jwt_secret_file)
+
+    def publisher_secret(self) -> str:
+        return _read_secret(self.publisher_token, self.publisher_token_file)
+
+    def public(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and v else v
+        return out
+
+
+def _read_secret(value: str, path: str) -> str:
+    if value:
+        return value
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return ""
+
+
+def env_name(name: str) -> str:
+    return "FASTFEED_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            metavar=f.name.upper() if kind is str else kind.__name__.upper(),
+            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})",
+        )
+
+
+def from_sources(ns: argparse.Namespace | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
+    environ: Mapping[str, str] = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        given = getattr(ns, f.name, None) if ns is not None else None
+        if given is None and env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
+            kind: Any = type(f.default)
+            try:
+                given = kind(raw)
+            except ValueError:
+                raise SystemExit(
+                    f"fastfeed: {env_name(f.name)}={raw!r} is not a valid "
+                    f"{type(f.default).__name__}"
+                ) from None
+        if given is not None:
+            values[f.name] = given
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    problems = []
+    if not 0 <= cfg.port <= 65535:
+        problems.append(f"port {cfg.port} is outside 0..65535")
+    if cfg.min_frame_ms < 1:
+        problems.append("min-frame-ms must be at least 1")
+    if not cfg.min_frame_ms <= cfg.frame_ms <= 60000:
+        problems.append(f"frame-ms {cfg.frame_ms} must lie in min-frame-ms..60000")
+    if cfg.workers != "auto" and not (cfg.workers.isdigit() and int(cfg.workers) >= 1):
+        problems.append(f"workers must be a positive number or 'auto', not {cfg.workers!r}")
+    if cfg.simulate < 0 or cfg.rate < 0:
+        problems.append("simulate and rate must not be negative")
+    if cfg.log_format not in ("text", "json"):
+        problems.append("log-format must be text or json")
+    if problems:
+        raise SystemExit("fastfeed: bad configuration: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""Upstream sources of ticks: the built-in simulator, the /ingest endpoint, publishers."""

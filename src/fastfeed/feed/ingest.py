@@ -1,0 +1,113 @@
+"""The /ingest endpoint: publishers push JSON ticks (or binary batches) into the gateway."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from picows import WSCloseCode, WSMsgType, WSTransport
+
+from .. import _core
+from ..framing import MessageListener
+
+if TYPE_CHECKING:
+    from ..server import Gateway
+
+log = logging.getLogger("fastfeed.ingest")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+MAX_ERRORS_PER_MESSAGE = 50
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+class IngestSession(MessageListener):
+    """One publisher connection. Bad ticks are answered by name; the rest apply."""
+
+    def __init__(self, gw: Gateway, trusted: bool) -> None:
+        super().__init__(gw, gw.cfg.max_ingest_bytes)
+        self.trusted = trusted
+        self.allowance = gw.cfg.ingest_rate
+        self.refill_at = time.monotonic()
+        self.peer = "?"
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        peer = transport.underlying_transport.get_extra_info("peername") or ("?", 0)
+        self.peer = f"{peer[0]}:{peer[1]}"
+        if not self.trusted and not str(peer[0]).startswith(LOOPBACK):
+            log.warning("refused /ingest from %s: no publisher token is configured, so only "
+                        "loopback publishers are accepted (set --publisher-token)", self.peer)
+            self.close(WSCloseCode.POLICY_VIOLATION,
+                       "ingest is loopback-only without a publisher token")
+
+    def on_message(self, t: WSMsgType, data: bytes) -> None:
+        gw = self.gw
+        if t == WSMsgType.BINARY:
+            if gw.bus is not None:
+                return self._publish_batch(data)
+            try:
+                _, _, rejected = gw.table.apply_batch(data, 0)
+            except ValueError as e:
+                return self._error("bad_request", str(e))
+            gw.after_ticks()
+            if rejected:
+                self._error("bad_request", f"{rejected} ticks with a bad symbol or seq")
+            return
+        try:
+            msg = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            return self._error("bad_request", f"not JSON: {e}")
+        ticks = msg if isinstance(msg, list) else [msg]
+        if not self._allow(len(ticks)):
+            return self._error("rate_limited",
+                               f"over {gw.cfg.ingest_rate:g} ticks/s for this publisher: "
+                               f"{len(ticks)} ticks NOT applied; slow down and resend")
+        if gw.bus is not None:
+            return self._publish(ticks)
+        self._report(gw.ingest_ticks(ticks, 0))
+
+    def _publish(self, ticks: list) -> None:
+        async def go() -> None:
+            try:
+                self._report(await self.gw.bus.publish(ticks))
+            except Exception as e:  # the bus is down: say so, never drop silently
+                self._error("unavailable", f"{len(ticks)} ticks NOT published: {e}")
+        self.gw.loop.create_task(go())
+
+    def _publish_batch(self, data: bytes) -> None:
+        try:
+            ticks = _core.decode_batch(data)
+        except (ValueError, IndexError) as e:
+            return self._error("bad_request", f"bad tick batch: {e}")
+        self._publish(ticks)
+
+    def _report(self, errors: list) -> None:
+        for k in range(0, min(len(errors), MAX_ERRORS_PER_MESSAGE)):
+            idx, sym, why = errors[k]
+            syms = [sym] if isinstance(sym, str) else None
+            self._error("bad_request", f"tick {idx} refused: {why}", syms, index=idx)
+        if len(errors) > MAX_ERRORS_PER_MESSAGE:
+            self._error("bad_request", f"{len(errors) - MAX_ERRORS_PER_MESSAGE} more ticks refused")
+
+    def _allow(self, n: int) -> bool:
+        now = time.monotonic()
+        rate = self.gw.cfg.ingest_rate
+        self.allowance = min(rate, self.allowance + (now - self.refill_at) * rate)
+        self.refill_at = now
+        if n > self.allowance:
+            return False
+        self.allowance -= n
+        return True
+
+    def _error(self, code: str, message: str, symbols: Any = None, index: Any = None) -> None:
+        tr = self.transport
+        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+            return
+        msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if index is not None:
+            msg["index"] = index
+        if symbols is not None:
+            msg["symbols"] = symbols
+        self.gw.count_error(code)
+        tr.send(WSMsgType.TEXT, _dumps(msg).encode())

@@ -1,0 +1,137 @@
+"""A realistic simulated market: IDX-style tickers, random-walk quotes, skewed activity.
+
+A few instruments tick far more than the rest (Zipf-like weights), prices move
+on exchange tick sizes with a spread of one to three ticks, sizes are lots of
+100 shares, volume accumulates, and every few seconds a burst multiplies the
+rate for a moment, as at an open or on news.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._core import VALUE_FIELDS, wall_ns
+
+# Real IDX names with rough price levels (IDR), so the board looks familiar.
+IDX = {
+    "BBCA": 9800, "BBRI": 4500, "BMRI": 6200, "TLKM": 3100, "ASII": 5000, "BBNI": 4800,
+    "UNVR": 2300, "ICBP": 11000, "INDF": 6700, "GOTO": 70, "ANTM": 1500, "ADRO": 2500,
+    "PGAS": 1600, "PTBA": 2700, "SMGR": 3500, "KLBF": 1500, "CPIN": 4900, "UNTR": 26000,
+    "EXCL": 2200, "ISAT": 2400, "MDKA": 2100, "INCO": 3800, "TOWR": 800, "AMRT": 2900,
+    "BRPT": 1000, "BBTN": 1200, "MEDC": 1300, "ITMG": 26000, "AKRA": 1400, "HMSP": 800,
+    "JPFA": 1600, "BRIS": 2700, "ARTO": 2500, "EMTK": 500, "BUKA": 130, "ACES": 800,
+    "MAPI": 1500, "ESSA": 800, "INKP": 8000, "TKIM": 7000, "SIDO": 600, "MYOR": 2500,
+}
+VALUE_COLS = {name: k for k, name in enumerate(VALUE_FIELDS)}
+
+
+def tick_size(price: np.ndarray) -> np.ndarray:
+    """IDX price fractions: 1 below 200, 2 below 500, 5 below 2000, 10 below 5000, else 25."""
+    return np.select(
+        [price < 200, price < 500, price < 2000, price < 5000], [1.0, 2.0, 5.0, 10.0], 25.0
+    )
+
+
+def symbols(n: int) -> list[str]:
+    names = list(IDX)[:n]
+    k = 0
+    while len(names) < n:
+        # generated codes look like listed ones: four letters, then a board suffix
+        a, b = divmod(k, 26 * 26)
+        c, d = divmod(b, 26)
+        names.append(f"X{chr(65 + a % 26)}{chr(65 + c)}{chr(65 + d)}.{a // 26}" if a >= 26
+                     else f"X{chr(65 + a)}{chr(65 + c)}{chr(65 + d)}")
+        k += 1
+    return names
+
+
+class Simulator:
+    def __init__(self, n: int, rate: float, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed or None)
+        self.symbols = symbols(n)
+        self.n = n
+        self.rate = rate
+        base = np.array([IDX.get(s, 0) for s in self.symbols], dtype=np.float64)
+        gen = base == 0
+        base[gen] = np.round(self.rng.lognormal(7.5, 1.0, gen.sum()))
+        self.mid = np.maximum(base, 50.0)
+        weights = 1.0 / np.arange(1, n + 1) ** 1.1
+        self.rng.shuffle(weights[len(IDX):])  # the real names stay the busiest
+        self.p = weights / weights.sum()
+        # seq starts at the start time in microseconds, as a real source's
+        # would: a restarted simulator is still newer than what it left behind
+        # (in Redis, or in a client resuming with since)
+        self.seq = np.full(n, wall_ns() // 1000, dtype=np.int64)
+        self.volume = np.zeros(n, dtype=np.float64)
+        self.burst_left = 0.0
+        self.carry = 0.0
+        self.opened = False
+
+    def step(self, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Ticks for the next `dt` seconds: (ids, seqs, ts, values[7]) with one row per tick."""
+        if self.burst_left > 0:
+            self.burst_left -= dt
+            mult = 5.0
+        else:
+            mult = 1.0
+            if self.rng.random() < dt / 8.0:  # a burst about every 8 s
+                self.burst_left = self.rng.uniform(0.2, 1.0)
+        want = self.rate * dt * mult + self.carry
+        count = int(want)
+        self.carry = want - count
+        ids = (self.rng.choice(self.n, size=count, p=self.p) if self.n
+               else np.empty(0)).astype(np.int32)
+        if not self.opened:
+            # the opening: one quote for every instrument, so no row is ever empty
+            self.opened = True
+            ids = np.concatenate([np.arange(self.n, dtype=np.int32), ids])
+            count = len(ids)
+        if count == 0:
+            e = np.empty(0, np.int32)
+            return e, np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 7))
+        mid = self.mid[ids]
+        step = tick_size(mid)
+        mid = np.maximum(mid + step * self.rng.integers(-2, 3, count), step)
+        # later ticks of the same instrument in this step win
+        self.mid[ids] = mid
+        spread = step * self.rng.integers(1, 4, count)
+        bid = mid - np.floor(spread / 2 / step) * step
+        ask = bid + spread
+        last = np.where(self.rng.random(count) < 0.5, bid, ask)
+        last_size = 100.0 * self.rng.integers(1, 200, count)
+        np.add.at(self.volume, ids, last_size)
+        vals = np.empty((count, 7))
+        vals[:, VALUE_COLS["bid"]] = bid
+        vals[:, VALUE_COLS["ask"]] = ask
+        vals[:, VALUE_COLS["last"]] = last
+        vals[:, VALUE_COLS["bid_size"]] = 100.0 * self.rng.integers(1, 5000, count)
+        vals[:, VALUE_COLS["ask_size"]] = 100.0 * self.rng.integers(1, 5000, count)
+        vals[:, VALUE_COLS["last_size"]] = last_size
+        # cumulative volume as of each tick, so replaying the ticks in order is exact
+        seqs = np.empty(count, np.int64)
+        vol = np.empty(count)
+        seen = self.seq.copy()
+        run_vol_before = self.volume - np.bincount(ids, weights=last_size, minlength=self.n)
+        for k in range(count):  # small per step (rate * dt), keeps seq and volume exact
+            i = ids[k]
+            seen[i] += 1
+            seqs[k] = seen[i]
+            run_vol_before[i] += last_size[k]
+            vol[k] = run_vol_before[i]
+        self.seq = seen
+        vals[:, VALUE_COLS["volume"]] = vol
+        ts = np.full(count, wall_ns(), dtype=np.int64)
+        return ids, seqs, ts, vals
+
+    def ticks(self, dt: float) -> list[dict]:
+        """The same as `step`, as protocol tick objects (for publishers)."""
+        ids, seqs, ts, vals = self.step(dt)
+        names = VALUE_FIELDS
+        out = []
+        for k in range(len(ids)):
+            t = {"sym": self.symbols[ids[k]], "seq": int(seqs[k]), "ts": int(ts[k])}
+            row = vals[k]
+            for j, name in enumerate(names):
+                t[name] = float(row[j])
+            out.append(t)
+        return out

@@ -1,0 +1,117 @@
+"""Prometheus metrics for all workers of a pod.
+
+The core counts in C; `Metrics.flush` moves the counts into prometheus-client
+about once a second, because a multiprocess `inc()` costs over a microsecond,
+too much per message. prometheus-client's multiprocess mode needs its
+directory set before it is imported, so everything here imports it lazily.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from typing import Any
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_dir(path: str = "") -> str:
+    """Create (or wipe) the multiprocess directory; call once per pod, before workers start."""
+    path = path or os.environ.get(_ENV) or tempfile.mkdtemp(prefix="fastfeed-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for f in glob.glob(os.path.join(path, "*.db")):
+        os.unlink(f)
+    os.environ[_ENV] = path
+    return path
+
+
+def mark_dead(pid: int) -> None:
+    """A worker exited: drop its live gauges so they stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def render() -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg)
+    return generate_latest(reg), CONTENT_TYPE_LATEST
+
+
+def cleanup(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    """The series of one worker. Names follow Prometheus conventions."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.connections = Gauge("fastfeed_connections", "Open client connections",
+                                 multiprocess_mode="livesum")
+        self.subscriptions = Gauge("fastfeed_subscriptions", "Subscribed symbols, all clients",
+                                   multiprocess_mode="livesum")
+        self.instruments = Gauge("fastfeed_instruments", "Instruments held",
+                                 multiprocess_mode="livemax")
+        self.ticks = Counter("fastfeed_ticks", "Ticks received, by source and outcome",
+                             ["source", "outcome"])
+        self.frames = Counter("fastfeed_frames", "Update frames written to client sockets")
+        self.frames_built = Counter("fastfeed_frames_built",
+                                    "Distinct update frames encoded (the rest were shared)")
+        self.bytes_sent = Counter("fastfeed_bytes_sent", "Update frame payload bytes sent")
+        self.conflated = Counter("fastfeed_conflated_frames",
+                                 "Frames held back because the client was not reading")
+        self.watched = Counter("fastfeed_watched_pushes",
+                               "Immediate pushes caused by a watched instrument")
+        self.heartbeats = Counter("fastfeed_heartbeats", "Heartbeats sent to quiet connections")
+        self.overruns = Counter("fastfeed_frame_overruns",
+                                "Frame cycles that ran out of their time slice")
+        self.stalled = Gauge("fastfeed_stalled_clients", "Clients above the write high-water mark",
+                             multiprocess_mode="livesum")
+        self.stall_closes = Counter("fastfeed_stall_closes", "Clients closed 1008 for stalling")
+        self.errors = Counter("fastfeed_errors", "Error replies sent to clients, by code", ["code"])
+        self.closes = Counter("fastfeed_closes", "Connections closed by the server, by close code",
+                              ["code"])
+        self.rejected_upgrades = Counter("fastfeed_rejected_upgrades",
+                                         "HTTP upgrades refused, by status", ["status"])
+        self.latency = Histogram("fastfeed_tick_to_send_seconds",
+                                 "Tick arrival to frame send, sampled one row per built frame",
+                                 buckets=LATENCY_BUCKETS)
+        self.build = Histogram("fastfeed_frame_build_seconds",
+                               "Time of one frame cycle (build and write all due frames)",
+                               buckets=LATENCY_BUCKETS)
+        self.feed_up = Gauge("fastfeed_feed_up", "1 while the upstream feed is up",
+                             multiprocess_mode="livemin")
+        self.breaker = Gauge("fastfeed_redis_breaker_state",
+                             "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
+                             multiprocess_mode="livemax")
+        self.draining = Gauge("fastfeed_draining", "1 while draining for shutdown",
+                              multiprocess_mode="livemax")
+        self.ready = Gauge("fastfeed_ready", "1 while /readyz answers 200",
+                           multiprocess_mode="livemin")
+        self.worker_restarts = Counter("fastfeed_worker_restarts",
+                                       "Worker processes restarted by the supervisor")
+
+    def flush(self, stats: dict[str, Any], latencies_ns: list[int]) -> None:
+        for (source, outcome), n in stats["ticks"].items():
+            self.ticks.labels(source, outcome).inc(n)
+        for name, counter in (("frames", self.frames), ("frames_built", self.frames_built),
+                              ("bytes_sent", self.bytes_sent), ("conflated", self.conflated),
+                              ("watched_pushes", self.watched), ("heartbeats", self.heartbeats),
+                              ("overruns", self.overruns)):
+            if stats[name]:
+                counter.inc(stats[name])
+        for ns in latencies_ns:
+            self.latency.observe(max(ns, 0) / 1e9)
+        if stats["pumps"]:
+            # the core sums cycle time; one observation of the mean per flush
+            self.build.observe(stats["build_seconds"] / stats["pumps"])

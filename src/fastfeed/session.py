@@ -1,0 +1,279 @@
+"""One client connection: requests, subscriptions, watched set, limits, flow control.
+
+Update frames never pass through here: the core writes them straight to the
+socket. A session only handles what the client asks and keeps the core's view
+of the connection (subscription set, watched set, interval) up to date.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from picows import WSCloseCode, WSMsgType, WSTransport
+
+from . import _core
+from .auth import Entitlements
+from .framing import MessageListener
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("fastfeed.session")
+
+FIELDS = list(_core.FIELDS)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_SCALAR = (str, int, float, bool, type(None))
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str, symbols: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.symbols = symbols
+
+
+class Session(MessageListener):
+    def __init__(self, gw: Gateway, ent: Entitlements, binary: bool, peer: str) -> None:
+        super().__init__(gw, gw.cfg.max_message_bytes)
+        self.ent = ent
+        self.binary = binary
+        self.peer = peer
+        self.ip = ""
+        self.cid = -1
+        self.subs: set[int] = set()
+        self.watched: set[int] = set()
+        self.frame_ms = gw.cfg.frame_ms
+        self.tokens = float(gw.cfg.request_burst)
+        self.refill_at = time.monotonic()
+        self.strikes = 0
+        self.paused = False
+
+    # ---- picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        hw = self.gw.cfg.high_water_bytes
+        transport.underlying_transport.set_write_buffer_limits(high=hw)
+        # a fixed kernel send buffer (no autotuning to megabytes) bounds what a
+        # stuck client can pin in the kernel and lets the stall show quickly
+        sock = transport.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hw)
+        self.cid = self.gw.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
+        self.gw.attach(self)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.cid >= 0:
+            if self.watched:
+                self.gw.hub.watch_ids(self.cid, list(self.watched), False)
+            self.gw.hub.remove(self.cid)
+            self.gw.detach(self)
+            self.cid = -1
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.gw.hub.pause(self.cid)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.gw.hub.resume(self.cid)
+
+    # ---- requests
+
+    def on_message(self, t: WSMsgType, data: bytes) -> None:
+        if t == WSMsgType.BINARY:
+            self._error(None, "bad_request", "requests are JSON text frames, not binary")
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(WSCloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
+            return
+        if not self._take_token():
+            return
+        try:
+            req = json.loads(text)
+        except ValueError as e:
+            self._error(None, "bad_request", f"not JSON: {e}")
+            return
+        if not isinstance(req, dict):
+            self._error(None, "bad_request", "a request is a JSON object")
+            return
+        rid = req.get("id")
+        if not isinstance(rid, _SCALAR):
+            self._error(None, "bad_request", "id must be a JSON scalar")
+            return
+        op = req.get("op")
+        handler = _OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            if isinstance(op, str):
+                self._error(rid, "unknown_op", f"unknown op {op!r}; ops: {', '.join(_OPS)}")
+            else:
+                self._error(rid, "bad_request", "op missing or not a string")
+            return
+        try:
+            handler(self, rid, req)
+        except RequestError as e:
+            self._error(rid, e.code, e.message, e.symbols)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        cfg = self.gw.cfg
+        refill = (now - self.refill_at) * cfg.requests_per_s
+        self.tokens = min(cfg.request_burst, self.tokens + refill)
+        self.refill_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        if self.strikes >= cfg.abuse_strikes:
+            log.warning("closing client for request flood: %d requests over the limit in a row",
+                        self.strikes, extra={"ctx": {"client": self.peer, "cid": self.cid}})
+            self.close(WSCloseCode.POLICY_VIOLATION, "request rate limit abused")
+        else:
+            self._error(None, "rate_limited",
+                        f"over {cfg.requests_per_s:g} requests/s; slow down")
+        return False
+
+    def _symbols(self, req: dict, key: str = "symbols") -> list[str]:
+        syms = req.get(key)
+        if not isinstance(syms, list) or not all(isinstance(s, str) for s in syms):
+            raise RequestError("bad_request", f"{key} must be a list of symbol strings")
+        bad = [s for s in syms if not _core.valid_symbol(s)]
+        if bad:
+            raise RequestError("bad_request",
+                               "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /", bad[:20])
+        return list(dict.fromkeys(syms))
+
+    def op_subscribe(self, rid: Any, req: dict) -> None:
+        syms = self._symbols(req)
+        since = req.get("since", {})
+        if not isinstance(since, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in since.values()
+        ):
+            raise RequestError("bad_request", "since must map symbols to integer seq")
+        table = self.gw.table
+        denied = [s for s in syms if not self.ent.allows(s)]
+        ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
+        new = [iid for iid in ids.values() if iid >= 0 and iid not in self.subs]
+        if len(self.subs) + len(new) > self.gw.cfg.max_subscriptions:
+            raise RequestError("too_many_subscriptions",
+                               f"at most {self.gw.cfg.max_subscriptions} symbols per connection")
+        if denied:
+            self._error(rid, "forbidden", "not entitled to these symbols", denied)
+        if new:
+            self.subs.update(new)
+            self.gw.hub.subscribe_ids(self.cid, self.subs)
+            self.gw.subscriptions_changed(len(new))
+        since_ids = {table.lookup(s): seq for s, seq in since.items()}
+        since_ids.pop(-1, None)
+        rows = table.rows_json(sorted(new), since_ids or None)
+        unknown = [s for s, iid in ids.items() if iid < 0]
+        head = {"type": "snapshot", "id": rid, "fields": FIELDS}
+        body = (_dumps(head)[:-1] + ',"rows":[').encode() + rows + (
+            '],"unknown":' + _dumps(unknown) + "}").encode()
+        self.send_text(body)
+
+    def op_unsubscribe(self, rid: Any, req: dict) -> None:
+        syms = self._symbols(req)
+        ids = {self.gw.table.lookup(s): s for s in syms}
+        gone = [iid for iid in ids if iid in self.subs]
+        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        if gone:
+            self.subs.difference_update(gone)
+            unwatch = self.watched.intersection(gone)
+            if unwatch:
+                self._unwatch(unwatch)
+            self.gw.hub.subscribe_ids(self.cid, self.subs)
+            self.gw.subscriptions_changed(-len(gone))
+        if missing:
+            self._error(rid, "not_subscribed", "these symbols were not subscribed", missing)
+        self._ack(rid, "unsubscribe", [ids[i] for i in gone])
+
+    def op_watch(self, rid: Any, req: dict) -> None:
+        syms = self._symbols(req)
+        ids = {self.gw.table.lookup(s): s for s in syms}
+        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        add = [iid for iid in ids if iid in self.subs and iid not in self.watched]
+        if len(self.watched) + len(add) > self.gw.cfg.max_watched:
+            raise RequestError("too_many_watched",
+                               f"at most {self.gw.cfg.max_watched} watched symbols per connection")
+        if missing:
+            self._error(rid, "not_subscribed", "subscribe before watching", missing)
+        if add:
+            self.watched.update(add)
+            self.gw.hub.watch_ids(self.cid, add, True)
+        self._ack(rid, "watch", [s for iid, s in ids.items() if iid in self.subs])
+
+    def op_unwatch(self, rid: Any, req: dict) -> None:
+        syms = self._symbols(req)
+        ids = {self.gw.table.lookup(s): s for s in syms}
+        gone = self.watched.intersection(ids)
+        if gone:
+            self._unwatch(gone)
+        self._ack(rid, "unwatch", [ids[i] for i in gone])
+
+    def _unwatch(self, ids: set[int]) -> None:
+        self.watched.difference_update(ids)
+        self.gw.hub.watch_ids(self.cid, list(ids), False)
+
+    def op_configure(self, rid: Any, req: dict) -> None:
+        ms = req.get("frame_ms")
+        lo = self.gw.cfg.min_frame_ms
+        if not isinstance(ms, int) or isinstance(ms, bool) or not lo <= ms <= 60000:
+            raise RequestError("bad_request", f"frame_ms must be an integer from {lo} to 60000")
+        self.frame_ms = ms
+        self.gw.hub.set_interval(self.cid, ms * 1_000_000)
+        self.send_text(_dumps({"type": "ack", "id": rid, "op": "configure", "frame_ms": ms}))
+
+    def op_list(self, rid: Any, req: dict) -> None:
+        match = req.get("match")
+        if match is not None and not isinstance(match, str):
+            raise RequestError("bad_request", "match must be a glob pattern string")
+        syms = [s for s in self.gw.table.symbols() if self.ent.allows(s)]
+        if match:
+            m = re.compile(fnmatch.translate(match)).match
+            syms = [s for s in syms if m(s)]
+        self.send_text(_dumps({"type": "list", "id": rid, "symbols": syms}))
+
+    def op_ping(self, rid: Any, req: dict) -> None:
+        self.send_text(_dumps({"type": "pong", "id": rid, "ts": _core.wall_ns()}))
+
+    # ---- replies
+
+    def _ack(self, rid: Any, op: str, symbols: list[str]) -> None:
+        self.send_text(_dumps({"type": "ack", "id": rid, "op": op, "symbols": symbols}))
+
+    def _error(self, rid: Any, code: str, message: str, symbols: list[str] | None = None) -> None:
+        msg: dict[str, Any] = {"type": "error", "id": rid, "code": code, "message": message}
+        if symbols is not None:
+            msg["symbols"] = symbols
+        self.gw.count_error(code)
+        self.send_text(_dumps(msg))
+
+    def send_text(self, data: str | bytes) -> None:
+        tr = self.transport
+        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+            return
+        tr.send(WSMsgType.TEXT, data.encode() if isinstance(data, str) else data)
+        if self.cid >= 0:
+            self.gw.hub.touch(self.cid)
+
+
+_OPS = {
+    "subscribe": Session.op_subscribe,
+    "unsubscribe": Session.op_unsubscribe,
+    "watch": Session.op_watch,
+    "unwatch": Session.op_unwatch,
+    "configure": Session.op_configure,
+    "list": Session.op_list,
+    "ping": Session.op_ping,
+}
