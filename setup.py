@@ -31,16 +31,19 @@ if DEBUG:
 else:
     macros.append(("NDEBUG", "1"))
 
-ext = Extension(
-    "fastfeed._core",
-    ["src/fastfeed/_core.pyx"],
-    define_macros=macros,
-    extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
-)
+exts = [
+    Extension(
+        f"fastfeed.{name}",
+        [f"src/fastfeed/{name}.pyx"],
+        define_macros=macros,
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    )
+    for name in ("_core", "_tickjson")
+]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        exts,
         compiler_directives=directives,
         annotate=os.environ.get("FASTFEED_ANNOTATE", "") not in ("", "0"),
     )

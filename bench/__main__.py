@@ -137,7 +137,7 @@ def _brief(res: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
     _LAST_HISTS[(res["server"], res["clients"])] = m["hist"]
     keep = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "updates_per_s", "frames_per_s",
             "rows_per_frame", "server_cpu", "server_core_busy", "server_rss_mb", "load_cpu_max",
-            "load_cpu_total")
+            "load_cpu_total", "server_user_us_per_frame", "server_kernel_us_per_frame")
     return {**{k: m[k] for k in keep}, "converged_share": res["converged_share"],
             "disconnected": res["disconnected"]}
 
@@ -172,7 +172,13 @@ def sc_watched(server, p, pins, extra):
                   watch=p["watch"])
 
 
+def _same_as_fastfeed(server):
+    if server == "fastfeed_bin":
+        raise Skip("the binary subprotocol changes only update frames: see fastfeed")
+
+
 def sc_ingest(server, p, pins, extra):
+    _same_as_fastfeed(server)
     out: dict[str, Any] = {}
     res = ingest_run(server, p["ticks"], p["batch"], pins, extra=extra)
     out["json_ticks_per_s"] = res["rate"]
@@ -224,6 +230,7 @@ def sc_spike(server, p, pins, extra):
 
 
 def sc_idle(server, p, pins, extra):
+    _same_as_fastfeed(server)
     res = idle_run(server, p["connections"], pins, extra, progress=f"  idle {server}")
     log(f"  idle {server}: {res['connected']} connections, "
         f"{fmt(res['bytes_per_conn'] / 1024 if res['bytes_per_conn'] else None)} KiB each")
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{sc}] {server} (run {rep + 1}/{a.repeats})")
                 try:
                     runs.append(RUNNERS[sc](server, params[sc], pins,
-                                            extra if server == "fastfeed" else []))
+                                            extra if server.startswith("fastfeed") else []))
                 except Skip as exc:
                     log(f"  skip: {exc}")
                     runs = [{"skipped": str(exc)}]

@@ -33,7 +33,7 @@ import time
 
 from picows import WSListener, WSMsgType, ws_connect
 
-from bench.loadgen._client import Client, Stats, TickGen
+from bench.loadgen._client import TickGen
 
 
 def zipf_table(n: int, s: float, seed: int, exclude_last: bool) -> list[int]:
@@ -76,6 +76,44 @@ class IngestListener(WSListener):
 
     def resume_writing(self) -> None:
         self.writable.set()
+
+
+class MarkerWatcher(WSListener):
+    """One client subscribed to the marker instrument: it tells when the
+    server holds the seeded rows, and when the ingest run's last tick is out."""
+
+    def __init__(self, sym: str) -> None:
+        super().__init__()
+        self.sym = sym
+        self.got_snapshot = False
+        self.snapshot_rows = 0
+        self.marker_seq = 0          # 0: not armed
+        self.marker_seen_ns = 0
+        self.transport = None
+
+    def on_ws_connected(self, transport) -> None:
+        self.transport = transport
+        transport.send(WSMsgType.TEXT,
+                       json.dumps({"op": "subscribe", "symbols": [self.sym]}).encode())
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.disconnect()
+            return
+        if frame.msg_type != WSMsgType.TEXT:
+            return
+        msg = json.loads(frame.get_payload_as_bytes())
+        if msg.get("type") == "snapshot":
+            self.got_snapshot = True
+            self.snapshot_rows += len(msg.get("rows", ()))
+        elif (msg.get("type") == "update" and self.marker_seq and not self.marker_seen_ns
+              and any(r[0] == self.sym and r[1] >= self.marker_seq for r in msg["rows"])):
+            self.marker_seen_ns = time.time_ns()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.send_close()
+            self.transport.disconnect()
 
 
 _FFT1_FIELDS = ("bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume")
@@ -125,16 +163,14 @@ async def run(a: argparse.Namespace) -> None:
         tr.send(WSMsgType.TEXT, payload)
 
     # A watcher client on the last instrument: ready check and ingest marker.
-    stats = Stats()
-    hello = [json.dumps({"op": "subscribe", "symbols": [f"S{marker:04d}"]}).encode()]
     for _ in range(200):
         _wtr, watcher = await ws_connect(
-            lambda: Client(stats, n, [marker], [], hello), a.url.rstrip("/") + "/ws")
+            lambda: MarkerWatcher(f"S{marker:04d}"), a.url.rstrip("/") + "/ws")
         for _ in range(100):
             if watcher.got_snapshot:
                 break
             await asyncio.sleep(0.01)
-        if watcher.got_snapshot and stats.snapshot_rows:
+        if watcher.got_snapshot and watcher.snapshot_rows:
             break
         watcher.close()
         await asyncio.sleep(0.05)
@@ -166,15 +202,14 @@ async def run(a: argparse.Namespace) -> None:
                 await lis.writable.wait()
             tr.send(kind, p)
             sent += a.ingest_batch
-        stats.marker_idx = marker
         mark = gen.one(marker, time.time_ns())
-        stats.marker_seq = gen.final_seqs()[marker]
+        watcher.marker_seq = gen.final_seqs()[marker]
         tr.send(WSMsgType.TEXT, mark)
         t_sent = time.monotonic()
-        while stats.marker_seen_ns == 0 and time.monotonic() - t0 < a.ingest_timeout:
+        while watcher.marker_seen_ns == 0 and time.monotonic() - t0 < a.ingest_timeout:
             await asyncio.sleep(0.0005)
         t1 = time.monotonic()
-        seen = stats.marker_seen_ns != 0
+        seen = watcher.marker_seen_ns != 0
         emit({"event": "ingest", "ticks": sent, "seconds": t1 - t0, "send_seconds": t_sent - t0,
               "completed": seen, "rate": sent / (t1 - t0) if seen else None,
               "errors": lis.errors, "first_error": lis.first_error})

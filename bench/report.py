@@ -99,6 +99,10 @@ def markdown(res: dict[str, Any]) -> str:
     def rowsof(name: str) -> list[tuple[str, dict]]:
         return [(s, r) for s, r in sc.get(name, {}).items()]
 
+    def per_frame(r: dict) -> str:
+        u, k = r.get("server_user_us_per_frame"), r.get("server_kernel_us_per_frame")
+        return "-" if u is None or k is None else f"{u:.2g} + {k:.2g}"
+
     def problem(r: dict) -> str | None:
         return r.get("skipped") or r.get("error")
 
@@ -109,17 +113,18 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for s, r in rowsof("capacity"):
             if problem(r):
-                rows.append([s, problem(r)] + [""] * 7)
+                rows.append([s, problem(r)] + [""] * 8)
                 continue
             best = next((c for c in r.get("curve", []) if c["clients"] == r["capacity"]), {})
             rows.append([s, f(r["capacity"]), f(r.get("first_fail")), f(best.get("p99_ms")),
                          f"{f(best.get('server_cpu'))} / {f(best.get('server_core_busy'))}",
                          f(best.get("updates_per_s")),
-                         f(best.get("frames_per_s")), f(best.get("load_cpu_max")),
+                         f(best.get("frames_per_s")), per_frame(best),
+                         f(best.get("load_cpu_max")),
                          _ratio(sc["capacity"].get(ref, {}).get("capacity"), r["capacity"])])
         lines.append(_table(["server", "clients (largest passing)", "first failing",
                              "p99 ms at best", "server CPU / its core busy", "updates/s",
-                             "frames/s",
+                             "frames/s", "server µs/frame user + kernel",
                              "load client CPU (max proc)", "fastfeed ÷ this"], rows))
     for name, title in (("throughput", "Throughput"), ("watched", "Watched latency")):
         if name not in sc:
@@ -133,18 +138,18 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for s, r in rowsof(name):
             if problem(r):
-                rows.append([s, problem(r)] + [""] * 11)
+                rows.append([s, problem(r)] + [""] * 12)
                 continue
             watched = "/".join(f(r[k]) for k in ("watched_p50_ms", "watched_p99_ms",
                                                    "watched_p999_ms"))
             rows.append([s, f(r["updates_per_s"]), f(r["frames_per_s"]), f(r["rows_per_frame"]),
                          f(r["p50_ms"]), f(r["p99_ms"]), f(r["p999_ms"]), watched,
                          f"{f(r['server_cpu'])} / {f(r.get('server_core_busy'))}",
-                         f(r["server_rss_mb"]), pct(r["converged_share"]),
+                         per_frame(r), f(r["server_rss_mb"]), pct(r["converged_share"]),
                          f(r["load_cpu_max"])])
         lines.append(_table(["server", "updates/s", "frames/s", "rows/frame", "p50 ms", "p99 ms",
                              "p99.9 ms", "watched p50/p99/p99.9 ms", "server CPU / its core busy",
-                             "RSS MB",
+                             "server µs/frame user + kernel", "RSS MB",
                              "converged", "load client CPU"], rows))
     if "ingest" in sc:
         p = res["params"]["ingest"]

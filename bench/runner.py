@@ -34,7 +34,9 @@ ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-ALL_SERVERS = ("fastfeed", "bun", "node_ws", "py_websockets")
+ALL_SERVERS = ("fastfeed", "fastfeed_bin", "bun", "node_ws", "py_websockets")
+# fastfeed_bin is fastfeed with clients on the binary subprotocol
+CLIENT_PROTOCOLS = {"fastfeed_bin": "fastfeed.v1.bin"}
 
 
 class Skip(Exception):
@@ -65,7 +67,7 @@ def fastfeed_command() -> list[str]:
 
 
 def server_command(name: str, port: int, extra: Sequence[str] = ()) -> list[str]:
-    if name == "fastfeed":
+    if name in ("fastfeed", "fastfeed_bin"):
         return [*fastfeed_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--simulate", "0", "--max-connections", "100000",
                 "--max-connections-per-ip", "100000", "--log-level", "warning", *extra]
@@ -120,16 +122,18 @@ def process_tree(pid: int) -> list[int]:
     return seen
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
+def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """User and kernel CPU seconds of these processes (/proc/<pid>/stat)."""
+    user = kernel = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])   # utime, stime
+            user += int(fields[11])
+            kernel += int(fields[12])
         except (OSError, IndexError):
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, kernel / CLK_TCK
 
 
 def cpus_busy(cpus: str | None) -> float:
@@ -208,6 +212,10 @@ class Server:
         self.pids = pids
 
     def cpu(self) -> float:
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, kernel) CPU seconds: the kernel's share is mostly send()."""
         self.refresh()
         return cpu_seconds(self.pids)
 
@@ -319,7 +327,6 @@ class Load:
     per_proc: int = 1500
     interval_ms: float = 1.0
     seed: int = 1
-    read_buffer: int = 16384
 
 
 @dataclass
@@ -328,8 +335,9 @@ class Pins:
     load: str | None = "1"
 
 
-def summarize(stats: list[dict[str, Any]], wall: float, cpu: float, rss: int,
+def summarize(stats: list[dict[str, Any]], wall: float, cpu: tuple[float, float], rss: int,
               core: float | None = None) -> dict[str, Any]:
+    user, kernel = cpu
     h = hist.merge(s["hist"] for s in stats)
     wh = hist.merge(s["whist"] for s in stats)
     upd = sum(s["updates"] for s in stats)
@@ -347,7 +355,11 @@ def summarize(stats: list[dict[str, Any]], wall: float, cpu: float, rss: int,
         "watched_p50_ms": hist.percentile(wh, 0.50),
         "watched_p99_ms": hist.percentile(wh, 0.99),
         "watched_p999_ms": hist.percentile(wh, 0.999),
-        "server_cpu": cpu / wall if wall else None,          # cores busy
+        "server_cpu": (user + kernel) / wall if wall else None,          # cores busy
+        # per frame the clients received: user time is the gateway's own
+        # work, kernel time mostly the send() syscalls and loopback TCP
+        "server_user_us_per_frame": user / frames * 1e6 if frames else None,
+        "server_kernel_us_per_frame": kernel / frames * 1e6 if frames else None,
         # the server's CPU(s) busy with anything (server, other processes,
         # interrupts): near 1 per pinned CPU while server_cpu is lower means
         # the server did not have its core to itself
@@ -366,6 +378,10 @@ def summarize(stats: list[dict[str, Any]], wall: float, cpu: float, rss: int,
     if wh:
         out["whist"] = wh
     return out
+
+
+def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] - b[0], a[1] - b[1]
 
 
 def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = (),
@@ -388,7 +404,7 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         for n in per:
             cfg = {"url": url + "/ws", "instruments": load.instruments, "first": first, "count": n,
                    "subs": load.subs, "watch_clients": load.watch_clients, "watch": load.watch,
-                   "seed": load.seed, "read_buffer": load.read_buffer,
+                   "seed": load.seed, "protocol": CLIENT_PROTOCOLS.get(server_name),
                    "snapshot_timeout": 30 + n / 100}
             workers.append(Child(["-m", "bench.loadgen.worker", json.dumps(cfg)], pins.load))
             first += n
@@ -410,13 +426,13 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         name_prev = None
         for k, (name, _secs, _rate) in enumerate(load.phases):
             pub.expect("phase", 60 + _secs)
-            now, cpu, busy = time.monotonic(), server.cpu(), cpus_busy(pins.server)
+            now, cpu, busy = time.monotonic(), server.cpu_split(), cpus_busy(pins.server)
             if name_prev is not None:
                 for w in workers:
                     w.send("stats")
                 st = [w.expect("stats", 30) for w in workers]
-                phases[name_prev] = summarize(st, now - t_prev, cpu - c_prev, server.rss(),
-                                              busy - b_prev)
+                phases[name_prev] = summarize(st, now - t_prev, _minus(cpu, c_prev),
+                                              server.rss(), busy - b_prev)
                 phases[name_prev]["rate"] = load.phases[k - 1][2]
             else:
                 for w in workers:
@@ -425,12 +441,12 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
                     w.expect("stats", 30)
             t_prev, c_prev, b_prev, name_prev = now, cpu, busy, name
         done = pub.expect("done", 60 + load.phases[-1][1])
-        now, cpu, busy = time.monotonic(), server.cpu(), cpus_busy(pins.server)
+        now, cpu, busy = time.monotonic(), server.cpu_split(), cpus_busy(pins.server)
         rss = server.rss()
         for w in workers:
             w.send("stats")
         st = [w.expect("stats", 30) for w in workers]
-        phases[name_prev] = summarize(st, now - t_prev, cpu - c_prev, rss, busy - b_prev)
+        phases[name_prev] = summarize(st, now - t_prev, _minus(cpu, c_prev), rss, busy - b_prev)
         phases[name_prev]["rate"] = load.phases[-1][2]
         # settle, then convergence
         time.sleep(load.settle)
@@ -533,7 +549,7 @@ def idle_run(server_name: str, conns: int, pins: Pins, extra: Sequence[str] = ()
         for k in range(procs):
             n = conns // procs + (1 if k < conns % procs else 0)
             cfg = {"url": url, "instruments": 1, "first": first, "count": n, "subs": 0,
-                   "read_buffer": 1024, "connect_concurrency": 200}
+                   "read_buffer": 1024}
             workers.append(Child(["-m", "bench.loadgen.worker", json.dumps(cfg)], pins.load))
             first += n
         ready = [w.expect("ready", 120 + conns / 50) for w in workers]

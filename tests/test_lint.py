@@ -23,11 +23,13 @@ def test_ruff():
 
 def test_cython_lint():
     run(str(pathlib.Path(sys.executable).parent / "cython-lint"),
-        "src/fastfeed/_core.pyx", "src/fastfeed/_core.pxd")
+        "src/fastfeed/_core.pyx", "src/fastfeed/_core.pxd", "src/fastfeed/_tickjson.pyx",
+        "bench/loadgen/_client.pyx")
 
 
 def test_stubs_match_the_compiled_module():
-    run(sys.executable, "-m", "mypy.stubtest", "fastfeed._core", "--ignore-missing-stub")
+    run(sys.executable, "-m", "mypy.stubtest", "fastfeed._core", "fastfeed._tickjson",
+        "--ignore-missing-stub")
 
 
 def test_python_callers_type_check_against_the_stubs():

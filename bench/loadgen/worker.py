@@ -17,17 +17,19 @@ snapshot (or the connect timeout passed).
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import json
+import os
 import random
 import resource
+import socket
 import sys
 import time
+from urllib.parse import urlsplit
 
 import numpy as np
-from picows import ws_connect
 
-from bench.loadgen._client import Client, Stats
+from bench.loadgen._client import Conn, Loop, Stats
 
 
 def choose(seed: int, gi: int, n_instr: int, subs: int, watch: int) -> tuple[list, list]:
@@ -50,101 +52,158 @@ def cpu() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-async def run(cfg: dict) -> None:
+def frame(payload: bytes, op: int = 1) -> bytes:
+    """A masked client frame; the zero mask key leaves the payload as is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | op, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | op, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | op, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def handshake(url: str, protocol: str | None, timeout: float = 20) -> tuple[socket.socket, bytes]:
+    """Connect and upgrade with a blocking socket; return it and any bytes
+    that came after the 101 response."""
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port or 80), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    proto = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
+    sock.sendall((f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"{proto}\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status + b" ":
+        sock.close()
+        raise ConnectionError(f"upgrade refused: {status.decode(errors='replace')}")
+    return sock, rest
+
+
+def run(cfg: dict) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    loop = asyncio.get_running_loop()
     stats = Stats()
+    loop = Loop()
     n_instr = cfg["instruments"]
-    clients: list[Client] = []
+    conns: list[Conn] = []
+    socks: list[socket.socket] = []
     failures: list[str] = []
-    sem = asyncio.Semaphore(cfg.get("connect_concurrency", 100))
     url = cfg["url"]
+    protocol = cfg.get("protocol")
 
-    def factory_for(gi: int):
+    def hello_for(gi: int) -> tuple[list, list, bytes]:
         subs, watch = choose(cfg.get("seed", 1), gi, n_instr, cfg.get("subs", 0), 0)
         if gi < cfg.get("watch_clients", 0):
             watch = subs[: cfg.get("watch", 0)]
-        hello = []
+        out = b""
         if subs:
-            hello.append(json.dumps({"op": "subscribe", "id": 1,
+            out += frame(json.dumps({"op": "subscribe", "id": 1,
                                      "symbols": [sym(i) for i in subs]}).encode())
         if watch:
-            hello.append(json.dumps({"op": "watch", "id": 2,
+            out += frame(json.dumps({"op": "watch", "id": 2,
                                      "symbols": [sym(i) for i in watch]}).encode())
         if cfg.get("configure"):
-            hello.append(json.dumps({"op": "configure", "id": 3, **cfg["configure"]}).encode())
-        return lambda: Client(stats, n_instr, subs, watch, hello)
-
-    async def connect(gi: int) -> None:
-        async with sem:
-            last = None
-            for _attempt in range(3):
-                try:
-                    _tr, cl = await ws_connect(factory_for(gi), url,
-                                               read_buffer_init_size=cfg.get("read_buffer", 16384),
-                                               websocket_handshake_timeout=20)
-                    clients.append(cl)
-                    return
-                except Exception as exc:
-                    last = exc
-                    await asyncio.sleep(0.2)
-            failures.append(repr(last))
+            out += frame(json.dumps({"op": "configure", "id": 3, **cfg["configure"]}).encode())
+        return subs, watch, out
 
     t0 = time.monotonic()
     first = cfg.get("first", 0)
-    await asyncio.gather(*(connect(first + k) for k in range(cfg["count"])))
+    for k in range(cfg["count"]):
+        subs, watch, hello = hello_for(first + k)
+        last: Exception | None = None
+        for _attempt in range(3):
+            try:
+                sock, rest = handshake(url, protocol)
+                sock.sendall(hello)
+                sock.setblocking(False)
+                break
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+        else:
+            failures.append(repr(last))
+            continue
+        conn = Conn(stats, sock.fileno(), n_instr, subs, watch, cfg.get("read_buffer", 65536))
+        conn.feed(rest)
+        loop.add(conn)
+        conns.append(conn)
+        socks.append(sock)  # keeps the fd open
+        if k % 50 == 49:
+            loop.run(0.0)    # read what arrived meanwhile
     deadline = time.monotonic() + cfg.get("snapshot_timeout", 20)
-    while time.monotonic() < deadline and not all(c.got_snapshot for c in clients):
-        await asyncio.sleep(0.05)
-    emit({"event": "ready", "connected": len(clients), "failed": len(failures),
-          "errors": failures[:3], "snapshots": sum(1 for c in clients if c.got_snapshot),
+    while time.monotonic() < deadline and not all(c.got_snapshot for c in conns):
+        loop.run(0.05)
+    emit({"event": "ready", "connected": len(conns), "failed": len(failures),
+          "errors": failures[:3], "snapshots": sum(1 for c in conns if c.got_snapshot),
           "seconds": round(time.monotonic() - t0, 3)})
 
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stdin = sys.stdin.fileno()
+    os.set_blocking(stdin, False)
+    loop.watch_fd(stdin)
     stats.reset()
     w0, (u0, s0) = time.monotonic(), cpu()
-    while True:
-        line = (await reader.readline()).decode().strip()
-        if not line or line == "quit":
+    pending = b""
+    running = True
+    while running:
+        if not loop.run(3600.0, stdin):
+            continue
+        try:
+            chunk = os.read(stdin, 1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
             break
-        cmd, _, arg = line.partition(" ")
-        if cmd == "stats":
-            w1, (u1, s1) = time.monotonic(), cpu()
-            emit({"event": "stats", "wall": w1 - w0, "cpu_user": u1 - u0, "cpu_sys": s1 - s0,
-                  "updates": stats.updates, "frames": stats.frames, "bytes": stats.bytes,
-                  "watched_updates": stats.watched_updates, "stale_rows": stats.stale_rows,
-                  "unexpected_rows": stats.unexpected_rows, "errors": stats.errors,
-                  "bad_frames": stats.bad_frames, "max_lat_ms": stats.max_lat_ns / 1e6,
-                  "connected": stats.connected, "disconnected": stats.disconnected,
-                  "closed_by_server": stats.closed_by_server,
-                  "close_codes": {str(k): v for k, v in stats.close_codes.items()},
-                  "hist": stats.histogram(False), "whist": stats.histogram(True)})
-            stats.reset()
-            w0, u0, s0 = w1, u1, s1
-        elif cmd == "final":
-            final = np.asarray(json.loads(arg), dtype=np.int64)
-            conv = sum(1 for c in clients if c.converged(final))
-            behind = sum(c.behind(final) for c in clients)
-            emit({"event": "final", "clients": cfg["count"], "converged": conv,
-                  "behind_rows": int(behind), "disconnected": stats.disconnected})
-        else:
-            emit({"event": "error", "message": f"unknown command {cmd!r}"})
-    for c in clients:
+        pending += chunk
+        while b"\n" in pending:
+            raw, pending = pending.split(b"\n", 1)
+            line = raw.decode().strip()
+            cmd, _, arg = line.partition(" ")
+            if not line or cmd == "quit":
+                running = False
+                break
+            if cmd == "stats":
+                w1, (u1, s1) = time.monotonic(), cpu()
+                emit({"event": "stats", "wall": w1 - w0, "cpu_user": u1 - u0,
+                      "cpu_sys": s1 - s0, "reads": stats.reads,
+                      "updates": stats.updates, "frames": stats.frames, "bytes": stats.bytes,
+                      "watched_updates": stats.watched_updates, "stale_rows": stats.stale_rows,
+                      "unexpected_rows": stats.unexpected_rows, "errors": stats.errors,
+                      "bad_frames": stats.bad_frames, "max_lat_ms": stats.max_lat_ns / 1e6,
+                      "connected": stats.connected, "disconnected": stats.disconnected,
+                      "closed_by_server": stats.closed_by_server,
+                      "close_codes": {str(k): v for k, v in stats.close_codes.items()},
+                      "hist": stats.histogram(False), "whist": stats.histogram(True)})
+                stats.reset()
+                w0, u0, s0 = w1, u1, s1
+            elif cmd == "final":
+                final = np.asarray(json.loads(arg), dtype=np.int64)
+                conv = sum(1 for c in conns if c.converged(final))
+                behind = sum(c.behind(final) for c in conns)
+                emit({"event": "final", "clients": cfg["count"], "converged": conv,
+                      "behind_rows": int(behind), "disconnected": stats.disconnected})
+            else:
+                emit({"event": "error", "message": f"unknown command {cmd!r}"})
+    for c in conns:
         c.close()
-    await asyncio.sleep(0.2)
+    time.sleep(0.2)
+    for s in socks:
+        s.close()
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run(cfg))
-    else:
-        uvloop.run(run(cfg))
+    run(json.loads(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ cdef struct Stats:
     int64_t build_ns           # time spent building and sending frames
 
 
+cdef bint symbol_ok(const char* s, Py_ssize_t n) noexcept
+
+
 cdef class Table:
     cdef:
         readonly Py_ssize_t capacity

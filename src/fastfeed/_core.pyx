@@ -80,7 +80,8 @@ def wall_ns():
     return _clock(CLOCK_REALTIME)
 
 
-cdef inline bint _valid_symbol(const char* s, Py_ssize_t n) noexcept:
+cdef bint symbol_ok(const char* s, Py_ssize_t n) noexcept:
+    """1 to SYM_MAX characters of A-Z a-z 0-9 . _ - : / (the protocol's symbol)."""
     cdef Py_ssize_t k
     if n < 1 or n > SYM_MAX:
         return False
@@ -93,7 +94,7 @@ cdef inline bint _valid_symbol(const char* s, Py_ssize_t n) noexcept:
 def valid_symbol(str sym):
     """True if `sym` is 1 to 32 characters of A-Z a-z 0-9 . _ - : /."""
     b = sym.encode("utf-8", "replace")
-    return _valid_symbol(b, len(b))
+    return symbol_ok(b, len(b))
 
 
 cdef inline uint64_t _hash(const char* s, Py_ssize_t n) noexcept:
@@ -278,7 +279,7 @@ cdef class Table:
         cdef uint64_t j
         if iid >= 0:
             return iid
-        if not _valid_symbol(s, n) or self.size >= self.max_instruments:
+        if not symbol_ok(s, n) or self.size >= self.max_instruments:
             return -1
         if self.size >= self.capacity:
             self._resize(self.capacity * 2)
@@ -416,7 +417,7 @@ cdef class Table:
                 b = (<dict>t)["sym"].encode()
                 iid = self.intern(b, len(b))
                 if iid < 0:
-                    err = "instrument table is full" if _valid_symbol(b, len(b)) else "bad symbol"
+                    err = "instrument table is full" if symbol_ok(b, len(b)) else "bad symbol"
             if err is not None:
                 errors.append((idx, t.get("sym") if type(t) is dict else None, err))
                 self.stats.ticks[source][REJECTED] += 1
@@ -604,7 +605,7 @@ def check_tick(tick):
     err = _check_tick(tick, v, &mask, &seq, &ts)
     if err is None:
         b = tick["sym"].encode("utf-8", "replace")
-        if not _valid_symbol(b, len(b)):
+        if not symbol_ok(b, len(b)):
             err = "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /"
     return err
 
@@ -630,7 +631,7 @@ def encode_batch(ticks, int parts=1):
         b = b""
         if err is None:
             b = t["sym"].encode()
-            if not _valid_symbol(b, len(b)):
+            if not symbol_ok(b, len(b)):
                 err = "bad symbol"
         if err is not None:
             errors.append((idx, t.get("sym") if type(t) is dict else None, err))

@@ -27,6 +27,7 @@ from picows import (
 )
 
 from . import _core, auth, metrics
+from ._tickjson import TickParser
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
@@ -70,6 +71,7 @@ class Gateway:
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
+        self.tick_parser = TickParser()
         self.hub = _core.Hub(self.table)
         self.sessions: dict[int, Session] = {}
         self.per_ip: Counter[str] = Counter()

@@ -54,6 +54,16 @@ class IngestSession(MessageListener):
             if rejected:
                 self._error("bad_request", f"{rejected} ticks with a bad symbol or seq")
             return
+        if gw.bus is None:
+            n = gw.tick_parser.parse(data)
+            if n >= 0:  # the common shape, parsed without building dicts
+                if not self._allow(n):
+                    return self._error("rate_limited",
+                                       f"over {gw.cfg.ingest_rate:g} ticks/s for this publisher: "
+                                       f"{n} ticks NOT applied; slow down and resend")
+                _, _, errors = gw.tick_parser.apply(gw.table, 0)
+                gw.after_ticks()
+                return self._report(errors)
         try:
             msg = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
