@@ -34,6 +34,7 @@ from .feed.simulator import Simulator
 from .session import Session
 
 log = logging.getLogger("fastfeed.server")
+READ_BUFFER_BYTES = 2048
 
 SUBPROTOCOLS = ("fastfeed.v1.json", "fastfeed.v1.bin")
 
@@ -306,6 +307,9 @@ class Gateway:
             max_frame_size=max(cfg.max_message_bytes, cfg.max_ingest_bytes),
             logger_name="picows.server",
             backlog=4096,
+            # Client requests are small; the buffer grows for a big one. At
+            # picows' default (16 KiB) it was half of an idle client's memory.
+            read_buffer_init_size=READ_BUFFER_BYTES,
         )
         if sock is not None:
             self.server = await ws_create_server(self.factory, sock=sock, **kw)
