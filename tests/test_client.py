@@ -271,6 +271,51 @@ async def test_retries_client_faults_when_told_to() -> None:
         assert c.reconnects == 1
 
 
+class RecordingBackoff(Backoff):
+    """A quick backoff that remembers the attempt number of every wait."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attempts: list[int] = []
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        self.attempts.append(attempt)
+        return 0.01
+
+
+@pytest.mark.parametrize("code, attempts", [(1013, [0, 1, 2]), (1012, [0, 0, 0])])
+async def test_try_again_later_backs_off_further_each_time(code: int, attempts: list[int]) -> None:
+    # Each connection is closed right after the upgrade. 1013 means "come back
+    # later": the waits grow. After any other close of a connection that was
+    # up, the backoff starts afresh.
+    async def gateway(ws: ServerConnection, n: int) -> None:
+        if n < 3:
+            await ws.close(code)
+        else:
+            await ws.wait_closed()
+
+    backoff = RecordingBackoff()
+    async with scripted(gateway) as (url, seen), Client(url, backoff=backoff) as c:
+        await until(lambda: len(seen) == 4 and c.connected)
+        assert c.reconnects == 3 and not c.closed
+    assert backoff.attempts[:3] == attempts
+
+
+async def test_connect_waits_through_closes_right_after_the_upgrade() -> None:
+    # connect() returns only with a connection that is up, however briefly the
+    # ones before it lived
+    async def gateway(ws: ServerConnection, n: int) -> None:
+        if n < 5:
+            await ws.close(1013, "try again later")
+        else:
+            await answer(ws, seen[n])
+            await ws.wait_closed()
+
+    async with scripted(gateway) as (url, seen), Client(url, backoff=FAST) as c:
+        await c.subscribe(["BBCA"])
+        assert c.connected and len(seen) == 6 and c.rows["BBCA"].seq == 5
+
+
 async def test_a_refused_upgrade_fails_connect_at_once() -> None:
     async def reject(connection: Any, request: Any) -> Any:
         return connection.respond(401, "bad token\n")

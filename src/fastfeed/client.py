@@ -11,15 +11,17 @@
 
 The client keeps a local copy of the latest row of every subscribed symbol in
 `Client.rows`, and keeps it current by itself: when the connection drops or
-the gateway closes it (a deploy drains with 1012, an overloaded gateway says
-1013, a killed process leaves 1006), it reconnects after a jittered
-exponential backoff, to the next URL when several replicas are given, and
-resumes by subscribing again with ``"since": {sym: last seq}`` so the gateway
-sends only the rows it missed, then watches again what was watched. It does
-not reconnect after it was closed by its user, nor after the gateway closed
-it for a fault of the client's own (1002, 1003, 1007, 1008, 1009, 1010) or
-refused the upgrade with an HTTP 4xx (a bad token, a wrong path), unless
-asked to with ``retry_client_errors=True``.
+the gateway closes it (a deploy drains with 1012, a gateway with no market
+data yet says 1013, a killed process leaves 1006), it reconnects after a
+jittered exponential backoff, to the next URL when several replicas are
+given, and resumes by subscribing again with ``"since": {sym: last seq}`` so
+the gateway sends only the rows it missed, then watches again what was
+watched. The backoff starts afresh after a connection that was served, and
+keeps growing after a 1013 (try again later). It does not reconnect after it
+was closed by its user, nor after the gateway closed it for a fault of the
+client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused the upgrade with
+an HTTP 4xx (a bad token, a wrong path), unless asked to with
+``retry_client_errors=True``.
 
 Every request carries an ``id``; its coroutine returns when the reply with the
 same ``id`` arrives, and an ``error`` reply raises `FastfeedError`. The wire
@@ -69,6 +71,7 @@ _BIN_HEADER = struct.Struct("<4sIq")  # magic, row count, server time ns: 16 byt
 CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 _NO_STATUS = 1005  # the close frame had no code
 _ABNORMAL = 1006  # the socket went away without a close frame
+_TRY_AGAIN_LATER = 1013  # the gateway cannot serve yet (no market data)
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.
 _CHUNK = 500
@@ -588,28 +591,29 @@ class Client:
             return reply
 
     async def _wait_ready(self, timeout: float | None) -> None:
-        if self._ready.is_set():
-            return
-        if self._stopped.is_set():
-            raise self.error or ConnectionClosed(1000)
-        ready = asyncio.ensure_future(self._ready.wait())
-        stopped = asyncio.ensure_future(self._stopped.wait())
-        try:
-            _done, _ = await asyncio.wait(
-                {ready, stopped},
-                timeout=None if timeout is None else max(0.0, timeout),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            ready.cancel()
-            stopped.cancel()
-        if self._ready.is_set():
-            return
-        if self._stopped.is_set():
-            raise self.error or ConnectionClosed(1000)
-        raise TimeoutError(
-            f"not connected to {self.urls} within {timeout} s (last error: {self.error!r})"
-        )
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            if self._ready.is_set():
+                return
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"not connected to {self.urls} within {timeout} s "
+                    f"(last error: {self.error!r})"
+                )
+            ready = asyncio.ensure_future(self._ready.wait())
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            try:
+                await asyncio.wait(
+                    {ready, stopped}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                ready.cancel()
+                stopped.cancel()
+            # ready may have come and gone before this task ran (a gateway that
+            # closes right after the upgrade): wait for the next connection
 
     async def _run(self) -> None:
         attempt = 0
@@ -625,7 +629,9 @@ class Client:
                     log.info("fastfeed: cannot connect to %s: %s", url, e)
                     self.error = e
                     resumed = False
-                if resumed:
+                if resumed and self.last_close_code != _TRY_AGAIN_LATER:
+                    # a session that got going starts the backoff afresh; a
+                    # gateway saying "try again later" right away does not
                     attempt = 0
                 if not self.reconnect or self._user_closed:
                     self._stop(self.error or ConnectionClosed(_ABNORMAL))

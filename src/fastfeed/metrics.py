@@ -49,6 +49,15 @@ def cleanup(path: str) -> None:
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
+# Label values known in advance are exported at 0 from the start, so a rate()
+# or an alert sees 0 instead of no series until the first event.
+TICK_SOURCES = ("ingest", "bus", "simulator")
+TICK_OUTCOMES = ("applied", "stale", "rejected")
+ERROR_CODES = ("bad_request", "unknown_op", "not_subscribed", "too_many_subscriptions",
+               "too_many_watched", "rate_limited", "forbidden", "unavailable")
+CLOSE_CODES = (1001, 1002, 1007, 1008, 1009, 1012, 1013)
+UPGRADE_STATUSES = (400, 401, 403, 426, 503)
+
 
 class Metrics:
     """The series of one worker. Names follow Prometheus conventions."""
@@ -100,6 +109,15 @@ class Metrics:
                            multiprocess_mode="livemin")
         self.worker_restarts = Counter("fastfeed_worker_restarts",
                                        "Worker processes restarted by the supervisor")
+        for source in TICK_SOURCES:
+            for outcome in TICK_OUTCOMES:
+                self.ticks.labels(source, outcome)
+        for code in ERROR_CODES:
+            self.errors.labels(code)
+        for close in CLOSE_CODES:
+            self.closes.labels(str(close))
+        for status in UPGRADE_STATUSES:
+            self.rejected_upgrades.labels(str(status))
 
     def flush(self, stats: dict[str, Any], latencies_ns: list[int]) -> None:
         for (source, outcome), n in stats["ticks"].items():

@@ -90,6 +90,7 @@ class Gateway:
         self.server: asyncio.base_events.Server | None = None
         self.stopped = asyncio.Event()
         self._kicked = False
+        self._ingest_stale = 0
         self._tasks: list[asyncio.Task] = []
         self._pump_every = min(0.004, cfg.min_frame_ms / 4000)
 
@@ -116,17 +117,17 @@ class Gateway:
             return _resp(200, page[0], page[1])
         return _resp(404, b"not found: try /, /ws, /ingest, /healthz, /readyz, /metrics\n")
 
-    def _refuse(self, status: int, why: str):
+    def _refuse(self, status: int, why: str, **headers: str):
         self.metrics.rejected_upgrades.labels(str(status)).inc()
-        return _resp(status, (why + "\n").encode())
+        return _resp(status, (why + "\n").encode(), **headers)
 
     def _is_upgrade(self, req: WSUpgradeRequest) -> bool:
         return "websocket" in req.headers.get("Upgrade", "").lower()
 
     def _upgrade_client(self, req: WSUpgradeRequest):
         if not self._is_upgrade(req):
-            return _resp(426, b"upgrade required: /ws is a WebSocket endpoint\n",
-                         Upgrade="websocket")
+            return self._refuse(426, "upgrade required: /ws is a WebSocket endpoint",
+                                Upgrade="websocket")
         if self.draining:
             return self._refuse(503, "draining for a restart: connect to another replica")
         if len(self.sessions) >= self.cfg.max_connections:
@@ -154,8 +155,8 @@ class Gateway:
 
     def _upgrade_ingest(self, req: WSUpgradeRequest):
         if not self._is_upgrade(req):
-            return _resp(426, b"upgrade required: /ingest is a WebSocket endpoint\n",
-                         Upgrade="websocket")
+            return self._refuse(426, "upgrade required: /ingest is a WebSocket endpoint",
+                                Upgrade="websocket")
         if self.publisher_token:
             if not auth.publisher_ok(auth.token_from_request(req.path, req.headers),
                                      self.publisher_token):
@@ -176,6 +177,11 @@ class Gateway:
         self.metrics.connections.inc()
         if self.per_ip[ip] > self.cfg.max_connections_per_ip:
             s.close(1008, f"over {self.cfg.max_connections_per_ip} connections from {ip}")
+        elif not self.has_market_data:
+            # accepted, because only a close code reaches a browser (a refused
+            # upgrade is a bare 1006 there); 1013: come back, or go to a replica
+            s.close(1013, "try again later: no market data here yet "
+                          "(the snapshot from Redis is not loaded)")
         elif not self.feed_up:
             s.send_text(b'{"type":"status","feed":"down"}')
 
@@ -196,6 +202,10 @@ class Gateway:
 
     def count_close(self, code: int) -> None:
         self.metrics.closes.labels(str(code)).inc()
+
+    def count_ticks(self, source: str, outcome: str, n: int) -> None:
+        """Ticks the table never saw (refused or dropped before it, in Redis mode)."""
+        self.metrics.ticks.labels(source, outcome).inc(n)
 
     # ---- feed
 
@@ -221,6 +231,13 @@ class Gateway:
         msg = b'{"type":"status","feed":"up"}' if up else b'{"type":"status","feed":"down"}'
         for s in list(self.sessions.values()):
             s.send_text(msg)
+
+    @property
+    def has_market_data(self) -> bool:
+        """False while a worker on Redis has never loaded the snapshot: its table
+        is empty or partial, so it must not serve clients. After the first load
+        it keeps serving through Redis outages, with the last known rows."""
+        return self.bus is None or self.bus.connects > 0
 
     def ready_reasons(self) -> list[str]:
         reasons = []
@@ -269,6 +286,12 @@ class Gateway:
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
             if self.bus is not None:
                 self.metrics.breaker.set(self.bus.breaker)
+                # /ingest ticks Redis dropped as not newer never come back on
+                # the bus: count them here, as the table counts its own
+                stale = self.bus.publish_stale - self._ingest_stale
+                if stale:
+                    self._ingest_stale += stale
+                    self.count_ticks("ingest", "stale", stale)
 
     async def _simulate(self) -> None:
         sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)

@@ -70,6 +70,11 @@ class Session(MessageListener):
         self.gw.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        hs = transport.close_handshake
+        if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
+            # a close picows started by itself: 1001 for a peer that answers no
+            # ping (--idle-timeout-s), or a protocol error its parser found
+            self.gw.count_close(hs.sent.code.value)
         if self.cid >= 0:
             if self.watched:
                 self.gw.hub.watch_ids(self.cid, list(self.watched), False)

@@ -44,6 +44,10 @@ class IngestSession(MessageListener):
     def on_message(self, t: WSMsgType, data: bytes) -> None:
         gw = self.gw
         if t == WSMsgType.BINARY:
+            # the tick count is in the batch header (a bad header is refused below)
+            n = int.from_bytes(data[4:8], "little") if data[:4] == b"FFT1" else 0
+            if not self._allow(n):
+                return self._rate_limited(n)
             if gw.bus is not None:
                 return self._publish_batch(data)
             try:
@@ -58,9 +62,7 @@ class IngestSession(MessageListener):
             n = gw.tick_parser.parse(data)
             if n >= 0:  # the common shape, parsed without building dicts
                 if not self._allow(n):
-                    return self._error("rate_limited",
-                                       f"over {gw.cfg.ingest_rate:g} ticks/s for this publisher: "
-                                       f"{n} ticks NOT applied; slow down and resend")
+                    return self._rate_limited(n)
                 _, _, errors = gw.tick_parser.apply(gw.table, 0)
                 gw.after_ticks()
                 return self._report(errors)
@@ -70,9 +72,7 @@ class IngestSession(MessageListener):
             return self._error("bad_request", f"not JSON: {e}")
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
-            return self._error("rate_limited",
-                               f"over {gw.cfg.ingest_rate:g} ticks/s for this publisher: "
-                               f"{len(ticks)} ticks NOT applied; slow down and resend")
+            return self._rate_limited(len(ticks))
         if gw.bus is not None:
             return self._publish(ticks)
         self._report(gw.ingest_ticks(ticks, 0))
@@ -80,7 +80,10 @@ class IngestSession(MessageListener):
     def _publish(self, ticks: list) -> None:
         async def go() -> None:
             try:
-                self._report(await self.gw.bus.publish(ticks))
+                errors = await self.gw.bus.publish(ticks)
+                if errors:  # refused before Redis: the table never counts these
+                    self.gw.count_ticks("ingest", "rejected", len(errors))
+                self._report(errors)
             except Exception as e:  # the bus is down: say so, never drop silently
                 self._error("unavailable", f"{len(ticks)} ticks NOT published: {e}")
         self.gw.loop.create_task(go())
@@ -91,6 +94,10 @@ class IngestSession(MessageListener):
         except (ValueError, IndexError) as e:
             return self._error("bad_request", f"bad tick batch: {e}")
         self._publish(ticks)
+
+    def _rate_limited(self, n: int) -> None:
+        self._error("rate_limited", f"over {self.gw.cfg.ingest_rate:g} ticks/s for this "
+                    f"publisher: {n} ticks NOT applied; slow down and resend")
 
     def _report(self, errors: list) -> None:
         for k in range(0, min(len(errors), MAX_ERRORS_PER_MESSAGE)):

@@ -520,7 +520,7 @@ function start() {
   client.on("close", (e) => {
     updateStatus();
     if (e.code === 1008) board.setNote("closed by server (policy)");
-    else if (e.code === 1013) board.setNote("server busy, retrying");
+    else if (e.code === 1013) board.setNote("gateway has no data yet, retrying");
     else if (e.code === 1012) board.setNote("server restarting, reconnecting");
   });
   client.on("stale", updateStatus);
