@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fastfeed import _core
@@ -46,6 +46,12 @@ def _split(capture):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=1, max_size=60))
+# found by this test: a resumed client with no subscription kept its old
+# version, so instruments changed before it subscribed came in its next frame
+@example([("add", 0, False), ("add", 0, False), ("pause", 5, True),
+          ("ticks", [{"sym": "GOTO", "seq": 0}]), ("add", 0, True), ("add", 0, False),
+          ("pause", 5, False), ("pump", 0), ("ticks", [{"sym": "BBCA", "seq": 0}]),
+          ("subscribe", 1, {"GOTO", "BBCA"}), ("pump", 0)])
 def test_frames_match_reference(ops):
     table, ref = _core.Table(capacity=64), RefTable()
     hub, rhub = _core.Hub(table), RefHub(ref)

@@ -1085,6 +1085,9 @@ cdef class Hub:
         cdef char* p
         cdef int64_t oldest = 0
         if c.group < 0:
+            # nothing subscribed: nothing is pending either (as a frame with
+            # no rows would say), so a later subscribe starts from now
+            c.sent_ver = T.version
             return 0
         if G.cache_pump[b] == self.pump_no and G.cache_ver[b] == c.sent_ver:
             if G.cache_len[b]:
