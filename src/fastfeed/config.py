@@ -67,6 +67,9 @@ class Config:
     metrics_dir: str = _opt("", "prometheus multiprocess directory (default: a temp dir per pod)")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("text", "text or json")
+    # testing
+    conformance_echo: bool = _opt(False, "also serve /echo, a WebSocket echo on the framing of /ws "
+                                         "with 16 MiB messages, for conformance tests only")
 
     def secret(self) -> str:
         return _read_secret(self.jwt_secret, self.jwt_secret_file)
@@ -92,6 +95,15 @@ def _read_secret(value: str, path: str) -> str:
     return ""
 
 
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 def env_name(name: str) -> str:
     return "FASTFEED_" + name.upper()
 
@@ -100,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{f.metadata['help']} (env "
+                                f"{env_name(f.name)}=1, default {'on' if f.default else 'off'})")
+            continue
         parser.add_argument(
             flag,
             dest=f.name,
@@ -118,7 +135,7 @@ def from_sources(ns: argparse.Namespace | None = None,
         given = getattr(ns, f.name, None) if ns is not None else None
         if given is None and env_name(f.name) in environ:
             raw = environ[env_name(f.name)]
-            kind: Any = type(f.default)
+            kind: Any = _parse_bool if isinstance(f.default, bool) else type(f.default)
             try:
                 given = kind(raw)
             except ValueError:

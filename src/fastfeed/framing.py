@@ -1,18 +1,40 @@
 """What picows leaves to the application of RFC 6455, done once for every endpoint.
 
-`MessageListener` answers the close handshake, reassembles fragmented
-messages within a size limit and closes on protocol errors; subclasses
-receive whole messages in `on_message` and close with `close`.
+picows refuses unknown opcodes, unmasked or fragmented control frames, control
+frames over 125 bytes, frames over `max_frame_size` and close frames whose code
+it does not know or whose reason is not UTF-8. `MessageListener` does the
+rest: it refuses reserved bits (fastfeed negotiates no extension), answers
+pings (the gateway turns picows' own answering off: it would answer a ping
+with reserved bits too), answers the close handshake (1002 to a code no
+endpoint may send), reassembles fragmented messages within a size limit,
+checks that text is UTF-8 (fragment by fragment, so a bad message fails as
+soon as it turns bad) and ignores everything but the peer's close once it
+has sent its own. Subclasses receive whole messages in `on_message` and close
+with `close`.
+
+`EchoListener` sends every message back. The gateway mounts it at `/echo`
+only with `--conformance-echo`, so a conformance suite (Autobahn|Testsuite)
+drives the very framing `/ws` and `/ingest` use.
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 if TYPE_CHECKING:
     from .server import Gateway
+
+ECHO_MAX_BYTES = 16 * 1024 * 1024  # Autobahn's largest messages (case 9.x.6)
+_MAX_REASON = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def valid_close_code(code: int) -> bool:
+    """A code a peer may put in a close frame (RFC 6455 7.4, IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class MessageListener(WSListener):
@@ -23,29 +45,37 @@ class MessageListener(WSListener):
         self.closing = False
         self._partial: bytearray | None = None
         self._partial_type = WSMsgType.TEXT
+        self._utf8: codecs.IncrementalDecoder | None = None  # of a fragmented text message
 
     def on_message(self, msg_type: WSMsgType, data: bytes) -> None:
         raise NotImplementedError
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            return self.close(WSCloseCode.PROTOCOL_ERROR,
+                              "reserved bits set, but no extension was negotiated")
         t = frame.msg_type
         if t == WSMsgType.CLOSE:
-            # answer the close handshake with the peer's code, then hang up
-            code = frame.get_close_code()
-            if not transport.is_close_frame_sent:
-                transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
-            transport.disconnect()
+            return self._on_close_frame(transport, frame)
+        if self.closing:
+            return  # after our close frame only the peer's close counts
+        if t == WSMsgType.PING:
+            return transport.send_pong(frame.get_payload_as_bytes())
+        if t == WSMsgType.PONG:
             return
-        if t in (WSMsgType.PING, WSMsgType.PONG):
-            return  # picows answers pings itself
         if t == WSMsgType.CONTINUATION:
-            if self._partial is None:
+            partial = self._partial
+            if partial is None:
                 return self.close(WSCloseCode.PROTOCOL_ERROR, "continuation without a message")
-            self._partial += frame.get_payload_as_memoryview()
-            if len(self._partial) > self.max_bytes:
+            if len(partial) + frame.payload_size > self.max_bytes:
                 return self._too_big()
+            chunk = frame.get_payload_as_memoryview()
+            if self._utf8 is not None and not self._utf8_ok(chunk, frame.fin):
+                return
+            partial += chunk
             if frame.fin:
-                data, self._partial = bytes(self._partial), None
+                data = bytes(partial)
+                self._partial = self._utf8 = None
                 self.on_message(self._partial_type, data)
             return
         if self._partial is not None:
@@ -53,13 +83,52 @@ class MessageListener(WSListener):
         if frame.payload_size > self.max_bytes:
             return self._too_big()
         if not frame.fin:
-            self._partial = bytearray(frame.get_payload_as_memoryview())
+            chunk = frame.get_payload_as_memoryview()
+            if t == WSMsgType.TEXT:
+                self._utf8 = _Utf8Decoder()
+                if not self._utf8_ok(chunk, False):
+                    return
+            self._partial = bytearray(chunk)
             self._partial_type = t
             return
-        self.on_message(t, frame.get_payload_as_bytes())
+        data = frame.get_payload_as_bytes()
+        if t == WSMsgType.TEXT and not data.isascii():  # ASCII: valid, and found without a copy
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._bad_utf8()
+        self.on_message(t, data)
+
+    def _on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        # picows has refused a 1-byte payload, codes under 3000 it does not
+        # know and a reason that is not UTF-8; 0, 1006 and 5000+ are left to us
+        self.closing = True
+        self._partial = self._utf8 = None
+        if not transport.is_close_frame_sent:
+            code = frame.get_close_code()
+            if frame.payload_size == 0:
+                transport.send_close(WSCloseCode.OK)
+            elif valid_close_code(code.value):
+                transport.send_close(code)  # echo the peer's code
+            else:
+                self.gw.count_close(WSCloseCode.PROTOCOL_ERROR.value)
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
+        # the handshake is complete on our side: the server hangs up first
+        transport.disconnect()
+
+    def _utf8_ok(self, chunk: memoryview, final: bool) -> bool:
+        assert self._utf8 is not None
+        try:
+            self._utf8.decode(chunk, final)
+        except UnicodeDecodeError:
+            self._bad_utf8()
+            return False
+        return True
+
+    def _bad_utf8(self) -> None:
+        self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
 
     def _too_big(self) -> None:
-        self._partial = None
         self.close(WSCloseCode.MESSAGE_TOO_BIG, f"message over {self.max_bytes} bytes")
 
     def close(self, code: WSCloseCode | int, reason: str, grace_s: float = 2.0) -> None:
@@ -67,8 +136,25 @@ class MessageListener(WSListener):
         if tr is None or self.closing:
             return
         self.closing = True
+        self._partial = self._utf8 = None
         code = WSCloseCode(code)
         self.gw.count_close(code.value)
-        tr.send_close(code, reason.encode()[:120])
+        # cut to what fits a control frame, never inside a UTF-8 sequence
+        tr.send_close(code, reason.encode()[:_MAX_REASON].decode("utf-8", "ignore").encode())
         # the peer should answer; if it doesn't (or can't: stalled), hang up anyway
         self.gw.loop.call_later(grace_s, tr.disconnect, False)
+
+
+class EchoListener(MessageListener):
+    """Sends every message back as it came (a testing aid, see the module doc)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        super().__init__(gw, ECHO_MAX_BYTES)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_message(self, msg_type: WSMsgType, data: bytes) -> None:
+        tr = self.transport
+        if tr is not None and not tr.is_close_frame_sent:
+            tr.send(msg_type, data)

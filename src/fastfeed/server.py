@@ -31,6 +31,7 @@ from ._tickjson import TickParser
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
+from .framing import ECHO_MAX_BYTES, EchoListener
 from .session import Session
 
 log = logging.getLogger("fastfeed.server")
@@ -102,6 +103,8 @@ class Gateway:
             return self._upgrade_client(req)
         if path == b"/ingest":
             return self._upgrade_ingest(req)
+        if path == b"/echo" and self.cfg.conformance_echo:
+            return self._upgrade_echo(req)
         if path == b"/healthz":
             return _resp(200, b"ok\n")
         if path == b"/readyz":
@@ -163,6 +166,13 @@ class Gateway:
                 return self._refuse(401, "publisher token missing or wrong")
             return IngestSession(self, trusted=True)
         return IngestSession(self, trusted=False)
+
+    def _upgrade_echo(self, req: WSUpgradeRequest):
+        """A testing aid (--conformance-echo): an echo on the framing /ws uses."""
+        if not self._is_upgrade(req):
+            return _resp(426, b"upgrade required: /echo is a WebSocket endpoint\n",
+                         Upgrade="websocket")
+        return EchoListener(self)
 
     # ---- sessions
 
@@ -325,9 +335,11 @@ class Gateway:
         kw: dict[str, Any] = dict(
             websocket_handshake_timeout=cfg.handshake_timeout_s,
             enable_auto_ping=True,
+            enable_auto_pong=False,  # framing.MessageListener answers, after its checks
             auto_ping_idle_timeout=cfg.idle_timeout_s / 2,
             auto_ping_reply_timeout=cfg.idle_timeout_s / 2,
-            max_frame_size=max(cfg.max_message_bytes, cfg.max_ingest_bytes),
+            max_frame_size=max(cfg.max_message_bytes, cfg.max_ingest_bytes,
+                               ECHO_MAX_BYTES if cfg.conformance_echo else 0),
             logger_name="picows.server",
             backlog=4096,
             # Client requests are small; the buffer grows for a big one. At
