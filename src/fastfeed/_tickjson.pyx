@@ -11,7 +11,7 @@ only ever accepts what the slow path would apply, and applies it the same
 way (tests/test_tickjson.py checks the two against each other).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 
@@ -136,7 +136,7 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
         # 19 digits fit in uint64; C's conversion rounds to nearest like float(int)
         # ("-0" is the int 0 to json.loads, so +0.0)
         d[0] = -<double>acc if neg and acc else <double>acc
-        i[0] = -1 if neg and acc != 0 else (<int64_t>acc if acc < 9223372036854775807 else -1)
+        i[0] = -1 if (neg and acc != 0) or acc >= <uint64_t>INT64_MAX else <int64_t>acc
     else:
         memcpy(tok, start, p - start)
         tok[p - start] = 0
