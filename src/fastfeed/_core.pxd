@@ -141,6 +141,7 @@ cdef class Hub:
         Py_ssize_t arena_cap
         uint64_t pump_no
         int64_t slack
+        readonly int64_t floor_ns     # under load: no update frame sooner than this
         int64_t* lat_ring
         Py_ssize_t lat_n
 

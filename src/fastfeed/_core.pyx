@@ -719,6 +719,7 @@ cdef class Hub:
         self.arena_cap = 0
         self.pump_no = 0
         self.slack = slack_ns
+        self.floor_ns = 0
         self.lat_ring = <int64_t*>malloc(256 * 8)
         self.lat_n = 0
 
@@ -790,6 +791,13 @@ cdef class Hub:
         self.free_conns[self.nfree_conns] = cid
         self.nfree_conns += 1
         self.nconns -= 1
+
+    def set_floor(self, int64_t floor_ns):
+        """The shortest update interval of every connection while the gateway
+        is loaded (0: none). Raising it for all clients alike stretches their
+        frames evenly and makes each one fuller, where a saturated loop would
+        let the backlog decide who waits."""
+        self.floor_ns = max(floor_ns, 0)
 
     def set_interval(self, int32_t cid, int64_t interval_ns):
         self.conns[cid].interval = interval_ns
@@ -1003,6 +1011,7 @@ cdef class Hub:
         """
         cdef Table T = self.table
         cdef int64_t start = mono or _clock(CLOCK_MONOTONIC)
+        cdef int64_t due
         cdef int64_t now = start
         cdef uint64_t word
         cdef Py_ssize_t w, k, nwords
@@ -1040,7 +1049,8 @@ cdef class Hub:
                         if c.flags & F_PAUSED:
                             T.stats.conflated += 1
                         else:
-                            self._schedule(cid, c.last_send + c.interval)
+                            due = c.last_send + max(c.interval, self.floor_ns)
+                            self._schedule(cid, due)
                         cid = c.gnext
         # watched instruments that changed make their watchers due now
         for k in range(T.nhot):

@@ -31,6 +31,8 @@ class Config:
     # frames
     frame_ms: int = _opt(16, "default update frame interval per connection, milliseconds")
     min_frame_ms: int = _opt(16, "smallest frame interval a client may ask for with configure")
+    max_frame_ms: int = _opt(40, "under load, frame intervals stretch evenly up to this "
+                                 "(the latency budget) instead of saturating the worker")
     heartbeat_s: float = _opt(5.0, "send a heartbeat after this many quiet seconds")
     # scale-out
     workers: str = _opt("1", "worker processes: a number, or 'auto' for one per usable CPU")
@@ -158,6 +160,8 @@ def validate(cfg: Config) -> None:
         problems.append("min-frame-ms must be at least 1")
     if not cfg.min_frame_ms <= cfg.frame_ms <= 60000:
         problems.append(f"frame-ms {cfg.frame_ms} must lie in min-frame-ms..60000")
+    if not cfg.frame_ms <= cfg.max_frame_ms <= 60000:
+        problems.append(f"max-frame-ms {cfg.max_frame_ms} must lie in frame-ms..60000")
     if cfg.workers != "auto" and not (cfg.workers.isdigit() and int(cfg.workers) >= 1):
         problems.append(f"workers must be a positive number or 'auto', not {cfg.workers!r}")
     if cfg.simulate < 0 or cfg.rate < 0:

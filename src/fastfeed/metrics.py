@@ -103,6 +103,9 @@ class Metrics:
         self.breaker = Gauge("fastfeed_redis_breaker_state",
                              "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
                              multiprocess_mode="livemax")
+        self.frame_floor = Gauge("fastfeed_frame_floor_seconds",
+                                 "Shortest update interval under load (0: not stretched)",
+                                 multiprocess_mode="livemax")
         self.draining = Gauge("fastfeed_draining", "1 while draining for shutdown",
                               multiprocess_mode="livemax")
         self.ready = Gauge("fastfeed_ready", "1 while /readyz answers 200",
