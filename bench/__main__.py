@@ -265,6 +265,13 @@ def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if len(runs) == 1:
         return first
+    if isinstance(first, dict) and "curve" in first:
+        # a capacity result is the median run's, whole: its first failing
+        # count, curve and histogram belong to the capacity it reports
+        ranked = sorted((r for r in runs if isinstance(r, dict) and "capacity" in r),
+                        key=lambda r: r["capacity"])
+        if ranked:
+            return {**ranked[(len(ranked) - 1) // 2], "curves": [r.get("curve") for r in runs]}
     if isinstance(first, dict):
         out = {}
         for k, v in first.items():
@@ -273,8 +280,6 @@ def median_of(runs: list[Any]) -> Any:
                 out[k] = v
             else:
                 out[k] = median_of(vals)
-        if "curve" in first:
-            out["curves"] = [r.get("curve") for r in runs]
         return out
     if isinstance(first, bool) or not isinstance(first, (int, float)):
         return first

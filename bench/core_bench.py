@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from fastfeed import _core
+from fastfeed._tickjson import TickParser
 from fastfeed.feed.simulator import Simulator
 
 
@@ -39,6 +40,15 @@ def bench_json_decode_and_apply(payload: bytes, count: int) -> float:
     t = _core.Table()
     t0 = time.perf_counter()
     t.apply_objects(json.loads(payload))
+    return count / (time.perf_counter() - t0)
+
+
+def bench_json_fast_path(payload: bytes, count: int) -> float:
+    """What /ingest does with JSON: the C tick parser, then apply."""
+    t, p = _core.Table(), TickParser()
+    t0 = time.perf_counter()
+    assert p.parse(payload) == count
+    p.apply(t)
     return count / (time.perf_counter() - t0)
 
 
@@ -94,6 +104,7 @@ def main() -> None:
         for name, val in (
             ("ticks_per_s.apply_objects", bench_apply_objects([dict(t) for t in ticks])),
             ("ticks_per_s.json_decode_and_apply", bench_json_decode_and_apply(payload, n)),
+            ("ticks_per_s.json_fast_path", bench_json_fast_path(payload, n)),
             ("ticks_per_s.binary_batch", bench_batch(batch, n)),
         ):
             runs.setdefault(name, []).append(val)
