@@ -96,15 +96,10 @@ class Session(MessageListener):
         if t == WSMsgType.BINARY:
             self._error(None, "bad_request", "requests are JSON text frames, not binary")
             return
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.close(WSCloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
-            return
         if not self._take_token():
             return
         try:
-            req = json.loads(text)
+            req = json.loads(data)  # framing.MessageListener has checked the UTF-8
         except ValueError as e:
             self._error(None, "bad_request", f"not JSON: {e}")
             return
