@@ -27,7 +27,6 @@ from picows import (
 )
 
 from . import _core, auth, metrics
-from ._tickjson import TickParser
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
@@ -78,7 +77,6 @@ class Gateway:
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
-        self.tick_parser = TickParser()
         self.hub = _core.Hub(self.table)
         self.sessions: dict[int, Session] = {}
         self.per_ip: Counter[str] = Counter()
@@ -175,8 +173,8 @@ class Gateway:
     def _upgrade_echo(self, req: WSUpgradeRequest):
         """A testing aid (--conformance-echo): an echo on the framing /ws uses."""
         if not self._is_upgrade(req):
-            return _resp(426, b"upgrade required: /echo is a WebSocket endpoint\n",
-                         Upgrade="websocket")
+            return self._refuse(426, "upgrade required: /echo is a WebSocket endpoint",
+                                Upgrade="websocket")
         return EchoListener(self)
 
     # ---- sessions

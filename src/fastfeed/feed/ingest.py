@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .. import _core
+from .._tickjson import TickParser
 from ..framing import MessageListener
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ log = logging.getLogger("fastfeed.ingest")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 MAX_ERRORS_PER_MESSAGE = 50
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+# One per process: parse() and apply() run back to back, never interleaved.
+_PARSER = TickParser()
 
 
 class IngestSession(MessageListener):
@@ -59,11 +62,11 @@ class IngestSession(MessageListener):
                 self._error("bad_request", f"{rejected} ticks with a bad symbol or seq")
             return
         if gw.bus is None:
-            n = gw.tick_parser.parse(data)
+            n = _PARSER.parse(data)
             if n >= 0:  # the common shape, parsed without building dicts
                 if not self._allow(n):
                     return self._rate_limited(n)
-                _, _, errors = gw.tick_parser.apply(gw.table, 0)
+                _, _, errors = _PARSER.apply(gw.table, 0)
                 gw.after_ticks()
                 return self._report(errors)
         try:
