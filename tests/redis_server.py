@@ -132,3 +132,117 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    for _ in range(1000):
+        p = free_port()
+        if p + 10000 > 65535 or p in taken or p + 10000 in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
+class RedisCluster:
+    """A real Redis Cluster: `masters` masters with `replicas` replicas each,
+    on free ports, no persistence, a short `cluster-node-timeout` so that a
+    killed master's replica takes over in about two node timeouts.
+
+        with RedisCluster() as c:
+            c.url                        # redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...
+            c.masters()                  # [RedisServer, ...] serving slots now
+            c.kill(c.masters()[0])       # SIGKILL
+            c.wait_ok()                  # every live node: cluster_state:ok, a master per slot
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+        self.node_timeout_ms = node_timeout_ms
+        self.n_masters = masters
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+        taken: set[int] = set()
+        for _ in range(masters * (1 + replicas)):
+            port = free_cluster_port(taken)
+            taken |= {port, port + 10000}
+            node = RedisServer(port=port)
+            node.extra = ["--cluster-enabled", "yes",
+                          "--cluster-config-file", os.path.join(node.dir, "nodes.conf"),
+                          "--cluster-node-timeout", str(node_timeout_ms),
+                          "--cluster-replica-validity-factor", "0",
+                          "--save", "", "--appendonly", "no"]
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for n in self.nodes:
+            n.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        r = subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, timeout=timeout)
+        if r.returncode != 0:
+            self.close()
+            raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout!r} {r.stderr!r}")
+        self.wait_ok(timeout)
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def info(self, node: RedisServer) -> dict[str, str]:
+        text = node.command("CLUSTER", "INFO").decode()
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def slots(self, node: RedisServer | None = None) -> list[tuple[int, int, int]]:
+        """(first slot, last slot, master port) as `node` sees them."""
+        node = node or self.live()[0]
+        return [(int(r[0]), int(r[1]), int(r[2][1])) for r in node.command("CLUSTER", "SLOTS")]
+
+    def masters(self) -> list[RedisServer]:
+        ports = {p for _, _, p in self.slots()}
+        return [n for n in self.live() if n.port in ports]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every live node reports cluster_state:ok, all 16384 slots served by
+        live masters, and every node agrees on the slot map."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                live = self.live()
+                ports = {n.port for n in live}
+                infos = [self.info(n) for n in live]
+                maps = [sorted(self.slots(n)) for n in live]
+                if (all(i.get("cluster_state") == "ok" for i in infos)
+                        and all(m == maps[0] for m in maps)
+                        and sum(b - a + 1 for a, b, _ in maps[0]) == 16384
+                        and all(p in ports for _, _, p in maps[0])):
+                    return
+                last = f"{[i.get('cluster_state') for i in infos]}, {maps[0]}"
+            except (OSError, RuntimeError) as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise RuntimeError(f"the cluster did not settle in {timeout}s: {last}")
+
+    def kill(self, node: RedisServer) -> None:
+        node.kill()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()
+
+    def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -75,6 +75,7 @@ __all__ = [
     "RedisBus",
     "RedisError",
     "RedisURL",
+    "is_cluster_url",
     "parse_url",
 ]
 
@@ -193,6 +194,11 @@ class RedisURL:
     def __str__(self) -> str:  # never shows the password
         where = self.path or f"{self.host}:{self.port}"
         return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://`` or ``rediss+cluster://``: a Redis Cluster's seed nodes."""
+    return url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster")
 
 
 def parse_url(url: str) -> RedisURL:
@@ -347,6 +353,9 @@ class _SubConn(_Conn):
                     if bus.bad_batches <= 10 or bus.bad_batches % 1000 == 0:
                         log.warning("bus: dropped a bad batch on %r (%d so far): %s",
                                     r[1], bus.bad_batches, e)
+            elif (type(r) is list and r and r[0] == b"sunsubscribe" and not self.waiters):
+                # Redis dropped our sharded subscription: the slot moved
+                bus._slot_moved(self, r[1] if len(r) > 1 else b"?")
             else:
                 self._reply(r)
         if got and bus.on_ticks is not None:
@@ -364,6 +373,14 @@ class RedisBus:
     ticks were applied (once per read from the socket, not per message);
     ``on_feed(up)`` when the bus comes up (snapshot loaded) or goes down.
     """
+
+    def __new__(cls, url: str, *args: Any, **kw: Any) -> RedisBus:
+        # a redis+cluster:// URL gives the cluster-routing bus
+        if cls is RedisBus and is_cluster_url(url):
+            from .cluster import ClusterBus
+
+            return super().__new__(ClusterBus)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -389,7 +406,7 @@ class RedisBus:
             raise ValueError("channels must be at least 1")
         if subscribe and table is None:
             raise ValueError("a subscribing bus needs a table")
-        self.url = parse_url(url)
+        self.url: Any = parse_url(url)
         self.table = table
         self.parts = channels
         self.prefix = prefix
@@ -438,6 +455,11 @@ class RedisBus:
         self.publish_stale = 0
         self.publish_errors = 0
         self.publish_refused = 0
+        self.outages = 0  # times the bus went down after having been up
+        self.outage_seconds = 0.0  # length of the last outage (0 while none ended)
+        self.outage_seconds_total = 0.0
+        self.lost_node = ""  # the Redis (host:port) whose loss began the last outage
+        self._down_at: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any, **kw: Any) -> RedisBus:
@@ -468,6 +490,9 @@ class RedisBus:
             "publish_stale": self.publish_stale,
             "publish_errors": self.publish_errors,
             "publish_refused": self.publish_refused,
+            "outages": self.outages,
+            "outage_seconds": self.outage_seconds,
+            "outage_seconds_total": self.outage_seconds_total,
         }
 
     # ---- lifecycle ----
@@ -548,9 +573,16 @@ class RedisBus:
             self.breaker = CLOSED
             self._ready.set()
             self._set_feed(True)
-            log.info("bus: up on %s (%d channels%s, %d snapshot rows in %.3fs)",
+            down = ""
+            if self._down_at is not None:
+                self.outage_seconds = time.monotonic() - self._down_at
+                self.outage_seconds_total += self.outage_seconds
+                self._down_at = None
+                down = (f"; was down {self.outage_seconds:.2f}s after losing "
+                        f"{self.lost_node or self.url}")
+            log.info("bus: up on %s (%d channels%s, %d snapshot rows in %.3fs%s)",
                      self.url, self.parts, ", sharded" if self.sharded else "",
-                     self.snapshot_rows, self.snapshot_seconds)
+                     self.snapshot_rows, self.snapshot_seconds, down)
             pinger = asyncio.get_running_loop().create_task(self._ping_loop())
             try:
                 await self._lost.wait()
@@ -563,6 +595,8 @@ class RedisBus:
                 break
             self.breaker = OPEN
             self.disconnects += 1
+            self.outages += 1
+            self._down_at = time.monotonic()
             self._ready.clear()
             self._set_feed(False)
             log.warning("bus: lost redis %s (%s); reconnecting", self.url, self.last_error)
@@ -572,14 +606,27 @@ class RedisBus:
     def _on_lost(self, conn: _Conn, exc: Exception | None) -> None:
         if conn is self._cmd or conn is self._sub:
             self.last_error = f"{conn.name} connection lost" + (f": {exc}" if exc else "")
+            self.lost_node = str(self.url)
             if self._lost is not None:
                 self._lost.set()
 
-    async def _open(self, name: str, factory: Callable[[], _Conn]) -> _Conn:
+    def _slot_moved(self, conn: _Conn, channel: bytes) -> None:
+        """Redis ended a sharded subscription itself (its slot moved to
+        another node): reconnect, which re-reads the slot map."""
+        self.last_error = (f"{conn.name}: Redis dropped the subscription of "
+                           f"{channel.decode(errors='replace')} (slot moved)")
+        self.lost_node = conn.name
+        if self._lost is not None:
+            self._lost.set()
+
+    async def _open(self, name: str, factory: Callable[[], _Conn],
+                    addr: tuple[str, int] | None = None) -> _Conn:
         loop = asyncio.get_running_loop()
         u = self.url
         ctx = ssl.create_default_context() if u.tls else None
-        if u.path:
+        if addr is not None:
+            coro = loop.create_connection(factory, addr[0], addr[1], ssl=ctx)
+        elif u.path:
             coro = loop.create_unix_connection(factory, u.path)
         else:
             coro = loop.create_connection(factory, u.host, u.port, ssl=ctx)
@@ -615,17 +662,23 @@ class RedisBus:
         await asyncio.wait_for(asyncio.gather(*futs), t)
         await self._load_snapshot()
 
+    def _key_conn(self, n: int) -> _Conn:
+        """The command connection holding partition `n`'s row hash."""
+        if self._cmd is None or self._cmd.closed:
+            raise BusDown("redis bus is down")
+        return self._cmd
+
     async def _load_snapshot(self) -> None:
-        assert self._cmd is not None
         t0 = time.perf_counter()
         rows = 0
         total = 0
         table = self.table
-        for key in self.row_keys:
+        for n, key in enumerate(self.row_keys):
             cursor = b"0"
-            total += await self._cmd.call("HLEN", key, timeout=self.ping_timeout)
+            conn = self._key_conn(n)
+            total += await conn.call("HLEN", key, timeout=self.ping_timeout)
             while True:
-                cursor, flat = await self._cmd.call(
+                cursor, flat = await conn.call(
                     "HSCAN", key, cursor, "COUNT", self.snapshot_chunk, timeout=self.ping_timeout)
                 recs = flat[1::2]
                 if recs:
@@ -770,8 +823,7 @@ class RedisBus:
                 self.publish_errors += 1
                 raise r if isinstance(r, BusDown) else BusDown(str(r))
             self.publish_stale += r[1]
-        if self._cmd is not None:
-            await self._cmd.drain()
+        await self.drain()
         return errors
 
     async def _republish(self, parts: list[bytes], ticks: list[dict[str, Any]],
@@ -782,6 +834,10 @@ class RedisBus:
                 raise BusDown(str(r))
             self.publish_stale += r[1]
         return []
+
+    def inflight(self) -> int:
+        """Commands sent and not answered yet (all command connections)."""
+        return len(self._cmd.waiters) if self._cmd is not None else 0
 
     async def drain(self) -> None:
         """Wait until the command connection's write buffer is below its limit."""
@@ -797,10 +853,9 @@ class RedisBus:
     async def read_state(self) -> dict[str, bytes]:
         """The store as {symbol: FFT1 record} (tools and tests; not hot)."""
         self._check_up()
-        assert self._cmd is not None
         out: dict[str, bytes] = {}
-        for key in self.row_keys:
-            flat = await self._cmd.call("HGETALL", key)
+        for n, key in enumerate(self.row_keys):
+            flat = await self._key_conn(n).call("HGETALL", key)
             for i in range(0, len(flat), 2):
                 out[flat[i].decode()] = flat[i + 1]
         return out
