@@ -142,3 +142,219 @@ async def test_bus_routes_each_partition_to_its_master(cluster, prefix):
         async with RedisBus(cluster.url, late, channels=CHANNELS, prefix=prefix) as lb:
             await lb.wait_ready(10)
             assert lb.snapshot_rows == 300 and len(late) == 300
+
+
+async def test_publish_command_and_serve_on_a_cluster_url(cluster, prefix, tmp_path):
+    ticks = [{"sym": f"F{i:02d}", "seq": 1, "last": float(i)} for i in range(40)]
+    path = tmp_path / "ticks.ndjson"
+    path.write_text("\n".join(json.dumps(t) for t in ticks) + "\n")
+    args = ["--redis", cluster.url, "--redis-channels", str(CHANNELS), "--redis-prefix", prefix]
+    async with start_gateway(*args) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fastfeed", "publish", *args, "--file", str(path),
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert b"published 40 ticks" in err
+        c = Client(gw.ws_url, stale_after=None)
+        try:
+            await c.connect()
+            await c.subscribe([t["sym"] for t in ticks])
+            want = {t["sym"]: as_row(t) for t in ticks}
+            await until(lambda: c.rows == want, what="the published ticks")
+        finally:
+            await c.close()
+
+
+# ---- failover ---------------------------------------------------------------------------
+
+
+HOT = [f"H{i:02d}" for i in range(48)]  # tick all the time
+# cold instruments tick once, each group at one stage of the failover, and
+# never again: only a failover without a hole delivers them
+COLD = [[f"C{g}{i:02d}" for i in range(16)] for g in range(3)]
+ALL = HOT + [s for g in COLD for s in g]
+
+
+class Feed:
+    """Partial ticks, increasing seq per symbol; the truth and its history
+    (`history[sym][seq]`: the whole row once that tick applied)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.seq: dict[str, int] = {}
+        self.ref: dict[str, dict[str, Any]] = {}
+        self.history: dict[str, dict[int, Row]] = {}
+
+    def ticks(self, syms: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for s in syms:
+            self.seq[s] = self.seq.get(s, 0) + self.rng.randint(1, 3)
+            t = {"sym": s, "seq": self.seq[s], "ts": time.time_ns()}
+            for f in VALUES:
+                if s not in self.ref or self.rng.random() < 0.5:
+                    t[f] = round(self.rng.uniform(1, 1e4), 2)
+            out.append(t)
+            merge(self.ref, [t])
+            self.history.setdefault(s, {})[t["seq"]] = as_row(self.ref[s])
+        return out
+
+    def truth(self) -> dict[str, Row]:
+        return {s: as_row(t) for s, t in self.ref.items()}
+
+
+class Tapped(Client):
+    """A `Client` keeping every snapshot and update row it received, in order,
+    with the number of the connection it came on."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.wire: list[tuple[int, Row]] = []
+        self.sessions: list[Any] = []
+
+    def _on_message(self, session: Any, binary: bool, data: bytes) -> None:
+        if not binary:
+            msg = json.loads(data)
+            if msg.get("type") in ("snapshot", "update"):
+                if not self.sessions or self.sessions[-1] is not session:
+                    self.sessions.append(session)
+                self.wire.extend((len(self.sessions) - 1, Row(*r)) for r in msg["rows"])
+        super()._on_message(session, binary, data)
+
+
+def assert_no_gap(c: Tapped, feed: Feed) -> None:
+    """Every row received is a state the instrument really had, and on each
+    connection an instrument's seq never goes backwards."""
+    held: dict[tuple[int, str], int] = {}
+    for conn, row in c.wire:
+        assert row == feed.history[row.sym][row.seq], f"{row} is not a state it had"
+        assert row.seq >= held.get((conn, row.sym), -1), f"{row.sym} went backwards"
+        held[conn, row.sym] = row.seq
+
+
+class LoggedGateway:
+    """`fastfeed serve` with its log in a file, so the test reads what the
+    operator would."""
+
+    def __init__(self, tmp_path: Any, name: str, *args: str) -> None:
+        from support import Gateway
+
+        self.log = tmp_path / f"{name}.log"
+        gw = Gateway(list(args), {"FASTFEED_LOG_LEVEL": "info"}, None)
+        log_path = self.log
+
+        def start() -> None:
+            cmd = [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",
+                   "--port", str(gw.port), *gw.args]
+            with open(log_path, "ab") as fh:
+                gw.proc = __import__("subprocess").Popen(cmd, env=gw.env, stderr=fh)
+
+        gw.start = start  # type: ignore[method-assign]
+        self.gw = gw
+
+    async def __aenter__(self) -> Any:
+        self.gw.start()
+        await self.gw.wait_ready()
+        return self.gw
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.gw.stop()
+
+
+def scrape(url: str) -> dict[str, float]:
+    status, body = http_get(url + "/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            # sum over worker pids: one series per name and remaining labels
+            name = re.sub(r',?pid="\d+"', "", name).replace("{}", "")
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+async def test_failover_of_a_random_master_every_client_converges_with_no_gap(tmp_path):
+    seed = random.randrange(10**6)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    with RedisCluster(masters=3, replicas=1, node_timeout_ms=1000) as cluster:
+        t_up = time.monotonic() - t0
+        feed = Feed(seed)
+        args = ["--redis", cluster.url, "--redis-channels", str(CHANNELS), "--frame-ms", "16",
+                "--feed-grace-s", "0.5"]
+        async with RedisPublisher(cluster.url, channels=CHANNELS, backoff_base=0.05,
+                                  ping_interval=0.2, ping_timeout=1.0) as pub:
+            await pub.wait_ready(10)
+            await pub.publish(feed.ticks(ALL))
+            assert await pub.sync()
+            async with LoggedGateway(tmp_path, "a", *args, "--workers", "2") as a, \
+                    LoggedGateway(tmp_path, "b", *args) as b:
+                statuses: list[list[bool]] = [[] for _ in range(8)]
+                cs = [Tapped([a.ws_url, b.ws_url][i % 2], stale_after=None, backoff=FAST,
+                             on_status=statuses[i].append) for i in range(8)]
+                for c in cs:
+                    await c.connect()
+                    assert await c.subscribe(ALL) == []
+                stop = asyncio.Event()
+
+                async def stream() -> None:
+                    while not stop.is_set():
+                        await pub.publish(feed.ticks(rng.sample(HOT, 12)))
+                        await asyncio.sleep(0.01)
+
+                task = asyncio.create_task(stream())
+                try:
+                    await until(lambda: all(len(c.wire) > 200 for c in cs), what="ticks flow")
+                    await pub.publish(feed.ticks(COLD[0]))  # before the failure
+                    masters = cluster.masters()
+                    victim = rng.choice(masters)
+                    where = f"127.0.0.1:{victim.port}"
+                    moved = [n for n, s in enumerate(ClusterBus(cluster.url, None, channels=CHANNELS,
+                                                                subscribe=False).part_slots)
+                             if owner_port(cluster, s) == victim.port]
+                    print(f"killing master {where} (partitions {moved})")
+                    t_kill = time.monotonic()
+                    cluster.kill(victim)
+                    await pub.publish(feed.ticks(COLD[1]))  # while it is down
+                    await asyncio.to_thread(cluster.wait_ok, 30)
+                    t_promoted = time.monotonic() - t_kill
+                    assert victim.port not in {n.port for n in cluster.masters()}
+                    await until(lambda: all(s[-1:] == [True] and False in s for s in statuses),
+                                30, what="every client saw the feed go down and come back")
+                    t_back = time.monotonic() - t_kill
+                    await pub.publish(feed.ticks(COLD[2]))  # after
+                    await asyncio.sleep(0.3)
+                finally:
+                    stop.set()
+                    await task
+                assert await pub.sync(30)
+                truth = feed.truth()
+                try:
+                    await until(lambda: all(c.rows == truth for c in cs), 30,
+                                what="every client on the true final state")
+                except AssertionError:
+                    bad = {i: [s for s in truth if c.rows.get(s) != truth[s]][:3]
+                           for i, c in enumerate(cs)}
+                    raise AssertionError(f"clients differ from the truth: {bad}") from None
+                for c in cs:
+                    assert_no_gap(c, feed)
+                    assert c.reconnects == 0  # the gateway kept every client
+                # the operator sees which node, and for how long
+                # (the gauges are copied once a second: wait for the copy)
+                for g in (a, b):
+                    def seen(g: Any = g) -> bool:
+                        m = scrape(g.url)
+                        return (m.get(f'fastfeed_redis_outages_total{{node="{where}"}}', 0) >= 1
+                                and m["fastfeed_redis_last_outage_seconds"] > 0
+                                and m["fastfeed_redis_down_seconds_total"] > 0
+                                and m["fastfeed_redis_cluster_masters"] == 3
+                                and m["fastfeed_redis_breaker_state"] == 0)
+                    await until(seen, 10, what=f"the outage of {where} in /metrics")
+                for g in ("a", "b"):
+                    text = (tmp_path / f"{g}.log").read_text()
+                    assert where in text and "was down" in text, text[-3000:]
+                print(f"cluster up in {t_up:.1f}s; replica promoted {t_promoted:.1f}s after "
+                      f"the kill; every client back {t_back:.1f}s after; whole test "
+                      f"{time.monotonic() - t0:.1f}s")

@@ -283,9 +283,12 @@ class ClusterBus(RedisBus):
             return await asyncio.shield(pending)
         fut: asyncio.Future[_Conn] = asyncio.get_running_loop().create_future()
         self._opening[addr] = fut
+        name = f"cmd@{_fmt(addr)}"
         try:
-            name = f"cmd@{_fmt(addr)}"
-            conn = await self._open(name, lambda: _Conn(name, self._on_lost), addr)
+            try:
+                conn = await self._open(name, lambda: _Conn(name, self._on_lost), addr)
+            except (OSError, TimeoutError) as e:
+                raise BusDown(f"cluster master {_fmt(addr)}: {e or type(e).__name__}") from e
             self.nodes[addr] = _Node(addr, conn)
             fut.set_result(conn)
             return conn
