@@ -23,7 +23,7 @@ import pytest
 from redis_server import RedisCluster, RedisServer
 from support import http_get, merge, start_gateway, until
 
-from fastfeed._core import FIELDS, Table
+from fastfeed._core import FIELDS, Table, partition
 from fastfeed.bus import RedisBus, parse_url
 from fastfeed.bus.cluster import ClusterBus, key_slot, parse_cluster_url, spread_tags
 from fastfeed.client import Backoff, Client, Row
@@ -164,6 +164,61 @@ async def test_publish_command_and_serve_on_a_cluster_url(cluster, prefix, tmp_p
             await until(lambda: c.rows == want, what="the published ticks")
         finally:
             await c.close()
+
+
+async def test_a_slot_moved_by_hand_ask_and_moved_are_followed(cluster, prefix):
+    """Move partition 0's slot from its master to another while a gateway bus
+    and a publisher run: ASK while the slot migrates, MOVED after, and
+    Redis's `sunsubscribe` makes the subscriber re-read the map."""
+    table = Table()
+    rng = random.Random(5)
+    ref: dict = {}
+    seqs: dict[str, int] = {}
+
+    def ticks(n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            s = f"M{rng.randrange(60):02d}"
+            seqs[s] = seqs.get(s, 0) + 1
+            out.append({"sym": s, "seq": seqs[s], "last": rng.uniform(1, 100)})
+        merge(ref, out)
+        return out
+
+    def truth_held() -> bool:
+        return {s: table.row(table.lookup(s))[1] for s in table.symbols()} == \
+            {s: t["seq"] for s, t in ref.items()}
+
+    async with RedisBus(cluster.url, table, channels=CHANNELS, prefix=prefix,
+                        backoff_base=0.05) as sub, \
+            RedisBus(cluster.url, None, channels=CHANNELS, prefix=prefix,
+                     subscribe=False) as pub:
+        await sub.wait_ready(10)
+        await pub.wait_ready(10)
+        await pub.publish(ticks(300))
+        await until(truth_held, what="the first ticks")
+        nodes = by_port(cluster)
+        key, slot = sub.row_keys[0], sub.part_slots[0]
+        src = nodes[owner_port(cluster, slot)]
+        dst = next(n for n in cluster.masters() if n is not src)
+        src_id, dst_id = src.command("CLUSTER", "MYID"), dst.command("CLUSTER", "MYID")
+        assert dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id) == b"OK"
+        assert src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id) == b"OK"
+        assert src.command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", key) == b"OK"
+        # the key is on dst now, the slot still src's: src answers ASK
+        await pub.publish(ticks(100))
+        assert pub.redirects >= 1
+        for n in cluster.masters():
+            n.command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        await asyncio.to_thread(cluster.wait_ok, 20)
+        assert dst.command("HLEN", key) == len([s for s in ref if partition(s, CHANNELS) == 0])
+        # the subscriber lost its subscription on src and moved to dst
+        await until(lambda: sub.ready and sub.part_node[0] == ("127.0.0.1", dst.port), 20,
+                    what="the subscriber re-read the slot map")
+        before = pub.redirects
+        await pub.publish(ticks(300))  # MOVED for partition 0
+        assert pub.redirects > before and pub.part_node[0] == ("127.0.0.1", dst.port)
+        await until(truth_held, what="every tick, on the new master too")
+        assert sub.disconnects >= 1 and pub.publish_errors == 0
 
 
 # ---- failover ---------------------------------------------------------------------------
