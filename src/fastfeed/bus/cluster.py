@@ -338,7 +338,8 @@ class ClusterBus(RedisBus):
                 if not node.parts:
                     continue
                 name = f"sub@{_fmt(addr)}"
-                sub = await self._open(name, lambda: _SubConn(name, self._on_lost, self), addr)
+                sub = await self._open(
+                    name, lambda name=name: _SubConn(name, self._on_lost, self), addr)  # type: ignore[misc]
                 assert isinstance(sub, _SubConn)
                 node.sub = sub
                 # one slot per SSUBSCRIBE: a cluster refuses channels of several slots
