@@ -615,7 +615,7 @@ class RedisBus:
         another node): reconnect, which re-reads the slot map."""
         self.last_error = (f"{conn.name}: Redis dropped the subscription of "
                            f"{channel.decode(errors='replace')} (slot moved)")
-        self.lost_node = conn.name
+        self.lost_node = conn.name.partition("@")[2] or str(self.url)
         if self._lost is not None:
             self._lost.set()
 
