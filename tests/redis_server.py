@@ -185,7 +185,10 @@ class RedisCluster:
     def start(self, timeout: float = 30.0) -> None:
         for n in self.nodes:
             n.start()
-        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            self.close()
+            raise RuntimeError("redis-cli is not installed (apt-get install redis-tools)")
         r = subprocess.run(
             [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],

@@ -32,8 +32,9 @@ snapshot. The whole bus and not only the lost master's partitions: by default
 every command until the failover completes anyway, and one reconnection path
 is simpler to reason about than a partially open breaker. The outage lasts
 about the cluster's failover time (``cluster-node-timeout`` plus the
-election); while it lasts, reconnection is retried at most every
-`backoff_cap` seconds (1 s by default here).
+election); while it lasts, reconnection (a ``CLUSTER SLOTS`` read
+and a connection attempt per master) is retried at least every `backoff_cap`
+seconds (0.5 s by default here), so the bus is back soon after the promotion.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ class ClusterURL:
     db: int = 0
 
     def __str__(self) -> str:  # never shows the password
-        hosts = ",".join(_fmt(a) for a in self.seeds)
-        return f"{'rediss' if self.tls else 'redis'}+cluster://{hosts}"
+        hosts = ",".join(_fmt(a) for a in self.seeds[:3])
+        more = f",+{len(self.seeds) - 3}" if len(self.seeds) > 3 else ""
+        return f"{'rediss' if self.tls else 'redis'}+cluster://{hosts}{more}"
 
 
 def _fmt(addr: tuple[str, int]) -> str:
@@ -204,7 +206,7 @@ class ClusterBus(RedisBus):
 
     def __init__(self, url: str, table: Any = None, **kw: Any) -> None:
         kw["sharded"] = True
-        kw.setdefault("backoff_cap", 1.0)
+        kw.setdefault("backoff_cap", 0.5)
         cu = parse_cluster_url(url)
         super().__init__("redis://127.0.0.1", table, **kw)
         if self.parts > SLOTS:
@@ -225,6 +227,7 @@ class ClusterBus(RedisBus):
         self._opening: dict[tuple[str, int], asyncio.Future[_Conn]] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._redirecting = 0  # redirected commands not answered yet
+        self._bad: set[tuple[str, int]] = set()  # nodes that failed us last time
 
     # ---- the slot map ----
 
@@ -237,7 +240,9 @@ class ClusterBus(RedisBus):
 
     async def _read_slots(self) -> list[tuple[int, int, tuple[str, int]]]:
         tried: list[str] = []
-        cands = list(dict.fromkeys([*self.known, *self.url.seeds]))
+        # a node that failed last time (maybe dead, maybe a connect timeout
+        # away) is asked last
+        cands = sorted(dict.fromkeys([*self.known, *self.url.seeds]), key=lambda a: a in self._bad)
         for addr in cands:
             conn: _Conn | None = None
             try:
@@ -246,6 +251,7 @@ class ClusterBus(RedisBus):
                 raw = await conn.call("CLUSTER", "SLOTS", timeout=self.connect_timeout)
             except (OSError, TimeoutError, BusDown, RedisError) as e:
                 tried.append(f"{_fmt(addr)}: {e or type(e).__name__}")
+                self._bad.add(addr)
                 continue
             finally:
                 if conn is not None:
@@ -264,6 +270,9 @@ class ClusterBus(RedisBus):
             self.slot_map_reads += 1
             return out
         raise BusDown("no cluster node gave a full slot map (" + "; ".join(tried) + ")")
+
+    def _slots_of(self, addr: tuple[str, int]) -> str:
+        return ",".join(f"{a}-{b}" for a, b, m in self.slot_map if m == addr)
 
     def _spread(self) -> str:
         by: dict[tuple[str, int], list[int]] = {}
@@ -288,7 +297,12 @@ class ClusterBus(RedisBus):
             try:
                 conn = await self._open(name, lambda: _Conn(name, self._on_lost), addr)
             except (OSError, TimeoutError) as e:
-                raise BusDown(f"cluster master {_fmt(addr)}: {e or type(e).__name__}") from e
+                self._bad.add(addr)
+                slots = self._slots_of(addr)
+                hint = f" (slots {slots}; if it died, its replica takes over after " \
+                       "cluster-node-timeout)" if slots else ""
+                raise BusDown(f"master {_fmt(addr)}: {e or type(e).__name__}{hint}") from e
+            self._bad.discard(addr)
             self.nodes[addr] = _Node(addr, conn)
             fut.set_result(conn)
             return conn
@@ -302,9 +316,11 @@ class ClusterBus(RedisBus):
     def _on_lost(self, conn: _Conn, exc: Exception | None) -> None:
         for node in self.nodes.values():
             if conn is node.cmd or conn is node.sub:
-                self.last_error = (f"{conn.name} connection lost" + (f": {exc}" if exc else "")
-                                   + f" (partitions {_ranges(node.parts)})")
+                kind = conn.name.partition("@")[0]
+                self.last_error = (f"master {_fmt(node.addr)} (partitions {_ranges(node.parts)}):"
+                                   f" {kind} connection lost" + (f": {exc}" if exc else ""))
                 self.lost_node = _fmt(node.addr)
+                self._bad.add(node.addr)
                 if self._lost is not None:
                     self._lost.set()
                 return
@@ -313,8 +329,15 @@ class ClusterBus(RedisBus):
         t = self.connect_timeout
         self.slot_map = await self._read_slots()
         self.known = list(dict.fromkeys(a for _, _, a in self.slot_map))
+        before = self.part_node
         self.part_node = [self.owner(s) for s in self.part_slots]
-        for addr in self.known:
+        moves: dict[tuple[str, str], list[int]] = {}
+        for n, (old, new) in enumerate(zip(before, self.part_node, strict=True)):
+            if old is not None and new is not None and old != new:
+                moves.setdefault((_fmt(old), _fmt(new)), []).append(n)
+        # a master that failed last time first: if it is still away, this
+        # attempt ends before connecting to the others
+        for addr in sorted(self.known, key=lambda a: a not in self._bad):
             conn = await self._node_conn(addr)
             sha = await conn.call("SCRIPT", "LOAD", ROW_SCRIPT, timeout=t)
             self._sha = sha
@@ -347,6 +370,8 @@ class ClusterBus(RedisBus):
                     futs.extend(sub.write((b"SSUBSCRIBE", self.channel_names[n])))
             await asyncio.wait_for(asyncio.gather(*futs), t)
             await self._load_snapshot()
+        for (old, new), ns in moves.items():
+            log.warning("bus: partitions %s moved from %s to %s", _ranges(ns), old, new)
         log.info("bus: cluster slot map from %d masters; partitions per master: %s",
                  len(self.known), self._spread())
 
@@ -375,8 +400,9 @@ class ClusterBus(RedisBus):
                     try:
                         await c.call("PING", timeout=self.ping_timeout)
                     except (TimeoutError, BusDown, RedisError) as e:
-                        self.last_error = (f"ping of {c.name} failed: {e or type(e).__name__} "
-                                           f"(partitions {_ranges(node.parts)})")
+                        self.last_error = (f"master {_fmt(node.addr)} (partitions "
+                                           f"{_ranges(node.parts)}): no answer to PING on "
+                                           f"{c.name.partition('@')[0]}: {e or type(e).__name__}")
                         self.lost_node = _fmt(node.addr)
                         assert self._lost is not None
                         self._lost.set()
