@@ -1,11 +1,13 @@
-"""The bus on a real Redis Cluster: 3 masters and 3 replicas started by the
-tests on free ports (`redis_server.RedisCluster`).
+"""The bus on a highly available Redis: a real Redis Cluster of 3 masters and
+3 replicas (`redis_server.RedisCluster`), and a Redis with a replica and a
+Sentinel (`redis_server.RedisSentinel`), started by the tests on free ports.
 
 Slot routing is checked against the cluster's own answers (`CLUSTER KEYSLOT`,
 where the keys land, who holds our connections); a slot moved by hand makes
 the bus follow `MOVED`/`ASK` and re-read the map; a master killed with
 SIGKILL while ticks flow is replaced by its replica and every client of every
-gateway ends on the true state with no gap.
+gateway ends on the true state with no gap. The same failover runs under
+Sentinel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from typing import Any
 
 import pytest
-from redis_server import RedisCluster, RedisServer
+from redis_server import RedisCluster, RedisSentinel, RedisServer
 from support import http_get, merge, start_gateway, until
 
 from fastfeed._core import FIELDS, Table, partition
@@ -328,6 +330,81 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+async def failover_with_clients(tmp_path: Any, url: str, rng: random.Random, feed: Feed,
+                                kill: Any, recovered: Any, masters: int) -> dict[str, float]:
+    """Two gateways (one with two workers) and a publisher on `url`, 8 clients
+    streaming; `kill()` (returns the host:port killed) while ticks flow, then
+    `recovered()` (blocking) until the replica serves. Checks convergence, no
+    gap, and what the operator sees; returns the times."""
+    args = ["--redis", url, "--redis-channels", str(CHANNELS), "--frame-ms", "16",
+            "--feed-grace-s", "0.5"]
+    times: dict[str, float] = {}
+    async with RedisPublisher(url, channels=CHANNELS, backoff_base=0.05,
+                              ping_interval=0.2, ping_timeout=1.0) as pub:
+        await pub.wait_ready(10)
+        await pub.publish(feed.ticks(ALL))
+        assert await pub.sync()
+        async with LoggedGateway(tmp_path, "a", *args, "--workers", "2") as a, \
+                LoggedGateway(tmp_path, "b", *args) as b:
+            statuses: list[list[bool]] = [[] for _ in range(8)]
+            cs = [Tapped([a.ws_url, b.ws_url][i % 2], stale_after=None, backoff=FAST,
+                         on_status=statuses[i].append) for i in range(8)]
+            for c in cs:
+                await c.connect()
+                assert await c.subscribe(ALL) == []
+            stop = asyncio.Event()
+
+            async def stream() -> None:
+                while not stop.is_set():
+                    await pub.publish(feed.ticks(rng.sample(HOT, 12)))
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(stream())
+            try:
+                await until(lambda: all(len(c.wire) > 200 for c in cs), what="ticks flow")
+                await pub.publish(feed.ticks(COLD[0]))  # before the failure
+                t_kill = time.monotonic()
+                where = kill()
+                await pub.publish(feed.ticks(COLD[1]))  # while it is down
+                await asyncio.to_thread(recovered)
+                times["promoted"] = time.monotonic() - t_kill
+                await until(lambda: all(s[-1:] == [True] and False in s for s in statuses),
+                            30, what="every client saw the feed go down and come back")
+                times["back"] = time.monotonic() - t_kill
+                await pub.publish(feed.ticks(COLD[2]))  # after
+                await asyncio.sleep(0.3)
+            finally:
+                stop.set()
+                await task
+            assert await pub.sync(30)
+            truth = feed.truth()
+            try:
+                await until(lambda: all(c.rows == truth for c in cs), 30,
+                            what="every client on the true final state")
+            except AssertionError:
+                bad = {i: [s for s in truth if c.rows.get(s) != truth[s]][:3]
+                       for i, c in enumerate(cs)}
+                raise AssertionError(f"clients differ from the truth: {bad}") from None
+            for c in cs:
+                assert_no_gap(c, feed)
+                assert c.reconnects == 0  # the gateway kept every client
+            # the operator sees which node, and for how long
+            # (the gauges are copied once a second: wait for the copy)
+            for g in (a, b):
+                def seen(g: Any = g) -> bool:
+                    m = scrape(g.url)
+                    return (m.get(f'fastfeed_redis_outages_total{{node="{where}"}}', 0) >= 1
+                            and m["fastfeed_redis_last_outage_seconds"] > 0
+                            and m["fastfeed_redis_down_seconds_total"] > 0
+                            and m["fastfeed_redis_cluster_masters"] == masters
+                            and m["fastfeed_redis_breaker_state"] == 0)
+                await until(seen, 10, what=f"the outage of {where} in /metrics")
+            for g in ("a", "b"):
+                text = (tmp_path / f"{g}.log").read_text()
+                assert where in text and "was down" in text, text[-3000:]
+    return times
+
+
 async def test_failover_of_a_random_master_every_client_converges_with_no_gap(tmp_path):
     seed = random.randrange(10**6)
     print(f"seed {seed}")
@@ -335,79 +412,56 @@ async def test_failover_of_a_random_master_every_client_converges_with_no_gap(tm
     t0 = time.monotonic()
     with RedisCluster(masters=3, replicas=1, node_timeout_ms=1000) as cluster:
         t_up = time.monotonic() - t0
-        feed = Feed(seed)
-        args = ["--redis", cluster.url, "--redis-channels", str(CHANNELS), "--frame-ms", "16",
-                "--feed-grace-s", "0.5"]
-        async with RedisPublisher(cluster.url, channels=CHANNELS, backoff_base=0.05,
-                                  ping_interval=0.2, ping_timeout=1.0) as pub:
-            await pub.wait_ready(10)
-            await pub.publish(feed.ticks(ALL))
-            assert await pub.sync()
-            async with LoggedGateway(tmp_path, "a", *args, "--workers", "2") as a, \
-                    LoggedGateway(tmp_path, "b", *args) as b:
-                statuses: list[list[bool]] = [[] for _ in range(8)]
-                cs = [Tapped([a.ws_url, b.ws_url][i % 2], stale_after=None, backoff=FAST,
-                             on_status=statuses[i].append) for i in range(8)]
-                for c in cs:
-                    await c.connect()
-                    assert await c.subscribe(ALL) == []
-                stop = asyncio.Event()
+        victim = rng.choice(cluster.masters())
 
-                async def stream() -> None:
-                    while not stop.is_set():
-                        await pub.publish(feed.ticks(rng.sample(HOT, 12)))
-                        await asyncio.sleep(0.01)
+        def kill() -> str:
+            moved = [n for n, t in enumerate(spread_tags(CHANNELS))
+                     if owner_port(cluster, key_slot(f"{{{t}}}")) == victim.port]
+            print(f"killing master 127.0.0.1:{victim.port} (partitions {moved})")
+            cluster.kill(victim)
+            return f"127.0.0.1:{victim.port}"
 
-                task = asyncio.create_task(stream())
-                try:
-                    await until(lambda: all(len(c.wire) > 200 for c in cs), what="ticks flow")
-                    await pub.publish(feed.ticks(COLD[0]))  # before the failure
-                    masters = cluster.masters()
-                    victim = rng.choice(masters)
-                    where = f"127.0.0.1:{victim.port}"
-                    moved = [n for n, t in enumerate(spread_tags(CHANNELS))
-                             if owner_port(cluster, key_slot(f"{{{t}}}")) == victim.port]
-                    print(f"killing master {where} (partitions {moved})")
-                    t_kill = time.monotonic()
-                    cluster.kill(victim)
-                    await pub.publish(feed.ticks(COLD[1]))  # while it is down
-                    await asyncio.to_thread(cluster.wait_ok, 30)
-                    t_promoted = time.monotonic() - t_kill
-                    assert victim.port not in {n.port for n in cluster.masters()}
-                    await until(lambda: all(s[-1:] == [True] and False in s for s in statuses),
-                                30, what="every client saw the feed go down and come back")
-                    t_back = time.monotonic() - t_kill
-                    await pub.publish(feed.ticks(COLD[2]))  # after
-                    await asyncio.sleep(0.3)
-                finally:
-                    stop.set()
-                    await task
-                assert await pub.sync(30)
-                truth = feed.truth()
-                try:
-                    await until(lambda: all(c.rows == truth for c in cs), 30,
-                                what="every client on the true final state")
-                except AssertionError:
-                    bad = {i: [s for s in truth if c.rows.get(s) != truth[s]][:3]
-                           for i, c in enumerate(cs)}
-                    raise AssertionError(f"clients differ from the truth: {bad}") from None
-                for c in cs:
-                    assert_no_gap(c, feed)
-                    assert c.reconnects == 0  # the gateway kept every client
-                # the operator sees which node, and for how long
-                # (the gauges are copied once a second: wait for the copy)
-                for g in (a, b):
-                    def seen(g: Any = g) -> bool:
-                        m = scrape(g.url)
-                        return (m.get(f'fastfeed_redis_outages_total{{node="{where}"}}', 0) >= 1
-                                and m["fastfeed_redis_last_outage_seconds"] > 0
-                                and m["fastfeed_redis_down_seconds_total"] > 0
-                                and m["fastfeed_redis_cluster_masters"] == 3
-                                and m["fastfeed_redis_breaker_state"] == 0)
-                    await until(seen, 10, what=f"the outage of {where} in /metrics")
-                for g in ("a", "b"):
-                    text = (tmp_path / f"{g}.log").read_text()
-                    assert where in text and "was down" in text, text[-3000:]
-                print(f"cluster up in {t_up:.1f}s; replica promoted {t_promoted:.1f}s after "
-                      f"the kill; every client back {t_back:.1f}s after; whole test "
-                      f"{time.monotonic() - t0:.1f}s")
+        def recovered() -> None:
+            cluster.wait_ok(30)
+            assert victim.port not in {n.port for n in cluster.masters()}
+
+        times = await failover_with_clients(tmp_path, cluster.url, rng, Feed(seed), kill,
+                                            recovered, masters=3)
+        print(f"cluster up in {t_up:.1f}s; replica promoted {times['promoted']:.1f}s after "
+              f"the kill; every client back {times['back']:.1f}s after; whole test "
+              f"{time.monotonic() - t0:.1f}s")
+
+
+# ---- Sentinel ----------------------------------------------------------------------------
+
+
+def test_sentinel_urls():
+    u = parse_url("redis+sentinel://:pw@s1,s2:26380/prices/2")
+    assert u.sentinels == (("s1", 26379), ("s2", 26380))
+    assert (u.service, u.db, u.password) == ("prices", 2, "pw")
+    assert str(u) == "redis+sentinel://s1:26379,s2:26380/prices/2"
+    for bad in ("redis+sentinel://s1", "redis+sentinel://s1/", "redis+sentinel://s1/m/x",
+                "redis+sentinel://s1:x/m"):
+        with pytest.raises(ValueError):
+            parse_url(bad)
+
+
+async def test_sentinel_failover_every_client_converges_with_no_gap(tmp_path):
+    """The same failover as above, with one Redis, its replica and a Sentinel."""
+    seed = random.randrange(10**6)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    with RedisSentinel(down_after_ms=1000) as sen:
+        t_up = time.monotonic() - t0
+        old = sen.master()
+
+        def kill() -> str:
+            sen.kill(old)
+            return f"127.0.0.1:{old.port}"
+
+        times = await failover_with_clients(tmp_path, sen.url, rng, Feed(seed), kill,
+                                            lambda: sen.wait_failover(old), masters=0)
+        print(f"sentinel set up in {t_up:.1f}s; replica promoted {times['promoted']:.1f}s "
+              f"after the kill; every client back {times['back']:.1f}s after; whole test "
+              f"{time.monotonic() - t0:.1f}s")

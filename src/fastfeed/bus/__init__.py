@@ -76,6 +76,7 @@ __all__ = [
     "RedisError",
     "RedisURL",
     "is_cluster_url",
+    "parse_sentinel_url",
     "parse_url",
 ]
 
@@ -190,10 +191,73 @@ class RedisURL:
     password: str | None = None
     tls: bool = False
     path: str | None = None  # unix socket
+    # redis+sentinel://: ask these Sentinels for the master of `service`
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
     def __str__(self) -> str:  # never shows the password
+        s = "rediss" if self.tls else "redis"
+        if self.sentinels:
+            hosts = ",".join(fmt_addr(a) for a in self.sentinels)
+            return f"{s}+sentinel://{hosts}/{self.service}/{self.db}"
         where = self.path or f"{self.host}:{self.port}"
-        return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+        return f"{s}://{where}/{self.db}"
+
+
+def fmt_addr(addr: tuple[str, int]) -> str:
+    h, p = addr
+    return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+
+def split_hosts(netloc: str, default_port: int, url: str
+                ) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[user[:password]@]host[:port],host[:port]...`` -> (user, password, addresses)."""
+    user = password = None
+    if "@" in netloc:
+        cred, _, netloc = netloc.rpartition("@")
+        u, colon, pw = cred.partition(":")
+        user = unquote(u) or None
+        password = unquote(pw) if colon else None
+    hosts = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, port = item[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = item.partition(":")
+        try:
+            hosts.append((host or "127.0.0.1", int(port) if port else default_port))
+        except ValueError:
+            raise ValueError(f"bad port in Redis URL {url!r}: {item!r}") from None
+    if not hosts:
+        raise ValueError(f"the Redis URL names no host: {url!r}")
+    return user, password, hosts
+
+
+def parse_sentinel_url(url: str) -> RedisURL:
+    """``redis+sentinel://[[user]:password@]host1[:port][,host2[:port]...]/SERVICE[/db]``
+    (port 26379 by default; ``rediss+sentinel://`` for TLS). The credentials
+    are the master's; the Sentinels are asked without."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    if query:
+        raise ValueError(f"no query options are understood in a Sentinel URL: {url!r}")
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"a Sentinel URL names the monitored master: "
+                         f"redis+sentinel://host:26379/NAME, not {url!r}")
+    user, password, hosts = split_hosts(netloc, 26379, url)
+    try:
+        dbn = int(db) if db else 0
+    except ValueError:
+        raise ValueError(f"bad database number in {url!r}") from None
+    return RedisURL(host=hosts[0][0], port=hosts[0][1], db=dbn, username=user,
+                    password=password, tls=scheme.lower().startswith("rediss"),
+                    sentinels=tuple(hosts), service=service)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -203,10 +267,13 @@ def is_cluster_url(url: str) -> bool:
 
 def parse_url(url: str) -> RedisURL:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or
-    ``unix:///path/to/socket[?db=N]``."""
+    ``unix:///path/to/socket[?db=N]``, or Sentinel (`parse_sentinel_url`)."""
+    if url.split("://", 1)[0].lower() in ("redis+sentinel", "rediss+sentinel"):
+        return parse_sentinel_url(url)
     u = urlparse(url)
     if u.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"not a Redis URL (redis://, rediss:// or unix://): {url!r}")
+        raise ValueError(f"not a Redis URL (redis://, rediss://, unix://, redis+sentinel:// "
+                         f"or, for a cluster, redis+cluster://): {url!r}")
     q = parse_qs(u.query)
     db = 0
     if u.scheme != "unix" and u.path.strip("/"):
@@ -395,7 +462,7 @@ class RedisBus:
         sharded: bool = False,
         reseed: bool = True,
         backoff_base: float = 0.1,
-        backoff_cap: float = 5.0,
+        backoff_cap: float | None = None,
         connect_timeout: float = 3.0,
         ping_interval: float = 1.0,
         ping_timeout: float = 3.0,
@@ -416,7 +483,9 @@ class RedisBus:
         self.sharded = sharded
         self.reseed = reseed
         self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        # with Sentinel, a failover is seconds away: look again often
+        self.backoff_cap = backoff_cap if backoff_cap is not None else (
+            0.5 if self.url.sentinels else 5.0)
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -460,6 +529,7 @@ class RedisBus:
         self.outage_seconds_total = 0.0
         self.lost_node = ""  # the Redis (host:port) whose loss began the last outage
         self._down_at: float | None = None
+        self._addr: tuple[str, int] | None = None  # the master Sentinel named
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any, **kw: Any) -> RedisBus:
@@ -606,7 +676,9 @@ class RedisBus:
     def _on_lost(self, conn: _Conn, exc: Exception | None) -> None:
         if conn is self._cmd or conn is self._sub:
             self.last_error = f"{conn.name} connection lost" + (f": {exc}" if exc else "")
-            self.lost_node = str(self.url)
+            if self._addr is not None:
+                self.last_error = f"master {fmt_addr(self._addr)}: {self.last_error}"
+            self.lost_node = fmt_addr(self._addr) if self._addr else str(self.url)
             if self._lost is not None:
                 self._lost.set()
 
@@ -640,9 +712,56 @@ class RedisBus:
         await conn.call("CLIENT", "SETNAME", f"fastfeed-{self.name}-{name}", timeout=t)
         return conn
 
+    async def _ask_sentinels(self) -> tuple[str, int]:
+        """The master's address, from the first Sentinel that knows it."""
+        loop = asyncio.get_running_loop()
+        u = self.url
+        ctx = ssl.create_default_context() if u.tls else None
+        tried = []
+        for addr in u.sentinels:
+            conn: _Conn | None = None
+            try:
+                coro = loop.create_connection(lambda: _Conn("sentinel", lambda _c, _e: None),
+                                              addr[0], addr[1], ssl=ctx)
+                _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+                assert conn is not None
+                r = await conn.call("SENTINEL", "get-master-addr-by-name", u.service,
+                                    timeout=self.connect_timeout)
+                if not r:
+                    tried.append(f"{fmt_addr(addr)}: does not monitor {u.service!r}")
+                    continue
+                return r[0].decode(), int(r[1])
+            except (OSError, TimeoutError, BusDown, RedisError) as e:
+                tried.append(f"{fmt_addr(addr)}: {e or type(e).__name__}")
+            finally:
+                if conn is not None:
+                    conn.abort()
+        raise BusDown("no Sentinel named the master (" + "; ".join(tried) + ")")
+
     async def _connect_once(self) -> None:
         t = self.connect_timeout
-        self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost))
+        addr = None
+        if self.url.sentinels:
+            addr = await self._ask_sentinels()
+            if addr != self._addr:
+                log.log(logging.WARNING if self._addr else logging.INFO,
+                        "bus: Sentinel names %s the master of %r%s", fmt_addr(addr),
+                        self.url.service,
+                        f" (was {fmt_addr(self._addr)})" if self._addr else "")
+            self._addr = addr
+            try:
+                self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost), addr)
+            except (OSError, TimeoutError) as e:
+                raise BusDown(f"master {fmt_addr(addr)} (named by Sentinel): "
+                              f"{e or type(e).__name__}; Sentinel fails it over after its "
+                              "down-after-milliseconds") from e
+        else:
+            self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost))
+        if addr is not None:
+            role = await self._cmd.call("ROLE", timeout=t)
+            if role[0] != b"master":
+                raise BusDown(f"{fmt_addr(addr)}, named master by Sentinel, is a "
+                              f"{role[0].decode()} (a failover is under way)")
         self._sha = await self._cmd.call("SCRIPT", "LOAD", ROW_SCRIPT, timeout=t)
         # every bus on this prefix must partition alike, or ticks go unheard
         meta = f"{self.prefix}:meta"
@@ -655,7 +774,8 @@ class RedisBus:
                 f"--redis-prefix, or DEL {meta} after stopping every gateway and publisher)")
         if not self.subscribing:
             return
-        self._sub = await self._open("sub", lambda: _SubConn("sub", self._on_lost, self))  # type: ignore[assignment]
+        self._sub = await self._open("sub", lambda: _SubConn("sub", self._on_lost, self),  # type: ignore[assignment]
+                                     addr)
         assert self._sub is not None
         verb = "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
         futs = self._sub.write((verb, *self.channel_names), replies=self.parts)

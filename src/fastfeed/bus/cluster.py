@@ -47,7 +47,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 import hiredis
 
@@ -61,6 +60,8 @@ from . import (
     RedisError,
     _Conn,
     _SubConn,
+    fmt_addr,
+    split_hosts,
 )
 
 __all__ = ["SLOTS", "ClusterBus", "ClusterURL", "crc16", "key_slot", "parse_cluster_url",
@@ -144,9 +145,7 @@ class ClusterURL:
         return f"{'rediss' if self.tls else 'redis'}+cluster://{hosts}{more}"
 
 
-def _fmt(addr: tuple[str, int]) -> str:
-    h, p = addr
-    return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+_fmt = fmt_addr
 
 
 def parse_cluster_url(url: str) -> ClusterURL:
@@ -163,30 +162,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
         raise ValueError(f"Redis Cluster has only database 0, the URL names /{path}: {url!r}")
     if query:
         raise ValueError(f"no query options are understood in a cluster URL: {url!r}")
-    user = password = None
-    if "@" in netloc:
-        cred, _, netloc = netloc.rpartition("@")
-        u, colon, pw = cred.partition(":")
-        user = unquote(u) or None
-        password = unquote(pw) if colon else None
-        if not colon:  # redis://password@host is not a form; user without password
-            password = None
-    seeds = []
-    for item in netloc.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, port = item[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = item.partition(":")
-        try:
-            seeds.append((host or "127.0.0.1", int(port) if port else 6379))
-        except ValueError:
-            raise ValueError(f"bad port in cluster URL {url!r}: {item!r}") from None
-    if not seeds:
-        raise ValueError(f"a cluster URL needs at least one host: {url!r}")
+    user, password, seeds = split_hosts(netloc, 6379, url)
     return ClusterURL(tuple(seeds), user, password, scheme.lower().startswith("rediss"))
 
 
@@ -370,8 +346,8 @@ class ClusterBus(RedisBus):
                     futs.extend(sub.write((b"SSUBSCRIBE", self.channel_names[n])))
             await asyncio.wait_for(asyncio.gather(*futs), t)
             await self._load_snapshot()
-        for (old, new), ns in moves.items():
-            log.warning("bus: partitions %s moved from %s to %s", _ranges(ns), old, new)
+        for (was, now), ns in moves.items():
+            log.warning("bus: partitions %s moved from %s to %s", _ranges(ns), was, now)
         log.info("bus: cluster slot map from %d masters; partitions per master: %s",
                  len(self.known), self._spread())
 
