@@ -17,9 +17,14 @@ Names (``P`` is ``--redis-prefix``, ``N`` the partition of a symbol,
                 gateway and publisher on this prefix must share (checked
                 on connect)
 
-With ``sharded=True`` (Redis Cluster) the partition number is a hash tag,
-``P:ticks:{N}`` and ``P:row:{N}``, so a partition's channel and hash live in
-the same slot, and the bus uses ``SSUBSCRIBE``/``SPUBLISH``.
+With ``sharded=True`` the partition number is a hash tag, ``P:ticks:{N}``
+and ``P:row:{N}``, so a partition's channel and hash live in the same slot,
+and the bus uses ``SSUBSCRIBE``/``SPUBLISH`` (on one Redis 7 node). A
+``redis+cluster://`` URL gives `fastfeed.bus.cluster.ClusterBus` instead,
+which routes every partition to the master owning its slot (its own tags,
+spread evenly over the slots). A ``redis+sentinel://`` URL asks the
+Sentinels for the master on every (re)connection and then works as on one
+Redis.
 
 Publishing: the ticks of a call are encoded into one batch per partition and
 each batch goes to Redis in one ``EVALSHA`` of `ROW_SCRIPT`, which, for every
