@@ -233,11 +233,18 @@ class ClusterBus(RedisBus):
                 if conn is not None:
                     conn.abort()
             out = []
+            unknown = False
             for r in raw:
+                # empty (or NULL, with cluster-preferred-endpoint-type
+                # unknown-endpoint): the address we reached this node by
                 host = r[2][0].decode() if r[2][0] else addr[0]
                 if host == "?":
-                    host = addr[0]
+                    unknown = True
                 out.append((int(r[0]), int(r[1]), (host, int(r[2][1]))))
+            if unknown:
+                tried.append(f"{_fmt(addr)}: a master's endpoint is unknown ('?' in CLUSTER "
+                             "SLOTS: set cluster-announce-hostname or cluster-announce-ip)")
+                continue
             out.sort()
             covered = sum(b - a + 1 for a, b, _ in out)
             if covered < SLOTS:
