@@ -36,7 +36,10 @@ class Config:
     heartbeat_s: float = _opt(5.0, "send a heartbeat after this many quiet seconds")
     # scale-out
     workers: str = _opt("1", "worker processes: a number, or 'auto' for one per usable CPU")
-    redis: str = _opt("", "Redis URL for the tick bus and state store (empty: embedded mode)")
+    redis: str = _opt("", "Redis URL for the tick bus and state store "
+                                  "(redis://, rediss://, unix://, redis+sentinel://HOST:PORT,.../"
+                                  "NAME for Sentinel, or redis+cluster://HOST:PORT,HOST:PORT,"
+                                  "... for a Redis Cluster; empty: embedded mode)")
     redis_channels: int = _opt(16, "pub/sub channels ticks are partitioned over, by symbol")
     redis_prefix: str = _opt("fastfeed", "prefix of every Redis key and channel")
     feed_grace_s: float = _opt(5.0, "seconds the feed may be down before /readyz turns 503")

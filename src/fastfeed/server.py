@@ -319,7 +319,7 @@ class Gateway:
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
             if self.bus is not None:
-                self.metrics.breaker.set(self.bus.breaker)
+                self.metrics.observe_bus(self.bus)
                 # /ingest ticks Redis dropped as not newer never come back on
                 # the bus: count them here, as the table counts its own
                 stale = self.bus.publish_stale - self._ingest_stale
