@@ -36,15 +36,15 @@ import contextlib
 import itertools
 import json
 import logging
-import random
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
+
+from .backoff import Backoff
 
 __all__ = [
     "BIN_SUBPROTOCOL",
@@ -124,39 +124,6 @@ class ConnectionClosed(FastfeedError):
 
 class _Disconnected(Exception):
     """The connection a request was sent on went away before its reply."""
-
-
-@dataclass
-class Backoff:
-    """Jittered exponential backoff between reconnection attempts.
-
-    Attempt ``n`` (0 for the first retry) waits a random time in
-    ``[d * (1 - jitter), d]`` where ``d = min(cap, base * factor ** n)``.
-    ``jitter=1`` is "full jitter" (anything from 0 to ``d``); ``jitter=0``
-    waits exactly ``d``. The randomness spreads the reconnections of many
-    clients whose gateway went away at the same moment.
-    """
-
-    base: float = 0.25
-    factor: float = 2.0
-    cap: float = 10.0
-    jitter: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.base < 0 or self.cap < 0 or self.factor < 1 or not 0 <= self.jitter <= 1:
-            raise ValueError("Backoff needs base >= 0, cap >= 0, factor >= 1, 0 <= jitter <= 1")
-
-    def ceiling(self, attempt: int) -> float:
-        """The longest wait of attempt `attempt`."""
-        # min() before the power would overflow on a long outage
-        exp = min(attempt, 64)
-        return min(self.cap, self.base * self.factor**exp)
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """A random wait, in seconds, before attempt `attempt`."""
-        d = self.ceiling(attempt)
-        r = (rng or random).random()
-        return d * (1.0 - self.jitter * r)
 
 
 def decode_binary_update(

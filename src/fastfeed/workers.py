@@ -13,8 +13,8 @@ dead or hung worker would be lost.
   (``os.sched_setaffinity``); ``auto`` starts one worker per such CPU.
 * A worker that exits unexpectedly is logged (index, pid, exit code or
   signal) and started again after a backoff that doubles for a worker that
-  keeps dying (0.5 s up to 30 s, jittered) and resets once it has run for a
-  minute.
+  keeps dying (0.5 s up to 30 s, jittered: `fastfeed.backoff.Backoff`) and
+  resets once it has run for a minute.
 * SIGTERM/SIGINT are forwarded to every worker, which drain (``/readyz``
   503, clients closed with 1012 in waves); the supervisor waits for them and
   exits 0 once all of them exited cleanly. A second signal is forwarded too
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import sys
@@ -39,12 +38,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .backoff import Backoff
 from .config import Config
 
 log = logging.getLogger("fastfeed.workers")
 
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
+# doubling from RESTART_MIN_S up to RESTART_MAX_S, "equal jitter"
+RESTART_BACKOFF = Backoff(base=RESTART_MIN_S, factor=2.0, cap=RESTART_MAX_S, jitter=0.5)
 HEALTHY_AFTER_S = 60.0
 WORKER_ENV = "FASTFEED_WORKER"
 
@@ -234,8 +236,7 @@ class Supervisor:
         lived = time.monotonic() - slot.started
         if lived > HEALTHY_AFTER_S:
             slot.failures = 0
-        delay = min(RESTART_MAX_S, RESTART_MIN_S * 2 ** slot.failures)
-        delay *= random.uniform(0.75, 1.25)
+        delay = RESTART_BACKOFF.delay(slot.failures)
         slot.failures += 1
         slot.restart_at = time.monotonic() + delay
         log.error("%s (pid %d) died after %.1fs: %s; restarting in %.1fs",

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import struct
@@ -69,6 +68,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 
 from fastfeed._core import encode_batch
+from fastfeed.backoff import Backoff
 
 __all__ = [
     "CLOSED",
@@ -491,6 +491,7 @@ class RedisBus:
         # with Sentinel, a failover is seconds away: look again often
         self.backoff_cap = backoff_cap if backoff_cap is not None else (
             0.5 if self.url.sentinels else 5.0)
+        self._backoff = Backoff(backoff_base, 2.0, self.backoff_cap, 0.5)
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -613,11 +614,11 @@ class RedisBus:
                 log.exception("bus: on_feed callback failed")
 
     def backoff(self, attempt: int) -> float:
-        """Seconds before reconnection attempt `attempt` (0-based): exponential,
-        capped, with "equal jitter" (half fixed, half random) so that many
-        workers do not reconnect in lockstep."""
-        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        """Seconds before reconnection attempt `attempt` (0-based): the
+        `fastfeed.backoff.Backoff` of `backoff_base` and `backoff_cap`
+        (doubling, "equal jitter": half fixed, half random, so that many
+        workers do not reconnect in lockstep)."""
+        return self._backoff.delay(attempt)
 
     async def _run(self) -> None:
         attempt = 0
