@@ -14,23 +14,9 @@ log = logging.getLogger("fastfeed")
 def _serve(ns: argparse.Namespace) -> int:
     cfg = config.from_sources(ns)
     logs.setup(cfg.log_level, cfg.log_format)
-    from . import metrics
+    from . import workers
 
-    if cfg.workers != "1" or cfg.redis:
-        from . import workers
-
-        return workers.main(cfg)
-    import uvloop
-
-    from .server import serve
-
-    metrics_dir = metrics.prepare_dir(cfg.metrics_dir)
-    log.info("starting with %s", cfg.public())
-    try:
-        return uvloop.run(serve(cfg))
-    finally:
-        if not cfg.metrics_dir:
-            metrics.cleanup(metrics_dir)
+    return workers.main(cfg)
 
 
 def _token(ns: argparse.Namespace) -> int:

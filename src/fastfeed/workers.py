@@ -150,12 +150,14 @@ def _child_init(slot: Slot) -> None:
     os.environ[WORKER_ENV] = str(slot.index)
 
 
-def _run_worker(cfg: Config, sock: socket.socket, slot: Slot) -> int:
+def run_worker(cfg: Config, sock: socket.socket | None = None, name: str = "w0") -> int:
+    """One gateway process, in this process: the only place a worker starts
+    (the supervisor's children, and a single process with or without Redis)."""
     import uvloop
 
     from .server import serve
 
-    return uvloop.run(serve(cfg, sock=sock, bus_factory=bus_factory(cfg, f"w{slot.index}")))
+    return uvloop.run(serve(cfg, sock=sock, bus_factory=bus_factory(cfg, name)))
 
 
 def _run_feed(cfg: Config) -> int:
@@ -190,7 +192,7 @@ class Supervisor:
                 if slot.index < 0:
                     code = _run_feed(self.cfg)
                 else:
-                    code = _run_worker(self.worker_cfg, self.sock, slot)
+                    code = run_worker(self.worker_cfg, self.sock, f"w{slot.index}")
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException:
@@ -309,20 +311,18 @@ class Supervisor:
 
 
 def main(cfg: Config) -> int:
-    """`fastfeed serve` with --workers N (or 1 with --redis)."""
+    """`fastfeed serve`: one process (embedded, or one worker on the bus), or
+    the supervisor and its workers."""
     from . import metrics
 
     n = check(cfg)
     metrics_dir = metrics.prepare_dir(cfg.metrics_dir)
     log.info("starting with %s", cfg.public())
     try:
-        if n == 1 and not cfg.simulate:
-            # one process with the bus: no supervisor, nothing to share a socket with
-            import uvloop
-
-            from .server import serve
-
-            return uvloop.run(serve(cfg, bus_factory=bus_factory(cfg, "w0")))
+        if n == 1 and not (cfg.simulate and cfg.redis):
+            # nothing to share a socket with; without Redis the simulator runs
+            # in this process, with it in a feed process (the supervisor's)
+            return run_worker(cfg)
         return Supervisor(cfg, n).run()
     finally:
         if not cfg.metrics_dir:
