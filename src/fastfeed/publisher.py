@@ -1,30 +1,45 @@
-"""An asyncio publisher for feed handlers: ticks in, batches to a gateway.
+"""One publisher for feed handlers: ticks in, batches out, across reconnections.
 
     from fastfeed.publisher import Publisher
 
-    async with Publisher("ws://localhost:8080/ingest", token=None) as p:
+    async with Publisher("ws://localhost:8080/ingest", token=None) as p:      # a gateway
         await p.publish({"sym": "BBCA", "seq": 1, "bid": 9100, "ask": 9125})
         await p.publish([{"sym": "TLKM", "seq": 7, "last": 3010}, ...])
 
-`publish` validates each tick (``sym`` and ``seq`` required, known fields
-only, finite numbers) and queues it; a background task sends the queue as one
-message every `flush_ms` milliseconds, or as soon as `max_batch` ticks are
-waiting. A tick the gateway still refuses comes back as an ``error`` message
-naming it: the publisher counts it (`errors`, `last_error`) and hands it to
-`on_error`.
+    async with Publisher("redis://redis:6379/0") as p:    # the Redis bus, every gateway
+        ...                                               # (redis+cluster://, redis+sentinel://)
 
-When the connection is lost the publisher reconnects with the client's
-jittered exponential backoff. Ticks are never lost across a reconnection: it
-keeps the latest state of every symbol it has published (each tick merged
-over the previous ones, as the gateway merges them) and sends that state
-first on every new connection. The gateway drops what it already has (a tick
-whose ``seq`` is not above the one it holds), so this is harmless to a
-gateway that stayed up and restores one that restarted empty. While
-disconnected, memory is bounded by the number of symbols, not ticks.
+One engine, two transports: `WebSocketTransport` (JSON batches to a
+gateway's ``/ingest``) and `RedisTransport` (the bus's row script, once per
+partition: stored only-if-newer and published to every gateway, see
+`fastfeed.bus`). The URL's scheme picks one; `Publisher(transport=...)` takes
+any object with the `Transport` methods.
 
-The wire is pluggable: `Publisher(transport=...)` takes any object with the
-`Transport` methods; `WebSocketTransport` (the gateway's ``/ingest``) is the
-default.
+`publish` checks each tick against the gateway's rules (``sym`` and ``seq``
+required, finite numbers; with `validate`, also no unknown field) and queues
+it; a background task sends the queue as one batch every `flush_ms`
+milliseconds, or as soon as `max_batch` ticks are waiting. With
+``validate=True`` (the default) a bad tick raises `ValueError` and nothing of
+that call is queued; with ``validate=False`` each bad tick is dropped and
+reported like a refusal from the other side. Every refusal (a bad tick, or an
+``error`` message from the gateway) is counted (`errors`, `last_error`) and
+handed to ``on_error(FastfeedError)``; a refused tick names its symbol in
+``symbols``.
+
+Ticks are never lost across a reconnection: the publisher keeps the latest
+state of every symbol it has published (each tick merged over the previous
+ones, as the gateway and the store merge them) and sends that state first on
+every new connection. The other side drops what it already has (a tick whose
+``seq`` is not above the one it holds), so this is harmless to a gateway or
+a Redis that stayed up and restores one that restarted empty. While
+disconnected, `publish` never waits and memory is bounded by the number of
+symbols, not ticks. The WebSocket transport reconnects after the
+`fastfeed.backoff.Backoff` given as `backoff`; the Redis transport follows
+the bus's circuit breaker (which waits with the same backoff).
+
+`sync()` waits until the other side has taken everything published so far
+(Redis: answered every script call; a gateway: answered a ping sent after the
+last batch), reconnecting if it must, and says whether it happened in time.
 """
 
 from __future__ import annotations
@@ -35,27 +50,43 @@ import json
 import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from fastfeed._core import check_tick
+from fastfeed._core import check_tick, encode_batch
+from fastfeed.backoff import Backoff
+from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import (
     CLIENT_FAULT_CLOSE_CODES,
     FIELDS,
-    Backoff,
     ConnectionClosed,
     FastfeedError,
 )
 
-__all__ = ["Publisher", "Transport", "WebSocketTransport", "validate_tick"]
+__all__ = [
+    "MAX_BATCH",
+    "Publisher",
+    "RedisPublisher",
+    "RedisTransport",
+    "Transport",
+    "WebSocketTransport",
+    "transport_for",
+    "validate_tick",
+]
 
 log = logging.getLogger("fastfeed.publisher")
 
 Tick = dict[str, Any]
 
 _KNOWN = frozenset(FIELDS)
+
+#: most ticks per batch, for either transport (`Publisher(max_batch=...)`)
+MAX_BATCH = 1000
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster",
+                  "redis+sentinel", "rediss+sentinel")
 
 
 def validate_tick(tick: Mapping[str, Any]) -> None:
@@ -77,13 +108,16 @@ def validate_tick(tick: Mapping[str, Any]) -> None:
 
 class Transport(Protocol):
     """Where batches go. Implementations: `WebSocketTransport` (the gateway's
-    ``/ingest``); a Redis one can follow the same shape.
+    ``/ingest``) and `RedisTransport` (the bus).
 
     `connect` raises `OSError` (or a subclass) when it cannot connect, and
     `ConnectionClosed` when it must not retry (a refused token). `send`
     raises `ConnectionError` once the connection is gone. `closed` resolves
     with a close code when the connection ends. `on_error` is set by the
-    publisher before `connect` and receives the gateway's ``error`` replies.
+    publisher before `connect` and receives the other side's refusals.
+    A transport may also have ``async sync()``: return once the other side
+    has taken everything sent so far (raise `ConnectionError` if it cannot);
+    without it, `Publisher.sync` stops at "written".
     """
 
     on_error: Callable[[FastfeedError], None] | None
@@ -106,6 +140,8 @@ class _IngestListener(WSListener):  # type: ignore[misc]
         t = frame.msg_type
         if t is WSMsgType.TEXT:
             self.owner._on_text(frame.get_payload_as_bytes())
+        elif t is WSMsgType.PONG:
+            self.owner._on_pong(frame.get_payload_as_bytes())
         elif t is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
@@ -119,6 +155,7 @@ class _IngestListener(WSListener):  # type: ignore[misc]
         if done is not None and not done.done():
             done.set_result(self.owner.close_code)
         self.owner._writable.set()
+        self.owner._lost_pings()
 
     def pause_writing(self) -> None:
         self.owner._writable.clear()
@@ -140,6 +177,8 @@ class WebSocketTransport:
         self._ws: WSTransport | None = None
         self._done: asyncio.Future[int] | None = None
         self._writable = asyncio.Event()
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_seq = 0
 
     async def connect(self) -> None:
         self.close_code = 1006
@@ -171,6 +210,33 @@ class WebSocketTransport:
                 raise ConnectionError("connection lost")
         ws.send(WSMsgType.TEXT, json.dumps(ticks, separators=(",", ":")).encode())
 
+    async def sync(self) -> None:
+        """A ping after everything sent: the gateway answers it once it has
+        read every batch before it."""
+        ws = self._ws
+        if ws is None or ws.is_disconnected:
+            raise ConnectionError("not connected")
+        self._ping_seq += 1
+        token = b"fastfeed-sync-%d" % self._ping_seq
+        fut = asyncio.get_running_loop().create_future()
+        self._pings[token] = fut
+        try:
+            ws.send_ping(token)
+            await fut
+        finally:
+            self._pings.pop(token, None)
+
+    def _on_pong(self, payload: bytes) -> None:
+        fut = self._pings.pop(payload, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _lost_pings(self) -> None:
+        pings, self._pings = self._pings, {}
+        for fut in pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost before the gateway answered"))
+
     async def closed(self) -> int:
         assert self._done is not None
         return await asyncio.shield(self._done)
@@ -197,26 +263,134 @@ class WebSocketTransport:
             )
 
 
+class RedisTransport:
+    """Batches onto the Redis bus: one row-script call per partition, which
+    stores the ticks only-if-newer and publishes the newer ones to every
+    gateway (`fastfeed.bus`). `url` is ``redis://``, ``rediss://``,
+    ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``; `channels`
+    and `prefix` must match the gateways' ``--redis-channels`` and
+    ``--redis-prefix``. The bus reconnects by itself (its circuit breaker);
+    `connect` waits until it is up. At most `max_inflight` script calls wait
+    for Redis's answer before `send` waits too. The other keywords go to
+    `fastfeed.bus.RedisBus` (``backoff_base``, ``ping_interval``, ...).
+    """
+
+    def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
+                 max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
+        self.bus = RedisBus(url, None, channels=channels, prefix=prefix, subscribe=False,
+                            on_feed=self._on_feed, name=name, **bus_kw)
+        self.max_inflight = max_inflight
+        self.on_error: Callable[[FastfeedError], None] | None = None
+        self._done: asyncio.Future[int] | None = None
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return str(self.bus.url)
+
+    @property
+    def last_error(self) -> str:
+        return str(self.bus.last_error)
+
+    def _on_feed(self, up: bool) -> None:
+        if not up and self._done is not None and not self._done.done():
+            self._done.set_result(1006)
+
+    async def connect(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.bus.start()
+        loop = asyncio.get_running_loop()
+        while True:
+            # made before waiting: an outage that begins as the bus comes up
+            # must resolve the future of this connection
+            self._done = loop.create_future()
+            await self.bus.wait_ready()
+            if self.bus.ready and not self._done.done():
+                return
+
+    async def send(self, ticks: list[Tick]) -> None:
+        bus = self.bus
+        parts, errors = encode_batch(ticks, bus.parts)
+        if errors and self.on_error is not None:
+            for idx, sym, why in errors:
+                self.on_error(_refused(idx, sym, why))
+        try:
+            bus.publish_batches_nowait(parts)
+            if bus.inflight() > self.max_inflight:
+                await bus.flush()
+            else:
+                await bus.drain()
+        except (TimeoutError, RedisError) as e:
+            raise BusDown(f"redis {bus.url}: {e or type(e).__name__}") from e
+
+    async def sync(self) -> None:
+        try:
+            await self.bus.flush()
+        except (TimeoutError, RedisError) as e:
+            raise BusDown(f"redis {self.bus.url}: {e or type(e).__name__}") from e
+
+    async def closed(self) -> int:
+        assert self._done is not None
+        return await asyncio.shield(self._done)
+
+    async def close(self) -> None:
+        await self.bus.close()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(1000)
+
+
+def transport_for(url: str, token: str | None = None, **kw: Any) -> Transport:
+    """The transport a URL names: ``ws://``/``wss://`` a gateway's ``/ingest``,
+    a Redis URL the bus (`kw` go to `RedisTransport`)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("ws", "wss"):
+        if kw:
+            raise ValueError(f"options {sorted(kw)} are for a Redis URL, not {url!r}")
+        return WebSocketTransport(url, token)
+    if scheme in _REDIS_SCHEMES:
+        if token:
+            raise ValueError("a publisher token is for a gateway's ws:// URL; a Redis URL "
+                             "carries its password itself (redis://:PASSWORD@host)")
+        return RedisTransport(url, **kw)
+    raise ValueError(f"publish to ws://HOST:PORT/ingest (a gateway) or redis://HOST:PORT "
+                     f"(the bus; also rediss://, unix://, redis+cluster://, "
+                     f"redis+sentinel://), not {url!r}")
+
+
+def _refused(idx: int, sym: Any, why: str) -> FastfeedError:
+    return FastfeedError("bad_request", f"tick {idx} refused: {why}",
+                         [sym] if isinstance(sym, str) else None)
+
+
 class Publisher:
-    """Publishes ticks to a fastfeed gateway in batches, across reconnections.
+    """Publishes ticks in batches to a gateway or onto the Redis bus, across
+    reconnections (see the module).
 
     Parameters:
-      url: the gateway's ``ws://host:port/ingest`` (ignored with `transport`).
+      url: a gateway's ``ws://host:port/ingest``, or a Redis URL for the bus
+        (`transport_for`; ignored with `transport`).
       token: the publisher token, if the gateway requires one.
-      transport: a `Transport` to use instead of the WebSocket one.
+      transport: a `Transport` to use instead of the one `url` names.
       flush_ms: longest time a tick waits in the queue.
-      max_batch: most ticks per message; a full batch is sent at once.
+      max_batch: most ticks per batch; a full batch is sent at once.
       max_queue: `publish` waits while this many ticks are queued and the
         connection is up (backpressure); while it is down the queue is
         folded into the per-symbol state, so nothing waits.
-      backoff: the `fastfeed.client.Backoff` between reconnection attempts.
-      validate: check every tick in `publish` (`validate_tick`).
-      on_error: ``callback(FastfeedError)`` for each ``error`` the gateway
-        sends back (a refused tick names its symbol in ``symbols``).
+      backoff: the `fastfeed.backoff.Backoff` between reconnection attempts.
+      validate: raise `ValueError` in `publish` for a bad tick
+        (`validate_tick`); if false, a bad tick is dropped and reported.
+      on_error: ``callback(FastfeedError)`` for each refusal: a bad tick
+        (with ``validate=False``) or an ``error`` the gateway sends back (a
+        refused tick names its symbol in ``symbols``).
+      **transport_kw: options of `RedisTransport` for a Redis URL
+        (``channels``, ``prefix``, ``backoff_base``, ...).
 
     Counters: `published` (ticks accepted by `publish`), `sent` (ticks
-    written to the wire, resends included), `batches`, `errors`,
-    `reconnects`; `last_error`; `connected`.
+    written to the wire, resends included), `resent` (of those, rows sent
+    from the held state on a new connection), `batches`, `errors`
+    (refusals), `reconnects`; `last_error`; `connected`; `error` (why the
+    publisher stopped, once it has).
     """
 
     def __init__(
@@ -226,16 +400,22 @@ class Publisher:
         token: str | None = None,
         transport: Transport | None = None,
         flush_ms: float = 5.0,
-        max_batch: int = 1000,
+        max_batch: int = MAX_BATCH,
         max_queue: int = 100_000,
         backoff: Backoff | None = None,
         validate: bool = True,
         on_error: Callable[[FastfeedError], Any] | None = None,
+        **transport_kw: Any,
     ):
         if transport is None:
             if url is None:
                 raise ValueError("Publisher needs a url or a transport")
-            transport = WebSocketTransport(url, token)
+            transport = transport_for(url, token, **transport_kw)
+        elif transport_kw:
+            raise ValueError(f"options {sorted(transport_kw)} are for the transport a url "
+                             "names, not for one given as transport=")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.transport = transport
         self.flush_ms = flush_ms
         self.max_batch = max_batch
@@ -246,6 +426,7 @@ class Publisher:
 
         self.published = 0
         self.sent = 0
+        self.resent = 0
         self.batches = 0
         self.errors = 0
         self.reconnects = 0
@@ -265,6 +446,7 @@ class Publisher:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._connection = 0  # connections made so far
 
     @property
     def connected(self) -> bool:
@@ -289,8 +471,8 @@ class Publisher:
 
     async def publish(self, ticks: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Queue one tick or a list of ticks. Raises `ValueError` for an
-        invalid tick (and queues none of the list), `ConnectionClosed` once
-        the publisher has stopped."""
+        invalid tick with `validate` (and queues none of the list),
+        `ConnectionClosed` once the publisher has stopped."""
         if self._stopped.is_set():
             raise self.error or ConnectionClosed(1000, "publisher closed")
         batch = [ticks] if isinstance(ticks, Mapping) else list(ticks)
@@ -306,20 +488,30 @@ class Publisher:
         state = self._state
         queue = self._queue
         live = self._connected.is_set()
-        for t in batch:
-            tick = dict(t)
+        check = not self.validate
+        accepted = 0
+        for i, t in enumerate(batch):
+            tick = dict(t) if isinstance(t, Mapping) else t
+            if check:
+                why = check_tick(tick) if isinstance(tick, dict) else "a tick is a mapping"
+                if why is not None:
+                    self._on_error(_refused(i, tick.get("sym") if isinstance(tick, dict)
+                                            else None, why))
+                    continue
+            accepted += 1
             held = state.get(tick["sym"])
             if held is None:
                 state[tick["sym"]] = dict(tick)  # a copy: the queued tick must not change
             elif tick["seq"] > held["seq"]:
                 held.update(tick)
             else:
-                continue  # the gateway would drop it too
+                continue  # the other side would drop it too
             if live:
                 queue.append(tick)
-        self.published += len(batch)
-        self._idle.clear()
-        self._wake.set()
+        self.published += accepted
+        if queue or not live:
+            self._idle.clear()
+            self._wake.set()
         if len(queue) >= self.max_batch:
             self._full.set()
 
@@ -339,11 +531,48 @@ class Publisher:
                     waiter.cancel()
                     stopper.cancel()
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued (for up to `timeout` seconds), then disconnect."""
-        if self._task is not None and self._connected.is_set():
-            with contextlib.suppress(Exception):
-                await self.flush(timeout)
+    async def sync(self, timeout: float | None = 30.0) -> bool:
+        """Flush, and wait until the other side has taken everything published
+        so far (waiting for it to come back, up to `timeout` seconds). False
+        if it did not happen in time, or the publisher has stopped."""
+        if self._task is None:
+            return True
+        confirm = getattr(self.transport, "sync", None)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._stopped.is_set():
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await self.flush(left)
+                conn = self._connection
+                if self._connected.is_set():
+                    if confirm is not None:
+                        async with asyncio.timeout(
+                                None if deadline is None else max(0.0, deadline - loop.time())):
+                            await confirm()
+                    # taken on the connection that had everything: done
+                    if (self._connection == conn and self._connected.is_set()
+                            and self._idle.is_set()):
+                        return True
+            except TimeoutError:
+                return False
+            except ConnectionError:
+                pass
+            except Exception:
+                if self._stopped.is_set():
+                    return False
+                raise
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return False
+
+    async def close(self, timeout: float = 5.0) -> bool:
+        """Deliver what is held (`sync`, for up to `timeout` seconds), then
+        disconnect. Returns whether everything was delivered."""
+        ok = True
+        if self._task is not None and not self._stopped.is_set():
+            ok = await self.sync(timeout)
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -351,8 +580,9 @@ class Publisher:
                 await self._task
         await self.transport.close()
         self._stop(ConnectionClosed(1000, "publisher closed"))
+        return ok
 
-    async def __aenter__(self) -> Publisher:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -369,8 +599,8 @@ class Publisher:
                 self.on_error(err)
             except Exception:
                 log.exception("fastfeed publisher: on_error callback failed")
-        else:
-            log.warning("fastfeed publisher: gateway refused: %s", err)
+        elif self.errors <= 10 or self.errors % 1000 == 0:
+            log.warning("fastfeed publisher: refused (%d so far): %s", self.errors, err)
 
     def _stop(self, error: BaseException) -> None:
         if not self._stopped.is_set():
@@ -410,13 +640,19 @@ class Publisher:
         """Send the held state, then batches, until the connection ends."""
         closed = asyncio.ensure_future(self.transport.closed())
         wake: asyncio.Future[Any] | None = None
+        self._connection += 1
         try:
             # what was queued is folded into the state: send the state instead
             self._queue = []
             self._connected.set()
             state = list(self._state.values())
             for i in range(0, len(state), self.max_batch):
-                await self._send([dict(t) for t in state[i : i + self.max_batch]])
+                batch = [dict(t) for t in state[i : i + self.max_batch]]
+                await self._send(batch)
+                self.resent += len(batch)
+            if state:
+                log.info("fastfeed publisher: sent the latest state of %d symbols on "
+                         "connecting", len(state))
             while not closed.done():
                 if not self._queue:
                     self._idle.set()
@@ -463,3 +699,32 @@ class Publisher:
         await self.transport.send(batch)
         self.sent += len(batch)
         self.batches += 1
+
+
+class RedisPublisher(Publisher):
+    """`Publisher` onto the Redis bus, with the keywords of the former
+    ``fastfeed.feed.publish.RedisPublisher``: a bad tick is reported (not
+    raised), `bus` is the transport's `fastfeed.bus.RedisBus`, `rejected`
+    counts refusals (`errors`), `wait_ready` is `wait_connected`."""
+
+    def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
+                 max_batch: int = MAX_BATCH, flush_ms: float = 5.0, max_inflight: int = 64,
+                 on_error: Callable[[FastfeedError], Any] | None = None,
+                 backoff: Backoff | None = None, validate: bool = False, **bus_kw: Any):
+        super().__init__(
+            transport=RedisTransport(url, channels=channels, prefix=prefix,
+                                     max_inflight=max_inflight, **bus_kw),
+            max_batch=max_batch, flush_ms=flush_ms, backoff=backoff, validate=validate,
+            on_error=on_error)
+
+    @property
+    def bus(self) -> RedisBus:
+        assert isinstance(self.transport, RedisTransport)
+        return self.transport.bus
+
+    @property
+    def rejected(self) -> int:
+        return self.errors
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await self.wait_connected(timeout)

@@ -1,29 +1,25 @@
-"""Publish ticks straight onto the Redis bus: `fastfeed publish` and `RedisPublisher`.
+"""`fastfeed publish`: ticks onto the Redis bus, or into one gateway's /ingest.
 
     fastfeed publish --redis redis://redis:6379/0 < ticks.ndjson
     fastfeed publish --redis redis://redis:6379/0 --file ticks.csv
     fastfeed publish --redis redis://redis:6379/0 --simulate 5000 --rate 50000
     fastfeed publish --redis redis+cluster://r1:6379,r2:6379 < ticks.ndjson   # Redis Cluster
+    fastfeed publish --url ws://gateway:8080/ingest --token T < ticks.ndjson  # one gateway
 
 Input is NDJSON (one tick object, or an array of them, per line) or CSV with a
 header row naming protocol fields (``sym,seq,bid,ask,...``; an empty cell
 leaves the field out). ``--format auto`` looks at the first character.
 
-For feed handlers written in Python:
+It is `fastfeed.publisher.Publisher` (the one publisher, also what feed
+handlers written in Python use): ticks are checked, gathered into batches (up
+to ``--batch`` ticks, or what arrived within 5 ms) and sent; the transport
+being away never blocks or fails publishing: the latest state of every
+symbol is held (memory bounded by symbols, not ticks) and sent first when
+the connection comes back. A refused tick is counted and reported on
+stderr; the exit status is 1 if any was, or if ``--wait`` seconds passed
+before the other side took everything.
 
-    from fastfeed.feed.publish import RedisPublisher
-
-    async with RedisPublisher("redis://redis:6379/0") as p:
-        await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0, "ask": 9125.0}])
-
-Ticks are validated, gathered into batches (up to `max_batch` ticks, or what
-arrived within `flush_ms`) and sent as one script call per partition, which
-stores them only-if-newer and publishes them (see `fastfeed.bus`). Redis
-being away never blocks or fails `publish`: the publisher keeps the latest
-state of every symbol it has published (memory bounded by symbols, not
-ticks) and sends that state first whenever the connection comes back; the
-store drops what it already had. A refused tick is counted (`rejected`) and
-handed to `on_error(index_in_batch, sym, message)`.
+`RedisPublisher` is importable from here as before (`fastfeed.publisher`).
 """
 
 from __future__ import annotations
@@ -41,186 +37,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .._core import FIELDS, encode_batch
-from ..bus import BusDown, RedisBus
+from .._core import FIELDS
+from ..client import FastfeedError
+from ..publisher import MAX_BATCH, Publisher, RedisPublisher, RedisTransport, WebSocketTransport
 
 __all__ = ["RedisPublisher", "add_publish_parser", "publish_main", "read_ticks", "run_simulator"]
 
 log = logging.getLogger("fastfeed.publish")
 
 _INT_FIELDS = frozenset({"seq", "ts"})
-
-
-class RedisPublisher:
-    """Batching, reconnecting publisher onto the Redis bus."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        channels: int = 16,
-        prefix: str = "fastfeed",
-        max_batch: int = 2000,
-        flush_ms: float = 5.0,
-        max_inflight: int = 64,
-        on_error: Callable[[int, Any, str], None] | None = None,
-        **bus_kw: Any,
-    ):
-        self.bus = RedisBus(url, None, channels=channels, prefix=prefix, subscribe=False,
-                            on_feed=self._on_feed, name="publisher", **bus_kw)
-        self.max_batch = max_batch
-        self.flush_ms = flush_ms
-        self.max_inflight = max_inflight
-        self.on_error = on_error
-        self.state: dict[str, dict[str, Any]] = {}
-        self.pending: list[dict[str, Any]] = []
-        self.published = 0  # ticks accepted (validated) so far
-        self.rejected = 0
-        self.resent = 0  # rows re-sent from the state after a reconnection
-        self.batches = 0
-        self._dirty_while_down = False
-        self._flusher: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
-        self._resend: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        await self.bus.start()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        await self.bus.wait_ready(timeout)
-
-    async def __aenter__(self) -> RedisPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.bus.ready
-
-    async def publish(self, ticks: dict[str, Any] | Iterable[dict[str, Any]]) -> None:
-        """Queue ticks; a full batch is sent at once, the rest within `flush_ms`."""
-        if isinstance(ticks, dict):
-            self.pending.append(ticks)
-        else:
-            self.pending.extend(ticks)
-        if len(self.pending) >= self.max_batch:
-            await self.flush()
-        elif self._wake is not None:
-            self._wake.set()
-
-    async def flush(self) -> None:
-        """Send what is queued (validated, merged into the resend state)."""
-        assert self._lock is not None, "start() first"
-        async with self._lock:
-            while self.pending:
-                chunk = self.pending[:self.max_batch]
-                del self.pending[:self.max_batch]
-                await self._send(chunk)
-
-    async def _send(self, ticks: list[dict[str, Any]]) -> None:
-        parts, errors = encode_batch(ticks, self.bus.parts)
-        bad = set()
-        for idx, sym, why in errors:
-            bad.add(idx)
-            self.rejected += 1
-            if self.on_error is not None:
-                self.on_error(idx, sym, why)
-            elif self.rejected <= 10:
-                log.warning("tick refused: %s (%s)", why, sym)
-        state = self.state
-        for i, t in enumerate(ticks):
-            if bad and i in bad:
-                continue
-            st = state.get(t["sym"])
-            if st is None:
-                state[t["sym"]] = dict(t)
-            elif t["seq"] > st["seq"]:
-                st.update(t)
-        self.published += len(ticks) - len(errors)
-        if not self.bus.ready:
-            self._dirty_while_down = True
-            return
-        try:
-            self.bus.publish_batches_nowait(parts)
-            self.batches += 1
-            if self.bus.inflight() > self.max_inflight:
-                await self.bus.flush()
-            else:
-                await self.bus.drain()
-        except BusDown:
-            # the state holds these; they go out when the bus is back
-            self._dirty_while_down = True
-
-    def _on_feed(self, up: bool) -> None:
-        resending = self._resend is not None and not self._resend.done()
-        if up and (self.state or self._dirty_while_down) and not resending:
-            self._resend = asyncio.get_running_loop().create_task(self._resend_state())
-
-    async def _resend_state(self) -> None:
-        assert self._lock is not None
-        async with self._lock:
-            rows = list(self.state.values())
-            self._dirty_while_down = False
-            try:
-                for i in range(0, len(rows), self.max_batch):
-                    parts, _ = encode_batch(rows[i:i + self.max_batch], self.bus.parts)
-                    self.bus.publish_batches_nowait(parts)
-                    await self.bus.flush()
-                self.resent += len(rows)
-                if rows:
-                    log.info("re-sent the latest state of %d symbols after reconnecting",
-                             len(rows))
-            except BusDown:
-                self._dirty_while_down = True
-
-    async def _flush_loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.flush_ms / 1000)
-            with contextlib.suppress(BusDown):
-                await self.flush()
-
-    async def sync(self, timeout: float | None = 30.0) -> bool:
-        """Flush, and wait until Redis has taken everything published so far
-        (waiting for it to come back, up to `timeout`). False if it did not."""
-        await self.flush()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                await self.bus.wait_ready(left)
-                if self._resend is not None:
-                    await self._resend
-                if self._dirty_while_down:
-                    await self._resend_state()
-                await self.bus.flush()
-                if not self._dirty_while_down:
-                    return True
-            except (TimeoutError, BusDown):
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
-                await asyncio.sleep(0.05)
-
-    async def close(self, timeout: float | None = 10.0) -> bool:
-        """Deliver what is queued (waiting up to `timeout` for Redis) and stop."""
-        ok = True
-        if self._flusher is not None:
-            ok = await self.sync(timeout)
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        await self.bus.close()
-        return ok
 
 
 # ---- input formats -------------------------------------------------------------
@@ -288,7 +113,7 @@ def _chain(first: str, stream: Any) -> Iterator[str]:
 # ---- the simulator ---------------------------------------------------------------
 
 
-async def simulate(pub: RedisPublisher, n: int, rate: float, seed: int = 0,
+async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
                    duration: float = 0.0, step: float = 0.005) -> int:
     """Publish the built-in simulated market until `duration` (0: forever)."""
     from .simulator import Simulator
@@ -325,13 +150,20 @@ def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int
 def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
     env = os.environ
     p = subparsers.add_parser(
-        "publish", help="publish ticks onto the Redis bus (NDJSON/CSV or simulated)",
-        description="Publish ticks to every gateway through Redis: NDJSON or CSV from stdin "
-                    "or --file, or a simulated market with --simulate. --redis-channels and "
-                    "--redis-prefix must match the gateways'.")
+        "publish", help="publish ticks onto the Redis bus or to a gateway (NDJSON/CSV or "
+                        "simulated)",
+        description="Publish ticks to every gateway through Redis (--redis), or to one "
+                    "gateway's /ingest (--url): NDJSON or CSV from stdin or --file, or a "
+                    "simulated market with --simulate. --redis-channels and --redis-prefix "
+                    "must match the gateways'.")
     p.add_argument("--redis", default=env.get("FASTFEED_REDIS", ""),
                    help="Redis URL, or redis+cluster://HOST:PORT,HOST:PORT for a Redis Cluster "
                         "(env FASTFEED_REDIS)")
+    p.add_argument("--url", default="",
+                   help="instead of --redis (wins over it): a gateway's ws://HOST:PORT/ingest")
+    p.add_argument("--token", default=env.get("FASTFEED_PUBLISHER_TOKEN", ""),
+                   help="the gateway's publisher token, with --url "
+                        "(env FASTFEED_PUBLISHER_TOKEN)")
     p.add_argument("--redis-channels", type=int,
                    default=int(env.get("FASTFEED_REDIS_CHANNELS", "16")),
                    help="pub/sub partitions (env FASTFEED_REDIS_CHANNELS, default 16)")
@@ -339,7 +171,8 @@ def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="key and channel prefix (env FASTFEED_REDIS_PREFIX, default fastfeed)")
     p.add_argument("--file", default="-", help="input file (default: stdin)")
     p.add_argument("--format", choices=("auto", "ndjson", "csv"), default="auto")
-    p.add_argument("--batch", type=int, default=2000, help="ticks per batch (default 2000)")
+    p.add_argument("--batch", type=int, default=MAX_BATCH,
+                   help=f"ticks per batch (default {MAX_BATCH})")
     p.add_argument("--simulate", type=int, default=0, metavar="N",
                    help="publish a simulated market of N instruments instead of reading input")
     p.add_argument("--rate", type=float, default=2000.0, help="simulated ticks per second")
@@ -347,15 +180,20 @@ def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop the simulation after this many seconds (0: run until killed)")
     p.add_argument("--wait", type=float, default=30.0,
-                   help="seconds to wait for Redis before giving up (default 30)")
+                   help="seconds to wait for Redis (or the gateway) before giving up "
+                        "(default 30)")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.set_defaults(func=publish_main)
     return p
 
 
 def publish_main(args: argparse.Namespace) -> int:
-    if not args.redis:
-        print("fastfeed publish: --redis URL (or FASTFEED_REDIS) is required", file=sys.stderr)
+    if not args.url and not args.redis:
+        print("fastfeed publish: give one of --redis URL (or FASTFEED_REDIS), for the bus, "
+              "or --url ws://HOST:PORT/ingest, for one gateway", file=sys.stderr)
+        return 2
+    if args.batch < 1:
+        print(f"fastfeed publish: --batch must be at least 1, not {args.batch}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -367,15 +205,34 @@ def publish_main(args: argparse.Namespace) -> int:
 async def _publish(args: argparse.Namespace) -> int:
     import signal
 
-    pub = RedisPublisher(args.redis, channels=args.redis_channels, prefix=args.redis_prefix,
-                         max_batch=args.batch)
-    await pub.start()
+    refused: list[str] = []
+
+    def on_error(err: FastfeedError) -> None:
+        if len(refused) < 20:
+            refused.append(str(err))
+
+    transport: RedisTransport | WebSocketTransport
+    if args.url:
+        transport = WebSocketTransport(args.url, args.token or None)
+        where = f"gateway {args.url}"
+    else:
+        transport = RedisTransport(args.redis, channels=args.redis_channels,
+                                   prefix=args.redis_prefix)
+        where = f"Redis {transport.url}"
+    pub = Publisher(transport=transport, max_batch=args.batch, validate=False,
+                    on_error=on_error)
     try:
-        await pub.wait_ready(args.wait)
+        await pub.wait_connected(args.wait)
     except TimeoutError:
-        print(f"fastfeed publish: Redis {pub.bus.url} unreachable for {args.wait:g}s: "
-              f"{pub.bus.last_error}", file=sys.stderr)
-        await pub.bus.close()
+        why = transport.last_error if isinstance(transport, RedisTransport) else (
+            pub.error or "no connection")
+        print(f"fastfeed publish: {where} unreachable for {args.wait:g}s: {why}",
+              file=sys.stderr)
+        await pub.close(0)
+        return 1
+    if pub.error is not None:
+        print(f"fastfeed publish: {where}: {pub.error}", file=sys.stderr)
+        await pub.close(0)
         return 1
     t0 = time.perf_counter()
     problems: list[str] = []
@@ -417,13 +274,15 @@ async def _publish(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     for p in problems[:20]:
         print(f"fastfeed publish: {p}", file=sys.stderr)
+    for r in refused:
+        print(f"fastfeed publish: refused: {r}", file=sys.stderr)
     if not args.quiet:
         print(f"published {pub.published} ticks in {dt:.2f}s ({pub.published / max(dt, 1e-9):,.0f}"
-              f" ticks/s, {pub.batches} batches); refused {pub.rejected + len(problems)}"
-              + (f"; re-sent {pub.resent} rows after reconnecting" if pub.resent else ""),
+              f" ticks/s, {pub.batches} batches); refused {pub.errors + len(problems)}"
+              + (f"; re-sent {pub.resent} rows on reconnecting" if pub.resent else ""),
               file=sys.stderr)
     if not ok:
-        print("fastfeed publish: Redis did not take every tick before the deadline",
+        print(f"fastfeed publish: {where} did not take every tick before the deadline",
               file=sys.stderr)
         return 1
-    return 1 if pub.rejected or problems else 0
+    return 1 if pub.errors or problems else 0
