@@ -265,3 +265,66 @@ async def test_a_wrong_publisher_token_stops_the_publisher() -> None:
         with pytest.raises(ConnectionClosed):
             await p.publish(GOOD)
         await p.close()
+
+
+# ------------------------------------------------------------------ one engine, two transports
+
+
+async def test_the_same_engine_publishes_onto_redis(tmp_path: Any) -> None:
+    from redis_server import RedisServer
+
+    from fastfeed._core import Table
+    from fastfeed.bus import RedisBus
+    from fastfeed.publisher import RedisTransport
+
+    errors: list[FastfeedError] = []
+    with RedisServer() as r:
+        table = Table()
+        async with RedisBus(r.url, table, channels=4, prefix="one") as sub:
+            await sub.wait_ready(5)
+            async with Publisher(r.url, channels=4, prefix="one", validate=False,
+                                 on_error=errors.append, max_batch=100) as p:
+                assert isinstance(p.transport, RedisTransport)
+                await p.wait_connected(5)
+                await p.publish([{"sym": f"R{i}", "seq": 1, "bid": float(i)} for i in range(250)]
+                                + [{"sym": "bad sym", "seq": 1}])
+                assert await p.sync(10)
+                assert (p.published, p.sent, p.batches, p.errors) == (250, 250, 3, 1)
+                assert errors[0].code == "bad_request" and errors[0].symbols == ["bad sym"]
+            await until(lambda: len(table) == 250)
+
+
+def test_a_url_names_its_transport() -> None:
+    from fastfeed.publisher import RedisTransport, WebSocketTransport, transport_for
+
+    assert isinstance(transport_for("ws://h:1/ingest"), WebSocketTransport)
+    for url in ("redis://h:1/0", "redis+cluster://a:1,b:2", "redis+sentinel://s:1/m"):
+        assert isinstance(transport_for(url), RedisTransport)
+    with pytest.raises(ValueError, match="ws://"):
+        transport_for("http://h:1/ingest")
+    with pytest.raises(ValueError, match="token"):
+        transport_for("redis://h:1", token="t")
+
+
+async def test_sync_is_answered_by_the_gateway(gateway: Any) -> None:
+    async with Publisher(gateway.ingest_url) as p:
+        await p.publish({"sym": "SYNC", "seq": 1, "bid": 1.0})
+        assert await p.sync(10)
+        assert p.sent == 1
+
+
+async def test_publish_command_into_one_gateway(gateway: Any, tmp_path: Any) -> None:
+    import json
+    import sys
+
+    path = tmp_path / "ticks.ndjson"
+    path.write_text("".join(json.dumps({"sym": f"W{i}", "seq": 1, "last": float(i)}) + "\n"
+                            for i in range(30)) + '{"sym": "bad sym", "seq": 1}\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fastfeed", "publish", "--url", gateway.ingest_url,
+        "--file", str(path), stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 1, err  # one tick refused
+    assert b"published 30 ticks" in err and b"refused 1" in err and b"bad sym" in err
+    rows = await rows_of(gateway, ["W0", "W29"], lambda r: len(r) == 2)
+    assert rows["W29"]["last"] == 29.0
