@@ -1,7 +1,9 @@
 """The bus on a Redis Cluster: ``redis+cluster://host1:port,host2:port``.
 
 The names, the row script and the subscribe-then-snapshot order are those of
-`fastfeed.bus.RedisBus`; what changes is where each command goes.
+`fastfeed.bus.RedisBus`; what changes is where each command goes: that is
+`ClusterLink`, the cluster's `fastfeed.bus.link.Link`, under the same state
+store and subscriber as on one Redis.
 
 Slots. Redis Cluster puts key (or shard channel) ``k`` in slot
 ``CRC16(k) mod 16384`` (the XMODEM CRC), hashing only the part between the
@@ -50,22 +52,11 @@ from typing import Any
 
 import hiredis
 
-from . import (
-    BREAKER_NAMES,
-    CLOSED,
-    ROW_SCRIPT,
-    BusConfigError,
-    BusDown,
-    RedisBus,
-    RedisError,
-    _Conn,
-    _SubConn,
-    fmt_addr,
-    split_hosts,
-)
+from . import RedisBus
+from .link import Addr, BusDown, Link, RedisError, _Conn, fmt_addr, split_hosts
 
-__all__ = ["SLOTS", "ClusterBus", "ClusterURL", "crc16", "key_slot", "parse_cluster_url",
-           "spread_tags"]
+__all__ = ["SLOTS", "ClusterBus", "ClusterLink", "ClusterURL", "crc16", "key_slot",
+           "parse_cluster_url", "spread_tags"]
 
 log = logging.getLogger("fastfeed.bus")
 
@@ -136,7 +127,7 @@ class ClusterURL:
     username: str | None = None
     password: str | None = None
     tls: bool = False
-    path: str | None = None  # never a unix socket; here so RedisBus._open reads it alike
+    path: str | None = None  # never a unix socket; here so Link.open reads it alike
     db: int = 0
 
     def __str__(self) -> str:  # never shows the password
@@ -166,48 +157,50 @@ def parse_cluster_url(url: str) -> ClusterURL:
     return ClusterURL(tuple(seeds), user, password, scheme.lower().startswith("rediss"))
 
 
-# ---- the bus -----------------------------------------------------------------------
+# ---- the link -----------------------------------------------------------------------
 
 
 @dataclass
 class _Node:
-    addr: tuple[str, int]
+    addr: Addr
     cmd: _Conn
-    sub: _SubConn | None = None
     parts: list[int] = field(default_factory=list)
 
 
-class ClusterBus(RedisBus):
-    """`RedisBus` routed over the masters of a Redis Cluster (see the module)."""
+class ClusterLink(Link):
+    """`Link` routed over the masters of a Redis Cluster (see the module)."""
 
-    def __init__(self, url: str, table: Any = None, **kw: Any) -> None:
+    def __init__(self, url: str, **kw: Any) -> None:
         kw["sharded"] = True
-        kw.setdefault("backoff_cap", 0.5)
-        cu = parse_cluster_url(url)
-        super().__init__("redis://127.0.0.1", table, **kw)
-        if self.parts > SLOTS:
-            raise ValueError(f"at most {SLOTS} channels on a Redis Cluster")
-        self.url = cu
-        tags = spread_tags(self.parts)
-        self.tags = tags
-        self.channel_names = [f"{self.prefix}:ticks:{{{t}}}".encode() for t in tags]
-        self.row_keys = [f"{self.prefix}:row:{{{t}}}".encode() for t in tags]
-        self.part_slots = [key_slot(k) for k in self.row_keys]
-        self.meta_key = f"{self.prefix}:meta"
-        self.nodes: dict[tuple[str, int], _Node] = {}
-        self.part_node: list[tuple[str, int] | None] = [None] * self.parts
-        self.slot_map: list[tuple[int, int, tuple[str, int]]] = []
-        self.known: list[tuple[str, int]] = []  # masters last seen, tried before the seeds
         self.redirects = 0  # MOVED/ASK replies followed
         self.slot_map_reads = 0
-        self._opening: dict[tuple[str, int], asyncio.Future[_Conn]] = {}
+        super().__init__(url, **kw)
+        if self.parts > SLOTS:
+            raise ValueError(f"at most {SLOTS} channels on a Redis Cluster")
+        self.part_slots = [key_slot(k) for k in self.row_keys]
+        self.nodes: dict[Addr, _Node] = {}
+        self.part_node: list[Addr | None] = [None] * self.parts
+        self.slot_map: list[tuple[int, int, Addr]] = []
+        self.known: list[Addr] = []  # masters last seen, tried before the seeds
+        self._opening: dict[Addr, asyncio.Future[_Conn]] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._redirecting = 0  # redirected commands not answered yet
-        self._bad: set[tuple[str, int]] = set()  # nodes that failed us last time
+        self._bad: set[Addr] = set()  # nodes that failed us last time
+
+    def _parse(self, url: str) -> Any:
+        return parse_cluster_url(url)
+
+    def _default_cap(self) -> float:
+        return 0.5
+
+    def _names(self) -> tuple[list[bytes], list[bytes]]:
+        self.tags = spread_tags(self.parts)
+        return ([f"{self.prefix}:ticks:{{{t}}}".encode() for t in self.tags],
+                [f"{self.prefix}:row:{{{t}}}".encode() for t in self.tags])
 
     # ---- the slot map ----
 
-    def owner(self, slot: int) -> tuple[str, int] | None:
+    def owner(self, slot: int) -> Addr | None:
         m = self.slot_map
         i = bisect.bisect_right([a for a, _, _ in m], slot) - 1
         if i >= 0 and m[i][0] <= slot <= m[i][1]:
@@ -222,8 +215,8 @@ class ClusterBus(RedisBus):
         for addr in cands:
             conn: _Conn | None = None
             try:
-                conn = await self._open("slots", lambda: _Conn("slots", lambda _c, _e: None),
-                                        addr)
+                conn = await self.open("slots", lambda: _Conn("slots", lambda _c, _e: None),
+                                       addr)
                 raw = await conn.call("CLUSTER", "SLOTS", timeout=self.connect_timeout)
             except (OSError, TimeoutError, BusDown, RedisError) as e:
                 tried.append(f"{_fmt(addr)}: {e or type(e).__name__}")
@@ -278,7 +271,7 @@ class ClusterBus(RedisBus):
         name = f"cmd@{_fmt(addr)}"
         try:
             try:
-                conn = await self._open(name, lambda: _Conn(name, self._on_lost), addr)
+                conn = await self.open(name, lambda: _Conn(name, self._on_lost), addr)
             except (OSError, TimeoutError) as e:
                 self._bad.add(addr)
                 slots = self._slots_of(addr)
@@ -296,20 +289,23 @@ class ClusterBus(RedisBus):
         finally:
             self._opening.pop(addr, None)
 
+    def conn_name(self, kind: str, addr: Addr | None) -> str:
+        return f"{kind}@{_fmt(addr)}" if addr is not None else kind
+
+    def _where(self, addr: Addr | None) -> str:
+        node = self.nodes.get(addr) if addr is not None else None
+        if node is None:
+            return super()._where(addr)
+        return f"master {_fmt(node.addr)} (partitions {_ranges(node.parts)}): "
+
     def _on_lost(self, conn: _Conn, exc: Exception | None) -> None:
-        for node in self.nodes.values():
-            if conn is node.cmd or conn is node.sub:
-                kind = conn.name.partition("@")[0]
-                self.last_error = (f"master {_fmt(node.addr)} (partitions {_ranges(node.parts)}):"
-                                   f" {kind} connection lost" + (f": {exc}" if exc else ""))
-                self.lost_node = _fmt(node.addr)
-                self._bad.add(node.addr)
-                if self._lost is not None:
-                    self._lost.set()
-                return
+        for c, addr in self._watched():
+            if c is conn and addr is not None:
+                self._bad.add(addr)
+                break
+        super()._on_lost(conn, exc)
 
     async def _connect_once(self) -> None:
-        t = self.connect_timeout
         self.slot_map = await self._read_slots()
         self.known = list(dict.fromkeys(a for _, _, a in self.slot_map))
         before = self.part_node
@@ -321,124 +317,58 @@ class ClusterBus(RedisBus):
         # a master that failed last time first: if it is still away, this
         # attempt ends before connecting to the others
         for addr in sorted(self.known, key=lambda a: a not in self._bad):
-            conn = await self._node_conn(addr)
-            sha = await conn.call("SCRIPT", "LOAD", ROW_SCRIPT, timeout=t)
-            self._sha = sha
+            await self._node_conn(addr)
         for n, a in enumerate(self.part_node):
             assert a is not None
             self.nodes[a].parts.append(n)
-        meta = self.owner(key_slot(self.meta_key))
-        assert meta is not None
-        mconn = await self._node_conn(meta)
-        await mconn.call("HSETNX", self.meta_key, "channels", self.parts, timeout=t)
-        have = await mconn.call("HGET", self.meta_key, "channels", timeout=t)
-        if have is not None and int(have) != self.parts:
-            raise BusConfigError(
-                f"Redis prefix {self.prefix!r} is used with {int(have)} channels, this process "
-                f"has --redis-channels {self.parts}: use the same count everywhere (or another "
-                f"--redis-prefix, or DEL {self.meta_key} after stopping every gateway and "
-                "publisher)")
-        if self.subscribing:
-            futs: list[asyncio.Future[Any]] = []
-            for addr, node in list(self.nodes.items()):
-                if not node.parts:
-                    continue
-                name = f"sub@{_fmt(addr)}"
-                sub = await self._open(
-                    name, lambda name=name: _SubConn(name, self._on_lost, self), addr)  # type: ignore[misc]
-                assert isinstance(sub, _SubConn)
-                node.sub = sub
-                # one slot per SSUBSCRIBE: a cluster refuses channels of several slots
-                for n in node.parts:
-                    futs.extend(sub.write((b"SSUBSCRIBE", self.channel_names[n])))
-            await asyncio.wait_for(asyncio.gather(*futs), t)
-            await self._load_snapshot()
         for (was, now), ns in moves.items():
             log.warning("bus: partitions %s moved from %s to %s", _ranges(ns), was, now)
-        log.info("bus: cluster slot map from %d masters; partitions per master: %s",
-                 len(self.known), self._spread())
 
-    def _key_conn(self, n: int) -> _Conn:
+    def _up_message(self) -> str:
+        return (f"{super()._up_message()}; cluster slot map from {len(self.known)} masters; "
+                f"partitions per master: {self._spread()}")
+
+    # ---- routing ----
+
+    def cmd_conns(self) -> list[_Conn]:
+        return [node.cmd for node in self.nodes.values() if not node.cmd.closed]
+
+    def key_conn(self, n: int) -> _Conn:
         a = self.part_node[n]
         node = self.nodes.get(a) if a is not None else None
         if node is None or node.cmd.closed:
             raise BusDown(f"redis cluster: no connection to the master of partition {n}")
         return node.cmd
 
-    def _conns(self) -> list[_Conn]:
-        out: list[_Conn] = []
-        for node in self.nodes.values():
-            out.append(node.cmd)
-            if node.sub is not None:
-                out.append(node.sub)
-        return out
+    def meta_conn(self) -> _Conn:
+        meta = self.owner(key_slot(self.meta_key))
+        node = self.nodes.get(meta) if meta is not None else None
+        if node is None or node.cmd.closed:
+            raise BusDown(f"redis cluster: no connection to the master of {self.meta_key}")
+        return node.cmd
 
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.ping_interval)
-            for node in list(self.nodes.values()):
-                for c in (node.cmd, node.sub):
-                    if c is None:
-                        continue
-                    try:
-                        await c.call("PING", timeout=self.ping_timeout)
-                    except (TimeoutError, BusDown, RedisError) as e:
-                        self.last_error = (f"master {_fmt(node.addr)} (partitions "
-                                           f"{_ranges(node.parts)}): no answer to PING on "
-                                           f"{c.name.partition('@')[0]}: {e or type(e).__name__}")
-                        self.lost_node = _fmt(node.addr)
-                        assert self._lost is not None
-                        self._lost.set()
-                        return
+    def groups(self) -> list[tuple[Addr | None, list[int]]]:
+        return [(addr, list(node.parts)) for addr, node in self.nodes.items()]
+
+    def _watched(self) -> list[tuple[_Conn, Addr | None]]:
+        return [(node.cmd, addr) for addr, node in self.nodes.items()] + self._extra
 
     def _teardown(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
             self._refresh = None
-        for c in self._conns():
-            c.on_lost = lambda _c, _e: None
-            c.abort()
-            if not c.closed:
-                c.connection_lost(None)
+        super()._teardown()
         self.nodes = {}
 
-    # ---- publishing ----
-
-    def _check_up(self) -> None:
-        if self.breaker != CLOSED or not self.nodes:
-            self.publish_refused += 1
-            why = f": {self.last_error}" if self.last_error else ""
-            raise BusDown(f"redis bus is down (circuit {BREAKER_NAMES[self.breaker]}{why}); "
-                          "ticks were not published")
-
-    def _send(self, parts: list[bytes], publish: bool = True,
-              callback: Callable[[Any], None] | None = None) -> list[asyncio.Future[Any]]:
-        futs: list[asyncio.Future[Any]] = []
-        loop = asyncio.get_running_loop()
-        for n, b in enumerate(parts):
-            if not b:
-                continue
-            conn = self._key_conn(n)
-            args = (b"EVALSHA", self._sha, b"1", self.row_keys[n], b,
-                    self.channel_names[n] if publish else b"", self._spub)
-            if callback is None:
-                fut = loop.create_future()
-                futs.append(fut)
-                cb = _settle(fut)
-            else:
-                cb = callback
-            conn.write(args, callback=self._reply_to(conn, n, args, cb, 0))
-            self.published_batches += 1
-        return futs
+    def send(self, n: int, args: Sequence[Any], callback: Callable[[Any], None]) -> None:
+        conn = self.key_conn(n)
+        conn.write(args, callback=self._reply_to(conn, n, args, callback, 0))
 
     def _reply_to(self, conn: _Conn, n: int, args: Sequence[Any],
                   callback: Callable[[Any], None], hops: int) -> Callable[[Any], None]:
         def done(r: Any) -> None:
             if isinstance(r, hiredis.ReplyError):
                 msg = str(r)
-                if msg.startswith("NOSCRIPT") and not conn.closed:
-                    conn.write((b"EVAL", ROW_SCRIPT, *args[2:]), callback=done)
-                    return
                 if msg.startswith(("MOVED ", "ASK ")) and hops < 5:
                     asyncio.get_running_loop().create_task(
                         self._redirect(msg, n, args, callback, hops + 1))
@@ -476,7 +406,8 @@ class ClusterBus(RedisBus):
 
     async def _refresh_slots(self) -> None:
         """After MOVED: re-read the slot map. Publishing follows it in place; a
-        subscribing bus must move its subscriptions, so it reconnects."""
+        job that cannot (the subscriber, whose subscriptions must move) makes
+        the link reconnect."""
         try:
             self.slot_map = await self._read_slots()
         except BusDown as e:
@@ -486,9 +417,7 @@ class ClusterBus(RedisBus):
             return
         now = [self.owner(s) for s in self.part_slots]
         moved = [n for n, (a, b) in enumerate(zip(now, self.part_node, strict=True)) if a != b]
-        if self.subscribing and any(
-                self.nodes.get(a) is None or n not in self.nodes[a].parts
-                for n, a in enumerate(now) if a is not None):
+        if not all(job.still_routed(now) for job in self.jobs):
             self.last_error = "the slot map changed (MOVED)"
             if self._lost is not None:
                 self._lost.set()
@@ -502,28 +431,20 @@ class ClusterBus(RedisBus):
             log.info("bus: slot map re-read; partitions %s moved; per master: %s",
                      _ranges(moved), self._spread())
 
-    def inflight(self) -> int:
-        return sum(len(node.cmd.waiters) for node in self.nodes.values())
-
-    async def drain(self) -> None:
-        for node in list(self.nodes.values()):
-            await node.cmd.drain()
-
-    async def flush(self) -> None:
+    async def barrier(self) -> None:
         """Wait until every master answered everything sent so far."""
-        self._check_up()
-        await asyncio.gather(*(node.cmd.call("PING", timeout=self.ping_timeout + 30)
-                               for node in list(self.nodes.values())))
+        await super().barrier()
         # a redirected command is answered by its new node, maybe after our
         # PING of it: wait for those too
         while self._redirecting:
             await asyncio.sleep(0.005)
-            self._check_up()
+            self.check_up()
 
-    async def delete_state(self) -> None:
-        self._check_up()
-        for n, key in enumerate(self.row_keys):
-            await self._key_conn(n).call("DEL", key)
+
+class ClusterBus(RedisBus):
+    """`RedisBus` over a Redis Cluster: its link is a `ClusterLink`."""
+
+    link_class = ClusterLink
 
 
 def _settle(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
