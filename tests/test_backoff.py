@@ -35,8 +35,7 @@ def test_the_client_the_bus_and_the_supervisor_share_it() -> None:
     assert isinstance(workers.RESTART_BACKOFF, Backoff)
     assert workers.RESTART_BACKOFF.ceiling(0) == workers.RESTART_MIN_S
     assert workers.RESTART_BACKOFF.ceiling(100) == workers.RESTART_MAX_S
-    bus = RedisBus("redis://127.0.0.1:1", None, subscribe=False, backoff_base=0.1,
-                   backoff_cap=0.8)
+    bus = RedisBus("redis://127.0.0.1:1", backoff_base=0.1, backoff_cap=0.8)
     for attempt, ceiling in [(0, 0.1), (1, 0.2), (3, 0.8), (50, 0.8)]:
         for _ in range(50):
             assert ceiling / 2 <= bus.backoff(attempt) <= ceiling

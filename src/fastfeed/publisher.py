@@ -277,8 +277,9 @@ class RedisTransport:
 
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
-        self.bus = RedisBus(url, None, channels=channels, prefix=prefix, subscribe=False,
-                            on_feed=self._on_feed, name=name, **bus_kw)
+        # a bus without a table: the link and the state store, no subscriber
+        self.bus = RedisBus(url, channels=channels, prefix=prefix, on_feed=self._on_feed,
+                            name=name, **bus_kw)
         self.max_inflight = max_inflight
         self.on_error: Callable[[FastfeedError], None] | None = None
         self._done: asyncio.Future[int] | None = None

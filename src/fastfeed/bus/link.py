@@ -561,13 +561,15 @@ class Link:
         await conn.call("CLIENT", "SETNAME", f"fastfeed-{self.name}-{name}", timeout=t)
         return conn
 
-    async def open_watched(self, kind: str, factory: Callable[[str], _Conn],
-                           addr: Addr | None) -> _Conn:
+    async def open_watched(
+            self, kind: str, factory: Callable[[str, Callable[[_Conn, Exception | None], None]],
+                                               _Conn],
+            addr: Addr | None) -> _Conn:
         """A job's connection to `addr` (None: where the command connection
-        goes): pinged, and its loss takes the link down like any other."""
+        goes), made by ``factory(name, on_lost)``: pinged, and its loss takes
+        the link down like any other."""
         name = self.conn_name(kind, addr)
-        conn = await self.open(name, lambda: factory(name), addr or self._addr)
-        conn.on_lost = self._on_lost
+        conn = await self.open(name, lambda: factory(name, self._on_lost), addr or self._addr)
         self._extra.append((conn, addr))
         return conn
 

@@ -121,7 +121,7 @@ class Subscriber:
             if not parts:
                 continue
             conn = await link.open_watched(
-                "sub", lambda name: _SubConn(name, link._on_lost, self), addr)
+                "sub", lambda name, on_lost: _SubConn(name, on_lost, self), addr)
             names = [link.channel_names[n] for n in parts]
             if link.sharded:
                 # one slot per SSUBSCRIBE: a cluster refuses channels of several slots
