@@ -328,3 +328,29 @@ def test_read_ticks_ndjson_and_csv():
                                            {"sym": "B", "seq": 2, "ask": 3.0}]
     with pytest.raises(ValueError):
         list(read_ticks(io.StringIO("sym,price\nA,1\n"), "csv"))
+
+
+async def test_a_bus_without_a_table_has_no_subscriber(redis, prefix):
+    """The parts: a link and its store always; a subscriber, with its own
+    connection, only for a bus given a table."""
+    from fastfeed.bus import Link, RowStore, Subscriber
+
+    table = Table()
+    async with RedisBus(redis.url, channels=2, prefix=prefix, name="solo") as pub, \
+            RedisBus(redis.url, table, channels=2, prefix=prefix, name="gw") as sub:
+        await pub.wait_ready(5)
+        await sub.wait_ready(5)
+        assert isinstance(pub.link, Link) and isinstance(pub.store, RowStore)
+        assert pub.subscriber is None and isinstance(sub.subscriber, Subscriber)
+        assert pub.link.jobs == [pub.store] and sub.link.jobs == [sub.store, sub.subscriber]
+        names = [ln for ln in redis.command("CLIENT", "LIST").decode().splitlines()
+                 if "name=fastfeed-" in ln]
+        assert sum("name=fastfeed-solo-" in ln for ln in names) == 1  # cmd only
+        assert sum("name=fastfeed-gw-" in ln for ln in names) == 2  # cmd and sub
+        assert pub.stats()["messages"] == 0
+        await pub.publish([{"sym": "J1", "seq": 1, "bid": 1.0}])
+        await until(lambda: len(table) == 1)
+    with pytest.raises(ValueError, match="table"):
+        RedisBus(redis.url, table, subscribe=False)
+    with pytest.raises(ValueError, match="table"):
+        RedisBus(redis.url, None, subscribe=True)

@@ -447,19 +447,6 @@ class ClusterBus(RedisBus):
     link_class = ClusterLink
 
 
-def _settle(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
-    def done(r: Any) -> None:
-        if fut.done():
-            return
-        if isinstance(r, hiredis.ReplyError):
-            fut.set_exception(RedisError(str(r)))
-        elif isinstance(r, BaseException):
-            fut.set_exception(r)
-        else:
-            fut.set_result(r)
-    return done
-
-
 def _ranges(ns: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'"""
     out: list[str] = []
