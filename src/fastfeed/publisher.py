@@ -487,28 +487,34 @@ class Publisher:
             if self._stopped.is_set():
                 raise self.error or ConnectionClosed(1000, "publisher closed")
         state = self._state
+        held_of = state.get
         queue = self._queue
+        append = queue.append
         live = self._connected.is_set()
-        check = not self.validate
+        # with validate, every tick was checked above; else each is checked here
+        check = None if self.validate else check_tick
         accepted = 0
         for i, t in enumerate(batch):
-            tick = dict(t) if isinstance(t, Mapping) else t
-            if check:
-                why = check_tick(tick) if isinstance(tick, dict) else "a tick is a mapping"
+            # a copy: the caller may reuse its dicts
+            tick = dict(t) if type(t) is dict or isinstance(t, Mapping) else None
+            if check is not None:
+                why = check(tick) if tick is not None else "a tick is a mapping"
                 if why is not None:
-                    self._on_error(_refused(i, tick.get("sym") if isinstance(tick, dict)
-                                            else None, why))
+                    self._on_error(_refused(i, tick.get("sym") if tick is not None else None,
+                                            why))
                     continue
+            assert tick is not None
             accepted += 1
-            held = state.get(tick["sym"])
+            sym = tick["sym"]
+            held = held_of(sym)
             if held is None:
-                state[tick["sym"]] = dict(tick)  # a copy: the queued tick must not change
+                state[sym] = dict(tick)  # a copy: the queued tick must not change
             elif tick["seq"] > held["seq"]:
                 held.update(tick)
             else:
                 continue  # the other side would drop it too
             if live:
-                queue.append(tick)
+                append(tick)
         self.published += accepted
         if queue or not live:
             self._idle.clear()
