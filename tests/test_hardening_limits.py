@@ -13,6 +13,7 @@ import asyncio
 import fnmatch
 import json
 import os
+import random
 import struct
 import time
 
@@ -21,7 +22,9 @@ import websockets
 from support import http_get, start_gateway, until
 from wsraw import RawWS
 
-from fastfeed.session import list_page
+from fastfeed import _core
+from fastfeed.auth import EVERYTHING, Entitlements
+from fastfeed.session import SymbolIndex, list_page
 
 
 def rss_kib(pid: int) -> int:
@@ -70,6 +73,21 @@ def test_list_page_agrees_with_a_plain_glob_filter():
                 assert after is None or nxt > after, "each page makes progress"
                 after = nxt
             assert got == want, (match, cap)
+
+
+def test_the_symbol_index_keeps_each_entitlements_view_as_the_table_grows():
+    table = _core.Table(capacity=4096)
+    index = SymbolIndex(table)
+    ents = [EVERYTHING, Entitlements("a", ("B*", "X?A*")), Entitlements("b", ("*.1",)),
+            Entitlements("c", ())]
+    rng = random.Random(7)
+    for step in range(6):
+        for _ in range(rng.choice([1, 5, 300])):
+            table.intern_symbol(rng.choice("BXYZ") + "".join(
+                rng.choice("AB.1") for _ in range(rng.randint(1, 5))))
+        every = sorted(table.symbol(i) for i in range(len(table)))
+        for ent in ents:
+            assert index.visible(ent) == [s for s in every if ent.allows(s)], (step, ent)
 
 
 async def test_list_is_paged_with_more_and_after():

@@ -56,15 +56,22 @@ class SymbolIndex:
     def visible(self, ent: Entitlements) -> list[str]:
         n = len(self.table)
         if n != self.n:
-            self.all = sorted(self.all + self.table_slice(self.n, n))
+            _merge(self.all, self.table_slice(self.n, n))
             self.n = n
         if ent.patterns is None:
             return self.all
         seen, syms = self.by_ent.get(ent.patterns, (0, []))
         if seen != n:
-            add = [s for s in self.table_slice(seen, n) if ent.allows(s)]
-            if add:
-                syms = sorted(syms + add)
+            if seen:
+                _merge(syms, [s for s in self.table_slice(seen, n) if ent.allows(s)])
+            else:  # each pattern's literal prefix is a range of the sorted list
+                hits: set[str] = set()
+                for p in ent.patterns:
+                    page: str | None = ""
+                    while page is not None:
+                        out, page, _ = list_page(self.all, p, page or None, 1 << 30)
+                        hits.update(out)
+                syms = sorted(hits)
             if len(self.by_ent) >= _ENT_CACHE and ent.patterns not in self.by_ent:
                 self.by_ent.clear()  # many distinct tokens: start over rather than grow
             self.by_ent[ent.patterns] = (n, syms)
@@ -72,6 +79,16 @@ class SymbolIndex:
 
     def table_slice(self, lo: int, hi: int) -> list[str]:
         return [self.table.symbol(i) for i in range(lo, hi)]
+
+
+def _merge(into: list[str], new: list[str]) -> None:
+    """Add `new` to the sorted list `into`, in place."""
+    if len(new) < 64:
+        for s in new:
+            bisect.insort(into, s)
+    else:
+        into.extend(new)
+        into.sort()
 
 
 def list_page(syms: list[str], match: str | None, after: str | None,
