@@ -147,14 +147,15 @@ async def test_a_list_flood_over_a_large_table_does_not_stall_other_clients():
         first = json.loads((await flooder.recv_frame(10))[1])
         assert first["type"] == "list" and first["more"] is True
         assert len(first["symbols"]) == 10000
-        flooder.writer.write(_client_frame(b'{"op":"list"}') * 100)  # 100 in one write
+        # 200 in one write: twice the 100 of the report, so no refill mid-way saves it
+        flooder.writer.write(_client_frame(b'{"op":"list"}') * 200)
         seen = []
         while (frame := await flooder.recv_frame(10))[0] != 8:
             m = json.loads(frame[1])
             seen.append(m.get("code") or m["type"])
         flooder.close()
         assert struct.unpack("!H", frame[1][:2])[0] == 1008
-        assert "rate_limited" in seen and seen.count("list") < 20, seen[:30]
+        assert "rate_limited" in seen and seen.count("list") < 30, seen[:30]
         assert (await asyncio.to_thread(http_get, g.url + "/healthz", 5))[0] == 200
         # the canary still gets its updates after the flood
         await until(lambda: len(gaps) >= before + 20)
