@@ -114,6 +114,10 @@ async def test_list_is_paged_with_more_and_after():
         while (m := json.loads(await ws.recv()))["type"] != "error":
             pass
         assert m["code"] == "bad_request" and "after" in m["message"]
+        await ws.send(json.dumps({"op": "list", "match": "*" * 129}))
+        while (m := json.loads(await ws.recv()))["type"] != "error":
+            pass
+        assert m["code"] == "bad_request" and "128" in m["message"]
 
 
 async def test_a_list_flood_over_a_large_table_does_not_stall_other_clients():
