@@ -2,6 +2,7 @@
 # Python callers see the same objects through _core.pyi.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from picows.picows cimport WSTransport
 
 
 cdef enum:
@@ -44,6 +45,7 @@ cdef struct Stats:
 
 
 cdef bint symbol_ok(const char* s, Py_ssize_t n) noexcept
+cdef bint writable(WSTransport tr) noexcept
 
 
 cdef class Table:

@@ -105,6 +105,33 @@ cdef inline uint64_t _hash(const char* s, Py_ssize_t n) noexcept:
     return h
 
 
+cdef bint writable(WSTransport tr) noexcept:
+    """False once the connection is lost or its close frame is sent.
+
+    picows sets `is_disconnected` only when the loop delivers connection_lost,
+    one loop pass after the socket failed; until then the transport under it
+    says `is_closing()`, and every write to it is dropped with a warning.
+    """
+    if tr.is_disconnected or tr.is_close_frame_sent:
+        return False
+    try:
+        return not tr.underlying_transport.is_closing()
+    except BaseException:
+        return False
+
+
+def connected(WSTransport tr not None):
+    """True while `tr` may still be written to (a close frame included)."""
+    if tr.is_disconnected:
+        return False
+    return not tr.underlying_transport.is_closing()
+
+
+def can_send(WSTransport tr not None):
+    """True while `tr` takes messages: connected and no close frame sent yet."""
+    return writable(tr)
+
+
 def partition(str sym, int parts):
     """Bus partition of a symbol: stable across processes and releases."""
     b = sym.encode()
@@ -1171,7 +1198,7 @@ cdef class Hub:
             self.capture.append((cid, PyBytes_FromStringAndSize(self.arena + off, n)))
             return 0
         tr = <WSTransport>o
-        if tr.is_disconnected or tr.is_close_frame_sent:
+        if not writable(tr):
             return 0
         tr.send_reuse_external_buffer(WSMsgType.BINARY if binary else WSMsgType.TEXT,
                                       self.arena + off, n)
@@ -1205,7 +1232,7 @@ cdef class Hub:
             self.capture.append((cid, data))
             return
         tr = <WSTransport>self.transports[cid]
-        if not tr.is_disconnected and not tr.is_close_frame_sent:
+        if writable(tr):
             tr.send(WSMsgType.TEXT, data)
 
     def take_latencies(self):

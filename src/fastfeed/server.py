@@ -26,7 +26,7 @@ from picows import (
     ws_create_server,
 )
 
-from . import _core, auth, metrics
+from . import _core, auth, logs, metrics
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
@@ -315,6 +315,7 @@ class Gateway:
                     s.close(1008, f"stalled: not reading for {self.cfg.stall_s:g}s", grace_s=5.0)
             stats = self.table.take_stats()
             self.metrics.flush(stats, self.hub.take_latencies())
+            logs.unexpected.flush()
             self.metrics.stalled.set(self.hub.paused_count())
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
@@ -429,9 +430,19 @@ class Gateway:
         self.stopped.set()
 
 
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exceptions no one awaited (tasks, callbacks): once per kind, like the listeners'."""
+    exc = context.get("exception")
+    if isinstance(exc, Exception):
+        logs.report_exception(exc, str(context.get("message", "a loop callback")))
+    else:
+        loop.default_exception_handler(context)
+
+
 async def serve(cfg: Config, sock: socket.socket | None = None, bus_factory=None) -> int:
     """Run one gateway until SIGTERM/SIGINT has drained it. Returns the exit code."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_on_loop_exception)
     gw = Gateway(cfg, loop)
     if bus_factory is not None:
         gw.bus = bus_factory(gw)
