@@ -7,7 +7,9 @@ process, its stderr read line by line, its /metrics scraped.
   including those picows sends by itself;
 - a client that resets its TCP connection in the middle of a burst leaves no
   "write() called after connection lost" lines: nothing writes to a lost
-  transport.
+  transport;
+- a full instrument table (--max-instruments) is logged once, naming the
+  setting, and counted.
 
 No request a client can send is known to raise inside the gateway (that is
 what the hardening is for), so the exception test injects one: the test's
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import websockets
-from support import free_port, http_get
+from support import free_port, http_get, until
 from test_metrics import Scrape, scrape_until
 from wsraw import RawWS
 
@@ -96,7 +98,7 @@ class Proc:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    p = Proc(tmp_path_factory.mktemp("obs"), "--conformance-echo")
+    p = Proc(tmp_path_factory.mktemp("obs"), "--max-instruments", "5", "--conformance-echo")
     try:
         p.wait_ready()
         yield p
@@ -154,6 +156,25 @@ async def test_closes_picows_sends_itself_are_counted_on_every_endpoint(gw: Proc
         ws.close()
     s = await wait(lambda s: closes(s, 1009) - closes(before, 1009) >= 2, "two 1009 closes")
     assert closes(s, 1009) - closes(before, 1009) == 2
+
+
+async def test_a_full_table_is_logged_once_naming_the_setting_and_counted(gw: Proc) -> None:
+    wait = scrape_until(gw.url)
+    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ingest") as ws:
+        await ws.send(json.dumps([{"sym": f"CAP{k}", "seq": 1, "bid": 1.0} for k in range(5)]))
+        await ws.send(json.dumps([{"sym": f"NEW{k}", "seq": 1, "bid": 1.0} for k in range(7)]))
+        errors = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(7)]
+        assert all("instrument table is full" in e["message"] for e in errors), errors
+        await ws.send(json.dumps({"sym": "LATEST", "seq": 1, "bid": 1.0}))
+        assert "full" in json.loads(await asyncio.wait_for(ws.recv(), 10))["message"]
+    s = await wait(lambda s: s("fastfeed_instruments_refused_total") >= 8, "8 refusals counted")
+    assert s("fastfeed_instruments_refused_total") == 8
+    assert s("fastfeed_instruments") == 5
+    await until(lambda: gw.lines("instrument table is full"), what="the refusal logged")
+    logged = gw.lines("instrument table is full")
+    assert len(logged) == 1, logged  # at most one line a minute
+    assert "--max-instruments" in logged[0] and "FASTFEED_MAX_INSTRUMENTS" in logged[0]
+    assert "at 5 instruments" in logged[0]
 
 
 def _burst_and_reset(port: int, syms: list[str]) -> None:

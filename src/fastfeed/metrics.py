@@ -115,6 +115,9 @@ class Metrics:
         self.internal_errors = Counter("fastfeed_internal_errors",
                                        "Unexpected exceptions (bugs) met, all of them; "
                                        "the log has the first of each kind")
+        self.instruments_refused = Counter(
+            "fastfeed_instruments_refused",
+            "Ticks for new symbols refused because the table is at --max-instruments")
         from . import logs
 
         logs.on_unexpected = self.internal_errors.inc
@@ -137,6 +140,8 @@ class Metrics:
                               ("overruns", self.overruns)):
             if stats[name]:
                 counter.inc(stats[name])
+        if stats.get("refused"):
+            self.instruments_refused.inc(stats["refused"])
         for ns in latencies_ns:
             self.latency.observe(max(ns, 0) / 1e9)
         if stats["pumps"]:

@@ -40,6 +40,7 @@ READ_BUFFER_BYTES = 2048
 PUMP_SLICE_NS = 1_000_000
 PACE_EVERY_S = 0.1
 PACE_BUSY = 0.75  # share of a core the frame pacing aims at under load
+REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
 
 SUBPROTOCOLS = ("fastfeed.v1.json", "fastfeed.v1.bin")
 
@@ -76,7 +77,8 @@ class Gateway:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
-        self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
+        self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
+                                 max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
         self.sessions: dict[int, Session] = {}
         self.per_ip: Counter[str] = Counter()
@@ -97,6 +99,8 @@ class Gateway:
         self._ingest_stale = 0
         self._tasks: list[asyncio.Task] = []
         self._pump_every = min(0.004, cfg.min_frame_ms / 4000)
+        self._refused = 0  # ticks for new symbols refused (table full) not logged yet
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
 
     # ---- routes
 
@@ -315,6 +319,7 @@ class Gateway:
                     s.close(1008, f"stalled: not reading for {self.cfg.stall_s:g}s", grace_s=5.0)
             stats = self.table.take_stats()
             self.metrics.flush(stats, self.hub.take_latencies())
+            self._log_refused(stats["refused"], stats["refused_symbol"])
             logs.unexpected.flush()
             self.metrics.stalled.set(self.hub.paused_count())
             self.metrics.instruments.set(len(self.table))
@@ -327,6 +332,19 @@ class Gateway:
                 if stale:
                     self._ingest_stale += stale
                     self.count_ticks("ingest", "stale", stale)
+
+    def _log_refused(self, n: int, symbol: str) -> None:
+        self._refused += n
+        now = time.monotonic()
+        if self._refused and now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.warning("instrument table is full at %d instruments: refused %d ticks for new "
+                        "symbols (the latest: %s) since the last such line; raise "
+                        "--max-instruments (FASTFEED_MAX_INSTRUMENTS) if these symbols are real, "
+                        "else find the publisher that invents them", self.cfg.max_instruments,
+                        self._refused, symbol, extra=logs.ctx(symbol=symbol,
+                                                              refused=self._refused))
+            self._refused = 0
+            self._refused_logged_at = now
 
     async def _simulate(self) -> None:
         sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
