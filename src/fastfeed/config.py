@@ -51,6 +51,8 @@ class Config:
     abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
     max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
     max_watched: int = _opt(50, "watched symbols per connection")
+    max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
+                                           "past it are refused (logged, counted)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
     max_connections_per_ip: int = _opt(2000, "client connections per remote address per worker")
     ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
@@ -179,6 +181,10 @@ def validate(cfg: Config) -> None:
         problems.append("max-queued-bytes must be at least high-water-bytes")
     if cfg.max_list_symbols < 1:
         problems.append("max-list-symbols must be at least 1")
+    if not 1 <= cfg.max_instruments <= 2**31 - 1:
+        problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
+    elif cfg.simulate > cfg.max_instruments:
+        problems.append(f"simulate {cfg.simulate} is over max-instruments {cfg.max_instruments}")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+from . import _core, logs
+
 if TYPE_CHECKING:
     from .server import Gateway
 
@@ -44,6 +46,10 @@ def valid_close_code(code: int) -> bool:
 
 
 class MessageListener(WSListener):
+    path = "?"  # the endpoint, for logs
+    peer = "?"
+    cid = -1
+
     def __init__(self, gw: Gateway, max_bytes: int) -> None:
         self.gw = gw
         self.max_bytes = max_bytes
@@ -79,6 +85,33 @@ class MessageListener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.frames_seen += 1
         self.frame_tail = frame.tail_size
+        if not _core.connected(transport):
+            # the socket failed (a reset client); picows learns it one loop pass
+            # later. Whatever else this read holds needs no answer.
+            return
+        try:
+            self._on_frame(transport, frame)
+        except Exception as e:
+            self.internal_error(e, "on_ws_frame")
+
+    def internal_error(self, exc: Exception, where: str) -> None:
+        """A bug met on this connection: log it once per kind, close 1011."""
+        logs.report_exception(exc, f"{self.path} {where}", client=self.peer, path=self.path,
+                              cid=self.cid)
+        self.close(WSCloseCode.INTERNAL_ERROR, "internal error")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.count_picows_close(transport)
+
+    def count_picows_close(self, transport: WSTransport) -> None:
+        """Count a close picows started by itself: 1001 for a peer that answers no
+        ping (--idle-timeout-s), 1002/1009 for what its parser refused, 1011 for
+        an exception it caught. Ours are counted in `close`, the peer's not at all."""
+        hs = transport.close_handshake
+        if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
+            self.gw.count_close(hs.sent.code.value)
+
+    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             return self.close(WSCloseCode.PROTOCOL_ERROR,
                               "reserved bits set, but no extension was negotiated")
@@ -188,6 +221,8 @@ class MessageListener(WSListener):
             return
         self.closing = True
         self._partial = self._utf8 = None
+        if not _core.connected(tr):
+            return  # lost: nothing reaches the peer, and picows will hang up
         code = WSCloseCode(code)
         self.gw.count_close(code.value)
         # cut to what fits a control frame, never inside a UTF-8 sequence
@@ -275,13 +310,17 @@ class FrameGuard:
 class EchoListener(MessageListener):
     """Sends every message back as it came (a testing aid, see the module doc)."""
 
+    path = "/echo"
+
     def __init__(self, gw: Gateway) -> None:
         super().__init__(gw, ECHO_MAX_BYTES)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        host, port = (transport.underlying_transport.get_extra_info("peername") or ("?", 0))[:2]
+        self.peer = f"{host}:{port}"
 
     def on_message(self, msg_type: WSMsgType, data: bytes) -> None:
         tr = self.transport
-        if tr is not None and not tr.is_close_frame_sent:
+        if tr is not None and _core.can_send(tr):
             tr.send(msg_type, data)

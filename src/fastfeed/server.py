@@ -26,7 +26,7 @@ from picows import (
     ws_create_server,
 )
 
-from . import _core, auth, metrics
+from . import _core, auth, logs, metrics
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
@@ -40,6 +40,7 @@ READ_BUFFER_BYTES = 2048
 PUMP_SLICE_NS = 1_000_000
 PACE_EVERY_S = 0.1
 PACE_BUSY = 0.75  # share of a core the frame pacing aims at under load
+REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
 
 SUBPROTOCOLS = ("fastfeed.v1.json", "fastfeed.v1.bin")
 
@@ -76,7 +77,8 @@ class Gateway:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
-        self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
+        self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
+                                 max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
         self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
         self.sessions: dict[int, Session] = {}
@@ -102,6 +104,8 @@ class Gateway:
         # the others to theirs from the frame header
         self.frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
                                ECHO_MAX_BYTES if cfg.conformance_echo else 0)
+        self._refused = 0  # ticks for new symbols refused (table full) not logged yet
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
 
     # ---- routes
 
@@ -320,6 +324,8 @@ class Gateway:
                     s.close(1008, f"stalled: not reading for {self.cfg.stall_s:g}s", grace_s=5.0)
             stats = self.table.take_stats()
             self.metrics.flush(stats, self.hub.take_latencies())
+            self._log_refused(stats["refused"], stats["refused_symbol"])
+            logs.unexpected.flush()
             self.metrics.stalled.set(self.hub.paused_count())
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
@@ -331,6 +337,19 @@ class Gateway:
                 if stale:
                     self._ingest_stale += stale
                     self.count_ticks("ingest", "stale", stale)
+
+    def _log_refused(self, n: int, symbol: str) -> None:
+        self._refused += n
+        now = time.monotonic()
+        if self._refused and now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.warning("instrument table is full at %d instruments: refused %d ticks for new "
+                        "symbols (the latest: %s) since the last such line; raise "
+                        "--max-instruments (FASTFEED_MAX_INSTRUMENTS) if these symbols are real, "
+                        "else find the publisher that invents them", self.cfg.max_instruments,
+                        self._refused, symbol, extra=logs.ctx(symbol=symbol,
+                                                              refused=self._refused))
+            self._refused = 0
+            self._refused_logged_at = now
 
     async def _simulate(self) -> None:
         sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
@@ -433,9 +452,19 @@ class Gateway:
         self.stopped.set()
 
 
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exceptions no one awaited (tasks, callbacks): once per kind, like the listeners'."""
+    exc = context.get("exception")
+    if isinstance(exc, Exception):
+        logs.report_exception(exc, str(context.get("message", "a loop callback")))
+    else:
+        loop.default_exception_handler(context)
+
+
 async def serve(cfg: Config, sock: socket.socket | None = None, bus_factory=None) -> int:
     """Run one gateway until SIGTERM/SIGINT has drained it. Returns the exit code."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_on_loop_exception)
     gw = Gateway(cfg, loop)
     if bus_factory is not None:
         gw.bus = bus_factory(gw)

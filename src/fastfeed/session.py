@@ -130,6 +130,8 @@ class RequestError(Exception):
 
 
 class Session(MessageListener):
+    path = "/ws"
+
     def __init__(self, gw: Gateway, ent: Entitlements, binary: bool, peer: str) -> None:
         super().__init__(gw, gw.cfg.max_message_bytes)
         self.ent = ent
@@ -162,11 +164,7 @@ class Session(MessageListener):
         self.gw.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        hs = transport.close_handshake
-        if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
-            # a close picows started by itself: 1001 for a peer that answers no
-            # ping (--idle-timeout-s), or a protocol error its parser found
-            self.gw.count_close(hs.sent.code.value)
+        self.count_picows_close(transport)
         if self.cid >= 0:
             if self.watched:
                 self.gw.hub.watch_ids(self.cid, list(self.watched), False)
@@ -381,7 +379,7 @@ class Session(MessageListener):
 
     def send_text(self, data: str | bytes) -> None:
         tr = self.transport
-        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+        if tr is None or not _core.can_send(tr):
             return
         tr.send(WSMsgType.TEXT, data.encode() if isinstance(data, str) else data)
         if self.cid >= 0:

@@ -27,6 +27,8 @@ _PARSER = TickParser()
 class IngestSession(MessageListener):
     """One publisher connection. Bad ticks are answered by name; the rest apply."""
 
+    path = "/ingest"
+
     def __init__(self, gw: Gateway, trusted: bool) -> None:
         super().__init__(gw, gw.cfg.max_ingest_bytes)
         self.trusted = trusted
@@ -122,7 +124,7 @@ class IngestSession(MessageListener):
 
     def _error(self, code: str, message: str, symbols: Any = None, index: Any = None) -> None:
         tr = self.transport
-        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+        if tr is None or not _core.can_send(tr):
             return
         msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
         if index is not None:
