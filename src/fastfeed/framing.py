@@ -67,7 +67,8 @@ class MessageListener(WSListener):
         """Check frame headers against `max_bytes` as they arrive (FrameGuard)."""
         under = transport.underlying_transport
         if self.max_bytes < self.gw.frame_limit:
-            under.set_protocol(FrameGuard(under.get_protocol(), self))
+            # the transport takes any protocol object; FrameGuard is one by duck typing
+            under.set_protocol(FrameGuard(under.get_protocol(), self))  # type: ignore[arg-type]
 
     def is_user_specific_pong(self, frame: WSFrame) -> bool:
         # picows asks this, instead of calling on_ws_frame, of frames that

@@ -38,6 +38,7 @@ class IngestSession(MessageListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self.guard_frames(transport)
         peer = transport.underlying_transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         if not self.trusted and not str(peer[0]).startswith(LOOPBACK):
