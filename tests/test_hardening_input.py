@@ -3,7 +3,8 @@
 From the client's side only: raw HTTP over sockets, raw frames (wsraw) and
 the `websockets` library. Each test is one class of bad (or merely unusual)
 input: the upgrade's Connection header, JSON the gateway cannot represent,
-replies that must be valid JSON, header bytes that are not text.
+replies that must be valid JSON, header bytes that are not text, and the
+HTTP forms load balancers check with.
 """
 
 from __future__ import annotations
@@ -295,6 +296,58 @@ def test_the_locked_gateway_still_takes_a_good_client(locked):
     assert status == 101 and headers["upgrade"] == "websocket"
 
 
+# ---- 10. the HTTP forms load balancers check with
+
+
+@pytest.mark.parametrize("req", [
+    b"GET /healthz HTTP/1.0\r\n\r\n",                    # HAProxy: option httpchk GET /healthz
+    b"GET /healthz HTTP/1.0\r\nUser-Agent: check\r\n\r\n",
+    b"HEAD /healthz HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"HEAD /healthz HTTP/1.0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n",
+], ids=["get-1.0", "get-1.0-headers", "head-1.1", "head-1.0", "get-1.1"])
+def test_health_checks_in_every_form_load_balancers_send(gw, req):
+    status, headers, body = http(gw.port, req)
+    assert status == 200 and headers["connection"] == "close"
+    assert headers["content-length"] == "3"
+    assert body == (b"" if req.startswith(b"HEAD") else b"ok\n")
+
+
+def test_readyz_metrics_and_404_over_http_1_0_and_head(gw):
+    for path, want in ((b"/readyz", 200), (b"/metrics", 200), (b"/nope", 404)):
+        status, _, body = http(gw.port, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        assert status == want and body
+        status, headers, body = http(gw.port, b"HEAD " + path + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert status == want and body == b"" and int(headers["content-length"]) > 0
+
+
+def test_options_names_the_methods(gw):
+    status, headers, body = http(gw.port, b"OPTIONS / HTTP/1.0\r\n\r\n")  # HAProxy's default
+    assert status == 200 and headers["allow"] == "GET, HEAD, OPTIONS" and body == b""
+
+
+def test_a_websocket_upgrade_over_head_or_http_1_0_is_refused(gw):
+    for line in (b"HEAD /ws HTTP/1.1", b"GET /ws HTTP/1.0"):
+        req = upgrade_request("/ws", ["Upgrade"]).replace(b"GET /ws HTTP/1.1", line)
+        status, _, _body = http(gw.port, req)
+        assert status == 400
+
+
+def test_other_methods_are_still_refused_and_the_gateway_serves_on(gw):
+    status, _, _ = http(gw.port, b"POST /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert status == 400
+    status, _, body = http(gw.port, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert (status, body) == (200, b"ok\n")
+
+
+async def test_a_slow_request_line_is_still_cut_at_the_handshake_timeout():
+    with running_gateway("--handshake-timeout-s", "1") as g:
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+        writer.write(b"HEAD /heal")      # never finished
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
 # ---- the factory: any unexpected error is a plain 500, logged
 
 
@@ -310,7 +363,8 @@ async def test_an_unexpected_error_answering_a_request_is_a_plain_500_and_logged
 
     gateway._route = broken  # type: ignore[method-assign]
     try:
-        for req in (upgrade_request("/ws", ["Upgrade"]), b"GET /healthz HTTP/1.1\r\n\r\n"):
+        for req in (upgrade_request("/ws", ["Upgrade"]), b"GET /healthz HTTP/1.1\r\n\r\n",
+                    b"HEAD /healthz HTTP/1.0\r\n\r\n"):
             status, _, body = await asyncio.to_thread(http, gateway.port, req)
             assert status == 500, (req, status, body)
             assert b"internal detail" not in body and b"RuntimeError" not in body

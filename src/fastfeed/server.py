@@ -23,7 +23,6 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
 from . import _core, auth, metrics
@@ -31,6 +30,7 @@ from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
 from .framing import ECHO_MAX_BYTES, EchoListener
+from .httpfront import create_server
 from .session import Session
 
 log = logging.getLogger("fastfeed.server")
@@ -427,9 +427,9 @@ class Gateway:
             read_buffer_init_size=READ_BUFFER_BYTES,
         )
         if sock is not None:
-            self.server = await ws_create_server(self.factory, sock=sock, **kw)
+            self.server = await create_server(self.factory, sock=sock, **kw)
         else:
-            self.server = await ws_create_server(self.factory, cfg.host, cfg.port, **kw)
+            self.server = await create_server(self.factory, cfg.host, cfg.port, **kw)
         self.metrics.feed_up.set(1)
         self.metrics.draining.set(0)
         self.metrics.frame_floor.set(0)
