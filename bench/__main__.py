@@ -26,6 +26,7 @@ from bench.runner import (
     BENCH,
     Load,
     Pins,
+    RedisCluster,
     RedisServer,
     Skip,
     idle_run,
@@ -189,7 +190,7 @@ def sc_ingest(server, p, pins, extra):
         log(f"  ingest {server}: {res['errors']} error replies: {res.get('first_error', '')}")
     log(f"  ingest {server}: JSON {fmt(res['rate'])} ticks/s applied "
         f"({res['ticks']} ticks in {res['seconds']:.2f} s, server cpu {fmt(res['server_cpu'])})")
-    out["binary_ticks_per_s"] = out["redis_ticks_per_s"] = None
+    out["binary_ticks_per_s"] = out["redis_ticks_per_s"] = out["cluster_ticks_per_s"] = None
     if server != "fastfeed":
         return out   # the peers take JSON only, and only fastfeed has a Redis bus here
     # binary is applied much faster: send more so the window is measurable
@@ -207,6 +208,15 @@ def sc_ingest(server, p, pins, extra):
         log(f"  ingest {server}: JSON through Redis {fmt(res['rate'])} ticks/s applied")
     except Skip as exc:
         log(f"  ingest {server}: Redis skipped: {exc}")
+    try:
+        with RedisCluster(pins.load) as cluster:
+            res = ingest_run(server, p["ticks"], p["batch"], pins,
+                             extra=[*extra, "--redis", cluster.url])
+        out["cluster_ticks_per_s"] = res["rate"]
+        log(f"  ingest {server}: JSON through a 3-master Redis Cluster {fmt(res['rate'])} "
+            "ticks/s applied")
+    except Skip as exc:
+        log(f"  ingest {server}: Redis Cluster skipped: {exc}")
     return out
 
 
@@ -250,7 +260,17 @@ def sc_workers(server, p, pins, extra):
         two = _plain(server, p, Pins(server=None, load=None),
                      [*extra, "--workers", "2", "--redis", redis.url], "workers=2")
     ratio = (two["updates_per_s"] / one["updates_per_s"]) if one["updates_per_s"] else None
-    return {"one": one, "two": two, "ratio": ratio}
+    out: dict[str, Any] = {"one": one, "two": two, "ratio": ratio}
+    # the same two runs through a 3-master Redis Cluster (redis+cluster://)
+    with RedisCluster(None) as cluster:
+        out["one_cluster"] = _plain(server, p, pins,
+                                    [*extra, "--workers", "1", "--redis", cluster.url],
+                                    "workers=1 cluster")
+    with RedisCluster(None) as cluster:
+        out["two_cluster"] = _plain(server, p, Pins(server=None, load=None),
+                                    [*extra, "--workers", "2", "--redis", cluster.url],
+                                    "workers=2 cluster")
+    return out
 
 
 RUNNERS = {"capacity": sc_capacity, "throughput": sc_throughput, "watched": sc_watched,

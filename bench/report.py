@@ -158,12 +158,13 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for s, r in rowsof("ingest"):
             if problem(r):
-                rows.append([s, problem(r), "", "", ""])
+                rows.append([s, problem(r), "", "", "", ""])
                 continue
             rows.append([s, f(r["json_ticks_per_s"]), f(r["json_server_cpu"]),
-                         f(r["binary_ticks_per_s"]), f(r["redis_ticks_per_s"])])
+                         f(r["binary_ticks_per_s"]), f(r["redis_ticks_per_s"]),
+                         f(r.get("cluster_ticks_per_s"))])
         lines.append(_table(["server", "JSON ticks/s applied", "server CPU", "binary ticks/s",
-                             "via Redis ticks/s"], rows))
+                             "via Redis ticks/s", "via 3-master Redis Cluster ticks/s"], rows))
     if "spike" in sc:
         p = res["params"]["spike"]
         lines += ["", f"## Spike ({p['clients']:,} clients, base {p['rate']:,} ticks/s, "
@@ -197,12 +198,19 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for s, r in rowsof("workers"):
             if problem(r):
-                rows.append([s, problem(r), "", "", ""])
+                rows.append([s, problem(r), "", "", "", ""])
                 continue
-            rows.append([s, f(r["one"]["updates_per_s"]), f(r["two"]["updates_per_s"]),
-                         f(r["ratio"]), f"{f(r['one']['p99_ms'])} / {f(r['two']['p99_ms'])}"])
-        lines.append(_table(["server", "updates/s, 1 worker", "updates/s, 2 workers", "ratio",
-                             "p99 ms (1 / 2)"], rows))
+            rows.append([s, "one Redis", f(r["one"]["updates_per_s"]),
+                         f(r["two"]["updates_per_s"]), f(r["ratio"]),
+                         f"{f(r['one']['p99_ms'])} / {f(r['two']['p99_ms'])}"])
+            c1, c2 = r.get("one_cluster"), r.get("two_cluster")
+            if c1 and c2:
+                ratio = c2["updates_per_s"] / c1["updates_per_s"] if c1["updates_per_s"] else None
+                rows.append([s, "3-master Redis Cluster", f(c1["updates_per_s"]),
+                             f(c2["updates_per_s"]), f(ratio),
+                             f"{f(c1['p99_ms'])} / {f(c2['p99_ms'])}"])
+        lines.append(_table(["server", "bus", "updates/s, 1 worker", "updates/s, 2 workers",
+                             "ratio", "p99 ms (1 / 2)"], rows))
     lines.append("")
     return "\n".join(lines)
 

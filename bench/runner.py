@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -509,6 +510,89 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class RedisCluster:
+    """A throw-away Redis Cluster of `masters` masters and no replicas (the
+    bus's cost of routing over several nodes, not of replication)."""
+
+    def __init__(self, cpus: str | None, masters: int = 3) -> None:
+        exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if not exe or not cli:
+            raise Skip("redis-server / redis-cli are not installed")
+        self.dir = tempfile.mkdtemp(prefix="fastfeed-bench-cluster-")
+        self.ports: list[int] = []
+        while len(self.ports) < masters:
+            p = free_port()
+            if p + 10000 > 65535 or p in self.ports:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p + 10000))
+                except OSError:
+                    continue
+            self.ports.append(p)
+        self.procs = [subprocess.Popen(
+            [*pin(cpus), exe, "--port", str(p), "--save", "", "--appendonly", "no",
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", os.path.join(self.dir, f"nodes-{p}.conf"),
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for p in self.ports]
+        try:
+            for p in self.ports:
+                _wait_pong(p)
+            r = subprocess.run([cli, "--cluster", "create",
+                                *[f"127.0.0.1:{p}" for p in self.ports],
+                                "--cluster-replicas", "0", "--cluster-yes"],
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode:
+                raise Skip(f"redis-cli --cluster create failed: {r.stdout[-300:]}")
+            deadline = time.monotonic() + 30
+            while not all(_cluster_ok(p) for p in self.ports):
+                if time.monotonic() > deadline:
+                    raise Skip("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.__exit__()
+            raise
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def __enter__(self) -> RedisCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_pong(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise Skip(f"redis-server on port {port} did not answer")
+
+
+def _cluster_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"CLUSTER INFO\r\n")
+            return b"cluster_state:ok" in s.recv(4096)
+    except OSError:
+        return False
 
 
 def ingest_run(server_name: str, ticks: int, batch: int, pins: Pins, instruments: int = 500,

@@ -18,6 +18,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 _installed_tried = False
 
@@ -42,6 +44,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def redis_command(port: int, *args: str | bytes | int) -> Any:
+    """One command to 127.0.0.1:`port` on a fresh connection; the parsed reply
+    (a `hiredis.ReplyError` for an error reply)."""
+    import hiredis
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(hiredis.pack_command(tuple(args)))
+        reader = hiredis.Reader()
+        while True:
+            reader.feed(s.recv(65536))
+            r = reader.gets()
+            if r is not False:
+                return r
 
 
 class RedisServer:
@@ -89,16 +106,7 @@ class RedisServer:
 
     def command(self, *args: str | bytes | int) -> bytes:
         """One command, raw RESP reply (tests: CONFIG SET, CLIENT KILL, ...)."""
-        import hiredis
-
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(hiredis.pack_command(tuple(args)))
-            reader = hiredis.Reader()
-            while True:
-                reader.feed(s.recv(65536))
-                r = reader.gets()
-                if r is not False:
-                    return r
+        return redis_command(self.port, *args)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -128,6 +136,217 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    for _ in range(1000):
+        p = free_port()
+        if p + 10000 > 65535 or p in taken or p + 10000 in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
+class RedisCluster:
+    """A real Redis Cluster: `masters` masters with `replicas` replicas each,
+    on free ports, no persistence, a short `cluster-node-timeout` so that a
+    killed master's replica takes over in about two node timeouts.
+
+        with RedisCluster() as c:
+            c.url                        # redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...
+            c.masters()                  # [RedisServer, ...] serving slots now
+            c.kill(c.masters()[0])       # SIGKILL
+            c.wait_ok()                  # every live node: cluster_state:ok, a master per slot
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+        self.node_timeout_ms = node_timeout_ms
+        self.n_masters = masters
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+        taken: set[int] = set()
+        for _ in range(masters * (1 + replicas)):
+            port = free_cluster_port(taken)
+            taken |= {port, port + 10000}
+            node = RedisServer(port=port)
+            node.extra = ["--cluster-enabled", "yes",
+                          "--cluster-config-file", os.path.join(node.dir, "nodes.conf"),
+                          "--cluster-node-timeout", str(node_timeout_ms),
+                          "--cluster-replica-validity-factor", "0",
+                          "--save", "", "--appendonly", "no"]
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for n in self.nodes:
+            n.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            self.close()
+            raise RuntimeError("redis-cli is not installed (apt-get install redis-tools)")
+        r = subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, timeout=timeout)
+        if r.returncode != 0:
+            self.close()
+            raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout!r} {r.stderr!r}")
+        self.wait_ok(timeout)
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def info(self, node: RedisServer) -> dict[str, str]:
+        text = node.command("CLUSTER", "INFO").decode()
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def slots(self, node: RedisServer | None = None) -> list[tuple[int, int, int]]:
+        """(first slot, last slot, master port) as `node` sees them."""
+        node = node or self.live()[0]
+        return [(int(r[0]), int(r[1]), int(r[2][1])) for r in node.command("CLUSTER", "SLOTS")]
+
+    def masters(self) -> list[RedisServer]:
+        ports = {p for _, _, p in self.slots()}
+        return [n for n in self.live() if n.port in ports]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every live node reports cluster_state:ok, all 16384 slots served by
+        live masters, and every node agrees on the slot map."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                live = self.live()
+                ports = {n.port for n in live}
+                infos = [self.info(n) for n in live]
+                maps = [sorted(self.slots(n)) for n in live]
+                if (all(i.get("cluster_state") == "ok" for i in infos)
+                        and all(m == maps[0] for m in maps)
+                        and sum(b - a + 1 for a, b, _ in maps[0]) == 16384
+                        and all(p in ports for _, _, p in maps[0])):
+                    return
+                last = f"{[i.get('cluster_state') for i in infos]}, {maps[0]}"
+            except (OSError, RuntimeError) as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise RuntimeError(f"the cluster did not settle in {timeout}s: {last}")
+
+    def kill(self, node: RedisServer) -> None:
+        node.kill()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()
+
+    def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisSentinel:
+    """A master, its replica and one Sentinel watching them (quorum 1), on
+    free ports; `down_after_ms` short so that a killed master is failed over
+    in a few seconds.
+
+        with RedisSentinel() as s:
+            s.url                      # redis+sentinel://127.0.0.1:P/fastfeed/0
+            s.kill(s.master())         # SIGKILL
+            s.wait_failover(old)       # the replica is the master, Sentinel says so
+    """
+
+    SERVICE = "fastfeed"
+
+    def __init__(self, down_after_ms: int = 1000) -> None:
+        self.down_after_ms = down_after_ms
+        self.nodes = [RedisServer(), RedisServer()]
+        self.sentinel_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="fastfeed-sentinel-")
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.SERVICE}/0"
+
+    def start(self, timeout: float = 30.0) -> None:
+        first, second = self.nodes
+        first.start()
+        second.extra = ["--replicaof", "127.0.0.1", str(first.port)]
+        second.start()
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as fh:
+            fh.write(f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                     f"sentinel monitor {self.SERVICE} 127.0.0.1 {first.port} 1\n"
+                     f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+                     f"sentinel failover-timeout {self.SERVICE} 10000\n")
+        self.sentinel = subprocess.Popen(
+            [first.binary, conf, "--sentinel", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # ready: the replica is in sync and the Sentinel has found it
+        self._until(lambda: b"master_link_status:up" in second.command("INFO", "replication")
+                    and len(self.ask("SENTINEL", "replicas", self.SERVICE)) == 1,
+                    timeout, "the replica in sync and known to Sentinel")
+
+    def ask(self, *args: str) -> Any:
+        """One command to the Sentinel."""
+        return redis_command(self.sentinel_port, *args)
+
+    def master(self) -> RedisServer:
+        port = int(self.ask("SENTINEL", "get-master-addr-by-name", self.SERVICE)[1])
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill(self, node: RedisServer) -> None:
+        node.kill()
+
+    def wait_failover(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        new = next(n for n in self.nodes if n is not old)
+        self._until(lambda: self.master() is new
+                    and redis_command(new.port, "ROLE")[0] == b"master",
+                    timeout, "the replica promoted")
+        return new
+
+    @staticmethod
+    def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if cond():
+                    return
+            except (OSError, StopIteration, TypeError, IndexError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"Sentinel set-up: no {what} after {timeout}s")
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.kill()
+            self.sentinel.wait()
+            self.sentinel = None
+        for n in self.nodes:
+            n.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisSentinel:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,7 +36,10 @@ class Config:
     heartbeat_s: float = _opt(5.0, "send a heartbeat after this many quiet seconds")
     # scale-out
     workers: str = _opt("1", "worker processes: a number, or 'auto' for one per usable CPU")
-    redis: str = _opt("", "Redis URL for the tick bus and state store (empty: embedded mode)")
+    redis: str = _opt("", "Redis URL for the tick bus and state store "
+                                  "(redis://, rediss://, unix://, redis+sentinel://HOST:PORT,.../"
+                                  "NAME for Sentinel, or redis+cluster://HOST:PORT,HOST:PORT,"
+                                  "... for a Redis Cluster; empty: embedded mode)")
     redis_channels: int = _opt(16, "pub/sub channels ticks are partitioned over, by symbol")
     redis_prefix: str = _opt("fastfeed", "prefix of every Redis key and channel")
     feed_grace_s: float = _opt(5.0, "seconds the feed may be down before /readyz turns 503")
@@ -53,6 +56,12 @@ class Config:
     ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
     high_water_bytes: int = _opt(256 * 1024,
                                  "socket write buffer above which a client is conflated")
+    max_queued_bytes: int = _opt(1024 * 1024,
+                                 "bytes a client may leave unread (replies, errors, update "
+                                 "frames) before it is closed with 1008; above "
+                                 "--high-water-bytes its requests are not read until it drains")
+    max_list_symbols: int = _opt(10000, "symbols in one list reply; more: the reply says "
+                                        "\"more\":true and the client asks again with after")
     stall_s: float = _opt(30.0, "close a client with 1008 after it has not drained for this long")
     handshake_timeout_s: float = _opt(5.0, "seconds to complete the HTTP upgrade")
     idle_timeout_s: float = _opt(60.0, "close a connection that answers no ping for this long")
@@ -166,6 +175,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"workers must be a positive number or 'auto', not {cfg.workers!r}")
     if cfg.simulate < 0 or cfg.rate < 0:
         problems.append("simulate and rate must not be negative")
+    if cfg.max_queued_bytes < cfg.high_water_bytes:
+        problems.append("max-queued-bytes must be at least high-water-bytes")
+    if cfg.max_list_symbols < 1:
+        problems.append("max-list-symbols must be at least 1")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

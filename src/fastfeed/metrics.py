@@ -110,6 +110,21 @@ class Metrics:
                               multiprocess_mode="livemax")
         self.ready = Gauge("fastfeed_ready", "1 while /readyz answers 200",
                            multiprocess_mode="livemin")
+        self.redis_outages = Counter("fastfeed_redis_outages",
+                                     "Times the Redis bus went down after being up, by the "
+                                     "Redis node (host:port) whose loss began it", ["node"])
+        self.redis_outage = Gauge("fastfeed_redis_last_outage_seconds",
+                                  "Length of the last Redis bus outage that ended "
+                                  "(from losing Redis to the snapshot loaded again)",
+                                  multiprocess_mode="livemax")
+        self.redis_down = Counter("fastfeed_redis_down_seconds",
+                                  "Seconds the Redis bus was down after being up, all outages")
+        self.redis_masters = Gauge("fastfeed_redis_cluster_masters",
+                                   "Redis Cluster masters the bus is connected to (0: not a "
+                                   "cluster)", multiprocess_mode="livemin")
+        self.redis_redirects = Counter("fastfeed_redis_redirects",
+                                       "Redis Cluster MOVED/ASK replies followed")
+        self._bus_seen: dict[str, float] = {}
         self.worker_restarts = Counter("fastfeed_worker_restarts",
                                        "Worker processes restarted by the supervisor")
         for source in TICK_SOURCES:
@@ -121,6 +136,23 @@ class Metrics:
             self.closes.labels(str(close))
         for status in UPGRADE_STATUSES:
             self.rejected_upgrades.labels(str(status))
+
+    def observe_bus(self, bus: Any) -> None:
+        """Copy the Redis bus's state and counters (once a second)."""
+        self.breaker.set(bus.breaker)
+        seen = self._bus_seen
+        outages = bus.outages - seen.get("outages", 0)
+        if outages > 0:
+            self.redis_outages.labels(bus.lost_node or "?").inc(outages)
+        if bus.outage_seconds_total > seen.get("down", 0.0):
+            self.redis_down.inc(bus.outage_seconds_total - seen.get("down", 0.0))
+            self.redis_outage.set(bus.outage_seconds)
+        redirects = getattr(bus, "redirects", 0)
+        if redirects > seen.get("redirects", 0):
+            self.redis_redirects.inc(redirects - seen.get("redirects", 0))
+        nodes = getattr(bus, "nodes", None)
+        self.redis_masters.set(len(getattr(bus, "known", ())) if nodes is not None else 0)
+        seen.update(outages=bus.outages, down=bus.outage_seconds_total, redirects=redirects)
 
     def flush(self, stats: dict[str, Any], latencies_ns: list[int]) -> None:
         for (source, outcome), n in stats["ticks"].items():

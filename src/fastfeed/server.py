@@ -31,7 +31,7 @@ from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
 from .framing import ECHO_MAX_BYTES, EchoListener
 from .httpfront import create_server
-from .session import Session
+from .session import Session, SymbolIndex
 
 log = logging.getLogger("fastfeed.server")
 READ_BUFFER_BYTES = 2048
@@ -96,6 +96,7 @@ class Gateway:
         self.loop = loop or asyncio.get_event_loop()
         self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
         self.hub = _core.Hub(self.table)
+        self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
         self.sessions: dict[int, Session] = {}
         self.per_ip: Counter[str] = Counter()
         self.nsubs = 0
@@ -116,6 +117,10 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._pump_every = min(0.004, cfg.min_frame_ms / 4000)
         self._internal_errors: dict[str, float] = {}
+        # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
+        # the others to theirs from the frame header
+        self.frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
+                               ECHO_MAX_BYTES if cfg.conformance_echo else 0)
 
     # ---- routes
 
@@ -375,7 +380,7 @@ class Gateway:
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
             if self.bus is not None:
-                self.metrics.breaker.set(self.bus.breaker)
+                self.metrics.observe_bus(self.bus)
                 # /ingest ticks Redis dropped as not newer never come back on
                 # the bus: count them here, as the table counts its own
                 stale = self.bus.publish_stale - self._ingest_stale
@@ -418,8 +423,7 @@ class Gateway:
             enable_auto_pong=False,  # framing.MessageListener answers, after its checks
             auto_ping_idle_timeout=cfg.idle_timeout_s / 2,
             auto_ping_reply_timeout=cfg.idle_timeout_s / 2,
-            max_frame_size=max(cfg.max_message_bytes, cfg.max_ingest_bytes,
-                               ECHO_MAX_BYTES if cfg.conformance_echo else 0),
+            max_frame_size=self.frame_limit,
             logger_name="picows.server",
             backlog=4096,
             # Client requests are small; the buffer grows for a big one. At

@@ -3,6 +3,7 @@
     fastfeed publish --redis redis://redis:6379/0 < ticks.ndjson
     fastfeed publish --redis redis://redis:6379/0 --file ticks.csv
     fastfeed publish --redis redis://redis:6379/0 --simulate 5000 --rate 50000
+    fastfeed publish --redis redis+cluster://r1:6379,r2:6379 < ticks.ndjson   # Redis Cluster
 
 Input is NDJSON (one tick object, or an array of them, per line) or CSV with a
 header row naming protocol fields (``sym,seq,bid,ask,...``; an empty cell
@@ -149,8 +150,7 @@ class RedisPublisher:
         try:
             self.bus.publish_batches_nowait(parts)
             self.batches += 1
-            cmd = self.bus._cmd
-            if cmd is not None and len(cmd.waiters) > self.max_inflight:
+            if self.bus.inflight() > self.max_inflight:
                 await self.bus.flush()
             else:
                 await self.bus.drain()
@@ -330,7 +330,8 @@ def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "or --file, or a simulated market with --simulate. --redis-channels and "
                     "--redis-prefix must match the gateways'.")
     p.add_argument("--redis", default=env.get("FASTFEED_REDIS", ""),
-                   help="Redis URL (env FASTFEED_REDIS)")
+                   help="Redis URL, or redis+cluster://HOST:PORT,HOST:PORT for a Redis Cluster "
+                        "(env FASTFEED_REDIS)")
     p.add_argument("--redis-channels", type=int,
                    default=int(env.get("FASTFEED_REDIS_CHANNELS", "16")),
                    help="pub/sub partitions (env FASTFEED_REDIS_CHANNELS, default 16)")

@@ -17,9 +17,14 @@ Names (``P`` is ``--redis-prefix``, ``N`` the partition of a symbol,
                 gateway and publisher on this prefix must share (checked
                 on connect)
 
-With ``sharded=True`` (Redis Cluster) the partition number is a hash tag,
-``P:ticks:{N}`` and ``P:row:{N}``, so a partition's channel and hash live in
-the same slot, and the bus uses ``SSUBSCRIBE``/``SPUBLISH``.
+With ``sharded=True`` the partition number is a hash tag, ``P:ticks:{N}``
+and ``P:row:{N}``, so a partition's channel and hash live in the same slot,
+and the bus uses ``SSUBSCRIBE``/``SPUBLISH`` (on one Redis 7 node). A
+``redis+cluster://`` URL gives `fastfeed.bus.cluster.ClusterBus` instead,
+which routes every partition to the master owning its slot (its own tags,
+spread evenly over the slots). A ``redis+sentinel://`` URL asks the
+Sentinels for the master on every (re)connection and then works as on one
+Redis.
 
 Publishing: the ticks of a call are encoded into one batch per partition and
 each batch goes to Redis in one ``EVALSHA`` of `ROW_SCRIPT`, which, for every
@@ -75,6 +80,8 @@ __all__ = [
     "RedisBus",
     "RedisError",
     "RedisURL",
+    "is_cluster_url",
+    "parse_sentinel_url",
     "parse_url",
 ]
 
@@ -189,18 +196,89 @@ class RedisURL:
     password: str | None = None
     tls: bool = False
     path: str | None = None  # unix socket
+    # redis+sentinel://: ask these Sentinels for the master of `service`
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
     def __str__(self) -> str:  # never shows the password
+        s = "rediss" if self.tls else "redis"
+        if self.sentinels:
+            hosts = ",".join(fmt_addr(a) for a in self.sentinels)
+            return f"{s}+sentinel://{hosts}/{self.service}/{self.db}"
         where = self.path or f"{self.host}:{self.port}"
-        return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+        return f"{s}://{where}/{self.db}"
+
+
+def fmt_addr(addr: tuple[str, int]) -> str:
+    h, p = addr
+    return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+
+def split_hosts(netloc: str, default_port: int, url: str
+                ) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[user[:password]@]host[:port],host[:port]...`` -> (user, password, addresses)."""
+    user = password = None
+    if "@" in netloc:
+        cred, _, netloc = netloc.rpartition("@")
+        u, colon, pw = cred.partition(":")
+        user = unquote(u) or None
+        password = unquote(pw) if colon else None
+    hosts = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, port = item[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = item.partition(":")
+        try:
+            hosts.append((host or "127.0.0.1", int(port) if port else default_port))
+        except ValueError:
+            raise ValueError(f"bad port in Redis URL {url!r}: {item!r}") from None
+    if not hosts:
+        raise ValueError(f"the Redis URL names no host: {url!r}")
+    return user, password, hosts
+
+
+def parse_sentinel_url(url: str) -> RedisURL:
+    """``redis+sentinel://[[user]:password@]host1[:port][,host2[:port]...]/SERVICE[/db]``
+    (port 26379 by default; ``rediss+sentinel://`` for TLS). The credentials
+    are the master's; the Sentinels are asked without."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    if query:
+        raise ValueError(f"no query options are understood in a Sentinel URL: {url!r}")
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"a Sentinel URL names the monitored master: "
+                         f"redis+sentinel://host:26379/NAME, not {url!r}")
+    user, password, hosts = split_hosts(netloc, 26379, url)
+    try:
+        dbn = int(db) if db else 0
+    except ValueError:
+        raise ValueError(f"bad database number in {url!r}") from None
+    return RedisURL(host=hosts[0][0], port=hosts[0][1], db=dbn, username=user,
+                    password=password, tls=scheme.lower().startswith("rediss"),
+                    sentinels=tuple(hosts), service=service)
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://`` or ``rediss+cluster://``: a Redis Cluster's seed nodes."""
+    return url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster")
 
 
 def parse_url(url: str) -> RedisURL:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or
-    ``unix:///path/to/socket[?db=N]``."""
+    ``unix:///path/to/socket[?db=N]``, or Sentinel (`parse_sentinel_url`)."""
+    if url.split("://", 1)[0].lower() in ("redis+sentinel", "rediss+sentinel"):
+        return parse_sentinel_url(url)
     u = urlparse(url)
     if u.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"not a Redis URL (redis://, rediss:// or unix://): {url!r}")
+        raise ValueError(f"not a Redis URL (redis://, rediss://, unix://, redis+sentinel:// "
+                         f"or, for a cluster, redis+cluster://): {url!r}")
     q = parse_qs(u.query)
     db = 0
     if u.scheme != "unix" and u.path.strip("/"):
@@ -347,6 +425,9 @@ class _SubConn(_Conn):
                     if bus.bad_batches <= 10 or bus.bad_batches % 1000 == 0:
                         log.warning("bus: dropped a bad batch on %r (%d so far): %s",
                                     r[1], bus.bad_batches, e)
+            elif (type(r) is list and r and r[0] == b"sunsubscribe" and not self.waiters):
+                # Redis dropped our sharded subscription: the slot moved
+                bus._slot_moved(self, r[1] if len(r) > 1 else b"?")
             else:
                 self._reply(r)
         if got and bus.on_ticks is not None:
@@ -365,6 +446,14 @@ class RedisBus:
     ``on_feed(up)`` when the bus comes up (snapshot loaded) or goes down.
     """
 
+    def __new__(cls, url: str, *args: Any, **kw: Any) -> RedisBus:
+        # a redis+cluster:// URL gives the cluster-routing bus
+        if cls is RedisBus and is_cluster_url(url):
+            from .cluster import ClusterBus
+
+            return super().__new__(ClusterBus)
+        return super().__new__(cls)
+
     def __init__(
         self,
         url: str,
@@ -378,7 +467,7 @@ class RedisBus:
         sharded: bool = False,
         reseed: bool = True,
         backoff_base: float = 0.1,
-        backoff_cap: float = 5.0,
+        backoff_cap: float | None = None,
         connect_timeout: float = 3.0,
         ping_interval: float = 1.0,
         ping_timeout: float = 3.0,
@@ -389,7 +478,7 @@ class RedisBus:
             raise ValueError("channels must be at least 1")
         if subscribe and table is None:
             raise ValueError("a subscribing bus needs a table")
-        self.url = parse_url(url)
+        self.url: Any = parse_url(url)
         self.table = table
         self.parts = channels
         self.prefix = prefix
@@ -399,7 +488,9 @@ class RedisBus:
         self.sharded = sharded
         self.reseed = reseed
         self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        # with Sentinel, a failover is seconds away: look again often
+        self.backoff_cap = backoff_cap if backoff_cap is not None else (
+            0.5 if self.url.sentinels else 5.0)
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -438,6 +529,12 @@ class RedisBus:
         self.publish_stale = 0
         self.publish_errors = 0
         self.publish_refused = 0
+        self.outages = 0  # times the bus went down after having been up
+        self.outage_seconds = 0.0  # length of the last outage (0 while none ended)
+        self.outage_seconds_total = 0.0
+        self.lost_node = ""  # the Redis (host:port) whose loss began the last outage
+        self._down_at: float | None = None
+        self._addr: tuple[str, int] | None = None  # the master Sentinel named
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any, **kw: Any) -> RedisBus:
@@ -468,6 +565,9 @@ class RedisBus:
             "publish_stale": self.publish_stale,
             "publish_errors": self.publish_errors,
             "publish_refused": self.publish_refused,
+            "outages": self.outages,
+            "outage_seconds": self.outage_seconds,
+            "outage_seconds_total": self.outage_seconds_total,
         }
 
     # ---- lifecycle ----
@@ -548,9 +648,16 @@ class RedisBus:
             self.breaker = CLOSED
             self._ready.set()
             self._set_feed(True)
-            log.info("bus: up on %s (%d channels%s, %d snapshot rows in %.3fs)",
+            down = ""
+            if self._down_at is not None:
+                self.outage_seconds = time.monotonic() - self._down_at
+                self.outage_seconds_total += self.outage_seconds
+                self._down_at = None
+                down = (f"; was down {self.outage_seconds:.2f}s after losing "
+                        f"{self.lost_node or self.url}")
+            log.info("bus: up on %s (%d channels%s, %d snapshot rows in %.3fs%s)",
                      self.url, self.parts, ", sharded" if self.sharded else "",
-                     self.snapshot_rows, self.snapshot_seconds)
+                     self.snapshot_rows, self.snapshot_seconds, down)
             pinger = asyncio.get_running_loop().create_task(self._ping_loop())
             try:
                 await self._lost.wait()
@@ -563,6 +670,8 @@ class RedisBus:
                 break
             self.breaker = OPEN
             self.disconnects += 1
+            self.outages += 1
+            self._down_at = time.monotonic()
             self._ready.clear()
             self._set_feed(False)
             log.warning("bus: lost redis %s (%s); reconnecting", self.url, self.last_error)
@@ -572,14 +681,29 @@ class RedisBus:
     def _on_lost(self, conn: _Conn, exc: Exception | None) -> None:
         if conn is self._cmd or conn is self._sub:
             self.last_error = f"{conn.name} connection lost" + (f": {exc}" if exc else "")
+            if self._addr is not None:
+                self.last_error = f"master {fmt_addr(self._addr)}: {self.last_error}"
+            self.lost_node = fmt_addr(self._addr) if self._addr else str(self.url)
             if self._lost is not None:
                 self._lost.set()
 
-    async def _open(self, name: str, factory: Callable[[], _Conn]) -> _Conn:
+    def _slot_moved(self, conn: _Conn, channel: bytes) -> None:
+        """Redis ended a sharded subscription itself (its slot moved to
+        another node): reconnect, which re-reads the slot map."""
+        self.last_error = (f"{conn.name}: Redis dropped the subscription of "
+                           f"{channel.decode(errors='replace')} (slot moved)")
+        self.lost_node = conn.name.partition("@")[2] or str(self.url)
+        if self._lost is not None:
+            self._lost.set()
+
+    async def _open(self, name: str, factory: Callable[[], _Conn],
+                    addr: tuple[str, int] | None = None) -> _Conn:
         loop = asyncio.get_running_loop()
         u = self.url
         ctx = ssl.create_default_context() if u.tls else None
-        if u.path:
+        if addr is not None:
+            coro = loop.create_connection(factory, addr[0], addr[1], ssl=ctx)
+        elif u.path:
             coro = loop.create_unix_connection(factory, u.path)
         else:
             coro = loop.create_connection(factory, u.host, u.port, ssl=ctx)
@@ -593,9 +717,56 @@ class RedisBus:
         await conn.call("CLIENT", "SETNAME", f"fastfeed-{self.name}-{name}", timeout=t)
         return conn
 
+    async def _ask_sentinels(self) -> tuple[str, int]:
+        """The master's address, from the first Sentinel that knows it."""
+        loop = asyncio.get_running_loop()
+        u = self.url
+        ctx = ssl.create_default_context() if u.tls else None
+        tried = []
+        for addr in u.sentinels:
+            conn: _Conn | None = None
+            try:
+                coro = loop.create_connection(lambda: _Conn("sentinel", lambda _c, _e: None),
+                                              addr[0], addr[1], ssl=ctx)
+                _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+                assert conn is not None
+                r = await conn.call("SENTINEL", "get-master-addr-by-name", u.service,
+                                    timeout=self.connect_timeout)
+                if not r:
+                    tried.append(f"{fmt_addr(addr)}: does not monitor {u.service!r}")
+                    continue
+                return r[0].decode(), int(r[1])
+            except (OSError, TimeoutError, BusDown, RedisError) as e:
+                tried.append(f"{fmt_addr(addr)}: {e or type(e).__name__}")
+            finally:
+                if conn is not None:
+                    conn.abort()
+        raise BusDown("no Sentinel named the master (" + "; ".join(tried) + ")")
+
     async def _connect_once(self) -> None:
         t = self.connect_timeout
-        self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost))
+        addr = None
+        if self.url.sentinels:
+            addr = await self._ask_sentinels()
+            if addr != self._addr:
+                log.log(logging.WARNING if self._addr else logging.INFO,
+                        "bus: Sentinel names %s the master of %r%s", fmt_addr(addr),
+                        self.url.service,
+                        f" (was {fmt_addr(self._addr)})" if self._addr else "")
+            self._addr = addr
+            try:
+                self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost), addr)
+            except (OSError, TimeoutError) as e:
+                raise BusDown(f"master {fmt_addr(addr)} (named by Sentinel): "
+                              f"{e or type(e).__name__}; Sentinel fails it over after its "
+                              "down-after-milliseconds") from e
+        else:
+            self._cmd = await self._open("cmd", lambda: _Conn("cmd", self._on_lost))
+        if addr is not None:
+            role = await self._cmd.call("ROLE", timeout=t)
+            if role[0] != b"master":
+                raise BusDown(f"{fmt_addr(addr)}, named master by Sentinel, is a "
+                              f"{role[0].decode()} (a failover is under way)")
         self._sha = await self._cmd.call("SCRIPT", "LOAD", ROW_SCRIPT, timeout=t)
         # every bus on this prefix must partition alike, or ticks go unheard
         meta = f"{self.prefix}:meta"
@@ -608,24 +779,31 @@ class RedisBus:
                 f"--redis-prefix, or DEL {meta} after stopping every gateway and publisher)")
         if not self.subscribing:
             return
-        self._sub = await self._open("sub", lambda: _SubConn("sub", self._on_lost, self))  # type: ignore[assignment]
+        self._sub = await self._open("sub", lambda: _SubConn("sub", self._on_lost, self),  # type: ignore[assignment]
+                                     addr)
         assert self._sub is not None
         verb = "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
         futs = self._sub.write((verb, *self.channel_names), replies=self.parts)
         await asyncio.wait_for(asyncio.gather(*futs), t)
         await self._load_snapshot()
 
+    def _key_conn(self, n: int) -> _Conn:
+        """The command connection holding partition `n`'s row hash."""
+        if self._cmd is None or self._cmd.closed:
+            raise BusDown("redis bus is down")
+        return self._cmd
+
     async def _load_snapshot(self) -> None:
-        assert self._cmd is not None
         t0 = time.perf_counter()
         rows = 0
         total = 0
         table = self.table
-        for key in self.row_keys:
+        for n, key in enumerate(self.row_keys):
             cursor = b"0"
-            total += await self._cmd.call("HLEN", key, timeout=self.ping_timeout)
+            conn = self._key_conn(n)
+            total += await conn.call("HLEN", key, timeout=self.ping_timeout)
             while True:
-                cursor, flat = await self._cmd.call(
+                cursor, flat = await conn.call(
                     "HSCAN", key, cursor, "COUNT", self.snapshot_chunk, timeout=self.ping_timeout)
                 recs = flat[1::2]
                 if recs:
@@ -770,8 +948,7 @@ class RedisBus:
                 self.publish_errors += 1
                 raise r if isinstance(r, BusDown) else BusDown(str(r))
             self.publish_stale += r[1]
-        if self._cmd is not None:
-            await self._cmd.drain()
+        await self.drain()
         return errors
 
     async def _republish(self, parts: list[bytes], ticks: list[dict[str, Any]],
@@ -782,6 +959,10 @@ class RedisBus:
                 raise BusDown(str(r))
             self.publish_stale += r[1]
         return []
+
+    def inflight(self) -> int:
+        """Commands sent and not answered yet (all command connections)."""
+        return len(self._cmd.waiters) if self._cmd is not None else 0
 
     async def drain(self) -> None:
         """Wait until the command connection's write buffer is below its limit."""
@@ -797,10 +978,9 @@ class RedisBus:
     async def read_state(self) -> dict[str, bytes]:
         """The store as {symbol: FFT1 record} (tools and tests; not hot)."""
         self._check_up()
-        assert self._cmd is not None
         out: dict[str, bytes] = {}
-        for key in self.row_keys:
-            flat = await self._cmd.call("HGETALL", key)
+        for n, key in enumerate(self.row_keys):
+            flat = await self._key_conn(n).call("HGETALL", key)
             for i in range(0, len(flat), 2):
                 out[flat[i].decode()] = flat[i + 1]
         return out
