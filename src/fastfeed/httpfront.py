@@ -81,11 +81,14 @@ class FrontDoor(asyncio.BufferedProtocol):
         tr.set_protocol(ws)
         off = 0
         while off < len(data) and not tr.is_closing():
-            room = ws.get_buffer(-1)
+            # the transport's protocol, not `ws`: once upgraded, the listener
+            # may have put a wrapper of its own in front (framing.FrameGuard)
+            proto = tr.get_protocol()
+            room = proto.get_buffer(-1)
             n = min(len(room), len(data) - off)
             room[:n] = data[off:off + n]
             off += n
-            ws.buffer_updated(n)
+            proto.buffer_updated(n)
 
     def _answer(self, head: bytes) -> None:
         self.method = b"-"
