@@ -143,6 +143,23 @@ async def test_an_upgrade_whose_connection_header_lists_more_tokens_is_accepted(
     pub.close()
 
 
+async def test_frames_in_the_same_write_as_the_upgrade_request_are_served(gw):
+    """The first bytes pass through the HTTP front door before picows: a
+    request of several KiB and the frames behind it reach picows intact."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    raw = RawWS(reader, writer)
+    padding = f"X-Padding: {'p' * 6000}\r\n"
+    writer.write(upgrade_request("/ws", ["keep-alive, Upgrade"], padding))
+    for rid in range(3):
+        raw.send_text(json.dumps({"op": "ping", "id": rid}).encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    for rid in range(3):
+        op, data = await raw.recv_frame()
+        assert op == 1 and strict_json(data)["id"] == rid
+    raw.close()
+
+
 def test_an_upgrade_without_the_upgrade_token_is_refused_by_name(gw):
     status, _, body = http(gw.port, upgrade_request("/ws", ["keep-alive"]))
     assert status == 400 and b"Connection" in body
