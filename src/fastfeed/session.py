@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-import json
 import logging
 import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from . import _core
@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastfeed.session")
 
 FIELDS = list(_core.FIELDS)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The control plane's JSON is strict both ways (RFC 8259): orjson refuses
+# lone surrogates, NaN, Infinity, numbers beyond a double and nesting past
+# 1024 levels with one JSONDecodeError, so whatever it decodes encodes again.
+_loads = orjson.loads
+_dumps = orjson.dumps
 _SCALAR = (str, int, float, bool, type(None))
 
 
@@ -197,8 +201,8 @@ class Session(MessageListener):
             self._error(None, "bad_request", "requests are JSON text frames, not binary")
             return
         try:
-            req = json.loads(data)  # framing.MessageListener has checked the UTF-8
-        except ValueError as e:
+            req = _loads(data)  # framing.MessageListener has checked the UTF-8
+        except orjson.JSONDecodeError as e:
             self._error(None, "bad_request", f"not JSON: {e}")
             return
         if not isinstance(req, dict):
@@ -287,8 +291,7 @@ class Session(MessageListener):
         rows = table.rows_json(sorted(new), since_ids or None)
         unknown = [s for s, iid in ids.items() if iid < 0]
         head = {"type": "snapshot", "id": rid, "fields": FIELDS}
-        body = (_dumps(head)[:-1] + ',"rows":[').encode() + rows + (
-            '],"unknown":' + _dumps(unknown) + "}").encode()
+        body = _dumps(head)[:-1] + b',"rows":[' + rows + b'],"unknown":' + _dumps(unknown) + b"}"
         self.send_text(body)
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:

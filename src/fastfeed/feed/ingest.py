@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .. import _core
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from ..server import Gateway
 
 log = logging.getLogger("fastfeed.ingest")
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# strict JSON both ways, as on /ws (see session.py)
+_loads = orjson.loads
+_dumps = orjson.dumps
 MAX_ERRORS_PER_MESSAGE = 50
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 # One per process: parse() and apply() run back to back, never interleaved.
@@ -73,8 +75,8 @@ class IngestSession(MessageListener):
                 gw.after_ticks()
                 return self._report(errors)
         try:
-            msg = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            msg = _loads(data)
+        except orjson.JSONDecodeError as e:
             return self._error("bad_request", f"not JSON: {e}")
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
@@ -133,4 +135,4 @@ class IngestSession(MessageListener):
         if symbols is not None:
             msg["symbols"] = symbols
         self.gw.count_error(code)
-        tr.send(WSMsgType.TEXT, _dumps(msg).encode())
+        tr.send(WSMsgType.TEXT, _dumps(msg))
