@@ -241,14 +241,14 @@ async def test_close_handshake(gw, payload, code):
     assert await closed_with(gw.port, frame(CLOSE, payload)) == code
 
 
-@pytest.mark.xfail(strict=True, reason="picows 2.3.1 reads one frame ahead and answers a "
-                   "second close frame in the same read with 1002 (Autobahn 7.1.2)")
-async def test_a_second_close_frame_in_the_same_read_is_ignored(gw):
+async def test_a_second_close_frame_in_the_same_read_is_answered_1002_by_picows(gw):
     """Case 7.1.2, in the shape that fails every time: both close frames in one
-    write. Strict: once picows is fixed this passes, the run fails, and the mark
-    and PICOWS_FAILS above can go."""
+    write. picows 2.3.1 reads one frame ahead and answers the second close with
+    1002 where RFC 6455 wants the first one's 1000 echoed. This pins that known
+    upstream defect: once picows is fixed the answer is 1000, this test fails,
+    and it, PICOWS_FAILS above and the README's note can go."""
     assert await closed_with(gw.port, frame(CLOSE, close_payload(1000)), frame(CLOSE),
-                             path="/echo") == 1000
+                             path="/echo") == 1002
 
 
 async def test_server_hangs_up_after_the_close_handshake(gw):
