@@ -31,6 +31,7 @@ from common import (
     feature,
     gateway,
     main,
+    strict_json,
 )
 
 from fastfeed._tickjson import TickParser
@@ -64,6 +65,7 @@ def differential(data: bytes) -> None:
         if n < 0:
             continue  # declined: the fallback decides
         assert msg is not None, "the fast path took what the fallback refuses as JSON"
+        assert strict_json(data), "the fast path took what is not JSON by RFC 8259"
         ticks = msg if isinstance(msg, list) else [msg]
         assert n == len(ticks), (n, len(ticks))
         fast, slow = table(cap), table(cap)
