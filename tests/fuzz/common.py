@@ -76,6 +76,25 @@ class _Underlying:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         return None
 
+    # what flow control may ask of an asyncio transport: nothing is ever queued here
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self) -> None:
+        return None
+
+    def is_reading(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return False
+
 
 class FakeTransport:
     """The parts of picows' WSTransport the gateway uses; records what is sent."""
