@@ -471,6 +471,8 @@ async def attack(g: Gateway, log_path) -> None:
             name = coro.__name__
             try:
                 await asyncio.wait_for(coro, ATTACK_S)
+            except TimeoutError:
+                p.append(f"{name}: not done within {ATTACK_S:g} s: the gateway stopped answering")
             except Exception as e:
                 p.append(f"{name}: {type(e).__name__}: {e}")
 
