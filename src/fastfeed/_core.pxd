@@ -2,6 +2,7 @@
 # Python callers see the same objects through _core.pyi.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from picows.picows cimport WSTransport
 
 
 cdef enum:
@@ -40,10 +41,12 @@ cdef struct Stats:
     uint64_t heartbeats
     uint64_t pumps
     uint64_t overruns          # pumps that ran out of their time slice
+    uint64_t refused           # new symbols refused: the table is at max_instruments
     int64_t build_ns           # time spent building and sending frames
 
 
 cdef bint symbol_ok(const char* s, Py_ssize_t n) noexcept
+cdef bint writable(WSTransport tr) noexcept
 
 
 cdef class Table:
@@ -71,6 +74,8 @@ cdef class Table:
         int32_t* hslots               # open-addressing symbol map
         Py_ssize_t hcap
         Stats stats
+        char refused_sym[32]          # the last symbol refused for a full table
+        uint8_t refused_len
 
     cdef void _rehash_c(self, Py_ssize_t hcap) noexcept
     cdef int32_t find(self, const char* s, Py_ssize_t n) noexcept

@@ -105,6 +105,33 @@ cdef inline uint64_t _hash(const char* s, Py_ssize_t n) noexcept:
     return h
 
 
+cdef bint writable(WSTransport tr) noexcept:
+    """False once the connection is lost or its close frame is sent.
+
+    picows sets `is_disconnected` only when the loop delivers connection_lost,
+    one loop pass after the socket failed; until then the transport under it
+    says `is_closing()`, and every write to it is dropped with a warning.
+    """
+    if tr.is_disconnected or tr.is_close_frame_sent:
+        return False
+    try:
+        return not tr.underlying_transport.is_closing()
+    except BaseException:
+        return False
+
+
+def connected(WSTransport tr not None):
+    """True while `tr` may still be written to (a close frame included)."""
+    if tr.is_disconnected:
+        return False
+    return not tr.underlying_transport.is_closing()
+
+
+def can_send(WSTransport tr not None):
+    """True while `tr` takes messages: connected and no close frame sent yet."""
+    return writable(tr)
+
+
 def partition(str sym, int parts):
     """Bus partition of a symbol: stable across processes and releases."""
     b = sym.encode()
@@ -178,7 +205,10 @@ cdef class Table:
     def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000):
         self.capacity = 0
         self.size = 0
+        if not 1 <= max_instruments <= 2**31 - 1:
+            raise ValueError("max_instruments must lie in 1..2**31-1 (ids are int32)")
         self.max_instruments = max_instruments
+        self.refused_len = 0
         self.version = 0
         self.arrays = {}
         self.hcap = 0
@@ -279,9 +309,16 @@ cdef class Table:
         cdef uint64_t j
         if iid >= 0:
             return iid
-        if not symbol_ok(s, n) or self.size >= self.max_instruments:
+        if not symbol_ok(s, n):
+            return -1
+        if self.size >= self.max_instruments:
+            # counted and named for the operator (take_stats), once per tick
+            self.stats.refused += 1
+            memcpy(self.refused_sym, s, n)
+            self.refused_len = <uint8_t>n
             return -1
         if self.size >= self.capacity:
+            # doubling, to at most the power of two at or above max_instruments
             self._resize(self.capacity * 2)
         iid = <int32_t>self.size
         memcpy(self.syms + iid * SYM_MAX, s, n)
@@ -552,6 +589,9 @@ cdef class Table:
             "pumps": s.pumps,
             "overruns": s.overruns,
             "build_seconds": s.build_ns / 1e9,
+            "refused": s.refused,
+            "refused_symbol": PyBytes_FromStringAndSize(self.refused_sym,
+                                                        self.refused_len).decode(),
         }
 
 
@@ -1171,7 +1211,7 @@ cdef class Hub:
             self.capture.append((cid, PyBytes_FromStringAndSize(self.arena + off, n)))
             return 0
         tr = <WSTransport>o
-        if tr.is_disconnected or tr.is_close_frame_sent:
+        if not writable(tr):
             return 0
         tr.send_reuse_external_buffer(WSMsgType.BINARY if binary else WSMsgType.TEXT,
                                       self.arena + off, n)
@@ -1205,7 +1245,7 @@ cdef class Hub:
             self.capture.append((cid, data))
             return
         tr = <WSTransport>self.transports[cid]
-        if not tr.is_disconnected and not tr.is_close_frame_sent:
+        if writable(tr):
             tr.send(WSMsgType.TEXT, data)
 
     def take_latencies(self):
