@@ -57,6 +57,16 @@ from typing import Any, NamedTuple
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
+# the client's protocol constants are the protocol module's (re-exported here)
+from .protocol import (
+    BIN_MAGIC,
+    BIN_SUBPROTOCOL,
+    CLIENT_FAULT_CLOSE_CODES,
+    CLOSE_TRY_AGAIN_LATER,
+    FIELDS,
+    JSON_SUBPROTOCOL,
+)
+
 __all__ = [
     "BIN_SUBPROTOCOL",
     "FIELDS",
@@ -72,18 +82,10 @@ __all__ = [
 
 log = logging.getLogger("fastfeed.client")
 
-FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume")
-JSON_SUBPROTOCOL = "fastfeed.v1.json"
-BIN_SUBPROTOCOL = "fastfeed.v1.bin"
-BIN_MAGIC = b"FFB1"
 _BIN_HEADER = struct.Struct("<4sIq")  # magic, row count, server time ns: 16 bytes
-
-# Close codes that say the client itself did something wrong: reconnecting
-# would only repeat it.
-CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 _NO_STATUS = 1005  # the close frame had no code
 _ABNORMAL = 1006  # the socket went away without a close frame
-_TRY_AGAIN_LATER = 1013  # the gateway cannot serve yet (no market data)
+_TRY_AGAIN_LATER = CLOSE_TRY_AGAIN_LATER  # the gateway cannot serve yet (no market data)
 _PING_PAYLOAD = b"fastfeed.client resume"
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.

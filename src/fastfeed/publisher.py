@@ -41,13 +41,8 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from picows.common import WSHandshakeError
 
 from fastfeed._core import check_tick
-from fastfeed.client import (
-    CLIENT_FAULT_CLOSE_CODES,
-    FIELDS,
-    Backoff,
-    ConnectionClosed,
-    FastfeedError,
-)
+from fastfeed.client import Backoff, ConnectionClosed, FastfeedError
+from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, FIELDS
 
 __all__ = ["Publisher", "Transport", "WebSocketTransport", "validate_tick"]
 

@@ -26,6 +26,7 @@ from picows import (
 )
 
 from . import _core, auth, logs, metrics
+from . import protocol as P
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
@@ -42,7 +43,7 @@ PACE_EVERY_S = 0.1
 PACE_BUSY = 0.75  # share of a core the frame pacing aims at under load
 REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
 
-SUBPROTOCOLS = ("fastfeed.v1.json", "fastfeed.v1.bin")
+SUBPROTOCOLS = P.SUBPROTOCOLS
 
 
 INTERNAL_ERROR_LOG_EVERY_S = 60.0  # one log line per kind of unexpected error
@@ -219,7 +220,7 @@ class Gateway:
         if offered and chosen is None:
             return self._refuse(
                 400, f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}")
-        session = Session(self, ent, chosen == "fastfeed.v1.bin", "")
+        session = Session(self, ent, chosen == P.BIN_SUBPROTOCOL, "")
         headers = {"Sec-WebSocket-Protocol": chosen} if chosen else None
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(extra_headers=headers), session)
@@ -254,14 +255,14 @@ class Gateway:
         s.ip = ip
         self.metrics.connections.inc()
         if self.per_ip[ip] > self.cfg.max_connections_per_ip:
-            s.close(1008, f"over {self.cfg.max_connections_per_ip} connections from {ip}")
+            s.close(P.CLOSE_POLICY, f"over {self.cfg.max_connections_per_ip} connections from {ip}")
         elif not self.has_market_data:
             # accepted, because only a close code reaches a browser (a refused
             # upgrade is a bare 1006 there); 1013: come back, or go to a replica
-            s.close(1013, "try again later: no market data here yet "
+            s.close(P.CLOSE_TRY_AGAIN_LATER, "try again later: no market data here yet "
                           "(the snapshot from Redis is not loaded)")
         elif not self.feed_up:
-            s.send_text(b'{"type":"status","feed":"down"}')
+            s.send_text(P.FEED_DOWN)
 
     def detach(self, s: Session) -> None:
         if self.sessions.pop(s.cid, None) is not None:
@@ -306,7 +307,7 @@ class Gateway:
         self.feed_down_since = 0.0 if up else time.monotonic()
         self.metrics.feed_up.set(1 if up else 0)
         log.warning("feed is %s; telling %d clients", "up" if up else "DOWN", len(self.sessions))
-        msg = b'{"type":"status","feed":"up"}' if up else b'{"type":"status","feed":"down"}'
+        msg = P.FEED_UP if up else P.FEED_DOWN
         for s in list(self.sessions.values()):
             s.send_text(msg)
 
@@ -377,7 +378,8 @@ class Gateway:
                     self.metrics.stall_closes.inc()
                     # queued behind what it has not read: a client that wakes up
                     # finds the reason; one that doesn't is cut off after the grace
-                    s.close(1008, f"stalled: not reading for {self.cfg.stall_s:g}s", grace_s=5.0)
+                    s.close(P.CLOSE_POLICY, f"stalled: not reading for {self.cfg.stall_s:g}s",
+                            grace_s=5.0)
             stats = self.table.take_stats()
             self.metrics.flush(stats, self.hub.take_latencies())
             self._log_refused(stats["refused"], stats["refused_symbol"])
@@ -486,7 +488,8 @@ class Gateway:
         per_wave = -(-len(sessions) // waves) if sessions else 0
         for w in range(waves):
             for s in sessions[w * per_wave:(w + 1) * per_wave]:
-                s.close(1012, "server restarting: reconnect to another replica with since")
+                s.close(P.CLOSE_RESTART,
+                        "server restarting: reconnect to another replica with since")
             if w + 1 < waves:
                 await asyncio.sleep(cfg.drain_s / waves * random.uniform(0.5, 1.5))
         deadline = time.monotonic() + 3.0

@@ -16,9 +16,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from picows import WSCloseCode, WSMsgType, WSTransport
+from picows import WSMsgType, WSTransport
 
 from . import _core
+from . import protocol as P
 from .auth import Entitlements
 from .framing import MessageListener
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastfeed.session")
 
-FIELDS = list(_core.FIELDS)
+FIELDS = list(P.FIELDS)
 # The control plane's JSON is strict both ways (RFC 8259): orjson refuses
 # lone surrogates, NaN, Infinity, numbers beyond a double and nesting past
 # 1024 levels with one JSONDecodeError, so whatever it decodes encodes again.
@@ -198,27 +199,27 @@ class Session(MessageListener):
         if not self._take_token():  # every message counts, binary ones too
             return
         if t == WSMsgType.BINARY:
-            self._error(None, "bad_request", "requests are JSON text frames, not binary")
+            self._error(None, P.BAD_REQUEST, "requests are JSON text frames, not binary")
             return
         try:
             req = _loads(data)  # framing.MessageListener has checked the UTF-8
         except orjson.JSONDecodeError as e:
-            self._error(None, "bad_request", f"not JSON: {e}")
+            self._error(None, P.BAD_REQUEST, f"not JSON: {e}")
             return
         if not isinstance(req, dict):
-            self._error(None, "bad_request", "a request is a JSON object")
+            self._error(None, P.BAD_REQUEST, "a request is a JSON object")
             return
         rid = req.get("id")
         if not isinstance(rid, _SCALAR):
-            self._error(None, "bad_request", "id must be a JSON scalar")
+            self._error(None, P.BAD_REQUEST, "id must be a JSON scalar")
             return
         op = req.get("op")
         handler = _OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             if isinstance(op, str):
-                self._error(rid, "unknown_op", f"unknown op {op!r}; ops: {', '.join(_OPS)}")
+                self._error(rid, P.UNKNOWN_OP, f"unknown op {op!r}; ops: {', '.join(_OPS)}")
             else:
-                self._error(rid, "bad_request", "op missing or not a string")
+                self._error(rid, P.BAD_REQUEST, "op missing or not a string")
             return
         try:
             handler(self, rid, req)
@@ -242,12 +243,12 @@ class Session(MessageListener):
         if self.strikes >= cfg.abuse_strikes:
             log.warning("closing client for request flood: %d requests over the limit in a row",
                         self.strikes, extra={"ctx": {"client": self.peer, "cid": self.cid}})
-            self.close(WSCloseCode.POLICY_VIOLATION, "request rate limit abused")
+            self.close(P.CLOSE_POLICY, "request rate limit abused")
             # what else it sent is not wanted: reading it would only cost time
             if self.transport is not None:
                 self.transport.underlying_transport.pause_reading()
         else:
-            self._error(None, "rate_limited",
+            self._error(None, P.RATE_LIMITED,
                         f"over {cfg.requests_per_s:g} requests/s (a request for many "
                         "symbols counts as several, see docs/protocol.md); slow down")
         return False
@@ -258,11 +259,11 @@ class Session(MessageListener):
     def _symbols(self, req: dict, key: str = "symbols") -> list[str]:
         syms = req.get(key)
         if not isinstance(syms, list) or not all(isinstance(s, str) for s in syms):
-            raise RequestError("bad_request", f"{key} must be a list of symbol strings")
+            raise RequestError(P.BAD_REQUEST, f"{key} must be a list of symbol strings")
         self._charge(len(syms) // SYMBOLS_UNIT)
         bad = [s for s in syms if not _core.valid_symbol(s)]
         if bad:
-            raise RequestError("bad_request",
+            raise RequestError(P.BAD_REQUEST,
                                "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /", bad[:20])
         return list(dict.fromkeys(syms))
 
@@ -272,16 +273,16 @@ class Session(MessageListener):
         if not isinstance(since, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in since.values()
         ):
-            raise RequestError("bad_request", "since must map symbols to integer seq")
+            raise RequestError(P.BAD_REQUEST, "since must map symbols to integer seq")
         table = self.gw.table
         denied = [s for s in syms if not self.ent.allows(s)]
         ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
         new = [iid for iid in ids.values() if iid >= 0 and iid not in self.subs]
         if len(self.subs) + len(new) > self.gw.cfg.max_subscriptions:
-            raise RequestError("too_many_subscriptions",
+            raise RequestError(P.TOO_MANY_SUBSCRIPTIONS,
                                f"at most {self.gw.cfg.max_subscriptions} symbols per connection")
         if denied:
-            self._error(rid, "forbidden", "not entitled to these symbols", denied)
+            self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
         if new:
             self.subs.update(new)
             self.gw.hub.subscribe_ids(self.cid, self.subs)
@@ -307,7 +308,7 @@ class Session(MessageListener):
             self.gw.hub.subscribe_ids(self.cid, self.subs)
             self.gw.subscriptions_changed(-len(gone))
         if missing:
-            self._error(rid, "not_subscribed", "these symbols were not subscribed", missing)
+            self._error(rid, P.NOT_SUBSCRIBED, "these symbols were not subscribed", missing)
         self._ack(rid, "unsubscribe", [ids[i] for i in gone])
 
     def op_watch(self, rid: Any, req: dict) -> None:
@@ -316,10 +317,10 @@ class Session(MessageListener):
         missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
         add = [iid for iid in ids if iid in self.subs and iid not in self.watched]
         if len(self.watched) + len(add) > self.gw.cfg.max_watched:
-            raise RequestError("too_many_watched",
+            raise RequestError(P.TOO_MANY_WATCHED,
                                f"at most {self.gw.cfg.max_watched} watched symbols per connection")
         if missing:
-            self._error(rid, "not_subscribed", "subscribe before watching", missing)
+            self._error(rid, P.NOT_SUBSCRIBED, "subscribe before watching", missing)
         if add:
             self.watched.update(add)
             self.gw.hub.watch_ids(self.cid, add, True)
@@ -341,7 +342,7 @@ class Session(MessageListener):
         ms = req.get("frame_ms")
         lo = self.gw.cfg.min_frame_ms
         if not isinstance(ms, int) or isinstance(ms, bool) or not lo <= ms <= 60000:
-            raise RequestError("bad_request", f"frame_ms must be an integer from {lo} to 60000")
+            raise RequestError(P.BAD_REQUEST, f"frame_ms must be an integer from {lo} to 60000")
         self.frame_ms = ms
         self.gw.hub.set_interval(self.cid, ms * 1_000_000)
         self.send_text(_dumps({"type": "ack", "id": rid, "op": "configure", "frame_ms": ms}))
@@ -349,12 +350,12 @@ class Session(MessageListener):
     def op_list(self, rid: Any, req: dict) -> None:
         match = req.get("match")
         if match is not None and not isinstance(match, str):
-            raise RequestError("bad_request", "match must be a glob pattern string")
+            raise RequestError(P.BAD_REQUEST, "match must be a glob pattern string")
         if match is not None and len(match) > MAX_GLOB:
-            raise RequestError("bad_request", f"match is at most {MAX_GLOB} characters")
+            raise RequestError(P.BAD_REQUEST, f"match is at most {MAX_GLOB} characters")
         after = req.get("after")
         if after is not None and not isinstance(after, str):
-            raise RequestError("bad_request", "after must be a symbol string (the last one "
+            raise RequestError(P.BAD_REQUEST, "after must be a symbol string (the last one "
                                               "of the previous page)")
         syms, nxt, examined = list_page(self.gw.symbol_index.visible(self.ent), match, after,
                                         self.gw.cfg.max_list_symbols)
@@ -402,7 +403,7 @@ class Session(MessageListener):
         if queued > cfg.max_queued_bytes:
             log.warning("closing client that does not read its replies: %d bytes queued for it",
                         queued, extra={"ctx": {"client": self.peer, "cid": self.cid}})
-            self.close(WSCloseCode.POLICY_VIOLATION,
+            self.close(P.CLOSE_POLICY,
                        f"not reading: over {cfg.max_queued_bytes} bytes queued for this client")
             under.pause_reading()
         elif queued > cfg.high_water_bytes and not self.reading_paused:

@@ -7,9 +7,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from picows import WSCloseCode, WSMsgType, WSTransport
+from picows import WSMsgType, WSTransport
 
 from .. import _core
+from .. import protocol as P
 from .._tickjson import TickParser
 from ..framing import MessageListener
 
@@ -46,14 +47,14 @@ class IngestSession(MessageListener):
         if not self.trusted and not str(peer[0]).startswith(LOOPBACK):
             log.warning("refused /ingest from %s: no publisher token is configured, so only "
                         "loopback publishers are accepted (set --publisher-token)", self.peer)
-            self.close(WSCloseCode.POLICY_VIOLATION,
+            self.close(P.CLOSE_POLICY,
                        "ingest is loopback-only without a publisher token")
 
     def on_message(self, t: WSMsgType, data: bytes) -> None:
         gw = self.gw
         if t == WSMsgType.BINARY:
             # the tick count is in the batch header (a bad header is refused below)
-            n = int.from_bytes(data[4:8], "little") if data[:4] == b"FFT1" else 0
+            n = int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
             if not self._allow(n):
                 return self._rate_limited(n)
             if gw.bus is not None:
@@ -61,10 +62,10 @@ class IngestSession(MessageListener):
             try:
                 _, _, rejected = gw.table.apply_batch(data, 0)
             except ValueError as e:
-                return self._error("bad_request", str(e))
+                return self._error(P.BAD_REQUEST, str(e))
             gw.after_ticks()
             if rejected:
-                self._error("bad_request", f"{rejected} ticks with a bad symbol or seq")
+                self._error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
             return
         if gw.bus is None:
             n = _PARSER.parse(data)
@@ -77,7 +78,7 @@ class IngestSession(MessageListener):
         try:
             msg = _loads(data)
         except orjson.JSONDecodeError as e:
-            return self._error("bad_request", f"not JSON: {e}")
+            return self._error(P.BAD_REQUEST, f"not JSON: {e}")
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
             return self._rate_limited(len(ticks))
@@ -93,27 +94,27 @@ class IngestSession(MessageListener):
                     self.gw.count_ticks("ingest", "rejected", len(errors))
                 self._report(errors)
             except Exception as e:  # the bus is down: say so, never drop silently
-                self._error("unavailable", f"{len(ticks)} ticks NOT published: {e}")
+                self._error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
         self.gw.loop.create_task(go())
 
     def _publish_batch(self, data: bytes) -> None:
         try:
             ticks = _core.decode_batch(data)
         except (ValueError, IndexError) as e:
-            return self._error("bad_request", f"bad tick batch: {e}")
+            return self._error(P.BAD_REQUEST, f"bad tick batch: {e}")
         self._publish(ticks)
 
     def _rate_limited(self, n: int) -> None:
-        self._error("rate_limited", f"over {self.gw.cfg.ingest_rate:g} ticks/s for this "
+        self._error(P.RATE_LIMITED, f"over {self.gw.cfg.ingest_rate:g} ticks/s for this "
                     f"publisher: {n} ticks NOT applied; slow down and resend")
 
     def _report(self, errors: list) -> None:
         for k in range(0, min(len(errors), MAX_ERRORS_PER_MESSAGE)):
             idx, sym, why = errors[k]
             syms = [sym] if isinstance(sym, str) else None
-            self._error("bad_request", f"tick {idx} refused: {why}", syms, index=idx)
+            self._error(P.BAD_REQUEST, f"tick {idx} refused: {why}", syms, index=idx)
         if len(errors) > MAX_ERRORS_PER_MESSAGE:
-            self._error("bad_request", f"{len(errors) - MAX_ERRORS_PER_MESSAGE} more ticks refused")
+            self._error(P.BAD_REQUEST, f"{len(errors) - MAX_ERRORS_PER_MESSAGE} more ticks refused")
 
     def _allow(self, n: int) -> bool:
         now = time.monotonic()

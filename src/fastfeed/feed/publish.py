@@ -41,8 +41,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .._core import FIELDS, encode_batch
+from .._core import encode_batch
 from ..bus import BusDown, RedisBus
+from ..protocol import FIELDS
 
 __all__ = ["RedisPublisher", "add_publish_parser", "publish_main", "read_ticks", "run_simulator"]
 
