@@ -140,6 +140,18 @@ class Metrics:
         for status in UPGRADE_STATUSES:
             self.rejected_upgrades.labels(str(status))
 
+    def count_error(self, code: str) -> None:
+        """An error reply sent (a protocol.ERROR_CODES code)."""
+        self.errors.labels(code).inc()
+
+    def count_close(self, code: int) -> None:
+        """A close the server sent by itself (a protocol.CLOSE_CODES code)."""
+        self.closes.labels(str(code)).inc()
+
+    def count_ticks(self, source: str, outcome: str, n: int) -> None:
+        """Ticks the table never saw (refused or dropped before it, in Redis mode)."""
+        self.ticks.labels(source, outcome).inc(n)
+
     def observe_bus(self, bus: Any) -> None:
         """Copy the Redis bus's state and counters (once a second)."""
         self.breaker.set(bus.breaker)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from picows import WSMsgType, WSTransport
@@ -12,10 +14,7 @@ from picows import WSMsgType, WSTransport
 from .. import _core
 from .. import protocol as P
 from .._tickjson import TickParser
-from ..framing import MessageListener
-
-if TYPE_CHECKING:
-    from ..server import Gateway
+from ..gateway.framing import FramingContext, MessageListener
 
 log = logging.getLogger("fastfeed.ingest")
 # strict JSON both ways, as on /ws (see session.py)
@@ -27,15 +26,29 @@ LOOPBACK = ("127.", "::1", "::ffff:127.")
 _PARSER = TickParser()
 
 
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """All a publisher connection reaches of the gateway."""
+
+    link: FramingContext
+    table: Any  # _core.Table the ticks apply to (embedded mode)
+    applied: Callable[[], None]  # ticks were applied to the table: frames go out soon
+    bus: Any  # fastfeed.bus.RedisBus in Redis mode (ticks are published), else None
+    metrics: Any  # fastfeed.metrics.Metrics: count_error, count_ticks
+    max_bytes: int  # --max-ingest-bytes
+    rate: float  # --ingest-rate, ticks per second per publisher
+
+
 class IngestSession(MessageListener):
     """One publisher connection. Bad ticks are answered by name; the rest apply."""
 
     path = "/ingest"
 
-    def __init__(self, gw: Gateway, trusted: bool) -> None:
-        super().__init__(gw, gw.cfg.max_ingest_bytes)
+    def __init__(self, ctx: IngestContext, trusted: bool) -> None:
+        super().__init__(ctx.link, ctx.max_bytes)
+        self.ctx = ctx
         self.trusted = trusted
-        self.allowance = gw.cfg.ingest_rate
+        self.allowance = ctx.rate
         self.refill_at = time.monotonic()
         self.peer = "?"
 
@@ -51,29 +64,29 @@ class IngestSession(MessageListener):
                        "ingest is loopback-only without a publisher token")
 
     def on_message(self, t: WSMsgType, data: bytes) -> None:
-        gw = self.gw
+        ctx = self.ctx
         if t == WSMsgType.BINARY:
             # the tick count is in the batch header (a bad header is refused below)
             n = int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
             if not self._allow(n):
                 return self._rate_limited(n)
-            if gw.bus is not None:
+            if ctx.bus is not None:
                 return self._publish_batch(data)
             try:
-                _, _, rejected = gw.table.apply_batch(data, 0)
+                _, _, rejected = ctx.table.apply_batch(data, 0)
             except ValueError as e:
                 return self._error(P.BAD_REQUEST, str(e))
-            gw.after_ticks()
+            ctx.applied()
             if rejected:
                 self._error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
             return
-        if gw.bus is None:
+        if ctx.bus is None:
             n = _PARSER.parse(data)
             if n >= 0:  # the common shape, parsed without building dicts
                 if not self._allow(n):
                     return self._rate_limited(n)
-                _, _, errors = _PARSER.apply(gw.table, 0)
-                gw.after_ticks()
+                _, _, errors = _PARSER.apply(ctx.table, 0)
+                ctx.applied()
                 return self._report(errors)
         try:
             msg = _loads(data)
@@ -82,20 +95,22 @@ class IngestSession(MessageListener):
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
             return self._rate_limited(len(ticks))
-        if gw.bus is not None:
+        if ctx.bus is not None:
             return self._publish(ticks)
-        self._report(gw.ingest_ticks(ticks, 0))
+        _, _, errors = ctx.table.apply_objects(ticks, 0)
+        ctx.applied()
+        self._report(errors)
 
     def _publish(self, ticks: list) -> None:
         async def go() -> None:
             try:
-                errors = await self.gw.bus.publish(ticks)
+                errors = await self.ctx.bus.publish(ticks)
                 if errors:  # refused before Redis: the table never counts these
-                    self.gw.count_ticks("ingest", "rejected", len(errors))
+                    self.ctx.metrics.count_ticks("ingest", "rejected", len(errors))
                 self._report(errors)
             except Exception as e:  # the bus is down: say so, never drop silently
                 self._error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
-        self.gw.loop.create_task(go())
+        self.link.loop.create_task(go())
 
     def _publish_batch(self, data: bytes) -> None:
         try:
@@ -105,7 +120,7 @@ class IngestSession(MessageListener):
         self._publish(ticks)
 
     def _rate_limited(self, n: int) -> None:
-        self._error(P.RATE_LIMITED, f"over {self.gw.cfg.ingest_rate:g} ticks/s for this "
+        self._error(P.RATE_LIMITED, f"over {self.ctx.rate:g} ticks/s for this "
                     f"publisher: {n} ticks NOT applied; slow down and resend")
 
     def _report(self, errors: list) -> None:
@@ -118,7 +133,7 @@ class IngestSession(MessageListener):
 
     def _allow(self, n: int) -> bool:
         now = time.monotonic()
-        rate = self.gw.cfg.ingest_rate
+        rate = self.ctx.rate
         self.allowance = min(rate, self.allowance + (now - self.refill_at) * rate)
         self.refill_at = now
         if n > self.allowance:
@@ -135,5 +150,5 @@ class IngestSession(MessageListener):
             msg["index"] = index
         if symbols is not None:
             msg["symbols"] = symbols
-        self.gw.count_error(code)
+        self.ctx.metrics.count_error(code)
         tr.send(WSMsgType.TEXT, _dumps(msg))

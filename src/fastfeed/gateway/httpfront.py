@@ -23,7 +23,11 @@ from typing import Any
 
 from picows import WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.api import _HAS_AIOFASTNET, _resolve_logger
-from picows.picows import WSAutoPingStrategy, WSProtocol, _parse_http_request
+from picows.picows import (  # type: ignore[attr-defined]  # not in picows.pyi
+    WSAutoPingStrategy,
+    WSProtocol,
+    _parse_http_request,
+)
 
 _HTTP_MAX = 16 * 1024  # picows' own limit on a request's head
 _ALLOW = "GET, HEAD, OPTIONS"

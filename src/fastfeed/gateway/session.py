@@ -13,18 +13,18 @@ import logging
 import re
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from picows import WSMsgType, WSTransport
 
-from . import _core
-from . import protocol as P
-from .auth import Entitlements
-from .framing import MessageListener
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .. import _core
+from .. import protocol as P
+from ..auth import Entitlements
+from .framing import FramingContext, MessageListener
+from .registry import Limits, Registry
 
 log = logging.getLogger("fastfeed.session")
 
@@ -134,11 +134,27 @@ class RequestError(Exception):
         self.symbols = symbols
 
 
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """All a client connection reaches of the gateway."""
+
+    link: FramingContext
+    limits: Limits
+    hub: Any  # _core.Hub: this connection's subscription set, watched set, interval
+    table: Any  # _core.Table, read only here: symbol lookups and snapshot rows
+    symbols: SymbolIndex  # for list
+    registry: Registry  # attach, detach, subscription counts
+    count_error: Callable[[str], None]  # an error reply, by code
+
+
 class Session(MessageListener):
     path = "/ws"
 
-    def __init__(self, gw: Gateway, ent: Entitlements, binary: bool, peer: str) -> None:
-        super().__init__(gw, gw.cfg.max_message_bytes)
+    def __init__(self, ctx: SessionContext, ent: Entitlements, binary: bool, peer: str) -> None:
+        super().__init__(ctx.link, ctx.limits.max_message_bytes)
+        self.ctx = ctx
+        self.hub = ctx.hub
+        self.limits = ctx.limits
         self.ent = ent
         self.binary = binary
         self.peer = peer
@@ -146,8 +162,8 @@ class Session(MessageListener):
         self.cid = -1
         self.subs: set[int] = set()
         self.watched: set[int] = set()
-        self.frame_ms = gw.cfg.frame_ms
-        self.tokens = float(gw.cfg.request_burst)
+        self.frame_ms = ctx.limits.frame_ms
+        self.tokens = float(ctx.limits.request_burst)
         self.refill_at = time.monotonic()
         self.strikes = 0
         self.paused = False
@@ -157,7 +173,7 @@ class Session(MessageListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        hw = self.gw.cfg.high_water_bytes
+        hw = self.limits.high_water_bytes
         transport.underlying_transport.set_write_buffer_limits(high=hw)
         # a fixed kernel send buffer (no autotuning to megabytes) bounds what a
         # stuck client can pin in the kernel and lets the stall show quickly
@@ -165,25 +181,25 @@ class Session(MessageListener):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hw)
         self.guard_frames(transport)
-        self.cid = self.gw.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
-        self.gw.attach(self)
+        self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
+        self.ctx.registry.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.count_picows_close(transport)
         if self.cid >= 0:
             if self.watched:
-                self.gw.hub.watch_ids(self.cid, list(self.watched), False)
-            self.gw.hub.remove(self.cid)
-            self.gw.detach(self)
+                self.hub.watch_ids(self.cid, list(self.watched), False)
+            self.hub.remove(self.cid)
+            self.ctx.registry.detach(self)
             self.cid = -1
 
     def pause_writing(self) -> None:
         self.paused = True
-        self.gw.hub.pause(self.cid)
+        self.hub.pause(self.cid)
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.gw.hub.resume(self.cid)
+        self.hub.resume(self.cid)
         if self.reading_paused and not self.closing and self.transport is not None:
             self.reading_paused = False
             self.transport.underlying_transport.resume_reading()
@@ -231,7 +247,7 @@ class Session(MessageListener):
         request does beyond that is charged by `_charge`, which may leave the
         bucket in debt: the requests after it wait until it has refilled."""
         now = time.monotonic()
-        cfg = self.gw.cfg
+        cfg = self.limits
         refill = (now - self.refill_at) * cfg.requests_per_s
         self.tokens = min(cfg.request_burst, self.tokens + refill)
         self.refill_at = now
@@ -274,19 +290,19 @@ class Session(MessageListener):
             isinstance(v, int) and not isinstance(v, bool) for v in since.values()
         ):
             raise RequestError(P.BAD_REQUEST, "since must map symbols to integer seq")
-        table = self.gw.table
+        table = self.ctx.table
         denied = [s for s in syms if not self.ent.allows(s)]
         ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
         new = [iid for iid in ids.values() if iid >= 0 and iid not in self.subs]
-        if len(self.subs) + len(new) > self.gw.cfg.max_subscriptions:
+        if len(self.subs) + len(new) > self.limits.max_subscriptions:
             raise RequestError(P.TOO_MANY_SUBSCRIPTIONS,
-                               f"at most {self.gw.cfg.max_subscriptions} symbols per connection")
+                               f"at most {self.limits.max_subscriptions} symbols per connection")
         if denied:
             self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
         if new:
             self.subs.update(new)
-            self.gw.hub.subscribe_ids(self.cid, self.subs)
-            self.gw.subscriptions_changed(len(new))
+            self.hub.subscribe_ids(self.cid, self.subs)
+            self.ctx.registry.subscriptions_changed(len(new))
         since_ids = {table.lookup(s): seq for s, seq in since.items()}
         since_ids.pop(-1, None)
         rows = table.rows_json(sorted(new), since_ids or None)
@@ -297,38 +313,38 @@ class Session(MessageListener):
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
+        ids = {self.ctx.table.lookup(s): s for s in syms}
         gone = [iid for iid in ids if iid in self.subs]
-        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
         if gone:
             self.subs.difference_update(gone)
             unwatch = self.watched.intersection(gone)
             if unwatch:
                 self._unwatch(unwatch)
-            self.gw.hub.subscribe_ids(self.cid, self.subs)
-            self.gw.subscriptions_changed(-len(gone))
+            self.hub.subscribe_ids(self.cid, self.subs)
+            self.ctx.registry.subscriptions_changed(-len(gone))
         if missing:
             self._error(rid, P.NOT_SUBSCRIBED, "these symbols were not subscribed", missing)
         self._ack(rid, "unsubscribe", [ids[i] for i in gone])
 
     def op_watch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
-        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        ids = {self.ctx.table.lookup(s): s for s in syms}
+        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
         add = [iid for iid in ids if iid in self.subs and iid not in self.watched]
-        if len(self.watched) + len(add) > self.gw.cfg.max_watched:
+        if len(self.watched) + len(add) > self.limits.max_watched:
             raise RequestError(P.TOO_MANY_WATCHED,
-                               f"at most {self.gw.cfg.max_watched} watched symbols per connection")
+                               f"at most {self.limits.max_watched} watched symbols per connection")
         if missing:
             self._error(rid, P.NOT_SUBSCRIBED, "subscribe before watching", missing)
         if add:
             self.watched.update(add)
-            self.gw.hub.watch_ids(self.cid, add, True)
+            self.hub.watch_ids(self.cid, add, True)
         self._ack(rid, "watch", [s for iid, s in ids.items() if iid in self.subs])
 
     def op_unwatch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
+        ids = {self.ctx.table.lookup(s): s for s in syms}
         gone = self.watched.intersection(ids)
         if gone:
             self._unwatch(gone)
@@ -336,15 +352,15 @@ class Session(MessageListener):
 
     def _unwatch(self, ids: set[int]) -> None:
         self.watched.difference_update(ids)
-        self.gw.hub.watch_ids(self.cid, list(ids), False)
+        self.hub.watch_ids(self.cid, list(ids), False)
 
     def op_configure(self, rid: Any, req: dict) -> None:
         ms = req.get("frame_ms")
-        lo = self.gw.cfg.min_frame_ms
+        lo = self.limits.min_frame_ms
         if not isinstance(ms, int) or isinstance(ms, bool) or not lo <= ms <= 60000:
             raise RequestError(P.BAD_REQUEST, f"frame_ms must be an integer from {lo} to 60000")
         self.frame_ms = ms
-        self.gw.hub.set_interval(self.cid, ms * 1_000_000)
+        self.hub.set_interval(self.cid, ms * 1_000_000)
         self.send_text(_dumps({"type": "ack", "id": rid, "op": "configure", "frame_ms": ms}))
 
     def op_list(self, rid: Any, req: dict) -> None:
@@ -357,8 +373,8 @@ class Session(MessageListener):
         if after is not None and not isinstance(after, str):
             raise RequestError(P.BAD_REQUEST, "after must be a symbol string (the last one "
                                               "of the previous page)")
-        syms, nxt, examined = list_page(self.gw.symbol_index.visible(self.ent), match, after,
-                                        self.gw.cfg.max_list_symbols)
+        syms, nxt, examined = list_page(self.ctx.symbols.visible(self.ent), match, after,
+                                        self.limits.max_list_symbols)
         self._charge(examined // LIST_SCAN_UNIT)
         more = nxt is not None
         reply: dict[str, Any] = {"type": "list", "id": rid, "symbols": syms, "more": more}
@@ -378,7 +394,7 @@ class Session(MessageListener):
         msg: dict[str, Any] = {"type": "error", "id": rid, "code": code, "message": message}
         if symbols is not None:
             msg["symbols"] = symbols
-        self.gw.count_error(code)
+        self.ctx.count_error(code)
         self.send_text(_dumps(msg))
 
     def send_text(self, data: str | bytes) -> None:
@@ -387,7 +403,7 @@ class Session(MessageListener):
             return
         tr.send(WSMsgType.TEXT, data.encode() if isinstance(data, str) else data)
         if self.cid >= 0:
-            self.gw.hub.touch(self.cid)
+            self.hub.touch(self.cid)
         self._check_queued()
 
     def _check_queued(self) -> None:
@@ -399,7 +415,7 @@ class Session(MessageListener):
             return
         under = tr.underlying_transport
         queued = under.get_write_buffer_size()
-        cfg = self.gw.cfg
+        cfg = self.limits
         if queued > cfg.max_queued_bytes:
             log.warning("closing client that does not read its replies: %d bytes queued for it",
                         queued, extra={"ctx": {"client": self.peer, "cid": self.cid}})
