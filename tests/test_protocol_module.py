@@ -31,6 +31,7 @@ def test_the_core_copies_are_the_protocol_module():
 
 def test_the_python_client_re_exports_the_protocol_module():
     assert client.FIELDS is protocol.FIELDS
+    assert client.Row._fields == protocol.FIELDS
     assert client.JSON_SUBPROTOCOL == protocol.JSON_SUBPROTOCOL
     assert client.BIN_SUBPROTOCOL == protocol.BIN_SUBPROTOCOL
     assert client.CLIENT_FAULT_CLOSE_CODES is protocol.CLIENT_FAULT_CLOSE_CODES
