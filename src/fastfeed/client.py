@@ -64,6 +64,7 @@ from .protocol import (
     CLIENT_FAULT_CLOSE_CODES,
     CLOSE_TRY_AGAIN_LATER,
     FIELDS,
+    FORBIDDEN,
     JSON_SUBPROTOCOL,
 )
 
@@ -571,7 +572,7 @@ class Client:
         try:
             reply = await self._request({"op": "subscribe", "symbols": syms}, resend=True)
         except FastfeedError as e:
-            if e.code == "forbidden":
+            if e.code == FORBIDDEN:
                 self._subs.difference_update(e.symbols)
             else:
                 self._subs.difference_update(new)
@@ -872,7 +873,7 @@ class Client:
             session.pending.pop(rid, None)
         if reply.get("type") == "error":
             err = _error(reply)
-            if err.code == "forbidden":  # entitlements shrank: drop those, go on
+            if err.code == FORBIDDEN:  # entitlements shrank: drop those, go on
                 self._drop(err.symbols)
                 self._report_error(err)
                 return {}
@@ -977,7 +978,7 @@ class Client:
             err = _error(msg)
             if pending is not None and not pending.future.done():
                 if (
-                    err.code == "forbidden"
+                    err.code == FORBIDDEN
                     and pending.op == "subscribe"
                     and pending.forbidden is None
                     and not set(pending.symbols) <= set(err.symbols)
