@@ -1,4 +1,4 @@
-"""RFC 6455 conformance of the framing every endpoint shares (`fastfeed.framing`).
+"""RFC 6455 conformance of the framing every endpoint shares (`fastfeed.gateway.framing`).
 
 Autobahn|Testsuite's own case files, sections 1 to 10 (framing, pings,
 reserved bits, opcodes, fragmentation, UTF-8, close handling, limits and large

@@ -24,7 +24,7 @@ from wsraw import RawWS
 
 from fastfeed import _core
 from fastfeed.auth import EVERYTHING, Entitlements
-from fastfeed.session import SymbolIndex, list_page
+from fastfeed.gateway.session import SymbolIndex, list_page
 
 
 def rss_kib(pid: int) -> int:

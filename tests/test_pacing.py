@@ -1,7 +1,7 @@
 """Under load, every client's frame interval stretches alike, up to a budget.
 
 The gateway raises one floor under all update intervals when its worker is
-busier than it should be (server.Gateway._pace); the core applies it.
+busier than it should be (gateway.clock.FrameClock.pace); the core applies it.
 """
 
 from __future__ import annotations

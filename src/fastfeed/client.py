@@ -57,6 +57,17 @@ from picows.common import WSHandshakeError
 
 from .backoff import Backoff
 
+# the client's protocol constants are the protocol module's (re-exported here)
+from .protocol import (
+    BIN_MAGIC,
+    BIN_SUBPROTOCOL,
+    CLIENT_FAULT_CLOSE_CODES,
+    CLOSE_TRY_AGAIN_LATER,
+    FIELDS,
+    FORBIDDEN,
+    JSON_SUBPROTOCOL,
+)
+
 __all__ = [
     "BIN_SUBPROTOCOL",
     "FIELDS",
@@ -72,18 +83,10 @@ __all__ = [
 
 log = logging.getLogger("fastfeed.client")
 
-FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume")
-JSON_SUBPROTOCOL = "fastfeed.v1.json"
-BIN_SUBPROTOCOL = "fastfeed.v1.bin"
-BIN_MAGIC = b"FFB1"
 _BIN_HEADER = struct.Struct("<4sIq")  # magic, row count, server time ns: 16 bytes
-
-# Close codes that say the client itself did something wrong: reconnecting
-# would only repeat it.
-CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 _NO_STATUS = 1005  # the close frame had no code
 _ABNORMAL = 1006  # the socket went away without a close frame
-_TRY_AGAIN_LATER = 1013  # the gateway cannot serve yet (no market data)
+_TRY_AGAIN_LATER = CLOSE_TRY_AGAIN_LATER  # the gateway cannot serve yet (no market data)
 _PING_PAYLOAD = b"fastfeed.client resume"
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.
@@ -536,7 +539,7 @@ class Client:
         try:
             reply = await self._request({"op": "subscribe", "symbols": syms}, resend=True)
         except FastfeedError as e:
-            if e.code == "forbidden":
+            if e.code == FORBIDDEN:
                 self._subs.difference_update(e.symbols)
             else:
                 self._subs.difference_update(new)
@@ -837,7 +840,7 @@ class Client:
             session.pending.pop(rid, None)
         if reply.get("type") == "error":
             err = _error(reply)
-            if err.code == "forbidden":  # entitlements shrank: drop those, go on
+            if err.code == FORBIDDEN:  # entitlements shrank: drop those, go on
                 self._drop(err.symbols)
                 self._report_error(err)
                 return {}
@@ -942,7 +945,7 @@ class Client:
             err = _error(msg)
             if pending is not None and not pending.future.done():
                 if (
-                    err.code == "forbidden"
+                    err.code == FORBIDDEN
                     and pending.op == "subscribe"
                     and pending.forbidden is None
                     and not set(pending.symbols) <= set(err.symbols)

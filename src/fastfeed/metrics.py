@@ -14,6 +14,9 @@ import shutil
 import tempfile
 from typing import Any
 
+# the label sets exported at 0 from the start are the protocol's
+from .protocol import CLOSE_CODES, ERROR_CODES, TICK_OUTCOMES, TICK_SOURCES, UPGRADE_STATUSES
+
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -48,15 +51,6 @@ def cleanup(path: str) -> None:
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
-
-# Label values known in advance are exported at 0 from the start, so a rate()
-# or an alert sees 0 instead of no series until the first event.
-TICK_SOURCES = ("ingest", "bus", "simulator")
-TICK_OUTCOMES = ("applied", "stale", "rejected")
-ERROR_CODES = ("bad_request", "unknown_op", "not_subscribed", "too_many_subscriptions",
-               "too_many_watched", "rate_limited", "forbidden", "unavailable")
-CLOSE_CODES = (1001, 1002, 1007, 1008, 1009, 1011, 1012, 1013)
-UPGRADE_STATUSES = (400, 401, 403, 426, 503)
 
 
 class Metrics:
@@ -145,6 +139,18 @@ class Metrics:
             self.closes.labels(str(close))
         for status in UPGRADE_STATUSES:
             self.rejected_upgrades.labels(str(status))
+
+    def count_error(self, code: str) -> None:
+        """An error reply sent (a protocol.ERROR_CODES code)."""
+        self.errors.labels(code).inc()
+
+    def count_close(self, code: int) -> None:
+        """A close the server sent by itself (a protocol.CLOSE_CODES code)."""
+        self.closes.labels(str(code)).inc()
+
+    def count_ticks(self, source: str, outcome: str, n: int) -> None:
+        """Ticks the table never saw (refused or dropped before it, in Redis mode)."""
+        self.ticks.labels(source, outcome).inc(n)
 
     def observe_bus(self, bus: Any) -> None:
         """Copy the Redis bus's state and counters (once a second)."""

@@ -58,12 +58,8 @@ from picows.common import WSHandshakeError
 from fastfeed._core import check_tick, encode_batch
 from fastfeed.backoff import Backoff
 from fastfeed.bus import BusDown, RedisBus, RedisError
-from fastfeed.client import (
-    CLIENT_FAULT_CLOSE_CODES,
-    FIELDS,
-    ConnectionClosed,
-    FastfeedError,
-)
+from fastfeed.client import ConnectionClosed, FastfeedError
+from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, FIELDS
 
 __all__ = [
     "MAX_BATCH",

@@ -13,7 +13,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-from ._core import ROW_DTYPE, VALUE_FIELDS, valid_symbol
+from ._core import ROW_DTYPE, valid_symbol
+from .protocol import BIN_MAGIC, VALUE_FIELDS
 
 APPLIED, STALE, REJECTED = 0, 1, 2
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -145,7 +146,7 @@ class RefHub:
     def frame(self, ids: list[int], wall: int, binary: bool) -> bytes:
         t = self.table
         if binary:
-            head = b"FFB1" + struct.pack("<Iq", len(ids), wall)
+            head = BIN_MAGIC + struct.pack("<Iq", len(ids), wall)
             assert ROW_DTYPE.itemsize == 104
             return head + b"".join(t.row_bin(i) for i in ids)
         rows = b",".join(t.row_json(i) for i in ids)

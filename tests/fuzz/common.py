@@ -27,9 +27,9 @@ with atheris.instrument_imports(include=["fastfeed"]):
     from fastfeed.auth import EVERYTHING, Entitlements
     from fastfeed.config import Config
     from fastfeed.feed.ingest import IngestSession
-    from fastfeed.framing import MessageListener
+    from fastfeed.gateway.framing import MessageListener
+    from fastfeed.gateway.session import Session
     from fastfeed.server import Gateway
-    from fastfeed.session import Session
 
 __all__ = [
     "CLIENT_CLOSE_CODES",

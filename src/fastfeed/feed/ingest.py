@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from picows import WSCloseCode, WSMsgType, WSTransport
+from picows import WSMsgType, WSTransport
 
 from .. import _core
+from .. import protocol as P
 from .._tickjson import TickParser
-from ..framing import MessageListener
-
-if TYPE_CHECKING:
-    from ..server import Gateway
+from ..gateway.framing import FramingContext, MessageListener
 
 log = logging.getLogger("fastfeed.ingest")
 # strict JSON both ways, as on /ws (see session.py)
@@ -26,15 +26,29 @@ LOOPBACK = ("127.", "::1", "::ffff:127.")
 _PARSER = TickParser()
 
 
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """All a publisher connection reaches of the gateway."""
+
+    link: FramingContext
+    table: Any  # _core.Table the ticks apply to (embedded mode)
+    applied: Callable[[], None]  # ticks were applied to the table: frames go out soon
+    bus: Any  # fastfeed.bus.RedisBus in Redis mode (ticks are published), else None
+    metrics: Any  # fastfeed.metrics.Metrics: count_error, count_ticks
+    max_bytes: int  # --max-ingest-bytes
+    rate: float  # --ingest-rate, ticks per second per publisher
+
+
 class IngestSession(MessageListener):
     """One publisher connection. Bad ticks are answered by name; the rest apply."""
 
     path = "/ingest"
 
-    def __init__(self, gw: Gateway, trusted: bool) -> None:
-        super().__init__(gw, gw.cfg.max_ingest_bytes)
+    def __init__(self, ctx: IngestContext, trusted: bool) -> None:
+        super().__init__(ctx.link, ctx.max_bytes)
+        self.ctx = ctx
         self.trusted = trusted
-        self.allowance = gw.cfg.ingest_rate
+        self.allowance = ctx.rate
         self.refill_at = time.monotonic()
         self.peer = "?"
 
@@ -46,78 +60,80 @@ class IngestSession(MessageListener):
         if not self.trusted and not str(peer[0]).startswith(LOOPBACK):
             log.warning("refused /ingest from %s: no publisher token is configured, so only "
                         "loopback publishers are accepted (set --publisher-token)", self.peer)
-            self.close(WSCloseCode.POLICY_VIOLATION,
+            self.close(P.CLOSE_POLICY,
                        "ingest is loopback-only without a publisher token")
 
     def on_message(self, t: WSMsgType, data: bytes) -> None:
-        gw = self.gw
+        ctx = self.ctx
         if t == WSMsgType.BINARY:
             # the tick count is in the batch header (a bad header is refused below)
-            n = int.from_bytes(data[4:8], "little") if data[:4] == b"FFT1" else 0
+            n = int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
             if not self._allow(n):
                 return self._rate_limited(n)
-            if gw.bus is not None:
+            if ctx.bus is not None:
                 return self._publish_batch(data)
             try:
-                _, _, rejected = gw.table.apply_batch(data, 0)
+                _, _, rejected = ctx.table.apply_batch(data, 0)
             except ValueError as e:
-                return self._error("bad_request", str(e))
-            gw.after_ticks()
+                return self._error(P.BAD_REQUEST, str(e))
+            ctx.applied()
             if rejected:
-                self._error("bad_request", f"{rejected} ticks with a bad symbol or seq")
+                self._error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
             return
-        if gw.bus is None:
+        if ctx.bus is None:
             n = _PARSER.parse(data)
             if n >= 0:  # the common shape, parsed without building dicts
                 if not self._allow(n):
                     return self._rate_limited(n)
-                _, _, errors = _PARSER.apply(gw.table, 0)
-                gw.after_ticks()
+                _, _, errors = _PARSER.apply(ctx.table, 0)
+                ctx.applied()
                 return self._report(errors)
         try:
             msg = _loads(data)
         except orjson.JSONDecodeError as e:
-            return self._error("bad_request", f"not JSON: {e}")
+            return self._error(P.BAD_REQUEST, f"not JSON: {e}")
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
             return self._rate_limited(len(ticks))
-        if gw.bus is not None:
+        if ctx.bus is not None:
             return self._publish(ticks)
-        self._report(gw.ingest_ticks(ticks, 0))
+        _, _, errors = ctx.table.apply_objects(ticks, 0)
+        ctx.applied()
+        self._report(errors)
 
     def _publish(self, ticks: list) -> None:
         async def go() -> None:
             try:
-                errors = await self.gw.bus.publish(ticks)
+                errors = await self.ctx.bus.publish(ticks)
                 if errors:  # refused before Redis: the table never counts these
-                    self.gw.count_ticks("ingest", "rejected", len(errors))
+                    self.ctx.metrics.count_ticks("ingest", "rejected", len(errors))
                 self._report(errors)
             except Exception as e:  # the bus is down: say so, never drop silently
-                self._error("unavailable", f"{len(ticks)} ticks NOT published: {e}")
-        self.gw.loop.create_task(go())
+                self._error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
+        self.link.loop.create_task(go())
 
     def _publish_batch(self, data: bytes) -> None:
         try:
             ticks = _core.decode_batch(data)
         except (ValueError, IndexError) as e:
-            return self._error("bad_request", f"bad tick batch: {e}")
+            return self._error(P.BAD_REQUEST, f"bad tick batch: {e}")
         self._publish(ticks)
 
     def _rate_limited(self, n: int) -> None:
-        self._error("rate_limited", f"over {self.gw.cfg.ingest_rate:g} ticks/s for this "
+        self._error(P.RATE_LIMITED, f"over {self.ctx.rate:g} ticks/s for this "
                     f"publisher: {n} ticks NOT applied; slow down and resend")
 
     def _report(self, errors: list) -> None:
         for k in range(0, min(len(errors), MAX_ERRORS_PER_MESSAGE)):
             idx, sym, why = errors[k]
             syms = [sym] if isinstance(sym, str) else None
-            self._error("bad_request", f"tick {idx} refused: {why}", syms, index=idx)
+            self._error(P.BAD_REQUEST, f"tick {idx} refused: {why}", syms, index=idx)
         if len(errors) > MAX_ERRORS_PER_MESSAGE:
-            self._error("bad_request", f"{len(errors) - MAX_ERRORS_PER_MESSAGE} more ticks refused")
+            self._error(P.BAD_REQUEST, f"{len(errors) - MAX_ERRORS_PER_MESSAGE} more ticks refused")
 
     def _allow(self, n: int) -> bool:
         now = time.monotonic()
-        rate = self.gw.cfg.ingest_rate
+        rate = self.ctx.rate
         self.allowance = min(rate, self.allowance + (now - self.refill_at) * rate)
         self.refill_at = now
         if n > self.allowance:
@@ -134,5 +150,5 @@ class IngestSession(MessageListener):
             msg["index"] = index
         if symbols is not None:
             msg["symbols"] = symbols
-        self.gw.count_error(code)
+        self.ctx.metrics.count_error(code)
         tr.send(WSMsgType.TEXT, _dumps(msg))

@@ -37,8 +37,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .._core import FIELDS
 from ..client import FastfeedError
+from ..protocol import FIELDS
 from ..publisher import MAX_BATCH, Publisher, RedisPublisher, RedisTransport, WebSocketTransport
 
 __all__ = ["RedisPublisher", "add_publish_parser", "publish_main", "read_ticks", "run_simulator"]

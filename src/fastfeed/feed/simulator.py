@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core import VALUE_FIELDS, wall_ns
+from .._core import wall_ns
+from ..protocol import VALUE_FIELDS
 
 # Real IDX names with rough price levels (IDR), so the board looks familiar.
 IDX = {

@@ -13,21 +13,22 @@ import logging
 import re
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from picows import WSCloseCode, WSMsgType, WSTransport
+from picows import WSMsgType, WSTransport
 
-from . import _core
-from .auth import Entitlements
-from .framing import MessageListener
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .. import _core
+from .. import protocol as P
+from ..auth import Entitlements
+from .framing import FramingContext, MessageListener
+from .registry import Limits, Registry
 
 log = logging.getLogger("fastfeed.session")
 
-FIELDS = list(_core.FIELDS)
+FIELDS = list(P.FIELDS)
 # The control plane's JSON is strict both ways (RFC 8259): orjson refuses
 # lone surrogates, NaN, Infinity, numbers beyond a double and nesting past
 # 1024 levels with one JSONDecodeError, so whatever it decodes encodes again.
@@ -133,11 +134,27 @@ class RequestError(Exception):
         self.symbols = symbols
 
 
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """All a client connection reaches of the gateway."""
+
+    link: FramingContext
+    limits: Limits
+    hub: Any  # _core.Hub: this connection's subscription set, watched set, interval
+    table: Any  # _core.Table, read only here: symbol lookups and snapshot rows
+    symbols: SymbolIndex  # for list
+    registry: Registry  # attach, detach, subscription counts
+    count_error: Callable[[str], None]  # an error reply, by code
+
+
 class Session(MessageListener):
     path = "/ws"
 
-    def __init__(self, gw: Gateway, ent: Entitlements, binary: bool, peer: str) -> None:
-        super().__init__(gw, gw.cfg.max_message_bytes)
+    def __init__(self, ctx: SessionContext, ent: Entitlements, binary: bool, peer: str) -> None:
+        super().__init__(ctx.link, ctx.limits.max_message_bytes)
+        self.ctx = ctx
+        self.hub = ctx.hub
+        self.limits = ctx.limits
         self.ent = ent
         self.binary = binary
         self.peer = peer
@@ -145,8 +162,8 @@ class Session(MessageListener):
         self.cid = -1
         self.subs: set[int] = set()
         self.watched: set[int] = set()
-        self.frame_ms = gw.cfg.frame_ms
-        self.tokens = float(gw.cfg.request_burst)
+        self.frame_ms = ctx.limits.frame_ms
+        self.tokens = float(ctx.limits.request_burst)
         self.refill_at = time.monotonic()
         self.strikes = 0
         self.paused = False
@@ -156,7 +173,7 @@ class Session(MessageListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        hw = self.gw.cfg.high_water_bytes
+        hw = self.limits.high_water_bytes
         transport.underlying_transport.set_write_buffer_limits(high=hw)
         # a fixed kernel send buffer (no autotuning to megabytes) bounds what a
         # stuck client can pin in the kernel and lets the stall show quickly
@@ -164,25 +181,25 @@ class Session(MessageListener):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hw)
         self.guard_frames(transport)
-        self.cid = self.gw.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
-        self.gw.attach(self)
+        self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
+        self.ctx.registry.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.count_picows_close(transport)
         if self.cid >= 0:
             if self.watched:
-                self.gw.hub.watch_ids(self.cid, list(self.watched), False)
-            self.gw.hub.remove(self.cid)
-            self.gw.detach(self)
+                self.hub.watch_ids(self.cid, list(self.watched), False)
+            self.hub.remove(self.cid)
+            self.ctx.registry.detach(self)
             self.cid = -1
 
     def pause_writing(self) -> None:
         self.paused = True
-        self.gw.hub.pause(self.cid)
+        self.hub.pause(self.cid)
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.gw.hub.resume(self.cid)
+        self.hub.resume(self.cid)
         if self.reading_paused and not self.closing and self.transport is not None:
             self.reading_paused = False
             self.transport.underlying_transport.resume_reading()
@@ -198,27 +215,27 @@ class Session(MessageListener):
         if not self._take_token():  # every message counts, binary ones too
             return
         if t == WSMsgType.BINARY:
-            self._error(None, "bad_request", "requests are JSON text frames, not binary")
+            self._error(None, P.BAD_REQUEST, "requests are JSON text frames, not binary")
             return
         try:
             req = _loads(data)  # framing.MessageListener has checked the UTF-8
         except orjson.JSONDecodeError as e:
-            self._error(None, "bad_request", f"not JSON: {e}")
+            self._error(None, P.BAD_REQUEST, f"not JSON: {e}")
             return
         if not isinstance(req, dict):
-            self._error(None, "bad_request", "a request is a JSON object")
+            self._error(None, P.BAD_REQUEST, "a request is a JSON object")
             return
         rid = req.get("id")
         if not isinstance(rid, _SCALAR):
-            self._error(None, "bad_request", "id must be a JSON scalar")
+            self._error(None, P.BAD_REQUEST, "id must be a JSON scalar")
             return
         op = req.get("op")
         handler = _OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             if isinstance(op, str):
-                self._error(rid, "unknown_op", f"unknown op {op!r}; ops: {', '.join(_OPS)}")
+                self._error(rid, P.UNKNOWN_OP, f"unknown op {op!r}; ops: {', '.join(_OPS)}")
             else:
-                self._error(rid, "bad_request", "op missing or not a string")
+                self._error(rid, P.BAD_REQUEST, "op missing or not a string")
             return
         try:
             handler(self, rid, req)
@@ -230,7 +247,7 @@ class Session(MessageListener):
         request does beyond that is charged by `_charge`, which may leave the
         bucket in debt: the requests after it wait until it has refilled."""
         now = time.monotonic()
-        cfg = self.gw.cfg
+        cfg = self.limits
         refill = (now - self.refill_at) * cfg.requests_per_s
         self.tokens = min(cfg.request_burst, self.tokens + refill)
         self.refill_at = now
@@ -242,12 +259,12 @@ class Session(MessageListener):
         if self.strikes >= cfg.abuse_strikes:
             log.warning("closing client for request flood: %d requests over the limit in a row",
                         self.strikes, extra={"ctx": {"client": self.peer, "cid": self.cid}})
-            self.close(WSCloseCode.POLICY_VIOLATION, "request rate limit abused")
+            self.close(P.CLOSE_POLICY, "request rate limit abused")
             # what else it sent is not wanted: reading it would only cost time
             if self.transport is not None:
                 self.transport.underlying_transport.pause_reading()
         else:
-            self._error(None, "rate_limited",
+            self._error(None, P.RATE_LIMITED,
                         f"over {cfg.requests_per_s:g} requests/s (a request for many "
                         "symbols counts as several, see docs/protocol.md); slow down")
         return False
@@ -258,11 +275,11 @@ class Session(MessageListener):
     def _symbols(self, req: dict, key: str = "symbols") -> list[str]:
         syms = req.get(key)
         if not isinstance(syms, list) or not all(isinstance(s, str) for s in syms):
-            raise RequestError("bad_request", f"{key} must be a list of symbol strings")
+            raise RequestError(P.BAD_REQUEST, f"{key} must be a list of symbol strings")
         self._charge(len(syms) // SYMBOLS_UNIT)
         bad = [s for s in syms if not _core.valid_symbol(s)]
         if bad:
-            raise RequestError("bad_request",
+            raise RequestError(P.BAD_REQUEST,
                                "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /", bad[:20])
         return list(dict.fromkeys(syms))
 
@@ -272,20 +289,20 @@ class Session(MessageListener):
         if not isinstance(since, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in since.values()
         ):
-            raise RequestError("bad_request", "since must map symbols to integer seq")
-        table = self.gw.table
+            raise RequestError(P.BAD_REQUEST, "since must map symbols to integer seq")
+        table = self.ctx.table
         denied = [s for s in syms if not self.ent.allows(s)]
         ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
         new = [iid for iid in ids.values() if iid >= 0 and iid not in self.subs]
-        if len(self.subs) + len(new) > self.gw.cfg.max_subscriptions:
-            raise RequestError("too_many_subscriptions",
-                               f"at most {self.gw.cfg.max_subscriptions} symbols per connection")
+        if len(self.subs) + len(new) > self.limits.max_subscriptions:
+            raise RequestError(P.TOO_MANY_SUBSCRIPTIONS,
+                               f"at most {self.limits.max_subscriptions} symbols per connection")
         if denied:
-            self._error(rid, "forbidden", "not entitled to these symbols", denied)
+            self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
         if new:
             self.subs.update(new)
-            self.gw.hub.subscribe_ids(self.cid, self.subs)
-            self.gw.subscriptions_changed(len(new))
+            self.hub.subscribe_ids(self.cid, self.subs)
+            self.ctx.registry.subscriptions_changed(len(new))
         since_ids = {table.lookup(s): seq for s, seq in since.items()}
         since_ids.pop(-1, None)
         rows = table.rows_json(sorted(new), since_ids or None)
@@ -296,38 +313,38 @@ class Session(MessageListener):
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
+        ids = {self.ctx.table.lookup(s): s for s in syms}
         gone = [iid for iid in ids if iid in self.subs]
-        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
         if gone:
             self.subs.difference_update(gone)
             unwatch = self.watched.intersection(gone)
             if unwatch:
                 self._unwatch(unwatch)
-            self.gw.hub.subscribe_ids(self.cid, self.subs)
-            self.gw.subscriptions_changed(-len(gone))
+            self.hub.subscribe_ids(self.cid, self.subs)
+            self.ctx.registry.subscriptions_changed(-len(gone))
         if missing:
-            self._error(rid, "not_subscribed", "these symbols were not subscribed", missing)
+            self._error(rid, P.NOT_SUBSCRIBED, "these symbols were not subscribed", missing)
         self._ack(rid, "unsubscribe", [ids[i] for i in gone])
 
     def op_watch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
-        missing = [s for s in syms if self.gw.table.lookup(s) not in self.subs]
+        ids = {self.ctx.table.lookup(s): s for s in syms}
+        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
         add = [iid for iid in ids if iid in self.subs and iid not in self.watched]
-        if len(self.watched) + len(add) > self.gw.cfg.max_watched:
-            raise RequestError("too_many_watched",
-                               f"at most {self.gw.cfg.max_watched} watched symbols per connection")
+        if len(self.watched) + len(add) > self.limits.max_watched:
+            raise RequestError(P.TOO_MANY_WATCHED,
+                               f"at most {self.limits.max_watched} watched symbols per connection")
         if missing:
-            self._error(rid, "not_subscribed", "subscribe before watching", missing)
+            self._error(rid, P.NOT_SUBSCRIBED, "subscribe before watching", missing)
         if add:
             self.watched.update(add)
-            self.gw.hub.watch_ids(self.cid, add, True)
+            self.hub.watch_ids(self.cid, add, True)
         self._ack(rid, "watch", [s for iid, s in ids.items() if iid in self.subs])
 
     def op_unwatch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.gw.table.lookup(s): s for s in syms}
+        ids = {self.ctx.table.lookup(s): s for s in syms}
         gone = self.watched.intersection(ids)
         if gone:
             self._unwatch(gone)
@@ -335,29 +352,29 @@ class Session(MessageListener):
 
     def _unwatch(self, ids: set[int]) -> None:
         self.watched.difference_update(ids)
-        self.gw.hub.watch_ids(self.cid, list(ids), False)
+        self.hub.watch_ids(self.cid, list(ids), False)
 
     def op_configure(self, rid: Any, req: dict) -> None:
         ms = req.get("frame_ms")
-        lo = self.gw.cfg.min_frame_ms
+        lo = self.limits.min_frame_ms
         if not isinstance(ms, int) or isinstance(ms, bool) or not lo <= ms <= 60000:
-            raise RequestError("bad_request", f"frame_ms must be an integer from {lo} to 60000")
+            raise RequestError(P.BAD_REQUEST, f"frame_ms must be an integer from {lo} to 60000")
         self.frame_ms = ms
-        self.gw.hub.set_interval(self.cid, ms * 1_000_000)
+        self.hub.set_interval(self.cid, ms * 1_000_000)
         self.send_text(_dumps({"type": "ack", "id": rid, "op": "configure", "frame_ms": ms}))
 
     def op_list(self, rid: Any, req: dict) -> None:
         match = req.get("match")
         if match is not None and not isinstance(match, str):
-            raise RequestError("bad_request", "match must be a glob pattern string")
+            raise RequestError(P.BAD_REQUEST, "match must be a glob pattern string")
         if match is not None and len(match) > MAX_GLOB:
-            raise RequestError("bad_request", f"match is at most {MAX_GLOB} characters")
+            raise RequestError(P.BAD_REQUEST, f"match is at most {MAX_GLOB} characters")
         after = req.get("after")
         if after is not None and not isinstance(after, str):
-            raise RequestError("bad_request", "after must be a symbol string (the last one "
+            raise RequestError(P.BAD_REQUEST, "after must be a symbol string (the last one "
                                               "of the previous page)")
-        syms, nxt, examined = list_page(self.gw.symbol_index.visible(self.ent), match, after,
-                                        self.gw.cfg.max_list_symbols)
+        syms, nxt, examined = list_page(self.ctx.symbols.visible(self.ent), match, after,
+                                        self.limits.max_list_symbols)
         self._charge(examined // LIST_SCAN_UNIT)
         more = nxt is not None
         reply: dict[str, Any] = {"type": "list", "id": rid, "symbols": syms, "more": more}
@@ -377,7 +394,7 @@ class Session(MessageListener):
         msg: dict[str, Any] = {"type": "error", "id": rid, "code": code, "message": message}
         if symbols is not None:
             msg["symbols"] = symbols
-        self.gw.count_error(code)
+        self.ctx.count_error(code)
         self.send_text(_dumps(msg))
 
     def send_text(self, data: str | bytes) -> None:
@@ -386,7 +403,7 @@ class Session(MessageListener):
             return
         tr.send(WSMsgType.TEXT, data.encode() if isinstance(data, str) else data)
         if self.cid >= 0:
-            self.gw.hub.touch(self.cid)
+            self.hub.touch(self.cid)
         self._check_queued()
 
     def _check_queued(self) -> None:
@@ -398,11 +415,11 @@ class Session(MessageListener):
             return
         under = tr.underlying_transport
         queued = under.get_write_buffer_size()
-        cfg = self.gw.cfg
+        cfg = self.limits
         if queued > cfg.max_queued_bytes:
             log.warning("closing client that does not read its replies: %d bytes queued for it",
                         queued, extra={"ctx": {"client": self.peer, "cid": self.cid}})
-            self.close(WSCloseCode.POLICY_VIOLATION,
+            self.close(P.CLOSE_POLICY,
                        f"not reading: over {cfg.max_queued_bytes} bytes queued for this client")
             under.pause_reading()
         elif queued > cfg.high_water_bytes and not self.reading_paused:

@@ -17,6 +17,10 @@ whole server (the largest endpoint's limit), and only fails a frame once it
 has buffered it whole. `FrameGuard` holds each endpoint to its own limit as
 soon as a frame's header has arrived: see its doc.
 
+Every listener gets a `FramingContext` (the loop, picows' frame limit, a
+close counter) instead of the gateway: this module knows picows and nothing
+of fastfeed above the core and the logs.
+
 `EchoListener` sends every message back. The gateway mounts it at `/echo`
 only with `--conformance-echo`, so a conformance suite (Autobahn|Testsuite)
 drives the very framing `/ws` and `/ingest` use.
@@ -24,15 +28,14 @@ drives the very framing `/ws` and `/ingest` use.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
-from . import _core, logs
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .. import _core, logs
 
 ECHO_MAX_BYTES = 16 * 1024 * 1024  # Autobahn's largest messages (case 9.x.6)
 _MAX_REASON = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
@@ -45,13 +48,22 @@ def valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+@dataclass(frozen=True, slots=True)
+class FramingContext:
+    """What every listener needs of the process it runs in."""
+
+    loop: asyncio.AbstractEventLoop  # for the grace timer of a close
+    frame_limit: int  # picows' one max_frame_size, the largest endpoint's limit
+    count_close: Callable[[int], None]  # a close code the server sent by itself
+
+
 class MessageListener(WSListener):
     path = "?"  # the endpoint, for logs
     peer = "?"
     cid = -1
 
-    def __init__(self, gw: Gateway, max_bytes: int) -> None:
-        self.gw = gw
+    def __init__(self, link: FramingContext, max_bytes: int) -> None:
+        self.link = link
         self.max_bytes = max_bytes
         self.transport: WSTransport | None = None
         self.closing = False
@@ -66,7 +78,7 @@ class MessageListener(WSListener):
     def guard_frames(self, transport: WSTransport) -> None:
         """Check frame headers against `max_bytes` as they arrive (FrameGuard)."""
         under = transport.underlying_transport
-        if self.max_bytes < self.gw.frame_limit:
+        if self.max_bytes < self.link.frame_limit:
             # the transport takes any protocol object; FrameGuard is one by duck typing
             under.set_protocol(FrameGuard(under.get_protocol(), self))  # type: ignore[arg-type]
 
@@ -110,7 +122,7 @@ class MessageListener(WSListener):
         an exception it caught. Ours are counted in `close`, the peer's not at all."""
         hs = transport.close_handshake
         if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
-            self.gw.count_close(hs.sent.code.value)
+            self.link.count_close(hs.sent.code.value)
 
     def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
@@ -173,7 +185,7 @@ class MessageListener(WSListener):
             elif valid_close_code(code.value):
                 transport.send_close(code)  # echo the peer's code
             else:
-                self.gw.count_close(WSCloseCode.PROTOCOL_ERROR.value)
+                self.link.count_close(WSCloseCode.PROTOCOL_ERROR.value)
                 transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
         # the handshake is complete on our side: the server hangs up first
         transport.disconnect()
@@ -225,11 +237,11 @@ class MessageListener(WSListener):
         if not _core.connected(tr):
             return  # lost: nothing reaches the peer, and picows will hang up
         code = WSCloseCode(code)
-        self.gw.count_close(code.value)
+        self.link.count_close(code.value)
         # cut to what fits a control frame, never inside a UTF-8 sequence
         tr.send_close(code, reason.encode()[:_MAX_REASON].decode("utf-8", "ignore").encode())
         # the peer should answer; if it doesn't (or can't: stalled), hang up anyway
-        self.gw.loop.call_later(grace_s, tr.disconnect, False)
+        self.link.loop.call_later(grace_s, tr.disconnect, False)
 
 
 class FrameGuard:
@@ -313,8 +325,8 @@ class EchoListener(MessageListener):
 
     path = "/echo"
 
-    def __init__(self, gw: Gateway) -> None:
-        super().__init__(gw, ECHO_MAX_BYTES)
+    def __init__(self, link: FramingContext) -> None:
+        super().__init__(link, ECHO_MAX_BYTES)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport

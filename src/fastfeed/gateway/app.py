@@ -1,0 +1,310 @@
+"""The gateway process: wiring of its parts, and their lifecycle (start, drain, stop).
+
+Data flows one way: feed (simulator, /ingest, bus) -> Table -> Hub -> sockets.
+This is the only module that knows every part of the gateway; each part gets
+the narrow context it needs (gateway/__init__.py has the layout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import _core, logs, metrics
+from .. import protocol as P
+from ..config import Config
+from ..feed.ingest import IngestContext
+from ..feed.simulator import Simulator
+from .clock import FrameClock
+from .framing import ECHO_MAX_BYTES, FramingContext
+from .httpfront import create_server
+from .registry import Limits, Registry
+from .routes import Routes
+from .session import SessionContext, SymbolIndex
+
+log = logging.getLogger("fastfeed.server")
+READ_BUFFER_BYTES = 2048
+REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
+SUBPROTOCOLS = P.SUBPROTOCOLS
+
+
+class Gateway:
+    """Everything one worker process holds: the table, the hub, its sessions."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.cfg = cfg
+        self.loop = loop or asyncio.get_event_loop()
+        self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
+                                 max_instruments=cfg.max_instruments)
+        self.hub = _core.Hub(self.table)
+        self.metrics = metrics.Metrics()
+        self.limits = Limits.from_config(cfg)
+        self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
+        self.clock = FrameClock(self.loop, self.hub, cfg.frame_ms, cfg.max_frame_ms,
+                                cfg.min_frame_ms, self.metrics.frame_floor.set)
+        # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
+        # the others to theirs from the frame header
+        frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
+                          ECHO_MAX_BYTES if cfg.conformance_echo else 0)
+        self.link = FramingContext(self.loop, frame_limit, self.metrics.count_close)
+        self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
+        self.routes: Routes | None = None  # at start, once the bus (or none) is known
+        self.bus: Any = None  # fastfeed.bus.RedisBus in multi-worker / multi-pod mode
+        self.started = False
+        self.draining = False
+        self.server: asyncio.base_events.Server | None = None
+        self.stopped = asyncio.Event()
+        self._ingest_stale = 0
+        self._tasks: list[asyncio.Task] = []
+        self._refused = 0  # ticks for new symbols refused (table full) not logged yet
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
+
+    @property
+    def sessions(self) -> dict[int, Any]:
+        return self.registry.sessions
+
+    # ---- routes
+
+    def factory(self, req: Any):
+        """picows' listener factory (and the HTTP router). It never raises."""
+        assert self.routes is not None
+        return self.routes.safely(self._route, req)
+
+    def _route(self, req: Any):
+        assert self.routes is not None
+        return self.routes.route(req)
+
+    def _wire_routes(self) -> Routes:
+        session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
+                                     self.symbol_index, self.registry, self.metrics.count_error)
+        ingest_ctx = IngestContext(self.link, self.table, self.clock.after_ticks, self.bus,
+                                   self.metrics, self.cfg.max_ingest_bytes, self.cfg.ingest_rate)
+        return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
+                      session_ctx=session_ctx, ingest_ctx=ingest_ctx,
+                      draining=lambda: self.draining, ready_reasons=self.ready_reasons)
+
+    # ---- feed
+
+    def after_ticks(self) -> None:
+        """Ticks were applied: watched instruments that changed go out in this loop pass."""
+        self.clock.after_ticks()
+
+    def set_feed(self, up: bool) -> None:
+        self.registry.set_feed(up)
+
+    @property
+    def has_market_data(self) -> bool:
+        """False while a worker on Redis has never loaded the snapshot: its table
+        is empty or partial, so it must not serve clients. After the first load
+        it keeps serving through Redis outages, with the last known rows."""
+        return self.bus is None or self.bus.connects > 0
+
+    def ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self.started:
+            reasons.append("starting")
+        if self.draining:
+            reasons.append("draining")
+        if self.bus is not None and not self.bus.ready:
+            reasons.append("snapshot from Redis not loaded yet")
+        reg = self.registry
+        if not reg.feed_up and time.monotonic() - reg.feed_down_since > self.cfg.feed_grace_s:
+            reasons.append(f"feed down for {time.monotonic() - reg.feed_down_since:.0f}s")
+        return reasons
+
+    # ---- once a second
+
+    async def _housekeeping(self) -> None:
+        hb = int(self.cfg.heartbeat_s * 1e9)
+        stall = int(self.cfg.stall_s * 1e9)
+        while True:
+            await asyncio.sleep(1.0)
+            for cid in self.hub.sweep(hb, stall):
+                s = self.sessions.get(cid)
+                if s is not None and not s.closing:
+                    log.warning("closing stalled client: its socket has not drained for %gs",
+                                self.cfg.stall_s, extra={"ctx": {"client": s.peer, "cid": cid}})
+                    self.metrics.stall_closes.inc()
+                    # queued behind what it has not read: a client that wakes up
+                    # finds the reason; one that doesn't is cut off after the grace
+                    s.close(P.CLOSE_POLICY, f"stalled: not reading for {self.cfg.stall_s:g}s",
+                            grace_s=5.0)
+            stats = self.table.take_stats()
+            self.metrics.flush(stats, self.hub.take_latencies())
+            self._log_refused(stats["refused"], stats["refused_symbol"])
+            logs.unexpected.flush()
+            self.metrics.stalled.set(self.hub.paused_count())
+            self.metrics.instruments.set(len(self.table))
+            self.metrics.ready.set(0 if self.ready_reasons() else 1)
+            if self.bus is not None:
+                self.metrics.observe_bus(self.bus)
+                # /ingest ticks Redis dropped as not newer never come back on
+                # the bus: count them here, as the table counts its own
+                stale = self.bus.publish_stale - self._ingest_stale
+                if stale:
+                    self._ingest_stale += stale
+                    self.metrics.count_ticks("ingest", "stale", stale)
+
+    def _log_refused(self, n: int, symbol: str) -> None:
+        self._refused += n
+        now = time.monotonic()
+        if self._refused and now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.warning("instrument table is full at %d instruments: refused %d ticks for new "
+                        "symbols (the latest: %s) since the last such line; raise "
+                        "--max-instruments (FASTFEED_MAX_INSTRUMENTS) if these symbols are real, "
+                        "else find the publisher that invents them", self.cfg.max_instruments,
+                        self._refused, symbol, extra=logs.ctx(symbol=symbol,
+                                                              refused=self._refused))
+            self._refused = 0
+            self._refused_logged_at = now
+
+    async def _simulate(self) -> None:
+        sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
+        # the simulator's instrument numbers -> this table's ids
+        table_ids = np.array([self.table.intern_symbol(s) for s in sim.symbols], np.int32)
+        step = 0.005
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            ids, seqs, ts, vals = sim.step(min(now - last, 0.1))
+            last = now
+            if len(ids):
+                self.table.apply_arrays(table_ids[ids], seqs, ts, vals)
+                self.after_ticks()
+
+    # ---- lifecycle
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        cfg = self.cfg
+        if self.bus is not None:
+            # Workers share one listening socket: a worker takes connections as
+            # soon as it listens, whatever /readyz says. Hold the snapshot first
+            # (or give up after the grace and serve with the feed down).
+            await self.bus.start()
+            try:
+                await self.bus.wait_ready(cfg.feed_grace_s)
+            except TimeoutError:
+                log.warning("no snapshot from Redis after %gs (%s): serving with the feed down",
+                            cfg.feed_grace_s, getattr(self.bus, "last_error", "") or "connecting")
+        self.routes = self._wire_routes()
+        kw: dict[str, Any] = dict(
+            websocket_handshake_timeout=cfg.handshake_timeout_s,
+            enable_auto_ping=True,
+            enable_auto_pong=False,  # gateway.framing.MessageListener answers, after its checks
+            auto_ping_idle_timeout=cfg.idle_timeout_s / 2,
+            auto_ping_reply_timeout=cfg.idle_timeout_s / 2,
+            max_frame_size=self.link.frame_limit,
+            logger_name="picows.server",
+            backlog=4096,
+            # Client requests are small; the buffer grows for a big one. At
+            # picows' default (16 KiB) it was half of an idle client's memory.
+            read_buffer_init_size=READ_BUFFER_BYTES,
+        )
+        if sock is not None:
+            self.server = await create_server(self.factory, sock=sock, **kw)
+        else:
+            self.server = await create_server(self.factory, cfg.host, cfg.port, **kw)
+        self.metrics.feed_up.set(1)
+        self.metrics.draining.set(0)
+        self.metrics.frame_floor.set(0)
+        self._tasks.append(asyncio.ensure_future(self.clock.run()))
+        self._tasks.append(asyncio.ensure_future(self._housekeeping()))
+        self._tasks.append(asyncio.ensure_future(self.clock.pace()))
+        if cfg.simulate and self.bus is None:
+            self._tasks.append(asyncio.ensure_future(self._simulate()))
+        self.started = True
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def drain(self) -> None:
+        """Leave without a reconnect storm: unready, stop accepting, close in jittered waves."""
+        if self.draining:
+            return
+        cfg = self.cfg
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info("draining: /readyz is 503; closing %d clients over %gs after %gs",
+                 len(self.sessions), cfg.drain_s, cfg.drain_delay_s)
+        await asyncio.sleep(cfg.drain_delay_s)
+        if self.server is not None:
+            self.server.close()
+        sessions = list(self.sessions.values())
+        random.shuffle(sessions)
+        waves = max(1, min(len(sessions), int(cfg.drain_s / 0.25)))
+        per_wave = -(-len(sessions) // waves) if sessions else 0
+        for w in range(waves):
+            for s in sessions[w * per_wave:(w + 1) * per_wave]:
+                s.close(P.CLOSE_RESTART,
+                        "server restarting: reconnect to another replica with since")
+            if w + 1 < waves:
+                await asyncio.sleep(cfg.drain_s / waves * random.uniform(0.5, 1.5))
+        deadline = time.monotonic() + 3.0
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.stop()
+        if self.server is not None:
+            self.server.close()
+        for s in list(self.sessions.values()):
+            if s.transport is not None:
+                s.transport.disconnect(graceful=False)
+        self.stopped.set()
+
+
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exceptions no one awaited (tasks, callbacks): once per kind, like the listeners'."""
+    exc = context.get("exception")
+    if isinstance(exc, Exception):
+        logs.report_exception(exc, str(context.get("message", "a loop callback")))
+    else:
+        loop.default_exception_handler(context)
+
+
+async def serve(cfg: Config, sock: socket.socket | None = None, bus_factory=None) -> int:
+    """Run one gateway until SIGTERM/SIGINT has drained it. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_on_loop_exception)
+    gw = Gateway(cfg, loop)
+    if bus_factory is not None:
+        gw.bus = bus_factory(gw)
+    await gw.start(sock)
+    mode = "redis bus" if gw.bus is not None else "embedded"
+    log.info("serving on http://%s:%d (%s, pid %d%s)", cfg.host, gw.port, mode, os.getpid(),
+             f", simulating {cfg.simulate} instruments at {cfg.rate:g} ticks/s"
+             if cfg.simulate else "")
+    signals = 0
+    drain_task: list[asyncio.Future] = []
+
+    def on_signal(sig: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second %s: exiting now without draining", signal.Signals(sig).name)
+            os._exit(1)
+        log.info("%s received", signal.Signals(sig).name)
+        drain_task.append(asyncio.ensure_future(gw.drain()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await gw.stopped.wait()
+    log.info("drained, exiting")
+    return 0

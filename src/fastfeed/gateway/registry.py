@@ -1,0 +1,123 @@
+"""The sessions of one worker: who is connected, from where, and the limits they are held to.
+
+A session reaches the rest of the gateway through its `SessionContext`
+(gateway/session.py), never through the gateway itself; the registry is the
+part of it that knows every other session (per-address counts, the feed
+status they are all told).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .. import protocol as P
+from ..config import Config
+
+log = logging.getLogger("fastfeed.server")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The settings connections are held to, read once from the config."""
+
+    frame_ms: int
+    min_frame_ms: int
+    max_message_bytes: int
+    requests_per_s: float
+    request_burst: int
+    abuse_strikes: int
+    max_subscriptions: int
+    max_watched: int
+    max_list_symbols: int
+    high_water_bytes: int
+    max_queued_bytes: int
+    max_connections: int
+    max_connections_per_ip: int
+    max_ingest_bytes: int
+    ingest_rate: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Limits:
+        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+
+
+class Member(Protocol):
+    """What the registry needs of a connection (a gateway.session.Session)."""
+
+    cid: int
+    ip: str
+    peer: str
+    subs: set[int]
+    transport: Any
+    closing: bool
+
+    def close(self, code: int, reason: str, grace_s: float = ...) -> None: ...
+
+    def send_text(self, data: str | bytes) -> None: ...
+
+
+class Registry:
+    """Open sessions by connection id, connections per remote address, the feed status."""
+
+    def __init__(self, limits: Limits, metrics: Any,
+                 has_market_data: Callable[[], bool]) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.has_market_data = has_market_data
+        self.sessions: dict[int, Member] = {}
+        self.per_ip: Counter[str] = Counter()
+        self.nsubs = 0
+        self.feed_up = True
+        self.feed_down_since = 0.0
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def attach(self, s: Member) -> None:
+        assert s.transport is not None
+        peer = s.transport.underlying_transport.get_extra_info("peername") or ("?", 0)
+        s.peer = f"{peer[0]}:{peer[1]}"
+        ip = str(peer[0])
+        self.sessions[s.cid] = s
+        self.per_ip[ip] += 1
+        s.ip = ip
+        self.metrics.connections.inc()
+        per_ip = self.limits.max_connections_per_ip
+        if self.per_ip[ip] > per_ip:
+            s.close(P.CLOSE_POLICY, f"over {per_ip} connections from {ip}")
+        elif not self.has_market_data():
+            # accepted, because only a close code reaches a browser (a refused
+            # upgrade is a bare 1006 there); 1013: come back, or go to a replica
+            s.close(P.CLOSE_TRY_AGAIN_LATER, "try again later: no market data here yet "
+                                             "(the snapshot from Redis is not loaded)")
+        elif not self.feed_up:
+            s.send_text(P.FEED_DOWN)
+
+    def detach(self, s: Member) -> None:
+        if self.sessions.pop(s.cid, None) is not None:
+            self.per_ip[s.ip] -= 1
+            if self.per_ip[s.ip] <= 0:
+                del self.per_ip[s.ip]
+            self.metrics.connections.dec()
+            self.subscriptions_changed(-len(s.subs))
+
+    def subscriptions_changed(self, delta: int) -> None:
+        self.nsubs += delta
+        self.metrics.subscriptions.inc(delta)
+
+    def set_feed(self, up: bool) -> None:
+        """The upstream feed went up or down: every client is told."""
+        if up == self.feed_up:
+            return
+        self.feed_up = up
+        self.feed_down_since = 0.0 if up else time.monotonic()
+        self.metrics.feed_up.set(1 if up else 0)
+        log.warning("feed is %s; telling %d clients", "up" if up else "DOWN", len(self.sessions))
+        msg = P.FEED_UP if up else P.FEED_DOWN
+        for s in list(self.sessions.values()):
+            s.send_text(msg)
