@@ -30,6 +30,11 @@ from fastfeed._table cimport Kind
 import numpy as np
 
 
+cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
+    # out of line, so the hot path it guards (in debug builds) stays free of Python
+    raise AssertionError(f"{what} of {n} bytes overran its bound of {bound}")
+
+
 @cython.final
 cdef class Hub:
     """Connections, their subscription groups and the frame scheduler.
@@ -457,10 +462,8 @@ cdef class Hub:
             self.arena_cap = n2
         off = self.arena_len + HEADROOM
         p = T.encode_frame(self.arena + off, G.ids, G.n, c.sent_ver, b, wall, &count, &oldest)
-        if FF_DEBUG:
-            assert self.arena + off <= p <= self.arena + off + need - HEADROOM, (
-                f"frame of {p - (self.arena + off)} bytes overran its bound "
-                f"{need - HEADROOM}")
+        if FF_DEBUG and not self.arena + off <= p <= self.arena + off + need - HEADROOM:
+            _overrun("frame", p - (self.arena + off), need - HEADROOM)
         G.cache_pump[b] = self.pump_no
         G.cache_ver[b] = c.sent_ver
         G.cache_off[b] = off

@@ -28,6 +28,11 @@ import numpy as np
 from fastfeed._wire import FIELDS, OUTCOMES, SOURCES, VALUE_FIELDS
 
 
+cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
+    # out of line, so the hot path it guards (in debug builds) stays free of Python
+    raise AssertionError(f"{what} of {n} bytes overran its bound of {bound}")
+
+
 cdef class Kind:
     """A kind of state the hub fans out (the C-level seam; see docs/core.md).
 
@@ -223,8 +228,8 @@ cdef class Table(Kind):
                 p[0] = b","
                 p = _put_f64(p + 1, self.val[k][iid])
             p[0] = b"]"
-            if FF_DEBUG:
-                assert p + 1 - base <= ROW_SLOT, f"row {iid} overran its {ROW_SLOT}-byte slot"
+            if FF_DEBUG and p + 1 - base > ROW_SLOT:
+                _overrun("row", p + 1 - base, ROW_SLOT)
             self.rowlen[iid] = <int32_t>(p + 1 - base)
             self.rowver[iid] = self.chg[iid]
             self.stats.rows_encoded += 1
