@@ -143,7 +143,7 @@ async def test_metrics_after_traffic_have_every_family_with_the_values_it_implie
             await publish([{"sym": s, "seq": 2, "bid": 3.0} for s in SYMS[:5]]
                           + [{"sym": s, "seq": 1} for s in SYMS[:3]])
             stale += 8
-            await publish([{"sym": "M00", "seq": 9, "bid": math.nan}, {"sym": "M 1", "seq": 9},
+            await publish([{"sym": "M00", "seq": 9, "bid": "NaN"}, {"sym": "M 1", "seq": 9},
                            {"sym": "M02"}, {"sym": "M03", "seq": "x"}], errors=4)
             rejected += 4
             update_bytes = 0
@@ -244,7 +244,7 @@ async def test_redis_mode_counts_ingest_ticks_redis_drops_and_shows_the_breaker(
             async with websockets.connect(g.ingest_url) as pub:
                 await pub.send(json.dumps([{"sym": s, "seq": 5, "bid": 1.0} for s in SYMS]))
                 await pub.send(json.dumps([{"sym": s, "seq": 4} for s in SYMS[:7]]))
-                await pub.send(json.dumps([{"sym": "M00", "seq": 6, "ask": math.inf},
+                await pub.send(json.dumps([{"sym": "M00", "seq": 6, "ask": "inf"},
                                            {"sym": "bad sym", "seq": 1}]))
                 for _ in range(2):  # the refused ticks are answered by name
                     assert json.loads(await asyncio.wait_for(pub.recv(), 10))["type"] == "error"

@@ -23,7 +23,7 @@ from support import http_get, merge, start_gateway, until
 from websockets.exceptions import ConnectionClosed as WSClosed
 
 from fastfeed._core import FIELDS
-from fastfeed.client import Backoff, Client, Row
+from fastfeed.client import Backoff, Client, Row, TryAgainLater
 from fastfeed.feed.publish import RedisPublisher
 
 pytestmark = pytest.mark.timeout(240)
@@ -231,10 +231,12 @@ async def until_known(ws_url: str, syms: list[str]) -> None:
 
 async def test_a_gateway_without_market_data_says_try_again_later():
     """A gateway that started while Redis was unreachable holds no data: it
-    accepts clients and closes them at once with 1013 and a reason, and a
-    Python client keeps coming back, until the gateway has loaded the
-    snapshot. From then on it serves, also through a later Redis outage
-    (with the last known rows and feed status down)."""
+    accepts clients and closes them at once with 1013 and a reason. A Python
+    client's connect() raises TryAgainLater once `try_again_attempts` attempts
+    were answered so, and the client keeps coming back in the background
+    until the gateway has loaded the snapshot; then connect() returns. From
+    then on the gateway serves, also through a later Redis outage (with the
+    last known rows and feed status down)."""
     redis = RedisServer()  # not started: the gateway comes up without it
     feed = Feed()
     syms = HOT[:10]
@@ -244,6 +246,7 @@ async def test_a_gateway_without_market_data_says_try_again_later():
             status, body = http_get(g.url + "/readyz")
             assert status == 503 and b"snapshot" in body
 
+            # on the wire: the upgrade succeeds, the close follows without a request
             with pytest.raises(WSClosed) as closed:
                 async with websockets.connect(g.ws_url) as ws:
                     await asyncio.wait_for(ws.recv(), 10)
@@ -251,12 +254,29 @@ async def test_a_gateway_without_market_data_says_try_again_later():
             assert closed.value.rcvd.reason.startswith("try again later: no market data")
             assert b'fastfeed_closes_total{code="1013"}' in http_get(g.url + "/metrics")[1]
 
-            c = Client(g.ws_url, backoff=FAST, stale_after=None, request_timeout=30)
+            # `async with` gives up as connect() does, and closes the client.
+            # connect_timeout=None: only the count of 1013s decides, never a clock
+            quick = Client(g.ws_url, backoff=FAST, connect_timeout=None, try_again_attempts=1)
+            with pytest.raises(TryAgainLater) as told:
+                async with quick:
+                    pass
+            assert told.value.attempts == 1 and quick.closed
+
+            c = Client(g.ws_url, backoff=FAST, stale_after=None, connect_timeout=None,
+                       request_timeout=30)
             try:
-                await c.connect()
-                await until(lambda: c.last_close_code == 1013 and c.reconnects >= 2,
-                            what="the client told twice to try again later")
-                assert not c.closed
+                with pytest.raises(TryAgainLater) as told:
+                    await c.connect()
+                err = told.value
+                assert isinstance(err, TimeoutError)  # code written for connect_timeout catches it
+                assert err.close_code == 1013 and err.url == g.ws_url
+                assert err.attempts == c.try_again_attempts
+                assert err.reason.startswith("try again later: no market data")
+                assert g.ws_url in str(err) and "no market data" in str(err)
+                # not stopped: it keeps coming back, never served
+                await until(lambda: c.reconnects >= err.attempts + 2,
+                            what="the client coming back after connect() gave up")
+                assert not c.closed and not c.connected and c.last_close_code == 1013
 
                 redis.start()
                 async with RedisPublisher(redis.url, channels=CHANNELS) as pub:
@@ -265,6 +285,7 @@ async def test_a_gateway_without_market_data_says_try_again_later():
                     assert await pub.sync()
                 await g.wait_ready(30)
                 await until_known(g.ws_url, syms)
+                await c.connect()  # served now
                 assert await c.subscribe(syms) == []
                 assert c.rows == feed.truth()
 

@@ -1,4 +1,5 @@
-"""The JSON fast path applies exactly what json.loads + apply_objects would.
+"""The JSON fast path applies exactly what the gateway's strict decoder
+(orjson, as /ingest's fallback uses it) + apply_objects would.
 
 For any message, either the fast parser takes it and the table ends in the
 same state (same rows, same counters) as after the slow path, or it declines
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,8 +64,8 @@ def both(data: bytes):
     p = TickParser()
     n = p.parse(data)
     try:
-        msg = json.loads(data)
-    except ValueError:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError:
         msg = None
     return p, n, fast, slow, msg
 
@@ -122,9 +124,22 @@ def test_declines_what_needs_exact_errors():
         assert n == -1, data
 
 
+def test_declines_what_the_strict_decoder_refuses():
+    """Not JSON (RFC 8259) to orjson: the fast path must not take it either."""
+    big = b"1" + b"0" * 400
+    deep = b"[" * 2000 + b"]" * 2000
+    for data in [b'{"sym":"\\ud800","seq":1}', b'{"sym":"BBCA","seq":1,"bid":' + big + b"}",
+                 b'{"sym":"BBCA","seq":1,"bid":1e400}', b'{"sym":"BBCA","seq":1,"ask":-1e400}',
+                 b'{"sym":"BBCA","seq":1,"bid":Infinity}', b'{"sym":"BBCA","seq":' + big + b"}",
+                 b"[" * 2000, b'[{"sym":"BBCA","seq":1},' + deep + b"]"]:
+        _p, n, *_, msg = both(data)
+        assert n == -1 and msg is None, data[:60]
+
+
 def test_numbers_round_like_python():
     for text in ["0.1", "1e-7", "123456789.123456789", "2.2250738585072014e-308", "1E5",
-                 "-0", "4.35", "9007199254740993"]:
+                 "-0", "4.35", "9007199254740993", "1e-400", "-1e-400", "4.9e-324",
+                 "1.7976931348623157e308", "123456789012345678.5"]:
         data = f'{{"sym":"N","seq":1,"bid":{text}}}'.encode()
         p, n, fast, slow, msg = both(data)
         assert n == 1
@@ -138,6 +153,6 @@ def test_a_full_table_refuses_new_symbols_by_name_on_both_paths():
     fast, slow = _core.Table(64, max_instruments=1), _core.Table(64, max_instruments=1)
     p = TickParser()
     assert p.parse(data) == 3
-    assert p.apply(fast) == slow.apply_objects(json.loads(data)) == (
+    assert p.apply(fast) == slow.apply_objects(orjson.loads(data)) == (
         2, 0, [(1, "BBB", "instrument table is full")])
     assert state(fast) == state(slow)

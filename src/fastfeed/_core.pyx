@@ -14,7 +14,7 @@ add a kind of state.
 
 from fastfeed._defs cimport FF_DEBUG
 
-from fastfeed._hub import Hub
+from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._wire import (
     BATCH_MAGIC,
@@ -38,6 +38,6 @@ DEBUG = bool(FF_DEBUG)
 
 __all__ = [
     "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "DEBUG", "FIELDS", "OUTCOMES", "ROW_DTYPE",
-    "SOURCES", "VALUE_FIELDS", "Hub", "Table", "check_tick", "decode_batch", "encode_batch",
-    "partition", "valid_symbol", "wall_ns",
+    "SOURCES", "VALUE_FIELDS", "Hub", "Table", "can_send", "check_tick", "connected",
+    "decode_batch", "encode_batch", "partition", "valid_symbol", "wall_ns",
 ]

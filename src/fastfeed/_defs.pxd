@@ -67,6 +67,7 @@ cdef struct Stats:
     uint64_t heartbeats
     uint64_t pumps
     uint64_t overruns          # pumps that ran out of their time slice
+    uint64_t refused           # new symbols refused: the table is at max_instruments
     int64_t build_ns           # time spent building and sending frames
 
 

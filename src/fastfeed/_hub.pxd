@@ -5,7 +5,12 @@
 
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
+from picows.picows cimport WSTransport
+
 from fastfeed._table cimport Kind
+
+
+cdef bint writable(WSTransport tr) noexcept
 
 
 cdef enum ConnFlag:

@@ -35,6 +35,33 @@ cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
     raise AssertionError(f"{what} of {n} bytes overran its bound of {bound}")
 
 
+cdef bint writable(WSTransport tr) noexcept:
+    """False once the connection is lost or its close frame is sent.
+
+    picows sets `is_disconnected` only when the loop delivers connection_lost,
+    one loop pass after the socket failed; until then the transport under it
+    says `is_closing()`, and every write to it is dropped with a warning.
+    """
+    if tr.is_disconnected or tr.is_close_frame_sent:
+        return False
+    try:
+        return not tr.underlying_transport.is_closing()
+    except BaseException:
+        return False
+
+
+def connected(WSTransport tr not None):
+    """True while `tr` may still be written to (a close frame included)."""
+    if tr.is_disconnected:
+        return False
+    return not tr.underlying_transport.is_closing()
+
+
+def can_send(WSTransport tr not None):
+    """True while `tr` takes messages: connected and no close frame sent yet."""
+    return writable(tr)
+
+
 @cython.final
 cdef class Hub:
     """Connections, their subscription groups and the frame scheduler.
@@ -490,7 +517,7 @@ cdef class Hub:
             self.capture.append((cid, PyBytes_FromStringAndSize(self.arena + off, n)))
             return 0
         tr = <WSTransport>o
-        if tr.is_disconnected or tr.is_close_frame_sent:
+        if not writable(tr):
             return 0
         tr.send_reuse_external_buffer(WSMsgType.BINARY if binary else WSMsgType.TEXT,
                                       self.arena + off, n)
@@ -524,7 +551,7 @@ cdef class Hub:
             self.capture.append((cid, data))
             return
         tr = <WSTransport>self.transports[cid]
-        if not tr.is_disconnected and not tr.is_close_frame_sent:
+        if writable(tr):
             tr.send(WSMsgType.TEXT, data)
 
     def take_latencies(self):

@@ -46,6 +46,8 @@ cdef class Table(Kind):
         uint64_t* rowver              # chg the cached row was encoded at
         int32_t* hslots               # open-addressing symbol map
         Py_ssize_t hcap
+        char refused_sym[32]          # the last symbol refused for a full table
+        uint8_t refused_len
 
     cdef void _rehash_c(self, Py_ssize_t hcap) noexcept
     cdef int32_t find(self, const char* s, Py_ssize_t n) noexcept

@@ -69,7 +69,10 @@ cdef class Table(Kind):
     def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000):
         self.capacity = 0
         self.size = 0
+        if not 1 <= max_instruments <= 2**31 - 1:
+            raise ValueError("max_instruments must lie in 1..2**31-1 (ids are int32)")
         self.max_instruments = max_instruments
+        self.refused_len = 0
         self.version = 0
         self.arrays = {}
         self.hcap = 0
@@ -170,9 +173,16 @@ cdef class Table(Kind):
         cdef uint64_t j
         if iid >= 0:
             return iid
-        if not symbol_ok(s, n) or self.size >= self.max_instruments:
+        if not symbol_ok(s, n):
+            return -1
+        if self.size >= self.max_instruments:
+            # counted and named for the operator (take_stats), once per tick
+            self.stats.refused += 1
+            memcpy(self.refused_sym, s, n)
+            self.refused_len = <uint8_t>n
             return -1
         if self.size >= self.capacity:
+            # doubling, to at most the power of two at or above max_instruments
             self._resize(self.capacity * 2)
         iid = <int32_t>self.size
         memcpy(self.syms + iid * SYM_MAX, s, n)
@@ -520,4 +530,7 @@ cdef class Table(Kind):
             "pumps": s.pumps,
             "overruns": s.overruns,
             "build_seconds": s.build_ns / 1e9,
+            "refused": s.refused,
+            "refused_symbol": PyBytes_FromStringAndSize(self.refused_sym,
+                                                        self.refused_len).decode(),
         }

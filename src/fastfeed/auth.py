@@ -38,6 +38,9 @@ EVERYTHING = Entitlements()
 
 
 def token_from_request(path: bytes, headers) -> str | None:
+    """The token of an upgrade request, as sent. picows decodes header bytes
+    as ASCII with surrogate escapes: a byte over 0x7f stays in the string as
+    a lone surrogate, which `verify` and `publisher_ok` refuse as a bad token."""
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
@@ -49,6 +52,8 @@ def token_from_request(path: bytes, headers) -> str | None:
 def verify(token: str | None, secret: str) -> Entitlements:
     if not token:
         raise AuthError("no token: send 'Authorization: Bearer <jwt>' or ?token=<jwt>")
+    if not token.isascii():
+        raise AuthError("invalid token: a JWT is ASCII (base64url parts and dots)")
     try:
         claims = jwt.decode(token, secret, algorithms=["HS256"],
                             options={"require": ["exp", "sub"]})
@@ -74,4 +79,6 @@ def issue(secret: str, sub: str, syms: list[str] | None, ttl_s: float) -> str:
 
 
 def publisher_ok(presented: str | None, expected: str) -> bool:
-    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+    # surrogateescape: the bytes as sent (see token_from_request), which then cannot match
+    return presented is not None and hmac.compare_digest(
+        presented.encode("utf-8", "surrogateescape"), expected.encode())

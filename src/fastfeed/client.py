@@ -23,6 +23,17 @@ client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused the upgrade with
 an HTTP 4xx (a bad token, a wrong path), unless asked to with
 ``retry_client_errors=True``.
 
+`connect()` (and ``async with``) returns once a gateway serves the client:
+the WebSocket is open and a first round trip on it is answered (the resume's
+requests, or a WebSocket ping when there is nothing to restore). A gateway
+that has no market data yet accepts the upgrade and closes at once with 1013
+"try again later"; connect() tries again with its backoff and raises
+`TryAgainLater` (a `TimeoutError`) once ``try_again_attempts`` attempts were
+answered so (6 by default: 4 to 8 s with the default backoff), or when
+``connect_timeout`` runs out after one was. The client keeps trying in the
+background until `close()` (``async with`` closes it); awaiting connect()
+again waits again. ``docs/python-client.md`` has the table of what it raises.
+
 Every request carries an ``id``; its coroutine returns when the reply with the
 same ``id`` arrives, and an ``error`` reply raises `FastfeedError`. The wire
 format is ``docs/protocol.md``.
@@ -55,6 +66,7 @@ __all__ = [
     "ConnectionClosed",
     "FastfeedError",
     "Row",
+    "TryAgainLater",
     "decode_binary_update",
 ]
 
@@ -72,6 +84,7 @@ CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 _NO_STATUS = 1005  # the close frame had no code
 _ABNORMAL = 1006  # the socket went away without a close frame
 _TRY_AGAIN_LATER = 1013  # the gateway cannot serve yet (no market data)
+_PING_PAYLOAD = b"fastfeed.client resume"
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.
 _CHUNK = 500
@@ -120,6 +133,30 @@ class ConnectionClosed(FastfeedError):
     def __init__(self, close_code: int, message: str = ""):
         super().__init__("closed", message or f"connection closed ({close_code})")
         self.close_code = close_code
+
+
+class TryAgainLater(TimeoutError):
+    """`Client.connect` gave up: the gateway is up but cannot serve yet.
+
+    No gateway served it, and `attempts` attempts were accepted and closed at
+    once with 1013 "try again later" (a gateway that has not loaded its
+    market data, e.g. started while Redis was unreachable); `url` and
+    `reason` are those of the last one. The client is not stopped: it keeps
+    trying with its backoff until `Client.close`, and `Client.connect` may be
+    awaited again. A `TimeoutError`, so code written for `connect_timeout`
+    handles it too.
+    """
+
+    close_code = _TRY_AGAIN_LATER
+
+    def __init__(self, url: str, reason: str, attempts: int):
+        super().__init__(
+            f"{url} cannot serve yet: {attempts} attempt(s) closed with {_TRY_AGAIN_LATER} "
+            f"({reason or 'no reason given'})"
+        )
+        self.url = url
+        self.reason = reason
+        self.attempts = attempts
 
 
 class _Disconnected(Exception):
@@ -215,12 +252,15 @@ class _Listener(WSListener):  # type: ignore[misc]
                 data = b"".join(self.parts)
                 self.parts = None
                 self.session.on_message(self.part_type is WSMsgType.BINARY, data)
+        elif t is WSMsgType.PONG:
+            self.session.on_pong(frame.get_payload_as_bytes())
         elif t is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else _NO_STATUS
             reason = payload[2:].decode("utf-8", "replace")
             self.session.close_code = code
             self.session.close_reason = reason
+            self.session.on_close_frame()
             # answer the closing handshake, then let the server drop the socket
             if not transport.is_close_frame_sent:
                 transport.send_close(WSCloseCode(1000 if code == _NO_STATUS else code))
@@ -249,9 +289,31 @@ class _Session:
         self.done = asyncio.get_running_loop().create_future()
         self.writable = asyncio.Event()
         self.writable.set()
+        self.closing = False  # the gateway's close frame is in: nothing after it counts
+        self.pong: asyncio.Future[None] | None = None  # the resume's round trip
 
     def on_message(self, binary: bool, data: bytes) -> None:
-        self.client._on_message(self, binary, data)
+        if not self.closing:
+            self.client._on_message(self, binary, data)
+
+    def on_pong(self, payload: bytes) -> None:
+        pong = self.pong
+        if not self.closing and pong is not None and not pong.done() and payload == _PING_PAYLOAD:
+            pong.set_result(None)
+
+    def on_close_frame(self) -> None:
+        self.closing = True
+        if self.pong is not None and not self.pong.done():
+            self.pong.set_exception(_Disconnected())
+
+    async def roundtrip(self, timeout: float) -> None:
+        """A WebSocket ping answered: the gateway serves this connection."""
+        if self.transport is None or self.transport.is_disconnected or self.closing:
+            raise _Disconnected()
+        self.pong = asyncio.get_running_loop().create_future()
+        self.transport.send_ping(_PING_PAYLOAD)
+        async with asyncio.timeout(timeout):
+            await self.pong
 
     def on_disconnected(self) -> None:
         if self.client._session is self:
@@ -261,6 +323,8 @@ class _Session:
             if not p.future.done():
                 p.future.set_exception(_Disconnected())
         self.pending.clear()
+        if self.pong is not None and not self.pong.done():
+            self.pong.set_exception(_Disconnected())
         if not self.done.done():
             self.done.set_result(self.close_code)
 
@@ -308,7 +372,13 @@ class Client:
         ``heartbeat`` when it has nothing else, every 5 s by default) after
         which the connection is taken for dead and replaced. ``None``: never.
       connect_timeout: how long `connect` (and ``async with``) keeps trying
-        before raising; ``None``: forever.
+        before raising `TimeoutError` (`TryAgainLater` if an attempt was
+        answered 1013); ``None``: forever.
+      try_again_attempts: `connect` raises `TryAgainLater` once this many
+        attempts were answered 1013 (try again later: the gateway has no
+        market data yet), before `connect_timeout`; ``None``: only
+        `connect_timeout` bounds it. Reconnections after the client was
+        served are not bounded: they go on until `close`.
       request_timeout: how long a request waits for its reply.
       on_update: ``callback(rows)``, called with the rows of every change
         applied to `rows` (update frames, and resume snapshots).
@@ -335,6 +405,7 @@ class Client:
         retry_client_errors: bool = False,
         stale_after: float | None = 15.0,
         connect_timeout: float | None = 30.0,
+        try_again_attempts: int | None = 6,
         request_timeout: float = 10.0,
         on_update: Callable[[list[Row]], Any] | None = None,
         on_status: Callable[[bool], Any] | None = None,
@@ -351,6 +422,9 @@ class Client:
         self.retry_client_errors = retry_client_errors
         self.stale_after = stale_after
         self.connect_timeout = connect_timeout
+        if try_again_attempts is not None and try_again_attempts < 1:
+            raise ValueError("try_again_attempts must be at least 1, or None")
+        self.try_again_attempts = try_again_attempts
         self.request_timeout = request_timeout
         self.on_update = on_update
         self.on_status = on_status
@@ -384,6 +458,12 @@ class Client:
         self._url_index = 0
         self._iters: list[_UpdateIterator] = []
         self._user_closed = False
+        # what connect() waits on: connections served, attempts answered 1013
+        # (url, reason of the last), and an event replaced at each change
+        self._served = 0
+        self._told_later = 0
+        self._told_later_by: tuple[str, str] = ("", "")
+        self._progress = asyncio.Event()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -398,14 +478,52 @@ class Client:
         return self._stopped.is_set()
 
     async def connect(self) -> None:
-        """Start the client and wait until it is connected.
+        """Start the client and wait until a gateway serves it.
+
+        Returns once a connection is open and a first round trip on it was
+        answered: the client's resume requests (frame interval, subscriptions,
+        watches), or a WebSocket ping when it has none. The connection may be
+        gone again by the time the caller looks (the client then reconnects
+        by itself); returns at once if the client is connected already.
 
         Raises `ConnectionClosed` if the gateway refuses it for good (e.g.
-        HTTP 401), or `TimeoutError` after `connect_timeout`.
+        HTTP 401, or a close for a client fault); `TryAgainLater` once
+        `try_again_attempts` attempts were closed with 1013 (the gateway has
+        no market data yet); `TimeoutError` after `connect_timeout`
+        (`TryAgainLater` if some attempt was answered 1013). After
+        `TryAgainLater` or `TimeoutError` the client keeps trying in the
+        background; await `connect` again, or `close` it.
         """
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
-        await self._wait_ready(self.connect_timeout)
+        served, told = self._served, self._told_later
+        timeout = self.connect_timeout
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            progress = self._progress  # before the checks: no change goes unseen
+            if self._ready.is_set() or self._served > served:
+                return
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000)
+            answered = self._told_later - told
+            if self.try_again_attempts is not None and answered >= self.try_again_attempts:
+                raise TryAgainLater(*self._told_later_by, answered)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if answered:
+                    raise TryAgainLater(*self._told_later_by, answered)
+                raise TimeoutError(
+                    f"not connected to {self.urls} within {timeout} s "
+                    f"(last error: {self.error!r})"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await progress.wait()
+
+    def _progressed(self) -> None:
+        """Wake every connect() waiting: something it waits for changed."""
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting."""
@@ -629,6 +747,7 @@ class Client:
                     log.info("fastfeed: cannot connect to %s: %s", url, e)
                     self.error = e
                     resumed = False
+                self._progressed()
                 if resumed and self.last_close_code != _TRY_AGAIN_LATER:
                     # a session that got going starts the backoff afresh; a
                     # gateway saying "try again later" right away does not
@@ -650,7 +769,10 @@ class Client:
 
     async def _session_once(self, url: str) -> bool:
         """Connect to `url`, resume, serve until the connection ends.
-        Returns whether it got as far as resuming."""
+        Returns whether it got as far as resuming (with nothing to restore:
+        the upgrade), which restarts the backoff unless the close was 1013.
+        A connection counts as served (for connect()) once a round trip on it
+        was answered."""
         session = _Session(self, url)
         headers = {"Sec-WebSocket-Protocol": BIN_SUBPROTOCOL if self.binary else JSON_SUBPROTOCOL}
         if self.token:
@@ -673,12 +795,18 @@ class Client:
         self.last_message_at = time.monotonic()
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._watchdog(session))]
-        resumed = False
+        resumed = served = False
         try:
-            await self._resume(session)
-            resumed = True
+            if not await self._resume(session):
+                resumed = True
+                # nothing to restore: a ping answered shows the gateway serves
+                # (one with no market data closes with 1013 before it answers)
+                await session.roundtrip(self.request_timeout)
+            resumed = served = True
             self.error = None
             self._ready.set()
+            self._served += 1
+            self._progressed()
             log.info("fastfeed: connected to %s", url)
             if self._lost:
                 tasks.append(loop.create_task(self._find_lost(session)))
@@ -692,6 +820,9 @@ class Client:
             session.close(1000)
             self._session = None
         self.last_close_code = code
+        if code == _TRY_AGAIN_LATER and not served:
+            self._told_later += 1
+            self._told_later_by = (url, session.close_reason)
         if self._user_closed:
             return resumed
         log.info("fastfeed: connection to %s closed (%s %s)", url, code, session.close_reason)
@@ -700,9 +831,10 @@ class Client:
         self.error = ConnectionClosed(code, f"connection lost: {code} {session.close_reason}")
         return resumed
 
-    async def _resume(self, session: _Session) -> None:
+    async def _resume(self, session: _Session) -> bool:
         """Bring a new connection to the client's state: frame interval,
-        subscriptions (with `since`, so only missed rows come back), watches."""
+        subscriptions (with `since`, so only missed rows come back), watches.
+        Returns whether there was anything to restore (a request was sent)."""
         timeout = self.request_timeout
         if self.frame_ms is not None:
             await self._raw(session, {"op": "configure", "frame_ms": self.frame_ms}, timeout)
@@ -724,6 +856,7 @@ class Client:
         watch = sorted(self._watched & self._subs)
         for i in range(0, len(watch), _CHUNK):
             await self._raw(session, {"op": "watch", "symbols": watch[i : i + _CHUNK]}, timeout)
+        return self.frame_ms is not None or bool(syms)
 
     async def _raw(self, session: _Session, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         rid = next(self._ids)
@@ -800,6 +933,7 @@ class Client:
         self.error = error
         self._ready.clear()
         self._stopped.set()
+        self._progressed()
         for it in self._iters:
             it.wake()
 

@@ -51,11 +51,19 @@ class Config:
     abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
     max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
     max_watched: int = _opt(50, "watched symbols per connection")
+    max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
+                                           "past it are refused (logged, counted)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
     max_connections_per_ip: int = _opt(2000, "client connections per remote address per worker")
     ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
     high_water_bytes: int = _opt(256 * 1024,
                                  "socket write buffer above which a client is conflated")
+    max_queued_bytes: int = _opt(1024 * 1024,
+                                 "bytes a client may leave unread (replies, errors, update "
+                                 "frames) before it is closed with 1008; above "
+                                 "--high-water-bytes its requests are not read until it drains")
+    max_list_symbols: int = _opt(10000, "symbols in one list reply; more: the reply says "
+                                        "\"more\":true and the client asks again with after")
     stall_s: float = _opt(30.0, "close a client with 1008 after it has not drained for this long")
     handshake_timeout_s: float = _opt(5.0, "seconds to complete the HTTP upgrade")
     idle_timeout_s: float = _opt(60.0, "close a connection that answers no ping for this long")
@@ -169,6 +177,14 @@ def validate(cfg: Config) -> None:
         problems.append(f"workers must be a positive number or 'auto', not {cfg.workers!r}")
     if cfg.simulate < 0 or cfg.rate < 0:
         problems.append("simulate and rate must not be negative")
+    if cfg.max_queued_bytes < cfg.high_water_bytes:
+        problems.append("max-queued-bytes must be at least high-water-bytes")
+    if cfg.max_list_symbols < 1:
+        problems.append("max-list-symbols must be at least 1")
+    if not 1 <= cfg.max_instruments <= 2**31 - 1:
+        problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
+    elif cfg.simulate > cfg.max_instruments:
+        problems.append(f"simulate {cfg.simulate} is over max-instruments {cfg.max_instruments}")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

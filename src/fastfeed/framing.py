@@ -12,6 +12,11 @@ soon as it turns bad) and ignores everything but the peer's close once it
 has sent its own. Subclasses receive whole messages in `on_message` and close
 with `close`.
 
+picows checks a frame's declared size against one `max_frame_size` for the
+whole server (the largest endpoint's limit), and only fails a frame once it
+has buffered it whole. `FrameGuard` holds each endpoint to its own limit as
+soon as a frame's header has arrived: see its doc.
+
 `EchoListener` sends every message back. The gateway mounts it at `/echo`
 only with `--conformance-echo`, so a conformance suite (Autobahn|Testsuite)
 drives the very framing `/ws` and `/ingest` use.
@@ -24,12 +29,15 @@ from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+from . import _core, logs
+
 if TYPE_CHECKING:
     from .server import Gateway
 
 ECHO_MAX_BYTES = 16 * 1024 * 1024  # Autobahn's largest messages (case 9.x.6)
 _MAX_REASON = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_HEAD = 14  # the longest frame header: 2 bytes, 8 of extended length, 4 of mask
 
 
 def valid_close_code(code: int) -> bool:
@@ -38,6 +46,10 @@ def valid_close_code(code: int) -> bool:
 
 
 class MessageListener(WSListener):
+    path = "?"  # the endpoint, for logs
+    peer = "?"
+    cid = -1
+
     def __init__(self, gw: Gateway, max_bytes: int) -> None:
         self.gw = gw
         self.max_bytes = max_bytes
@@ -46,11 +58,61 @@ class MessageListener(WSListener):
         self._partial: bytearray | None = None
         self._partial_type = WSMsgType.TEXT
         self._utf8: codecs.IncrementalDecoder | None = None  # of a fragmented text message
+        # for FrameGuard: frames picows handed over in this read, and how many
+        # bytes it holds after the last of them (the start of the next frame)
+        self.frames_seen = 0
+        self.frame_tail = 0
+
+    def guard_frames(self, transport: WSTransport) -> None:
+        """Check frame headers against `max_bytes` as they arrive (FrameGuard)."""
+        under = transport.underlying_transport
+        if self.max_bytes < self.gw.frame_limit:
+            # the transport takes any protocol object; FrameGuard is one by duck typing
+            under.set_protocol(FrameGuard(under.get_protocol(), self))  # type: ignore[arg-type]
+
+    def is_user_specific_pong(self, frame: WSFrame) -> bool:
+        # picows asks this, instead of calling on_ws_frame, of frames that
+        # arrive while it waits for the answer to its own ping
+        self.frames_seen += 1
+        self.frame_tail = frame.tail_size
+        return frame.msg_type == WSMsgType.PONG
+
+    def on_ping(self, transport: WSTransport, payload: bytes) -> None:
+        transport.send_pong(payload)
 
     def on_message(self, msg_type: WSMsgType, data: bytes) -> None:
         raise NotImplementedError
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.frames_seen += 1
+        self.frame_tail = frame.tail_size
+        if not _core.connected(transport):
+            # the socket failed (a reset client); picows learns it one loop pass
+            # later. Whatever else this read holds needs no answer.
+            return
+        try:
+            self._on_frame(transport, frame)
+        except Exception as e:
+            self.internal_error(e, "on_ws_frame")
+
+    def internal_error(self, exc: Exception, where: str) -> None:
+        """A bug met on this connection: log it once per kind, close 1011."""
+        logs.report_exception(exc, f"{self.path} {where}", client=self.peer, path=self.path,
+                              cid=self.cid)
+        self.close(WSCloseCode.INTERNAL_ERROR, "internal error")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.count_picows_close(transport)
+
+    def count_picows_close(self, transport: WSTransport) -> None:
+        """Count a close picows started by itself: 1001 for a peer that answers no
+        ping (--idle-timeout-s), 1002/1009 for what its parser refused, 1011 for
+        an exception it caught. Ours are counted in `close`, the peer's not at all."""
+        hs = transport.close_handshake
+        if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
+            self.gw.count_close(hs.sent.code.value)
+
+    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             return self.close(WSCloseCode.PROTOCOL_ERROR,
                               "reserved bits set, but no extension was negotiated")
@@ -60,7 +122,7 @@ class MessageListener(WSListener):
         if self.closing:
             return  # after our close frame only the peer's close counts
         if t == WSMsgType.PING:
-            return transport.send_pong(frame.get_payload_as_bytes())
+            return self.on_ping(transport, frame.get_payload_as_bytes())
         if t == WSMsgType.PONG:
             return
         if t == WSMsgType.CONTINUATION:
@@ -131,12 +193,37 @@ class MessageListener(WSListener):
     def _too_big(self) -> None:
         self.close(WSCloseCode.MESSAGE_TOO_BIG, f"message over {self.max_bytes} bytes")
 
+    def check_header(self, head: bytes | None, held: int) -> None:
+        """The frame being received starts with `head` (None: not known); picows
+        holds `held` bytes of it."""
+        if self.closing:
+            return
+        size = -1
+        opcode = head[0] & 0x0F if head else -1
+        if head is not None and len(head) >= 2 and 0 <= opcode < 8:  # control ones: <= 125
+            flag = head[1] & 0x7F
+            if flag < 126:
+                size = flag
+            elif flag == 126 and len(head) >= 4:
+                size = int.from_bytes(head[2:4], "big")
+            elif flag == 127 and len(head) >= 10:
+                size = int.from_bytes(head[2:10], "big")
+        if size >= 0 and opcode == WSMsgType.CONTINUATION and self._partial is not None:
+            size += len(self._partial)  # what the fragmented message would come to
+        if size > self.max_bytes or held > self.max_bytes + _HEAD:
+            self._too_big()
+            # the rest of that frame is not wanted: stop reading, let the close go out
+            assert self.transport is not None
+            self.transport.underlying_transport.pause_reading()
+
     def close(self, code: WSCloseCode | int, reason: str, grace_s: float = 2.0) -> None:
         tr = self.transport
         if tr is None or self.closing:
             return
         self.closing = True
         self._partial = self._utf8 = None
+        if not _core.connected(tr):
+            return  # lost: nothing reaches the peer, and picows will hang up
         code = WSCloseCode(code)
         self.gw.count_close(code.value)
         # cut to what fits a control frame, never inside a UTF-8 sequence
@@ -145,16 +232,96 @@ class MessageListener(WSListener):
         self.gw.loop.call_later(grace_s, tr.disconnect, False)
 
 
+class FrameGuard:
+    """Between the socket and picows' parser of one connection: fails a frame
+    over the endpoint's limit as soon as its header is in, not once picows
+    has buffered it whole.
+
+    picows has one `max_frame_size` per server and keeps it in its parser,
+    out of reach (it is not in picows.pxd). So the guard takes the place of
+    picows' protocol on the transport after the upgrade and passes every
+    read on. It needs no parser of its own: after each read picows has handed
+    over every complete frame, and the last one's `tail_size` says how many
+    bytes it holds of the next one, the last `tail_size` bytes of the read.
+    The guard keeps their first 14 bytes (the longest header) and checks the
+    declared size, and also what picows holds, against `max_bytes`.
+
+    Bytes a client sends after its upgrade request without waiting for the
+    101 (RFC 6455 4.1 forbids it) reach picows before the guard is in place:
+    if they end inside a frame, that frame is bounded by what picows holds
+    (within 16 KiB, the largest upgrade request), not by its header.
+    """
+
+    __slots__ = ("head", "held", "listener", "proto", "view")
+
+    def __init__(self, proto, listener: MessageListener) -> None:
+        self.proto = proto
+        self.listener = listener
+        self.view: memoryview | None = None
+        # the first bytes of the frame picows holds part of (None: not known)
+        self.head: bytes | None = b""
+        self.held = 0
+        listener.frames_seen = 0
+
+    def is_buffered_protocol(self) -> bool:
+        return True
+
+    def get_buffer(self, hint: int) -> memoryview:
+        self.view = self.proto.get_buffer(hint)
+        return self.view
+
+    def buffer_updated(self, n: int) -> None:
+        assert self.view is not None
+        new = bytes(self.view[:n])  # picows may move or grow its buffer while parsing
+        self.view = None
+        lst = self.listener
+        if lst.frames_seen and lst.frame_tail:
+            # frames sent with the upgrade request: picows holds the start of
+            # the next one, which the guard never saw
+            self.held, self.head = lst.frame_tail, None
+        lst.frames_seen = 0
+        self.proto.buffer_updated(n)
+        if lst.frames_seen:
+            tail = lst.frame_tail  # within this read: its frame ended in it
+            self.held = tail
+            self.head = new[n - tail:n - tail + _HEAD] if tail else b""
+        else:
+            self.held += n
+            if self.head is not None and len(self.head) < _HEAD:
+                self.head += new[:_HEAD - len(self.head)]
+        if self.held:
+            lst.check_header(self.head, self.held)
+
+    def connection_made(self, transport) -> None:
+        self.proto.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+
 class EchoListener(MessageListener):
     """Sends every message back as it came (a testing aid, see the module doc)."""
+
+    path = "/echo"
 
     def __init__(self, gw: Gateway) -> None:
         super().__init__(gw, ECHO_MAX_BYTES)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        host, port = (transport.underlying_transport.get_extra_info("peername") or ("?", 0))[:2]
+        self.peer = f"{host}:{port}"
 
     def on_message(self, msg_type: WSMsgType, data: bytes) -> None:
         tr = self.transport
-        if tr is not None and not tr.is_close_frame_sent:
+        if tr is not None and _core.can_send(tr):
             tr.send(msg_type, data)

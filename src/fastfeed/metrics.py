@@ -55,7 +55,7 @@ TICK_SOURCES = ("ingest", "bus", "simulator")
 TICK_OUTCOMES = ("applied", "stale", "rejected")
 ERROR_CODES = ("bad_request", "unknown_op", "not_subscribed", "too_many_subscriptions",
                "too_many_watched", "rate_limited", "forbidden", "unavailable")
-CLOSE_CODES = (1001, 1002, 1007, 1008, 1009, 1012, 1013)
+CLOSE_CODES = (1001, 1002, 1007, 1008, 1009, 1011, 1012, 1013)
 UPGRADE_STATUSES = (400, 401, 403, 426, 503)
 
 
@@ -127,6 +127,15 @@ class Metrics:
         self._bus_seen: dict[str, float] = {}
         self.worker_restarts = Counter("fastfeed_worker_restarts",
                                        "Worker processes restarted by the supervisor")
+        self.internal_errors = Counter("fastfeed_internal_errors",
+                                       "Unexpected exceptions (bugs) met, all of them; "
+                                       "the log has the first of each kind")
+        self.instruments_refused = Counter(
+            "fastfeed_instruments_refused",
+            "Ticks for new symbols refused because the table is at --max-instruments")
+        from . import logs
+
+        logs.on_unexpected = self.internal_errors.inc
         for source in TICK_SOURCES:
             for outcome in TICK_OUTCOMES:
                 self.ticks.labels(source, outcome)
@@ -163,6 +172,8 @@ class Metrics:
                               ("overruns", self.overruns)):
             if stats[name]:
                 counter.inc(stats[name])
+        if stats.get("refused"):
+            self.instruments_refused.inc(stats["refused"])
         for ns in latencies_ns:
             self.latency.observe(max(ns, 0) / 1e9)
         if stats["pumps"]:

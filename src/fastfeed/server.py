@@ -23,15 +23,15 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
-from . import _core, auth, metrics
+from . import _core, auth, logs, metrics
 from .config import Config
 from .feed.ingest import IngestSession
 from .feed.simulator import Simulator
 from .framing import ECHO_MAX_BYTES, EchoListener
-from .session import Session
+from .httpfront import create_server
+from .session import Session, SymbolIndex
 
 log = logging.getLogger("fastfeed.server")
 READ_BUFFER_BYTES = 2048
@@ -40,8 +40,27 @@ READ_BUFFER_BYTES = 2048
 PUMP_SLICE_NS = 1_000_000
 PACE_EVERY_S = 0.1
 PACE_BUSY = 0.75  # share of a core the frame pacing aims at under load
+REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
 
 SUBPROTOCOLS = ("fastfeed.v1.json", "fastfeed.v1.bin")
+
+
+INTERNAL_ERROR_LOG_EVERY_S = 60.0  # one log line per kind of unexpected error
+
+
+def _tokens(headers, name: str) -> set[str]:
+    """The comma-separated tokens of every `name` header, lowercased."""
+    return {t.strip().lower() for v in headers.getall(name, ()) for t in v.split(",")}
+
+
+def _shown(value: str, limit: int = 100) -> str:
+    """A header value fit to quote in a reply: picows decodes header bytes as
+    ASCII with surrogate escapes, so a byte over 0x7f comes back as \\xNN."""
+    try:
+        text = value.encode("ascii", "surrogateescape").decode("ascii", "backslashreplace")
+    except UnicodeEncodeError:
+        text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _resp(status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", **headers: str):
@@ -76,8 +95,10 @@ class Gateway:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
-        self.table = _core.Table(capacity=max(1024, 2 * cfg.simulate))
+        self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
+                                 max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
+        self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
         self.sessions: dict[int, Session] = {}
         self.per_ip: Counter[str] = Counter()
         self.nsubs = 0
@@ -97,10 +118,34 @@ class Gateway:
         self._ingest_stale = 0
         self._tasks: list[asyncio.Task] = []
         self._pump_every = min(0.004, cfg.min_frame_ms / 4000)
+        self._internal_errors: dict[str, float] = {}
+        # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
+        # the others to theirs from the frame header
+        self.frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
+                               ECHO_MAX_BYTES if cfg.conformance_echo else 0)
+        self._refused = 0  # ticks for new symbols refused (table full) not logged yet
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
 
     # ---- routes
 
     def factory(self, req: WSUpgradeRequest):
+        """picows' listener factory (and the HTTP router). It never raises: an
+        unexpected error is logged and answered with a plain 500, never with
+        the exception's text (picows would put that in the body)."""
+        try:
+            return self._route(req)
+        except Exception as e:
+            kind = type(e).__name__
+            now = time.monotonic()
+            if now - self._internal_errors.get(kind, -1e9) >= INTERNAL_ERROR_LOG_EVERY_S:
+                self._internal_errors[kind] = now
+                log.error("unexpected %s answering %s %s: answered 500 (logged once a minute "
+                          "per kind)", kind, req.method.decode("latin-1"),
+                          _shown(req.path.decode("latin-1")), exc_info=True)
+            self.metrics.rejected_upgrades.labels("500").inc()
+            return _resp(500, b"internal error; it is logged at the gateway\n")
+
+    def _route(self, req: WSUpgradeRequest):
         path = req.path.split(b"?", 1)[0]
         if path == b"/ws":
             return self._upgrade_client(req)
@@ -125,15 +170,35 @@ class Gateway:
 
     def _refuse(self, status: int, why: str, **headers: str):
         self.metrics.rejected_upgrades.labels(str(status)).inc()
-        return _resp(status, (why + "\n").encode(), **headers)
+        return _resp(status, (why + "\n").encode("utf-8", "backslashreplace"), **headers)
 
-    def _is_upgrade(self, req: WSUpgradeRequest) -> bool:
-        return "websocket" in req.headers.get("Upgrade", "").lower()
+    def _not_upgradable(self, req: WSUpgradeRequest, path: str):
+        """A refusal, or None for a WebSocket handshake picows will accept.
+
+        RFC 6455 asks that Connection *contain* the token "upgrade" and Upgrade
+        the token "websocket"; picows, validating after this factory, compares
+        the whole first header of each (`Connection: keep-alive, Upgrade` from
+        older Firefox and some proxies would get its 400). So the request's
+        headers are normalised here to what picows reads, once checked."""
+        h = req.headers
+        if "websocket" not in _tokens(h, "Upgrade"):
+            return self._refuse(426, f"upgrade required: {path} is a WebSocket endpoint",
+                                Upgrade="websocket")
+        if "upgrade" not in _tokens(h, "Connection"):
+            return self._refuse(400, "a WebSocket handshake needs 'upgrade' in its Connection "
+                                     "header")
+        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol"):
+            for v in h.getall(name, ()):
+                if not v.isascii():  # picows would fail on it with an encoding error
+                    return self._refuse(400, f"{name} is not ASCII: {_shown(v)}")
+        h["Upgrade"] = "websocket"
+        h["Connection"] = "Upgrade"
+        return None
 
     def _upgrade_client(self, req: WSUpgradeRequest):
-        if not self._is_upgrade(req):
-            return self._refuse(426, "upgrade required: /ws is a WebSocket endpoint",
-                                Upgrade="websocket")
+        refusal = self._not_upgradable(req, "/ws")
+        if refusal is not None:
+            return refusal
         if self.draining:
             return self._refuse(503, "draining for a restart: connect to another replica")
         if len(self.sessions) >= self.cfg.max_connections:
@@ -141,7 +206,7 @@ class Gateway:
         if self.origins:
             origin = req.headers.get("Origin")
             if origin is not None and origin not in self.origins:
-                return self._refuse(403, f"origin {origin} is not allowed")
+                return self._refuse(403, f"origin {_shown(origin)} is not allowed")
         ent = auth.EVERYTHING
         if self.secret:
             try:
@@ -160,9 +225,9 @@ class Gateway:
             WSUpgradeResponse.create_101_response(extra_headers=headers), session)
 
     def _upgrade_ingest(self, req: WSUpgradeRequest):
-        if not self._is_upgrade(req):
-            return self._refuse(426, "upgrade required: /ingest is a WebSocket endpoint",
-                                Upgrade="websocket")
+        refusal = self._not_upgradable(req, "/ingest")
+        if refusal is not None:
+            return refusal
         if self.publisher_token:
             if not auth.publisher_ok(auth.token_from_request(req.path, req.headers),
                                      self.publisher_token):
@@ -172,9 +237,9 @@ class Gateway:
 
     def _upgrade_echo(self, req: WSUpgradeRequest):
         """A testing aid (--conformance-echo): an echo on the framing /ws uses."""
-        if not self._is_upgrade(req):
-            return self._refuse(426, "upgrade required: /echo is a WebSocket endpoint",
-                                Upgrade="websocket")
+        refusal = self._not_upgradable(req, "/echo")
+        if refusal is not None:
+            return refusal
         return EchoListener(self)
 
     # ---- sessions
@@ -315,6 +380,8 @@ class Gateway:
                     s.close(1008, f"stalled: not reading for {self.cfg.stall_s:g}s", grace_s=5.0)
             stats = self.table.take_stats()
             self.metrics.flush(stats, self.hub.take_latencies())
+            self._log_refused(stats["refused"], stats["refused_symbol"])
+            logs.unexpected.flush()
             self.metrics.stalled.set(self.hub.paused_count())
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
@@ -326,6 +393,19 @@ class Gateway:
                 if stale:
                     self._ingest_stale += stale
                     self.count_ticks("ingest", "stale", stale)
+
+    def _log_refused(self, n: int, symbol: str) -> None:
+        self._refused += n
+        now = time.monotonic()
+        if self._refused and now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.warning("instrument table is full at %d instruments: refused %d ticks for new "
+                        "symbols (the latest: %s) since the last such line; raise "
+                        "--max-instruments (FASTFEED_MAX_INSTRUMENTS) if these symbols are real, "
+                        "else find the publisher that invents them", self.cfg.max_instruments,
+                        self._refused, symbol, extra=logs.ctx(symbol=symbol,
+                                                              refused=self._refused))
+            self._refused = 0
+            self._refused_logged_at = now
 
     async def _simulate(self) -> None:
         sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
@@ -362,8 +442,7 @@ class Gateway:
             enable_auto_pong=False,  # framing.MessageListener answers, after its checks
             auto_ping_idle_timeout=cfg.idle_timeout_s / 2,
             auto_ping_reply_timeout=cfg.idle_timeout_s / 2,
-            max_frame_size=max(cfg.max_message_bytes, cfg.max_ingest_bytes,
-                               ECHO_MAX_BYTES if cfg.conformance_echo else 0),
+            max_frame_size=self.frame_limit,
             logger_name="picows.server",
             backlog=4096,
             # Client requests are small; the buffer grows for a big one. At
@@ -371,9 +450,9 @@ class Gateway:
             read_buffer_init_size=READ_BUFFER_BYTES,
         )
         if sock is not None:
-            self.server = await ws_create_server(self.factory, sock=sock, **kw)
+            self.server = await create_server(self.factory, sock=sock, **kw)
         else:
-            self.server = await ws_create_server(self.factory, cfg.host, cfg.port, **kw)
+            self.server = await create_server(self.factory, cfg.host, cfg.port, **kw)
         self.metrics.feed_up.set(1)
         self.metrics.draining.set(0)
         self.metrics.frame_floor.set(0)
@@ -429,9 +508,19 @@ class Gateway:
         self.stopped.set()
 
 
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exceptions no one awaited (tasks, callbacks): once per kind, like the listeners'."""
+    exc = context.get("exception")
+    if isinstance(exc, Exception):
+        logs.report_exception(exc, str(context.get("message", "a loop callback")))
+    else:
+        loop.default_exception_handler(context)
+
+
 async def serve(cfg: Config, sock: socket.socket | None = None, bus_factory=None) -> int:
     """Run one gateway until SIGTERM/SIGINT has drained it. Returns the exit code."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_on_loop_exception)
     gw = Gateway(cfg, loop)
     if bus_factory is not None:
         gw.bus = bus_factory(gw)

@@ -7,14 +7,15 @@ of the connection (subscription set, watched set, interval) up to date.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
-import json
 import logging
 import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from . import _core
@@ -27,8 +28,101 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastfeed.session")
 
 FIELDS = list(_core.FIELDS)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The control plane's JSON is strict both ways (RFC 8259): orjson refuses
+# lone surrogates, NaN, Infinity, numbers beyond a double and nesting past
+# 1024 levels with one JSONDecodeError, so whatever it decodes encodes again.
+_loads = orjson.loads
+_dumps = orjson.dumps
 _SCALAR = (str, int, float, bool, type(None))
+
+
+_WILD = re.compile(r"[*?\[]")
+LIST_SCAN_UNIT = 1000  # a list costs one more token per this many symbols it examines
+SYMBOLS_UNIT = 100  # other requests: one more token per this many symbols they name
+MAX_GLOB = 128  # symbols are at most 32 characters: a longer glob is a mistake
+_ENT_CACHE = 256  # entitlement sets whose visible symbols are kept sorted
+
+
+class SymbolIndex:
+    """The table's symbols, sorted, and per entitlement set the ones it may see.
+
+    The instrument table only grows: on a `list` after growth the new symbols
+    are merged in (a sort of two sorted runs), so a `list` never walks the
+    whole table in Python, and a glob's literal prefix is found by bisection.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.n = 0
+        self.all: list[str] = []
+        self.by_ent: dict[tuple[str, ...], tuple[int, list[str]]] = {}
+
+    def visible(self, ent: Entitlements) -> list[str]:
+        n = len(self.table)
+        if n != self.n:
+            _merge(self.all, self.table_slice(self.n, n))
+            self.n = n
+        if ent.patterns is None:
+            return self.all
+        seen, syms = self.by_ent.get(ent.patterns, (0, []))
+        if seen != n:
+            if seen:
+                _merge(syms, [s for s in self.table_slice(seen, n) if ent.allows(s)])
+            else:  # each pattern's literal prefix is a range of the sorted list
+                hits: set[str] = set()
+                for p in ent.patterns:
+                    page: str | None = ""
+                    while page is not None:
+                        out, page, _ = list_page(self.all, p, page or None, 1 << 30)
+                        hits.update(out)
+                syms = sorted(hits)
+            if len(self.by_ent) >= _ENT_CACHE and ent.patterns not in self.by_ent:
+                self.by_ent.clear()  # many distinct tokens: start over rather than grow
+            self.by_ent[ent.patterns] = (n, syms)
+        return syms
+
+    def table_slice(self, lo: int, hi: int) -> list[str]:
+        return [self.table.symbol(i) for i in range(lo, hi)]
+
+
+def _merge(into: list[str], new: list[str]) -> None:
+    """Add `new` to the sorted list `into`, in place."""
+    if len(new) < 64:
+        for s in new:
+            bisect.insort(into, s)
+    else:
+        into.extend(new)
+        into.sort()
+
+
+def list_page(syms: list[str], match: str | None, after: str | None,
+              cap: int) -> tuple[list[str], str | None, int]:
+    """(up to `cap` symbols of sorted `syms` matching the glob after `after`,
+    the `after` of the next page or None if this is the last, how many
+    symbols were examined: at most 2 * cap)."""
+    pattern = match or "*"
+    wild = _WILD.search(pattern)
+    prefix = pattern[:wild.start()] if wild else pattern
+    lo = bisect.bisect_left(syms, prefix)
+    if after is not None:
+        lo = max(lo, bisect.bisect_right(syms, after))
+    if wild is None:  # a plain symbol
+        hit = lo < len(syms) and syms[lo] == pattern
+        return ([pattern] if hit else []), None, 1
+    # symbols are ASCII below DEL: every one with the prefix sorts before prefix + DEL
+    hi = bisect.bisect_left(syms, prefix + "\x7f", lo) if prefix else len(syms)
+    if pattern[wild.start():] == "*":  # prefix*: a slice
+        out = syms[lo:min(hi, lo + cap)]
+        return out, (out[-1] if lo + len(out) < hi else None), len(out)
+    m = re.compile(fnmatch.translate(pattern)).match
+    end = min(hi, lo + 2 * cap)  # a sparse match: a bounded stretch per page
+    out = []
+    i = lo
+    while i < end and len(out) < cap:
+        if m(syms[i]):
+            out.append(syms[i])
+        i += 1
+    return out, (syms[i - 1] if i < hi else None), i - lo
 
 
 class RequestError(Exception):
@@ -40,6 +134,8 @@ class RequestError(Exception):
 
 
 class Session(MessageListener):
+    path = "/ws"
+
     def __init__(self, gw: Gateway, ent: Entitlements, binary: bool, peer: str) -> None:
         super().__init__(gw, gw.cfg.max_message_bytes)
         self.ent = ent
@@ -54,6 +150,7 @@ class Session(MessageListener):
         self.refill_at = time.monotonic()
         self.strikes = 0
         self.paused = False
+        self.reading_paused = False
 
     # ---- picows callbacks
 
@@ -66,15 +163,12 @@ class Session(MessageListener):
         sock = transport.underlying_transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hw)
+        self.guard_frames(transport)
         self.cid = self.gw.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
         self.gw.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        hs = transport.close_handshake
-        if not self.closing and hs is not None and hs.sent is not None and not hs.recv_then_sent:
-            # a close picows started by itself: 1001 for a peer that answers no
-            # ping (--idle-timeout-s), or a protocol error its parser found
-            self.gw.count_close(hs.sent.code.value)
+        self.count_picows_close(transport)
         if self.cid >= 0:
             if self.watched:
                 self.gw.hub.watch_ids(self.cid, list(self.watched), False)
@@ -89,18 +183,26 @@ class Session(MessageListener):
     def resume_writing(self) -> None:
         self.paused = False
         self.gw.hub.resume(self.cid)
+        if self.reading_paused and not self.closing and self.transport is not None:
+            self.reading_paused = False
+            self.transport.underlying_transport.resume_reading()
+
+    def on_ping(self, transport: WSTransport, payload: bytes) -> None:
+        if self._take_token():  # a ping is a message too: it costs a pong
+            transport.send_pong(payload)
+            self._check_queued()
 
     # ---- requests
 
     def on_message(self, t: WSMsgType, data: bytes) -> None:
+        if not self._take_token():  # every message counts, binary ones too
+            return
         if t == WSMsgType.BINARY:
             self._error(None, "bad_request", "requests are JSON text frames, not binary")
             return
-        if not self._take_token():
-            return
         try:
-            req = json.loads(data)  # framing.MessageListener has checked the UTF-8
-        except ValueError as e:
+            req = _loads(data)  # framing.MessageListener has checked the UTF-8
+        except orjson.JSONDecodeError as e:
             self._error(None, "bad_request", f"not JSON: {e}")
             return
         if not isinstance(req, dict):
@@ -124,6 +226,9 @@ class Session(MessageListener):
             self._error(rid, e.code, e.message, e.symbols)
 
     def _take_token(self) -> bool:
+        """Admit a message while the bucket holds a token; it costs one. What a
+        request does beyond that is charged by `_charge`, which may leave the
+        bucket in debt: the requests after it wait until it has refilled."""
         now = time.monotonic()
         cfg = self.gw.cfg
         refill = (now - self.refill_at) * cfg.requests_per_s
@@ -138,15 +243,23 @@ class Session(MessageListener):
             log.warning("closing client for request flood: %d requests over the limit in a row",
                         self.strikes, extra={"ctx": {"client": self.peer, "cid": self.cid}})
             self.close(WSCloseCode.POLICY_VIOLATION, "request rate limit abused")
+            # what else it sent is not wanted: reading it would only cost time
+            if self.transport is not None:
+                self.transport.underlying_transport.pause_reading()
         else:
             self._error(None, "rate_limited",
-                        f"over {cfg.requests_per_s:g} requests/s; slow down")
+                        f"over {cfg.requests_per_s:g} requests/s (a request for many "
+                        "symbols counts as several, see docs/protocol.md); slow down")
         return False
+
+    def _charge(self, cost: float) -> None:
+        self.tokens -= cost
 
     def _symbols(self, req: dict, key: str = "symbols") -> list[str]:
         syms = req.get(key)
         if not isinstance(syms, list) or not all(isinstance(s, str) for s in syms):
             raise RequestError("bad_request", f"{key} must be a list of symbol strings")
+        self._charge(len(syms) // SYMBOLS_UNIT)
         bad = [s for s in syms if not _core.valid_symbol(s)]
         if bad:
             raise RequestError("bad_request",
@@ -178,8 +291,7 @@ class Session(MessageListener):
         rows = table.rows_json(sorted(new), since_ids or None)
         unknown = [s for s, iid in ids.items() if iid < 0]
         head = {"type": "snapshot", "id": rid, "fields": FIELDS}
-        body = (_dumps(head)[:-1] + ',"rows":[').encode() + rows + (
-            '],"unknown":' + _dumps(unknown) + "}").encode()
+        body = _dumps(head)[:-1] + b',"rows":[' + rows + b'],"unknown":' + _dumps(unknown) + b"}"
         self.send_text(body)
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
@@ -238,11 +350,20 @@ class Session(MessageListener):
         match = req.get("match")
         if match is not None and not isinstance(match, str):
             raise RequestError("bad_request", "match must be a glob pattern string")
-        syms = [s for s in self.gw.table.symbols() if self.ent.allows(s)]
-        if match:
-            m = re.compile(fnmatch.translate(match)).match
-            syms = [s for s in syms if m(s)]
-        self.send_text(_dumps({"type": "list", "id": rid, "symbols": syms}))
+        if match is not None and len(match) > MAX_GLOB:
+            raise RequestError("bad_request", f"match is at most {MAX_GLOB} characters")
+        after = req.get("after")
+        if after is not None and not isinstance(after, str):
+            raise RequestError("bad_request", "after must be a symbol string (the last one "
+                                              "of the previous page)")
+        syms, nxt, examined = list_page(self.gw.symbol_index.visible(self.ent), match, after,
+                                        self.gw.cfg.max_list_symbols)
+        self._charge(examined // LIST_SCAN_UNIT)
+        more = nxt is not None
+        reply: dict[str, Any] = {"type": "list", "id": rid, "symbols": syms, "more": more}
+        if nxt is not None:
+            reply["next"] = nxt
+        self.send_text(_dumps(reply))
 
     def op_ping(self, rid: Any, req: dict) -> None:
         self.send_text(_dumps({"type": "pong", "id": rid, "ts": _core.wall_ns()}))
@@ -261,11 +382,32 @@ class Session(MessageListener):
 
     def send_text(self, data: str | bytes) -> None:
         tr = self.transport
-        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+        if tr is None or not _core.can_send(tr):
             return
         tr.send(WSMsgType.TEXT, data.encode() if isinstance(data, str) else data)
         if self.cid >= 0:
             self.gw.hub.touch(self.cid)
+        self._check_queued()
+
+    def _check_queued(self) -> None:
+        """What this client has not read yet is bounded: above the high-water
+        mark the gateway stops reading its requests until it drains (update
+        frames are conflated meanwhile); past --max-queued-bytes it is closed."""
+        tr = self.transport
+        if tr is None or self.closing or tr.is_disconnected:
+            return
+        under = tr.underlying_transport
+        queued = under.get_write_buffer_size()
+        cfg = self.gw.cfg
+        if queued > cfg.max_queued_bytes:
+            log.warning("closing client that does not read its replies: %d bytes queued for it",
+                        queued, extra={"ctx": {"client": self.peer, "cid": self.cid}})
+            self.close(WSCloseCode.POLICY_VIOLATION,
+                       f"not reading: over {cfg.max_queued_bytes} bytes queued for this client")
+            under.pause_reading()
+        elif queued > cfg.high_water_bytes and not self.reading_paused:
+            self.reading_paused = True
+            under.pause_reading()
 
 
 _OPS = {

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .. import _core
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from ..server import Gateway
 
 log = logging.getLogger("fastfeed.ingest")
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# strict JSON both ways, as on /ws (see session.py)
+_loads = orjson.loads
+_dumps = orjson.dumps
 MAX_ERRORS_PER_MESSAGE = 50
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 # One per process: parse() and apply() run back to back, never interleaved.
@@ -26,6 +28,8 @@ _PARSER = TickParser()
 
 class IngestSession(MessageListener):
     """One publisher connection. Bad ticks are answered by name; the rest apply."""
+
+    path = "/ingest"
 
     def __init__(self, gw: Gateway, trusted: bool) -> None:
         super().__init__(gw, gw.cfg.max_ingest_bytes)
@@ -36,6 +40,7 @@ class IngestSession(MessageListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self.guard_frames(transport)
         peer = transport.underlying_transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         if not self.trusted and not str(peer[0]).startswith(LOOPBACK):
@@ -70,8 +75,8 @@ class IngestSession(MessageListener):
                 gw.after_ticks()
                 return self._report(errors)
         try:
-            msg = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            msg = _loads(data)
+        except orjson.JSONDecodeError as e:
             return self._error("bad_request", f"not JSON: {e}")
         ticks = msg if isinstance(msg, list) else [msg]
         if not self._allow(len(ticks)):
@@ -122,7 +127,7 @@ class IngestSession(MessageListener):
 
     def _error(self, code: str, message: str, symbols: Any = None, index: Any = None) -> None:
         tr = self.transport
-        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+        if tr is None or not _core.can_send(tr):
             return
         msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
         if index is not None:
@@ -130,4 +135,4 @@ class IngestSession(MessageListener):
         if symbols is not None:
             msg["symbols"] = symbols
         self.gw.count_error(code)
-        tr.send(WSMsgType.TEXT, _dumps(msg).encode())
+        tr.send(WSMsgType.TEXT, _dumps(msg))

@@ -1,0 +1,85 @@
+"""Fuzz the client request handler, `Session.on_message`, on a real Gateway object.
+
+Input: one flag byte, then messages separated by 0xFF (a byte no UTF-8 text
+holds). A message starting with 0xFE goes in as a binary frame; the others
+are text, and only valid UTF-8 reaches the handler (framing refuses the
+rest with 1007 before it). Flag bits: 1 a client entitled to BB* and X.*
+only, 2 the binary subprotocol, 4 a nearly empty rate-limit bucket.
+
+Checked for every message: no exception escapes; every reply is strict JSON
+of a documented type; a request is answered (or the client closed with a
+documented code); a request refused as a whole (one error, nothing else)
+changes nothing.
+
+    python tests/fuzz/fuzz_requests.py -max_total_time=600 \
+        fuzz-out/requests tests/fuzz/corpus/requests
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (
+    CLIENT_CLOSE_CODES,
+    EVERYTHING,
+    Entitlements,
+    FakeTransport,
+    Session,
+    WSMsgType,
+    check_reply,
+    feature,
+    gateway,
+    main,
+)
+
+MAX_MESSAGES = 32
+GW = gateway()
+SOME = Entitlements("fuzz", ("BB*", "X.*"))
+
+
+def test_one(data: bytes) -> None:
+    if not data:
+        return
+    flags, body = data[0], data[1:]
+    s = Session(GW, SOME if flags & 1 else EVERYTHING, bool(flags & 2), "")
+    tr = FakeTransport()
+    s.on_ws_connected(tr)  # type: ignore[arg-type]
+    if flags & 4:
+        s.tokens = 2.0
+    try:
+        for chunk in body.split(b"\xff")[:MAX_MESSAGES]:
+            if chunk[:1] == b"\xfe":
+                t, msg = WSMsgType.BINARY, chunk[1:]
+            else:
+                t, msg = WSMsgType.TEXT, chunk
+                try:
+                    msg.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+            if s.closing:
+                break
+            before = (frozenset(s.subs), frozenset(s.watched), s.frame_ms)
+            n0 = len(tr.sent)
+            s.on_message(t, msg)
+            replies = [check_reply(*r) for r in tr.sent[n0:]]
+            feature([(r["type"], r.get("code"), len(r.get("symbols") or r.get("rows") or ()) > 0)
+                     for r in replies], s.closing)
+            if s.closing:
+                assert tr.close_code in CLIENT_CLOSE_CODES, tr.close_code
+                continue
+            assert replies, f"no answer to {msg[:80]!r}"
+            if len(replies) == 1 and replies[0]["type"] == "error":
+                after = (frozenset(s.subs), frozenset(s.watched), s.frame_ms)
+                assert after == before, "a refused request changed the connection"
+            assert s.subs >= s.watched, "a watched symbol that is not subscribed"
+    finally:
+        tr.close_handshake = None
+        s.on_ws_disconnected(tr)  # type: ignore[arg-type]
+    assert not GW.sessions, "the session was not detached"
+
+
+if __name__ == "__main__":
+    main(test_one)
