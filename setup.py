@@ -3,7 +3,9 @@
 Build switches come from the environment so they work the same under pip,
 Docker and CI (pip never passes argv flags to setup.py):
 
-  FASTFEED_DEBUG=1      keep asserts, bounds checks and line tracing
+  FASTFEED_DEBUG=1      the core checks its invariants as it runs (heap order,
+                        group counts, dirty bits, buffer bounds; docs/core.md),
+                        plus bounds checks and line tracing
   FASTFEED_ANNOTATE=1   write the `cython -a` HTML next to the sources
 """
 
@@ -38,7 +40,8 @@ exts = [
         define_macros=macros,
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     )
-    for name in ("_core", "_tickjson")
+    # the core in parts (each cimports the ones before it), then its Python face
+    for name in ("_wire", "_table", "_hub", "_core", "_tickjson")
 ]
 
 setup(

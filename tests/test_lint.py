@@ -22,8 +22,9 @@ def test_ruff():
 
 
 def test_cython_lint():
-    run(str(pathlib.Path(sys.executable).parent / "cython-lint"),
-        "src/fastfeed/_core.pyx", "src/fastfeed/_core.pxd", "src/fastfeed/_tickjson.pyx",
+    src = ROOT / "src/fastfeed"
+    core = sorted(str(p.relative_to(ROOT)) for p in [*src.glob("*.pyx"), *src.glob("*.pxd")])
+    run(str(pathlib.Path(sys.executable).parent / "cython-lint"), *core,
         "bench/loadgen/_client.pyx")
 
 

@@ -1,4 +1,4 @@
-"""Typed Python face of the compiled core (see _core.pxd for Cython callers)."""
+"""Typed Python face of the compiled core (Cython callers: _wire.pxd, _table.pxd, _hub.pxd)."""
 
 from collections.abc import Iterable, Mapping
 from typing import Any, final
@@ -15,6 +15,7 @@ BATCH_MAGIC: bytes
 BIN_HEADER_SIZE: int
 SOURCES: tuple[str, ...]
 OUTCOMES: tuple[str, ...]
+DEBUG: bool
 
 def wall_ns() -> int: ...
 def connected(tr: WSTransport) -> bool: ...

@@ -15,7 +15,9 @@ from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 
-from fastfeed._core cimport APPLIED, M_TS, REJECTED, STALE, Table, symbol_ok
+from fastfeed._defs cimport APPLIED, M_TS, REJECTED, STALE
+from fastfeed._table cimport Table
+from fastfeed._wire cimport symbol_ok
 
 cdef extern from "Python.h":
     # overflow_exception NULL: an overflow gives inf (refused below), not an error
