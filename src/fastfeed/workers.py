@@ -77,8 +77,8 @@ def bus_factory(cfg: Config, name: str = "bus") -> Any:
     def make(gw: Any) -> Any:
         from .bus import RedisBus
 
-        bus = RedisBus.from_config(cfg, gw.table, on_ticks=gw.after_ticks,
-                                   on_feed=gw.set_feed, name=name)
+        # the subscriber writes into the gateway's table through its local sink
+        bus = RedisBus.from_config(cfg, sink=gw.table_sink, on_feed=gw.set_feed, name=name)
         return bus
 
     return make

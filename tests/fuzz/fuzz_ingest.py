@@ -5,7 +5,7 @@
    hold rows (so stale ticks happen), one of them nearly full: when the fast
    path takes a message it must take what the fallback takes and refuse what
    it refuses, leaving the same rows and counters; it may only decline (-1).
-2. `IngestSession.on_message` on a real Gateway object: no exception escapes
+2. `IngestSession.on_message` on a real Gateway's /ingest source: no exception escapes
    and every reply is strict JSON.
 
 The input is the message itself (the framing has checked its UTF-8).
@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 from common import (
     FakeTransport,
-    IngestSession,
     WSMsgType,
     _core,
     check_reply,
@@ -35,6 +34,7 @@ from common import (
 )
 
 from fastfeed._tickjson import TickParser
+from fastfeed.feed.sink import LocalSink
 
 PARSER = TickParser()
 GW = gateway()
@@ -79,7 +79,10 @@ def differential(data: bytes) -> None:
 
 def handler(data: bytes) -> None:
     GW.table = table(1_000_000)
-    s = IngestSession(GW, trusted=False)
+    GW.table_sink = LocalSink(GW.table, GW.after_ticks)
+    GW.wire_feed()  # the sink, and the /ingest source writing to it
+    assert GW.ingest is not None
+    s = GW.ingest.session(trusted=False)
     tr = FakeTransport()
     s.on_ws_connected(tr)  # type: ignore[arg-type]
     assert not s.closing

@@ -111,6 +111,10 @@ class RedisBus:
     ticks were applied (once per read from the socket, not per message);
     ``on_feed(up)`` when the bus comes up (snapshot loaded) or goes down.
     ``subscribe`` is accepted for older callers and must agree with `table`.
+    ``sink``, instead of `table` and `on_ticks`: the local sink the subscriber
+    writes through (a `fastfeed.feed.sink.LocalSink`, or a sink wrapping one:
+    ``sink.table``, ``sink.apply_batch(data)``, ``sink.kick()``), so what it
+    applies passes where every other source's does (a gateway's bus).
     A ``redis+cluster://`` URL gives a `fastfeed.bus.cluster.ClusterBus`.
 
     The parts are `link`, `store` and `subscriber` (None without a table);
@@ -147,7 +151,12 @@ class RedisBus:
         ping_timeout: float = 3.0,
         snapshot_chunk: int = 2000,
         name: str = "bus",
+        sink: Any = None,
     ):
+        if sink is not None:
+            if table is not None or on_ticks is not None:
+                raise ValueError("give a sink, or a table (and on_ticks): not both")
+            table, on_ticks = sink.table, sink.kick
         if subscribe and table is None:
             raise ValueError("a subscribing bus needs a table")
         if subscribe is False and table is not None:
@@ -163,11 +172,12 @@ class RedisBus:
         self.subscriber: Subscriber | None = None
         if table is not None:
             self.subscriber = Subscriber(self.link, table, self.store, on_ticks=on_ticks,
-                                         reseed=reseed, snapshot_chunk=snapshot_chunk)
+                                         reseed=reseed, snapshot_chunk=snapshot_chunk,
+                                         apply=sink.apply_batch if sink is not None else None)
             self.link.attach(self.subscriber)
 
     @classmethod
-    def from_config(cls, cfg: Any, table: Any, **kw: Any) -> RedisBus:
+    def from_config(cls, cfg: Any, table: Any = None, **kw: Any) -> RedisBus:
         return cls(cfg.redis, table, channels=cfg.redis_channels, prefix=cfg.redis_prefix, **kw)
 
     def __getattr__(self, name: str) -> Any:

@@ -44,7 +44,7 @@ class _SubConn(_Conn):
         reader = self.reader
         reader.feed(data)
         sub = self.sub
-        apply = sub.table.apply_batch
+        apply = sub.apply_batch
         got = 0
         while True:
             r = reader.gets()
@@ -76,13 +76,17 @@ class Subscriber:
     `link`. ``on_ticks()`` is called after ticks were applied (once per read
     from the socket, not per message). With `reseed`, a store that holds
     fewer instruments than the table (Redis restarted without persistence)
-    gets the table's rows back, only-if-newer and without publishing."""
+    gets the table's rows back, only-if-newer and without publishing.
+    ``apply(batch)`` applies one binary batch (default: ``table.apply_batch``;
+    a gateway gives its local sink's, so recording sees what the bus applies)."""
 
     def __init__(self, link: Link, table: Any, store: RowStore, *,
                  on_ticks: Callable[[], None] | None = None, reseed: bool = True,
-                 snapshot_chunk: int = 2000):
+                 snapshot_chunk: int = 2000,
+                 apply: Callable[[bytes], tuple[int, int, int]] | None = None):
         self.link = link
         self.table = table
+        self.apply_batch = apply if apply is not None else table.apply_batch
         self.store = store
         self.on_ticks = on_ticks
         self.reseed = reseed
@@ -151,7 +155,7 @@ class Subscriber:
                     "HSCAN", key, cursor, "COUNT", self.snapshot_chunk, timeout=link.ping_timeout)
                 recs = flat[1::2]
                 if recs:
-                    table.apply_batch(_HEADER.pack(b"FFT1", len(recs)) + b"".join(recs))
+                    self.apply_batch(_HEADER.pack(b"FFT1", len(recs)) + b"".join(recs))
                     rows += len(recs)
                 if cursor == b"0":
                     break

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,17 +12,15 @@ from picows import WSMsgType, WSTransport
 
 from .. import _core
 from .. import protocol as P
-from .._tickjson import TickParser
 from ..gateway.framing import FramingContext, MessageListener
+from .sink import INGEST, Errors, Sink
+from .source import Source
 
 log = logging.getLogger("fastfeed.ingest")
 # strict JSON both ways, as on /ws (see session.py)
-_loads = orjson.loads
 _dumps = orjson.dumps
 MAX_ERRORS_PER_MESSAGE = 50
 LOOPBACK = ("127.", "::1", "::ffff:127.")
-# One per process: parse() and apply() run back to back, never interleaved.
-_PARSER = TickParser()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,29 +28,55 @@ class IngestContext:
     """All a publisher connection reaches of the gateway."""
 
     link: FramingContext
-    table: Any  # _core.Table the ticks apply to (embedded mode)
-    applied: Callable[[], None]  # ticks were applied to the table: frames go out soon
-    bus: Any  # fastfeed.bus.RedisBus in Redis mode (ticks are published), else None
-    metrics: Any  # fastfeed.metrics.Metrics: count_error, count_ticks
+    sink: Sink  # where the ticks go: the local table, or the Redis bus
+    metrics: Any  # fastfeed.metrics.Metrics: count_error
     max_bytes: int  # --max-ingest-bytes
     rate: float  # --ingest-rate, ticks per second per publisher
 
 
+class IngestSource(Source):
+    """The /ingest endpoint as a source: one `IngestSession` per publisher
+    connection (`session`), every one writing to the same sink. `stop`
+    disconnects the publishers still connected."""
+
+    name = "ingest"
+
+    def __init__(self, ctx: IngestContext) -> None:
+        super().__init__(ctx.sink)
+        self.ctx = ctx
+        self.open: set[IngestSession] = set()
+
+    def session(self, trusted: bool) -> IngestSession:
+        return IngestSession(self.ctx, trusted, self.open)
+
+    async def stop(self) -> None:
+        for s in list(self.open):
+            if s.transport is not None:
+                s.transport.disconnect(graceful=False)
+
+
 class IngestSession(MessageListener):
-    """One publisher connection. Bad ticks are answered by name; the rest apply."""
+    """One publisher connection. Bad ticks are answered by name; the rest go
+    to the sink. It is the sink's `Reply`: it admits ticks within its rate,
+    and sends what the sink refused back as errors."""
 
     path = "/ingest"
 
-    def __init__(self, ctx: IngestContext, trusted: bool) -> None:
+    def __init__(self, ctx: IngestContext, trusted: bool,
+                 members: set[IngestSession] | None = None) -> None:
         super().__init__(ctx.link, ctx.max_bytes)
         self.ctx = ctx
+        self.sink = ctx.sink
         self.trusted = trusted
         self.allowance = ctx.rate
         self.refill_at = time.monotonic()
         self.peer = "?"
+        self.members = members
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        if self.members is not None:
+            self.members.add(self)
         self.guard_frames(transport)
         peer = transport.underlying_transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
@@ -63,61 +86,30 @@ class IngestSession(MessageListener):
             self.close(P.CLOSE_POLICY,
                        "ingest is loopback-only without a publisher token")
 
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.members is not None:
+            self.members.discard(self)
+        super().on_ws_disconnected(transport)
+
     def on_message(self, t: WSMsgType, data: bytes) -> None:
-        ctx = self.ctx
         if t == WSMsgType.BINARY:
-            # the tick count is in the batch header (a bad header is refused below)
-            n = int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
-            if not self._allow(n):
-                return self._rate_limited(n)
-            if ctx.bus is not None:
-                return self._publish_batch(data)
-            try:
-                _, _, rejected = ctx.table.apply_batch(data, 0)
-            except ValueError as e:
-                return self._error(P.BAD_REQUEST, str(e))
-            ctx.applied()
-            if rejected:
-                self._error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
-            return
-        if ctx.bus is None:
-            n = _PARSER.parse(data)
-            if n >= 0:  # the common shape, parsed without building dicts
-                if not self._allow(n):
-                    return self._rate_limited(n)
-                _, _, errors = _PARSER.apply(ctx.table, 0)
-                ctx.applied()
-                return self._report(errors)
-        try:
-            msg = _loads(data)
-        except orjson.JSONDecodeError as e:
-            return self._error(P.BAD_REQUEST, f"not JSON: {e}")
-        ticks = msg if isinstance(msg, list) else [msg]
-        if not self._allow(len(ticks)):
-            return self._rate_limited(len(ticks))
-        if ctx.bus is not None:
-            return self._publish(ticks)
-        _, _, errors = ctx.table.apply_objects(ticks, 0)
-        ctx.applied()
+            self.sink.batch(data, INGEST, self)
+        else:
+            self.sink.json(data, INGEST, self)
+
+    # ---- the sink's Reply
+
+    def admit(self, n: int) -> bool:
+        if self._allow(n):
+            return True
+        self._rate_limited(n)
+        return False
+
+    def refused(self, errors: Errors) -> None:
         self._report(errors)
 
-    def _publish(self, ticks: list) -> None:
-        async def go() -> None:
-            try:
-                errors = await self.ctx.bus.publish(ticks)
-                if errors:  # refused before Redis: the table never counts these
-                    self.ctx.metrics.count_ticks("ingest", "rejected", len(errors))
-                self._report(errors)
-            except Exception as e:  # the bus is down: say so, never drop silently
-                self._error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
-        self.link.loop.create_task(go())
-
-    def _publish_batch(self, data: bytes) -> None:
-        try:
-            ticks = _core.decode_batch(data)
-        except (ValueError, IndexError) as e:
-            return self._error(P.BAD_REQUEST, f"bad tick batch: {e}")
-        self._publish(ticks)
+    def error(self, code: str, message: str) -> None:
+        self._error(code, message)
 
     def _rate_limited(self, n: int) -> None:
         self._error(P.RATE_LIMITED, f"over {self.ctx.rate:g} ticks/s for this "

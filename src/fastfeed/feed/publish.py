@@ -37,11 +37,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .._core import decode_batch
 from ..client import FastfeedError
-from ..protocol import FIELDS
+from ..protocol import BAD_REQUEST, FIELDS
 from ..publisher import MAX_BATCH, Publisher, RedisPublisher, RedisTransport, WebSocketTransport
+from .sink import SIMULATOR, arrays_to_ticks
 
-__all__ = ["RedisPublisher", "add_publish_parser", "publish_main", "read_ticks", "run_simulator"]
+__all__ = ["PublisherSink", "RedisPublisher", "add_publish_parser", "publish_main", "read_ticks",
+           "run_simulator", "simulate"]
 
 log = logging.getLogger("fastfeed.publish")
 
@@ -113,22 +116,70 @@ def _chain(first: str, stream: Any) -> Iterator[str]:
 # ---- the simulator ---------------------------------------------------------------
 
 
+class PublisherSink:
+    """A `fastfeed.feed.sink.Sink` in front of a `Publisher` (to a gateway's
+    /ingest, or onto the bus): what a source writes is handed to
+    `Publisher.publish` in `drain`, which waits while the publisher's queue is
+    full. Refusals are the publisher's (its ``on_error``), so `reply` only
+    admits; ``kick`` and ``observe`` have nothing to do here."""
+
+    name = "publisher"
+
+    def __init__(self, pub: Publisher) -> None:
+        self.pub = pub
+        self.pending: list[dict[str, Any]] = []
+        self.ticks_in = 0
+        self.ticks_refused = 0  # the publisher counts refusals (Publisher.errors)
+        self.failures = 0
+
+    def json(self, data: bytes, source: int, reply: Any) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError as e:
+            self.failures += 1
+            return reply.error(BAD_REQUEST, f"not JSON: {e}")
+        self.ticks(msg if isinstance(msg, list) else [msg], source, reply)
+
+    def ticks(self, ticks: list[Any], source: int, reply: Any) -> None:
+        if reply.admit(len(ticks)):
+            self.ticks_in += len(ticks)
+            self.pending.extend(ticks)
+
+    def batch(self, data: bytes, source: int, reply: Any) -> None:
+        try:
+            ticks = decode_batch(data)
+        except (ValueError, IndexError) as e:
+            self.failures += 1
+            return reply.error(BAD_REQUEST, f"bad tick batch: {e}")
+        self.ticks(ticks, source, reply)
+
+    def symbols(self, names: Any) -> list[str]:
+        return list(names)
+
+    def arrays(self, numbering: list[str], ids: Any, seqs: Any, ts: Any, vals: Any,
+               source: int = SIMULATOR) -> None:
+        self.ticks_in += len(ids)
+        self.pending.extend(arrays_to_ticks(numbering, ids, seqs, ts, vals))
+
+    async def drain(self) -> None:
+        if self.pending:
+            ticks, self.pending = self.pending, []
+            await self.pub.publish(ticks)
+
+    def kick(self) -> None:
+        return None
+
+    def observe(self, metrics: Any) -> None:
+        return None
+
+
 async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
                    duration: float = 0.0, step: float = 0.005) -> int:
     """Publish the built-in simulated market until `duration` (0: forever)."""
-    from .simulator import Simulator
+    from .simulator import SimulatorSource
 
-    sim = Simulator(n, rate, seed)
-    sent = 0
-    start = last = time.monotonic()
-    while not duration or last - start < duration:
-        await asyncio.sleep(step)
-        now = time.monotonic()
-        ticks = sim.ticks(min(now - last, 0.1))
-        last = now
-        await pub.publish(ticks)
-        sent += len(ticks)
-    return sent
+    return await SimulatorSource(PublisherSink(pub), n, rate, seed, duration=duration,
+                                 step=step).run()
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,

@@ -8,10 +8,15 @@ rate for a moment, as at an open or on news.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 
 from .._core import wall_ns
 from ..protocol import VALUE_FIELDS
+from .sink import SIMULATOR, Sink, arrays_to_ticks
+from .source import TaskSource
 
 # Real IDX names with rough price levels (IDR), so the board looks familiar.
 IDX = {
@@ -127,12 +132,37 @@ class Simulator:
     def ticks(self, dt: float) -> list[dict]:
         """The same as `step`, as protocol tick objects (for publishers)."""
         ids, seqs, ts, vals = self.step(dt)
-        names = VALUE_FIELDS
-        out = []
-        for k in range(len(ids)):
-            t = {"sym": self.symbols[ids[k]], "seq": int(seqs[k]), "ts": int(ts[k])}
-            row = vals[k]
-            for j, name in enumerate(names):
-                t[name] = float(row[j])
-            out.append(t)
-        return out
+        return arrays_to_ticks(self.symbols, ids, seqs, ts, vals)
+
+class SimulatorSource(TaskSource):
+    """The simulated market as a source: every `step` seconds, the ticks of
+    the time that passed (at most 0.1 s of them) go to the sink as one
+    `Sink.arrays` call. The one simulator loop: `fastfeed serve --simulate`
+    writes into its gateway's sink, `fastfeed publish --simulate` (and the
+    pod's feed process) into a `fastfeed.feed.publish.PublisherSink`."""
+
+    name = "simulator"
+
+    def __init__(self, sink: Sink, n: int, rate: float, seed: int = 0, *,
+                 duration: float = 0.0, step: float = 0.005) -> None:
+        super().__init__(sink)
+        self.sim = Simulator(n, rate, seed)
+        self.duration = duration  # seconds; 0: until stopped
+        self.step = step
+        self.sent = 0  # ticks written to the sink
+
+    async def run(self) -> int:
+        """Write to the sink until `duration` has passed (0: forever); the ticks sent."""
+        sim, sink = self.sim, self.sink
+        numbering = sink.symbols(sim.symbols)
+        start = last = time.monotonic()
+        while not self.duration or last - start < self.duration:
+            await asyncio.sleep(self.step)
+            now = time.monotonic()
+            ids, seqs, ts, vals = sim.step(min(now - last, 0.1))
+            last = now
+            if len(ids):
+                sink.arrays(numbering, ids, seqs, ts, vals, SIMULATOR)
+                self.sent += len(ids)
+            await sink.drain()
+        return self.sent

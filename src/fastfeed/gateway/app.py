@@ -1,8 +1,10 @@
 """The gateway process: wiring of its parts, and their lifecycle (start, drain, stop).
 
-Data flows one way: feed (simulator, /ingest, bus) -> Table -> Hub -> sockets.
-This is the only module that knows every part of the gateway; each part gets
-the narrow context it needs (gateway/__init__.py has the layout).
+Data flows one way: sources (simulator, /ingest, the bus's subscriber) -> sink
+(the local table, or the Redis bus) -> Table -> Hub -> sockets. The sink is
+chosen once, in `start` (docs/sources.md). This is the only module that knows
+every part of the gateway; each part gets the narrow context it needs
+(gateway/__init__.py has the layout).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import socket
 import time
 from typing import Any
 
-import numpy as np
-
 from .. import _core, logs, metrics
 from .. import protocol as P
 from ..config import Config
-from ..feed.ingest import IngestContext
-from ..feed.simulator import Simulator
+from ..feed.ingest import IngestContext, IngestSource
+from ..feed.simulator import SimulatorSource
+from ..feed.sink import BusSink, LocalSink, Sink
+from ..feed.source import BusSource, Source
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
@@ -57,13 +59,18 @@ class Gateway:
                           ECHO_MAX_BYTES if cfg.conformance_echo else 0)
         self.link = FramingContext(self.loop, frame_limit, self.metrics.count_close)
         self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
+        # the table as a sink: the bus's subscriber writes here, and in embedded
+        # mode every source does
+        self.table_sink = LocalSink(self.table, self.clock.after_ticks)
         self.routes: Routes | None = None  # at start, once the bus (or none) is known
         self.bus: Any = None  # fastfeed.bus.RedisBus in multi-worker / multi-pod mode
+        self.sink: Sink = self.table_sink  # where the sources write (start decides)
+        self.sources: list[Source] = []
+        self.ingest: IngestSource | None = None
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
         self.stopped = asyncio.Event()
-        self._ingest_stale = 0
         self._tasks: list[asyncio.Task] = []
         self._refused = 0  # ticks for new symbols refused (table full) not logged yet
         self._refused_logged_at = -REFUSED_LOG_EVERY_S
@@ -84,15 +91,31 @@ class Gateway:
         return self.routes.route(req)
 
     def _wire_routes(self) -> Routes:
+        assert self.ingest is not None
         session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
                                      self.symbol_index, self.registry, self.metrics.count_error)
-        ingest_ctx = IngestContext(self.link, self.table, self.clock.after_ticks, self.bus,
-                                   self.metrics, self.cfg.max_ingest_bytes, self.cfg.ingest_rate)
         return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
-                      session_ctx=session_ctx, ingest_ctx=ingest_ctx,
+                      session_ctx=session_ctx, ingest=self.ingest,
                       draining=lambda: self.draining, ready_reasons=self.ready_reasons)
 
-    # ---- feed
+    # ---- feed: the sink, and the sources that write to it
+
+    def wire_feed(self) -> None:
+        """Choose the sink, once: the Redis bus if there is one (ticks come back
+        to the table through the bus's subscriber, a source of its own), else
+        the local table. Then the sources that write to it."""
+        cfg = self.cfg
+        self.sources = []
+        if self.bus is not None:
+            self.sink = BusSink(self.bus, self.metrics.count_ticks)
+            self.sources.append(BusSource(self.bus, self.table_sink, cfg.feed_grace_s))
+        else:
+            self.sink = self.table_sink
+        self.ingest = IngestSource(IngestContext(self.link, self.sink, self.metrics,
+                                                 cfg.max_ingest_bytes, cfg.ingest_rate))
+        self.sources.append(self.ingest)
+        if cfg.simulate:
+            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
 
     def after_ticks(self) -> None:
         """Ticks were applied: watched instruments that changed go out in this loop pass."""
@@ -106,7 +129,7 @@ class Gateway:
         """False while a worker on Redis has never loaded the snapshot: its table
         is empty or partial, so it must not serve clients. After the first load
         it keeps serving through Redis outages, with the last known rows."""
-        return self.bus is None or self.bus.connects > 0
+        return all(s.has_data for s in self.sources)
 
     def ready_reasons(self) -> list[str]:
         reasons = []
@@ -114,8 +137,7 @@ class Gateway:
             reasons.append("starting")
         if self.draining:
             reasons.append("draining")
-        if self.bus is not None and not self.bus.ready:
-            reasons.append("snapshot from Redis not loaded yet")
+        reasons.extend(p for p in (s.problem() for s in self.sources) if p)
         reg = self.registry
         if not reg.feed_up and time.monotonic() - reg.feed_down_since > self.cfg.feed_grace_s:
             reasons.append(f"feed down for {time.monotonic() - reg.feed_down_since:.0f}s")
@@ -145,14 +167,9 @@ class Gateway:
             self.metrics.stalled.set(self.hub.paused_count())
             self.metrics.instruments.set(len(self.table))
             self.metrics.ready.set(0 if self.ready_reasons() else 1)
-            if self.bus is not None:
-                self.metrics.observe_bus(self.bus)
-                # /ingest ticks Redis dropped as not newer never come back on
-                # the bus: count them here, as the table counts its own
-                stale = self.bus.publish_stale - self._ingest_stale
-                if stale:
-                    self._ingest_stale += stale
-                    self.metrics.count_ticks("ingest", "stale", stale)
+            for src in self.sources:
+                src.observe(self.metrics)
+            self.sink.observe(self.metrics)
 
     def _log_refused(self, n: int, symbol: str) -> None:
         self._refused += n
@@ -167,35 +184,16 @@ class Gateway:
             self._refused = 0
             self._refused_logged_at = now
 
-    async def _simulate(self) -> None:
-        sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
-        # the simulator's instrument numbers -> this table's ids
-        table_ids = np.array([self.table.intern_symbol(s) for s in sim.symbols], np.int32)
-        step = 0.005
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(step)
-            now = time.monotonic()
-            ids, seqs, ts, vals = sim.step(min(now - last, 0.1))
-            last = now
-            if len(ids):
-                self.table.apply_arrays(table_ids[ids], seqs, ts, vals)
-                self.after_ticks()
-
     # ---- lifecycle
 
     async def start(self, sock: socket.socket | None = None) -> None:
         cfg = self.cfg
-        if self.bus is not None:
-            # Workers share one listening socket: a worker takes connections as
-            # soon as it listens, whatever /readyz says. Hold the snapshot first
-            # (or give up after the grace and serve with the feed down).
-            await self.bus.start()
-            try:
-                await self.bus.wait_ready(cfg.feed_grace_s)
-            except TimeoutError:
-                log.warning("no snapshot from Redis after %gs (%s): serving with the feed down",
-                            cfg.feed_grace_s, getattr(self.bus, "last_error", "") or "connecting")
+        self.wire_feed()
+        # every source starts before the gateway listens: the bus's holds the
+        # snapshot first (workers share one listening socket, and a worker
+        # takes connections as soon as it listens, whatever /readyz says)
+        for src in self.sources:
+            await src.start()
         self.routes = self._wire_routes()
         kw: dict[str, Any] = dict(
             websocket_handshake_timeout=cfg.handshake_timeout_s,
@@ -220,8 +218,6 @@ class Gateway:
         self._tasks.append(asyncio.ensure_future(self.clock.run()))
         self._tasks.append(asyncio.ensure_future(self._housekeeping()))
         self._tasks.append(asyncio.ensure_future(self.clock.pace()))
-        if cfg.simulate and self.bus is None:
-            self._tasks.append(asyncio.ensure_future(self._simulate()))
         self.started = True
 
     @property
@@ -259,9 +255,9 @@ class Gateway:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.bus is not None:
+        for src in self.sources:
             with contextlib.suppress(Exception):
-                await self.bus.stop()
+                await src.stop()
         if self.server is not None:
             self.server.close()
         for s in list(self.sessions.values()):

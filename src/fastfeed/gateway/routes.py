@@ -18,7 +18,7 @@ from picows import (
 from .. import auth, metrics
 from .. import protocol as P
 from ..config import Config
-from ..feed.ingest import IngestContext, IngestSession
+from ..feed.ingest import IngestSource
 from .framing import EchoListener, FramingContext
 from .registry import Registry
 from .session import Session, SessionContext
@@ -72,13 +72,13 @@ class Routes:
     """picows' listener factory, and the HTTP router: what each request gets."""
 
     def __init__(self, cfg: Config, *, registry: Registry, metrics: Any, link: FramingContext,
-                 session_ctx: SessionContext, ingest_ctx: IngestContext,
+                 session_ctx: SessionContext, ingest: IngestSource,
                  draining: Callable[[], bool], ready_reasons: Callable[[], list[str]]) -> None:
         self.registry = registry
         self.metrics = metrics
         self.link = link
         self.session_ctx = session_ctx
-        self.ingest_ctx = ingest_ctx
+        self.ingest = ingest
         self.draining = draining
         self.ready_reasons = ready_reasons
         self.max_connections = cfg.max_connections
@@ -193,8 +193,8 @@ class Routes:
             if not auth.publisher_ok(auth.token_from_request(req.path, req.headers),
                                      self.publisher_token):
                 return self._refuse(401, "publisher token missing or wrong")
-            return IngestSession(self.ingest_ctx, trusted=True)
-        return IngestSession(self.ingest_ctx, trusted=False)
+            return self.ingest.session(trusted=True)
+        return self.ingest.session(trusted=False)
 
     def _upgrade_echo(self, req: WSUpgradeRequest):
         """A testing aid (--conformance-echo): an echo on the framing /ws uses."""

@@ -1,0 +1,319 @@
+"""Sinks: where every source writes its ticks (docs/sources.md).
+
+A gateway has one sink for its sources, chosen once when it starts: the
+local table (`LocalSink`, embedded mode), or the Redis bus (`BusSink`: the
+ticks go through the row script and come back to every gateway, this one
+included, through the bus's subscriber, which writes into the gateway's
+`LocalSink`). `fastfeed publish` has a third, `fastfeed.feed.publish.PublisherSink`.
+A source never asks which one it has.
+
+The four ways in, all synchronous (none waits for the network):
+
+``json(data, source, reply)``     one /ingest text message: a tick object or an array
+``ticks(ticks, source, reply)``   tick objects (dicts) already decoded
+``batch(data, source, reply)``    one binary tick batch (``FFT1``, docs/protocol.md)
+``arrays(numbering, ids, seqs, ts, vals, source)``  a simulator step, ids in the
+                                  numbering `symbols(names)` returned
+
+``source`` is the table's source number (`SIMULATOR`, `INGEST`, `BUS`:
+the ``source`` label of ``fastfeed_ticks``). A sink answers through the
+`Reply` it was given: ``admit(n)`` before it takes n ticks (False: it takes
+none, the source has said why), ``refused(errors)`` for the ticks it did not
+take, as ``(index, symbol, why)``, and ``error(code, message)`` for a message
+it did not take at all (bad JSON, a bad batch, the bus down). A local sink
+answers before it returns; a bus sink once Redis has answered.
+
+``await drain()`` waits until the sink has taken what it was given (flow
+control for sources that can wait: the simulator, a replay); ``kick()``
+tells the frame clock that ticks were applied; ``observe(metrics)`` copies
+the sink's counters once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from .. import _core
+from .. import protocol as P
+from .._tickjson import TickParser
+
+__all__ = [
+    "BUS",
+    "INGEST",
+    "SIMULATOR",
+    "BusSink",
+    "Errors",
+    "LocalSink",
+    "LogReply",
+    "Reply",
+    "Sink",
+    "arrays_to_ticks",
+    "batch_count",
+]
+
+log = logging.getLogger("fastfeed.feed")
+
+# the table's source numbers (protocol.TICK_SOURCES, in the core's order)
+INGEST, BUS, SIMULATOR = (P.TICK_SOURCES.index(s) for s in ("ingest", "bus", "simulator"))
+
+Errors = list[tuple[int, Any, str]]
+
+# One per process: parse() and apply() run back to back, never interleaved.
+_PARSER = TickParser()
+_loads = orjson.loads
+
+
+class Reply(Protocol):
+    """What a sink tells the source that wrote (a publisher connection, or the log)."""
+
+    def admit(self, n: int) -> bool:
+        """May `n` ticks be taken? False: none is, and the source has said why."""
+        ...
+
+    def refused(self, errors: Errors) -> None:
+        """These ticks were not taken: ``(index in the message, symbol, why)``."""
+        ...
+
+    def error(self, code: str, message: str) -> None:
+        """The message was not taken (or not wholly): `code` is a protocol error code."""
+        ...
+
+
+class Sink(Protocol):
+    """Where sources write ticks (see the module)."""
+
+    name: str  # "local table", "Redis bus", ...: for logs
+    ticks_in: int  # ticks offered (admitted), every source together
+    ticks_refused: int  # of those, refused by the sink (bad tick, table full)
+    failures: int  # messages not taken at all (bad JSON or batch, the bus down)
+
+    def json(self, data: bytes, source: int, reply: Reply) -> None: ...
+
+    def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None: ...
+
+    def batch(self, data: bytes, source: int, reply: Reply) -> None: ...
+
+    def symbols(self, names: Sequence[str]) -> Any: ...
+
+    def arrays(self, numbering: Any, ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
+               vals: np.ndarray, source: int = SIMULATOR) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def kick(self) -> None: ...
+
+    def observe(self, metrics: Any) -> None: ...
+
+
+class LogReply:
+    """The reply of a source with no one to answer (the simulator, a replay):
+    it admits everything and logs what was not taken, the first ten times and
+    then every thousandth."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.problems = 0
+
+    def admit(self, n: int) -> bool:
+        return True
+
+    def refused(self, errors: Errors) -> None:
+        if errors:
+            idx, sym, why = errors[0]
+            self._log(f"{len(errors)} ticks refused (the first: tick {idx}, {sym!r}: {why})")
+
+    def error(self, code: str, message: str) -> None:
+        self._log(f"{code}: {message}")
+
+    def _log(self, what: str) -> None:
+        self.problems += 1
+        if self.problems <= 10 or self.problems % 1000 == 0:
+            log.warning("%s: %s (%d such so far)", self.who, what, self.problems)
+
+
+def batch_count(data: bytes) -> int:
+    """The tick count in a binary batch's header (0 if it is not one; applying
+    it then refuses it by name)."""
+    return int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
+
+
+def arrays_to_ticks(names: Sequence[str], ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
+                    vals: np.ndarray) -> list[dict[str, Any]]:
+    """A simulator step as protocol tick objects (for sinks that send ticks on)."""
+    fields = P.VALUE_FIELDS
+    out = []
+    for k in range(len(ids)):
+        t: dict[str, Any] = {"sym": names[ids[k]], "seq": int(seqs[k]), "ts": int(ts[k])}
+        row = vals[k]
+        for j, name in enumerate(fields):
+            t[name] = float(row[j])
+        out.append(t)
+    return out
+
+
+class LocalSink:
+    """The table of this process: ticks apply at once, and the frame clock is
+    kicked so watched instruments go out in this loop pass.
+
+    `apply_batch(data, source)` is the table's own (it raises `ValueError`
+    for a bad batch and returns ``(applied, stale, rejected)``): the bus's
+    subscriber writes through it, counting what the table took.
+    """
+
+    name = "local table"
+
+    def __init__(self, table: Any, kick: Callable[[], None]) -> None:
+        self.table = table
+        self.kick = kick
+        self.apply_batch = table.apply_batch
+        self.ticks_in = 0
+        self.ticks_refused = 0
+        self.failures = 0
+
+    def json(self, data: bytes, source: int, reply: Reply) -> None:
+        n = _PARSER.parse(data)
+        if n < 0:  # not the common shape: decoded in full, or refused as not JSON
+            try:
+                msg = _loads(data)
+            except orjson.JSONDecodeError as e:
+                self.failures += 1
+                return reply.error(P.BAD_REQUEST, f"not JSON: {e}")
+            return self.ticks(msg if isinstance(msg, list) else [msg], source, reply)
+        if not reply.admit(n):
+            return
+        self.ticks_in += n
+        _, _, errors = _PARSER.apply(self.table, source)
+        self.kick()
+        if errors:
+            self.ticks_refused += len(errors)
+            reply.refused(errors)
+
+    def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None:
+        if not reply.admit(len(ticks)):
+            return
+        self.ticks_in += len(ticks)
+        _, _, errors = self.table.apply_objects(ticks, source)
+        self.kick()
+        if errors:
+            self.ticks_refused += len(errors)
+            reply.refused(errors)
+
+    def batch(self, data: bytes, source: int, reply: Reply) -> None:
+        n = batch_count(data)
+        if not reply.admit(n):
+            return
+        try:
+            _, _, rejected = self.apply_batch(data, source)
+        except ValueError as e:
+            self.failures += 1
+            return reply.error(P.BAD_REQUEST, str(e))
+        self.ticks_in += n
+        self.kick()
+        if rejected:
+            self.ticks_refused += rejected
+            reply.error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
+
+    def symbols(self, names: Sequence[str]) -> np.ndarray:
+        """The numbering `arrays` takes: position in `names` -> this table's id."""
+        return np.array([self.table.intern_symbol(s) for s in names], np.int32)
+
+    def arrays(self, numbering: np.ndarray, ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
+               vals: np.ndarray, source: int = SIMULATOR) -> None:
+        self.ticks_in += len(ids)
+        self.table.apply_arrays(numbering[ids], seqs, ts, vals, source)
+        self.kick()
+
+    async def drain(self) -> None:
+        return None  # everything was applied before the call returned
+
+    def observe(self, metrics: Any) -> None:
+        return None  # the table counts its own ticks (Table.take_stats)
+
+
+class BusSink:
+    """The Redis bus: ticks are stored only-if-newer and published to every
+    gateway (`fastfeed.bus.RedisBus.publish`); they reach this gateway's table
+    through its subscriber, like everyone else's. Ticks refused before Redis
+    (a bad tick) are counted here, with their source; ticks Redis dropped as
+    not newer, once a second in `observe` (as ``ingest`` ``stale``: they never
+    come back on the bus, so the table cannot count them)."""
+
+    name = "Redis bus"
+
+    def __init__(self, bus: Any, count_ticks: Callable[[str, str, int], None]) -> None:
+        self.bus = bus
+        self.count_ticks = count_ticks  # metrics.Metrics.count_ticks(source, outcome, n)
+        self.ticks_in = 0
+        self.ticks_refused = 0
+        self.failures = 0
+        self._stale_seen = 0
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def json(self, data: bytes, source: int, reply: Reply) -> None:
+        try:
+            msg = _loads(data)
+        except orjson.JSONDecodeError as e:
+            self.failures += 1
+            return reply.error(P.BAD_REQUEST, f"not JSON: {e}")
+        self.ticks(msg if isinstance(msg, list) else [msg], source, reply)
+
+    def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None:
+        if not reply.admit(len(ticks)):
+            return
+        self._publish(ticks, source, reply)
+
+    def batch(self, data: bytes, source: int, reply: Reply) -> None:
+        if not reply.admit(batch_count(data)):
+            return
+        try:
+            ticks = _core.decode_batch(data)
+        except (ValueError, IndexError) as e:
+            self.failures += 1
+            return reply.error(P.BAD_REQUEST, f"bad tick batch: {e}")
+        self._publish(ticks, source, reply)
+
+    def symbols(self, names: Sequence[str]) -> list[str]:
+        return list(names)
+
+    def arrays(self, numbering: list[str], ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
+               vals: np.ndarray, source: int = SIMULATOR) -> None:
+        self._publish(arrays_to_ticks(numbering, ids, seqs, ts, vals), source,
+                      LogReply(f"{P.TICK_SOURCES[source]} onto the Redis bus"))
+
+    def _publish(self, ticks: list[Any], source: int, reply: Reply) -> None:
+        self.ticks_in += len(ticks)
+
+        async def go() -> None:
+            try:
+                errors = await self.bus.publish(ticks)
+                if errors:  # refused before Redis: the table never counts these
+                    self.ticks_refused += len(errors)
+                    self.count_ticks(P.TICK_SOURCES[source], "rejected", len(errors))
+                    reply.refused(errors)
+            except Exception as e:  # the bus is down: say so, never drop silently
+                self.failures += 1
+                reply.error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def drain(self) -> None:
+        """Wait until Redis answered every publish made so far."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
+
+    def kick(self) -> None:
+        return None  # the ticks come back through the subscriber, which kicks the table's
+
+    def observe(self, metrics: Any) -> None:
+        stale = self.bus.publish_stale - self._stale_seen
+        if stale:
+            self._stale_seen += stale
+            metrics.count_ticks("ingest", "stale", stale)
