@@ -1,1 +1,2 @@
-"""Upstream sources of ticks: the built-in simulator, the /ingest endpoint, publishers."""
+"""Upstream sources of ticks and the sinks they write to (docs/sources.md): the
+built-in simulator, the /ingest endpoint, the Redis bus's subscriber, publishers."""
