@@ -130,8 +130,10 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0
 class Gateway:
     """A running `fastfeed serve` process."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None, port: int | None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None, port: int | None,
+                 log: str | os.PathLike | None = None) -> None:
         self.args = list(args)
+        self.log = log  # a file for the process's stdout and stderr (default: inherited)
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("FASTFEED_LOG_LEVEL", "warning")
         # tests stop gateways with SIGINT: drain at once unless a test says otherwise
@@ -155,7 +157,11 @@ class Gateway:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env)
+        if self.log is None:
+            self.proc = subprocess.Popen(cmd, env=self.env)
+            return
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, timeout: float = 20.0, path: str = "/readyz") -> None:
         deadline = time.monotonic() + timeout
@@ -209,8 +215,9 @@ def running_gateway(*args: str, env: dict[str, str] | None = None):
 
 @contextlib.asynccontextmanager
 async def start_gateway(*args: str, env: dict[str, str] | None = None,
-                        port: int | None = None, ready: bool = True) -> AsyncIterator[Gateway]:
-    gw = Gateway(list(args), env, port)
+                        port: int | None = None, ready: bool = True,
+                        log: str | os.PathLike | None = None) -> AsyncIterator[Gateway]:
+    gw = Gateway(list(args), env, port, log)
     gw.start()
     try:
         if ready:

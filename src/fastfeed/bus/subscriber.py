@@ -45,6 +45,7 @@ class _SubConn(_Conn):
         reader.feed(data)
         sub = self.sub
         apply = sub.table.apply_batch
+        rec = sub.recorder  # serve --record
         got = 0
         while True:
             r = reader.gets()
@@ -54,6 +55,8 @@ class _SubConn(_Conn):
                 sub.messages += 1
                 try:
                     a, s, _ = apply(r[2])
+                    if rec is not None:
+                        rec.batch(r[2])
                     sub.ticks_applied += a
                     sub.ticks_stale += s
                     got += a
@@ -84,6 +87,7 @@ class Subscriber:
         self.link = link
         self.table = table
         self.store = store
+        self.recorder: Any = None  # fastfeed.feed.record.Recorder under serve --record
         self.on_ticks = on_ticks
         self.reseed = reseed
         self.snapshot_chunk = snapshot_chunk
@@ -151,7 +155,10 @@ class Subscriber:
                     "HSCAN", key, cursor, "COUNT", self.snapshot_chunk, timeout=link.ping_timeout)
                 recs = flat[1::2]
                 if recs:
-                    table.apply_batch(_HEADER.pack(b"FFT1", len(recs)) + b"".join(recs))
+                    batch = _HEADER.pack(b"FFT1", len(recs)) + b"".join(recs)
+                    table.apply_batch(batch)
+                    if self.recorder is not None:
+                        self.recorder.batch(batch)
                     rows += len(recs)
                 if cursor == b"0":
                     break

@@ -37,6 +37,7 @@ class IngestContext:
     metrics: Any  # fastfeed.metrics.Metrics: count_error, count_ticks
     max_bytes: int  # --max-ingest-bytes
     rate: float  # --ingest-rate, ticks per second per publisher
+    recorder: Any = None  # fastfeed.feed.record.Recorder under serve --record
 
 
 class IngestSession(MessageListener):
@@ -77,6 +78,8 @@ class IngestSession(MessageListener):
             except ValueError as e:
                 return self._error(P.BAD_REQUEST, str(e))
             ctx.applied()
+            if ctx.recorder is not None:
+                ctx.recorder.batch(data)
             if rejected:
                 self._error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
             return
@@ -87,6 +90,8 @@ class IngestSession(MessageListener):
                     return self._rate_limited(n)
                 _, _, errors = _PARSER.apply(ctx.table, 0)
                 ctx.applied()
+                if ctx.recorder is not None:
+                    ctx.recorder.json(data)
                 return self._report(errors)
         try:
             msg = _loads(data)
@@ -99,6 +104,8 @@ class IngestSession(MessageListener):
             return self._publish(ticks)
         _, _, errors = ctx.table.apply_objects(ticks, 0)
         ctx.applied()
+        if ctx.recorder is not None:
+            ctx.recorder.json(data)
         self._report(errors)
 
     def _publish(self, ticks: list) -> None:

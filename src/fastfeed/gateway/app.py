@@ -22,6 +22,7 @@ import numpy as np
 from .. import _core, logs, metrics
 from .. import protocol as P
 from ..config import Config
+from ..feed import record, replay
 from ..feed.ingest import IngestContext
 from ..feed.simulator import Simulator
 from .clock import FrameClock
@@ -59,6 +60,7 @@ class Gateway:
         self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
         self.routes: Routes | None = None  # at start, once the bus (or none) is known
         self.bus: Any = None  # fastfeed.bus.RedisBus in multi-worker / multi-pod mode
+        self.recorder = record.open_recorder(cfg.record, self.loop)  # --record: None without
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
@@ -87,7 +89,8 @@ class Gateway:
         session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
                                      self.symbol_index, self.registry, self.metrics.count_error)
         ingest_ctx = IngestContext(self.link, self.table, self.clock.after_ticks, self.bus,
-                                   self.metrics, self.cfg.max_ingest_bytes, self.cfg.ingest_rate)
+                                   self.metrics, self.cfg.max_ingest_bytes, self.cfg.ingest_rate,
+                                   self.recorder)
         return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
                       session_ctx=session_ctx, ingest_ctx=ingest_ctx,
                       draining=lambda: self.draining, ready_reasons=self.ready_reasons)
@@ -171,6 +174,8 @@ class Gateway:
         sim = Simulator(self.cfg.simulate, self.cfg.rate, self.cfg.seed)
         # the simulator's instrument numbers -> this table's ids
         table_ids = np.array([self.table.intern_symbol(s) for s in sim.symbols], np.int32)
+        if self.recorder is not None:
+            self.recorder.symbols(sim.symbols)
         step = 0.005
         last = time.monotonic()
         while True:
@@ -180,6 +185,8 @@ class Gateway:
             last = now
             if len(ids):
                 self.table.apply_arrays(table_ids[ids], seqs, ts, vals)
+                if self.recorder is not None:
+                    self.recorder.arrays(ids, seqs, ts, vals)
                 self.after_ticks()
 
     # ---- lifecycle
@@ -187,6 +194,7 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None) -> None:
         cfg = self.cfg
         if self.bus is not None:
+            self.bus.subscriber.recorder = self.recorder  # records what the bus applies
             # Workers share one listening socket: a worker takes connections as
             # soon as it listens, whatever /readyz says. Hold the snapshot first
             # (or give up after the grace and serve with the feed down).
@@ -222,6 +230,9 @@ class Gateway:
         self._tasks.append(asyncio.ensure_future(self.clock.pace()))
         if cfg.simulate and self.bus is None:
             self._tasks.append(asyncio.ensure_future(self._simulate()))
+        if cfg.replay:
+            self._tasks.append(asyncio.ensure_future(replay.play(
+                cfg.replay, cfg.replay_speed, self.table, self.after_ticks, self.bus)))
         self.started = True
 
     @property
@@ -267,6 +278,8 @@ class Gateway:
         for s in list(self.sessions.values()):
             if s.transport is not None:
                 s.transport.disconnect(graceful=False)
+        if self.recorder is not None:
+            self.recorder.close()
         self.stopped.set()
 
 
