@@ -210,3 +210,39 @@ def test_a_bad_speed_is_refused(speed):
                         "--speed", speed], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "replay-speed must be a positive number or max" in r.stderr
+
+
+async def test_in_redis_mode_the_bus_is_recorded_and_a_replay_goes_onto_the_bus(tmp_path):
+    from redis_server import RedisServer
+
+    rec = tmp_path / "bus.ffrec"
+    syms = [f"BUS{i}" for i in range(8)]
+    with RedisServer() as red:
+        async with start_gateway("--redis", red.url, "--record", str(rec)) as gw:
+            async with websockets.connect(gw.ingest_url) as pub:
+                await pub.send(json.dumps([full_tick(s, 1, 1.0) for s in syms]))
+                await pub.send(json.dumps([full_tick(s, 2, 2.0) for s in syms[:4]]))
+            c = Client(gw.ws_url, stale_after=None)
+            await c.connect()
+            try:
+                await subscribe_all(c, syms)
+                await until(lambda: all(c.rows[s].seq == 2 for s in syms[:4]),
+                            what="the published ticks back from the bus")
+            finally:
+                await c.close()
+    ref, kinds = recorded_state(rec)
+    # what the worker applied came back from Redis as binary batches
+    assert set(kinds) == {record.BATCH} and set(ref) == set(syms)
+    want = as_rows(ref)
+    with RedisServer() as red:  # a fresh, empty Redis
+        async with start_gateway("--redis", red.url, "--replay", str(rec),
+                                 "--speed", "max") as player, \
+                start_gateway("--redis", red.url) as other:
+            for gw in (player, other):  # the replay reached every gateway on the bus
+                c = Client(gw.ws_url, stale_after=None)
+                await c.connect()
+                try:
+                    await subscribe_all(c, syms)
+                    await until(lambda c=c: c.rows == want, what="the recorded state via Redis")
+                finally:
+                    await c.close()

@@ -60,6 +60,10 @@ class Replay:
             fh.seek(0)
             it = record.scan(fh)
             first_ns = 0
+            if self.bus is not None and not self.bus.ready:
+                log.warning("replay %s waits for the Redis bus to be ready", self.path)
+                while not self.bus.ready:
+                    await asyncio.sleep(0.1)
             t0 = time.monotonic()
             log.info("replaying %s (%d bytes) at %s into the %s", self.path, size,
                      f"{self.factor:g}x" if self.factor else "max speed",
