@@ -11,7 +11,7 @@ import time
 
 import pytest
 from redis_server import RedisServer
-from support import free_port, http_get, until
+from support import Gateway, http_get, stop_process, until
 
 from fastfeed.client import Client
 from fastfeed.config import Config
@@ -33,14 +33,13 @@ def cpus_allowed(pid: int) -> set[int]:
 
 class Pod:
     def __init__(self, tmp_path, *args: str):
-        self.port = free_port()
-        self.log = tmp_path / f"serve-{self.port}.log"
-        env = dict(os.environ, FASTFEED_LOG_LEVEL="info")
-        self.fh = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--drain-delay-s", "0.2", "--drain-s", "0.5", *args],
-            stdout=self.fh, stderr=subprocess.STDOUT, env=env)
+        gw = Gateway(["--drain-delay-s", "0.2", "--drain-s", "0.5", *args],
+                     {"FASTFEED_LOG_LEVEL": "info"}, None)
+        self.port = gw.port
+        self.log = gw.log = tmp_path / f"serve-{self.port}.log"
+        gw.start()
+        assert gw.proc is not None
+        self.proc = gw.proc
 
     @property
     def url(self) -> str:
@@ -59,14 +58,10 @@ class Pod:
             await asyncio.sleep(0.05)
 
     def text(self) -> str:
-        self.fh.flush()
         return self.log.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.fh.close()
+        stop_process(self.proc, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
