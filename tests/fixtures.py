@@ -102,17 +102,27 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def wait_http_ok(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
-                 step: float = 0.05) -> None:
-    """Block until GET `url` answers 200; fail at once if `proc` exits meanwhile."""
+                 step: float = 0.05, log: str | os.PathLike | None = None) -> None:
+    """Block until GET `url` answers 200; fail at once if `proc` exits meanwhile.
+    The failure quotes the end of `log` (the process's output), if given."""
+    def tail() -> str:
+        if log is None:
+            return ""
+        try:
+            with open(log, "rb") as fh:
+                return "; its log ends: " + fh.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the process behind {url} exited with {proc.returncode}")
+            raise RuntimeError(f"the process behind {url} exited with {proc.returncode}{tail()}")
         with contextlib.suppress(OSError):
             if http_get(url, 0.5)[0] == 200:
                 return
         time.sleep(step)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:g}s")
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:g}s{tail()}")
 
 
 async def until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0.02,
@@ -176,7 +186,7 @@ class Gateway:
         raise TimeoutError(f"gateway on port {self.port} not ready after {timeout}s")
 
     def wait_ready_sync(self, timeout: float = 20.0) -> None:
-        wait_http_ok(self.url + "/readyz", timeout, self.proc)
+        wait_http_ok(self.url + "/readyz", timeout, self.proc, log=self.log)
 
     def kill(self) -> None:
         """SIGKILL: the process dies with no chance to drain."""

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from fixtures import wait_http_ok
 from redis_server import RedisServer
 from support import Gateway, http_get, stop_process, until
 
@@ -46,16 +47,8 @@ class Pod:
         return f"http://127.0.0.1:{self.port}"
 
     async def ready(self, timeout: float = 20.0) -> None:
-        async def ok() -> bool:
-            try:
-                return (await asyncio.to_thread(http_get, self.url + "/readyz", 0.5))[0] == 200
-            except OSError:
-                return False
-        end = time.monotonic() + timeout
-        while not await ok():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < end, "not ready: " + self.text()
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_http_ok, self.url + "/readyz", timeout, self.proc,
+                                log=self.log)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
