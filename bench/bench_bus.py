@@ -22,20 +22,13 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
+
+from tests.fixtures import Gateway, RedisServer, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_ticks(n_syms: int, count: int, start_seq: int, prefix: str = "S") -> list[dict]:
@@ -132,33 +125,19 @@ def into_one_worker(url: str, prefix: str, seconds: float, batch: int, n_syms: i
     return {"publisher": pub, "worker": sub}
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def fanout(url: str, workers: int, clients: int, subs: int, n_syms: int, rate: float,
            seconds: float, channels: int, prefix: str) -> dict:
     import uvloop
 
     from fastfeed.feed.publish import RedisPublisher
 
-    port = free_port()
-    env = dict(os.environ, FASTFEED_LOG_LEVEL="warning")
-    gw = subprocess.Popen(
-        [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers), "--redis", url, "--redis-prefix", prefix,
-         "--redis-channels", str(channels), "--drain-delay-s", "0", "--drain-s", "0.5"],
-        env=env)
+    gw = Gateway(["--workers", str(workers), "--redis", url, "--redis-prefix", prefix,
+                  "--redis-channels", str(channels)],
+                 {"FASTFEED_LOG_LEVEL": "warning", "FASTFEED_DRAIN_S": "0.5"}, None)
+    gw.start()
     lg = None
     try:
-        end = time.monotonic() + 30
-        while not _http_ok(f"http://127.0.0.1:{port}/readyz"):
-            assert gw.poll() is None and time.monotonic() < end, "gateway did not start"
-            time.sleep(0.05)
+        gw.wait_ready_sync(30)
         time.sleep(1.0)  # every worker up
 
         async def seed() -> None:
@@ -169,7 +148,7 @@ def fanout(url: str, workers: int, clients: int, subs: int, n_syms: int, rate: f
 
         uvloop.run(seed())
         time.sleep(0.5)
-        cfg = {"url": f"ws://127.0.0.1:{port}/ws", "instruments": n_syms, "count": clients,
+        cfg = {"url": gw.ws_url, "instruments": n_syms, "count": clients,
                "subs": subs, "seed": 7}
         lg = subprocess.Popen([sys.executable, "-m", "bench.loadgen.worker", json.dumps(cfg)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -215,15 +194,8 @@ def fanout(url: str, workers: int, clients: int, subs: int, n_syms: int, rate: f
         if lg is not None and lg.poll() is None:
             lg.stdin.write("quit\n")
             lg.stdin.flush()
-            try:
-                lg.wait(10)
-            except subprocess.TimeoutExpired:
-                lg.kill()
-        gw.terminate()
-        try:
-            gw.wait(30)
-        except subprocess.TimeoutExpired:
-            gw.kill()
+            stop_process(lg, 0, timeout=10)  # signal 0: wait for it to quit, then SIGKILL
+        stop_process(gw.proc, timeout=30)
 
 
 def main() -> int:
@@ -241,8 +213,6 @@ def main() -> int:
     server = None
     url = args.redis
     if not url:
-        from redis_server import RedisServer
-
         server = RedisServer()
         server.start()
         url = server.url

@@ -11,10 +11,10 @@ records for each, over the same window:
 - long tasks (PerformanceObserver 'longtask': main-thread work over 50 ms);
 - rows received per second, so both pages are seen to get the same feed.
 
-    python bench/frame_budget.py              # 30 s per page
-    python bench/frame_budget.py --quick      # 5 s per page
-    python bench/frame_budget.py --runs 3     # median over 3 runs
-    python bench/frame_budget.py --json       # JSON on stdout instead of markdown
+    python -m bench.frame_budget              # 30 s per page
+    python -m bench.frame_budget --quick      # 5 s per page
+    python -m bench.frame_budget --runs 3     # median over 3 runs
+    python -m bench.frame_budget --json       # JSON on stdout instead of markdown
 
 Needs Chromium (Debian: `apt-get install chromium`, found at /usr/bin/chromium,
 or `--chromium PATH`) and Playwright for Python; no browser is downloaded.
@@ -27,17 +27,13 @@ import contextlib
 import functools
 import http.server
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
+
+from tests.fixtures import CHROMIUM, CHROMIUM_ARGS, running_gateway, wait_http_ok
 
 HERE = Path(__file__).resolve().parent
 NAIVE_DIR = HERE / "naive_page"
@@ -46,17 +42,6 @@ BUDGET_MS = 16.7
 # (16.5 to 16.8 ms on an idle page); a frame that misses its vsync shows up as
 # 33.3 ms or more. A frame counts as over budget past 16.7 ms plus this slack.
 JITTER_MS = 1.0
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # Installed before any page script runs: frame intervals from the rAF
 # timestamps, and long tasks. Recording starts when __fb.start() is called.
@@ -99,24 +84,11 @@ IDLE_PAGE = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(base: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gateway at {base} not ready after {timeout:.0f} s")
-        time.sleep(0.2)
+    try:
+        wait_http_ok(base + "/readyz", timeout, step=0.2)
+    except TimeoutError as e:
+        raise SystemExit(f"gateway at {base} not ready after {timeout:.0f} s") from e
 
 
 @contextlib.contextmanager
@@ -127,35 +99,8 @@ def gateway(args: argparse.Namespace):
         wait_ready(base)
         yield base
         return
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastfeed",
-        "serve",
-        "--simulate",
-        str(args.simulate),
-        "--rate",
-        str(args.rate),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_gateway("--simulate", str(args.simulate), "--rate", str(args.rate)) as gw:
+        yield gw.url
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -306,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="", help="use this running gateway (http://host:port)")
     ap.add_argument(
         "--chromium",
-        default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium",
+        default=CHROMIUM,
     )
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=800)

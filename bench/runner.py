@@ -10,7 +10,6 @@ children) and RSS.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -19,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +27,8 @@ from queue import Empty, Queue
 from typing import Any
 
 from bench import hist
+from tests import fixtures
+from tests.fixtures import free_port, stop_process
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -89,12 +89,6 @@ def server_command(name: str, port: int, extra: Sequence[str] = ()) -> list[str]
             raise Skip("the websockets package is not installed (run bench/setup.sh)")
         return [sys.executable, str(BENCH / "peers" / "py_websockets.py"), str(port)]
     raise Skip(f"unknown server {name!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pin(cpus: str | None) -> list[str]:
@@ -228,17 +222,7 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                self.proc.wait(5)
+        stop_process(self.proc, group=True)
 
 
 def _healthy(port: int) -> bool:
@@ -306,11 +290,7 @@ class Child:
 
     def close(self) -> None:
         self.send("quit")
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 0)  # signal 0: only wait for it, then SIGKILL
 
 
 # ---------------------------------------------------------------- a load run
@@ -478,121 +458,39 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         server.stop()
 
 
-class RedisServer:
-    """A throw-away redis-server for the scenarios that need the bus."""
+class RedisServer(fixtures.RedisServer):
+    """A throw-away redis-server for the scenarios that need the bus, pinned to `cpus`."""
 
     def __init__(self, cpus: str | None) -> None:
-        exe = shutil.which("redis-server")
-        if not exe:
-            raise Skip("redis-server is not installed")
-        self.port = free_port()
-        self.proc = subprocess.Popen([*pin(cpus), exe, "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--bind", "127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        try:
+            super().__init__(prefix=pin(cpus))
+            self.start()
+        except (fixtures.Unavailable, RuntimeError) as e:
+            if hasattr(self, "dir"):
+                self.close()
+            raise Skip(str(e)) from e
 
     def __enter__(self) -> RedisServer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
-
-class RedisCluster:
+class RedisCluster(fixtures.RedisCluster):
     """A throw-away Redis Cluster of `masters` masters and no replicas (the
-    bus's cost of routing over several nodes, not of replication)."""
+    bus's cost of routing over several nodes, not of replication), pinned to
+    `cpus`; the default node timeout, so a node slowed down by the load is
+    not failed."""
 
     def __init__(self, cpus: str | None, masters: int = 3) -> None:
-        exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-        if not exe or not cli:
-            raise Skip("redis-server / redis-cli are not installed")
-        self.dir = tempfile.mkdtemp(prefix="fastfeed-bench-cluster-")
-        self.ports: list[int] = []
-        while len(self.ports) < masters:
-            p = free_port()
-            if p + 10000 > 65535 or p in self.ports:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p + 10000))
-                except OSError:
-                    continue
-            self.ports.append(p)
-        self.procs = [subprocess.Popen(
-            [*pin(cpus), exe, "--port", str(p), "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", os.path.join(self.dir, f"nodes-{p}.conf"),
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for p in self.ports]
         try:
-            for p in self.ports:
-                _wait_pong(p)
-            r = subprocess.run([cli, "--cluster", "create",
-                                *[f"127.0.0.1:{p}" for p in self.ports],
-                                "--cluster-replicas", "0", "--cluster-yes"],
-                               capture_output=True, text=True, timeout=60)
-            if r.returncode:
-                raise Skip(f"redis-cli --cluster create failed: {r.stdout[-300:]}")
-            deadline = time.monotonic() + 30
-            while not all(_cluster_ok(p) for p in self.ports):
-                if time.monotonic() > deadline:
-                    raise Skip("the Redis Cluster did not reach cluster_state:ok")
-                time.sleep(0.05)
-        except BaseException:
-            self.__exit__()
-            raise
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+            super().__init__(masters, replicas=0, node_timeout_ms=15000, prefix=pin(cpus))
+            self.start(timeout=60)
+        except (fixtures.Unavailable, RuntimeError) as e:
+            if hasattr(self, "nodes"):
+                self.close()
+            raise Skip(str(e)) from e
 
     def __enter__(self) -> RedisCluster:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _wait_pong(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise Skip(f"redis-server on port {port} did not answer")
-
-
-def _cluster_ok(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"CLUSTER INFO\r\n")
-            return b"cluster_state:ok" in s.recv(4096)
-    except OSError:
-        return False
 
 
 def ingest_run(server_name: str, ticks: int, batch: int, pins: Pins, instruments: int = 500,

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import urllib.request
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import websockets
+from fixtures import CHROMIUM, CHROMIUM_ARGS
 from support import Gateway, start_gateway
 from websockets.typing import Subprotocol
 
@@ -31,17 +31,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 N = 300  # simulated instruments
 WAIT = 20_000  # ms: generous, for a loaded 2-core machine
 

@@ -296,17 +296,7 @@ class LoggedGateway:
         from support import Gateway
 
         self.log = tmp_path / f"{name}.log"
-        gw = Gateway(list(args), {"FASTFEED_LOG_LEVEL": "info"}, None)
-        log_path = self.log
-
-        def start() -> None:
-            cmd = [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",
-                   "--port", str(gw.port), *gw.args]
-            with open(log_path, "ab") as fh:
-                gw.proc = __import__("subprocess").Popen(cmd, env=gw.env, stderr=fh)
-
-        gw.start = start  # type: ignore[method-assign]
-        self.gw = gw
+        self.gw = Gateway(list(args), {"FASTFEED_LOG_LEVEL": "info"}, None, log=self.log)
 
     async def __aenter__(self) -> Any:
         self.gw.start()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from fixtures import stop_process, wait_http_ok
 from support import free_port, http_get, until
 from test_metrics import Scrape, scrape_until
 from wsraw import RawWS
@@ -75,25 +76,10 @@ class Proc:
         return [line for line in text.splitlines() if needle in line]
 
     def wait_ready(self) -> None:
-        import time
-
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.err_path.read_text()
-            with contextlib.suppress(OSError):
-                if http_get(self.url + "/readyz", 0.5)[0] == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError("gateway not ready")
+        wait_http_ok(self.url + "/readyz", 20, self.proc, log=self.err_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import sys
 import time
 
 import pytest
+from fixtures import wait_http_ok
 from redis_server import RedisServer
-from support import free_port, http_get, until
+from support import Gateway, http_get, stop_process, until
 
 from fastfeed.client import Client
 from fastfeed.config import Config
@@ -33,40 +34,27 @@ def cpus_allowed(pid: int) -> set[int]:
 
 class Pod:
     def __init__(self, tmp_path, *args: str):
-        self.port = free_port()
-        self.log = tmp_path / f"serve-{self.port}.log"
-        env = dict(os.environ, FASTFEED_LOG_LEVEL="info")
-        self.fh = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--drain-delay-s", "0.2", "--drain-s", "0.5", *args],
-            stdout=self.fh, stderr=subprocess.STDOUT, env=env)
+        gw = Gateway(["--drain-delay-s", "0.2", "--drain-s", "0.5", *args],
+                     {"FASTFEED_LOG_LEVEL": "info"}, None)
+        self.port = gw.port
+        self.log = gw.log = tmp_path / f"serve-{self.port}.log"
+        gw.start()
+        assert gw.proc is not None
+        self.proc = gw.proc
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def ready(self, timeout: float = 20.0) -> None:
-        async def ok() -> bool:
-            try:
-                return (await asyncio.to_thread(http_get, self.url + "/readyz", 0.5))[0] == 200
-            except OSError:
-                return False
-        end = time.monotonic() + timeout
-        while not await ok():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < end, "not ready: " + self.text()
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_http_ok, self.url + "/readyz", timeout, self.proc,
+                                log=self.log)
 
     def text(self) -> str:
-        self.fh.flush()
         return self.log.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.fh.close()
+        stop_process(self.proc, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,11 @@ class Config:
     simulate: int = _opt(0, "run the built-in simulated feed with N instruments (0: off)")
     rate: float = _opt(2000.0, "simulated ticks per second, all instruments together")
     seed: int = _opt(0, "random seed of the simulated feed (0: random)")
+    record: str = _opt("", "append every tick this gateway applies, with its arrival time, to "
+                           "this file (docs/replay.md; one worker only)")
+    replay: str = _opt("", "play this recording back as a source (docs/replay.md)")
+    replay_speed: str = _opt("1", "replay speed: 1 keeps the recorded timing, 10 is ten times "
+                                  "faster, max as fast as possible", aliases=("--speed",))
     # frames
     frame_ms: int = _opt(16, "default update frame interval per connection, milliseconds")
     min_frame_ms: int = _opt(16, "smallest frame interval a client may ask for with configure")
@@ -108,6 +113,13 @@ def _read_secret(value: str, path: str) -> str:
     return ""
 
 
+def _positive(raw: str) -> bool:
+    try:
+        return float(raw) > 0
+    except ValueError:
+        return False
+
+
 def _parse_bool(raw: str) -> bool:
     word = raw.strip().lower()
     if word in ("1", "true", "yes", "on"):
@@ -132,6 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             flag,
+            *f.metadata.get("aliases", ()),
             dest=f.name,
             type=kind,
             default=None,
@@ -185,6 +198,12 @@ def validate(cfg: Config) -> None:
         problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
     elif cfg.simulate > cfg.max_instruments:
         problems.append(f"simulate {cfg.simulate} is over max-instruments {cfg.max_instruments}")
+    if (cfg.record or cfg.replay) and cfg.workers != "1":
+        problems.append("--record and --replay run in one worker: use --workers 1")
+    if cfg.record and cfg.record == cfg.replay:
+        problems.append("--record and --replay must be different files")
+    if cfg.replay_speed != "max" and not _positive(cfg.replay_speed):
+        problems.append(f"replay-speed must be a positive number or max, not {cfg.replay_speed!r}")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

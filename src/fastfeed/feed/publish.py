@@ -166,6 +166,9 @@ class PublisherSink:
             ticks, self.pending = self.pending, []
             await self.pub.publish(ticks)
 
+    async def wait_ready(self) -> None:
+        await self.pub.wait_connected()
+
     def kick(self) -> None:
         return None
 

@@ -24,7 +24,8 @@ it did not take at all (bad JSON, a bad batch, the bus down). A local sink
 answers before it returns; a bus sink once Redis has answered.
 
 ``await drain()`` waits until the sink has taken what it was given (flow
-control for sources that can wait: the simulator, a replay); ``kick()``
+control for sources that can wait: the simulator, a replay); ``await
+wait_ready()`` until it can take ticks at all (the bus: connected); ``kick()``
 tells the frame clock that ticks were applied; ``observe(metrics)`` copies
 the sink's counters once a second.
 """
@@ -89,9 +90,21 @@ class Sink(Protocol):
     """Where sources write ticks (see the module)."""
 
     name: str  # "local table", "Redis bus", ...: for logs
-    ticks_in: int  # ticks offered (admitted), every source together
-    ticks_refused: int  # of those, refused by the sink (bad tick, table full)
-    failures: int  # messages not taken at all (bad JSON or batch, the bus down)
+
+    @property
+    def ticks_in(self) -> int:
+        """Ticks offered (admitted), every source together."""
+        ...
+
+    @property
+    def ticks_refused(self) -> int:
+        """Of those, refused by the sink (a bad tick, the table full)."""
+        ...
+
+    @property
+    def failures(self) -> int:
+        """Messages not taken at all (bad JSON or batch, the bus down)."""
+        ...
 
     def json(self, data: bytes, source: int, reply: Reply) -> None: ...
 
@@ -105,6 +118,8 @@ class Sink(Protocol):
                vals: np.ndarray, source: int = SIMULATOR) -> None: ...
 
     async def drain(self) -> None: ...
+
+    async def wait_ready(self) -> None: ...
 
     def kick(self) -> None: ...
 
@@ -232,6 +247,9 @@ class LocalSink:
     async def drain(self) -> None:
         return None  # everything was applied before the call returned
 
+    async def wait_ready(self) -> None:
+        return None
+
     def observe(self, metrics: Any) -> None:
         return None  # the table counts its own ticks (Table.take_stats)
 
@@ -308,6 +326,13 @@ class BusSink:
         """Wait until Redis answered every publish made so far."""
         while self._inflight:
             await asyncio.wait(list(self._inflight))
+
+    async def wait_ready(self) -> None:
+        """Until the bus is connected (breaker closed, snapshot loaded)."""
+        if not self.bus.ready:
+            log.warning("waiting for the Redis bus to be ready before writing to it")
+            while not self.bus.ready:
+                await asyncio.sleep(0.1)
 
     def kick(self) -> None:
         return None  # the ticks come back through the subscriber, which kicks the table's

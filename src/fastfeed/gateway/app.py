@@ -22,7 +22,9 @@ from typing import Any
 from .. import _core, logs, metrics
 from .. import protocol as P
 from ..config import Config
+from ..feed import record
 from ..feed.ingest import IngestContext, IngestSource
+from ..feed.replay import ReplaySource
 from ..feed.simulator import SimulatorSource
 from ..feed.sink import BusSink, LocalSink, Sink
 from ..feed.source import BusSource, Source
@@ -60,8 +62,12 @@ class Gateway:
         self.link = FramingContext(self.loop, frame_limit, self.metrics.count_close)
         self.symbol_index = SymbolIndex(self.table)  # sorted symbols for list
         # the table as a sink: the bus's subscriber writes here, and in embedded
-        # mode every source does
-        self.table_sink = LocalSink(self.table, self.clock.after_ticks)
+        # mode every source does; --record records what it takes
+        self.table_sink: LocalSink | record.RecordingSink = LocalSink(
+            self.table, self.clock.after_ticks)
+        recorder = record.open_recorder(cfg.record, self.loop)
+        if recorder is not None:
+            self.table_sink = record.RecordingSink(self.table_sink, recorder)
         self.routes: Routes | None = None  # at start, once the bus (or none) is known
         self.bus: Any = None  # fastfeed.bus.RedisBus in multi-worker / multi-pod mode
         self.sink: Sink = self.table_sink  # where the sources write (start decides)
@@ -116,6 +122,8 @@ class Gateway:
         self.sources.append(self.ingest)
         if cfg.simulate:
             self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
+        if cfg.replay:
+            self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
 
     def after_ticks(self) -> None:
         """Ticks were applied: watched instruments that changed go out in this loop pass."""
@@ -263,6 +271,8 @@ class Gateway:
         for s in list(self.sessions.values()):
             if s.transport is not None:
                 s.transport.disconnect(graceful=False)
+        if isinstance(self.table_sink, record.RecordingSink):
+            self.table_sink.close()
         self.stopped.set()
 
 
