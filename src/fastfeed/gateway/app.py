@@ -293,7 +293,7 @@ async def serve(cfg: Config, sock: socket.socket | None = None, bus_factory=None
     if bus_factory is not None:
         gw.bus = bus_factory(gw)
     await gw.start(sock)
-    mode = "redis bus" if gw.bus is not None else "embedded"
+    mode = "redis bus" if isinstance(gw.sink, BusSink) else "embedded"
     log.info("serving on http://%s:%d (%s, pid %d%s)", cfg.host, gw.port, mode, os.getpid(),
              f", simulating {cfg.simulate} instruments at {cfg.rate:g} ticks/s"
              if cfg.simulate else "")
