@@ -39,7 +39,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
      ("fastfeed.client", "fastfeed.publisher")),
     ("framing: RFC 6455 and the HTTP front door, for every endpoint",
      ("fastfeed.gateway.framing", "fastfeed.gateway.httpfront")),
-    ("sources: simulator, /ingest, publishers, files",
+    ("sources and sinks: the Sink and Source interfaces, simulator, /ingest, publishers, "
+     "recordings",
      ("fastfeed.feed.*",)),
     ("the gateway's state: session registry and limits, frame clock",
      ("fastfeed.gateway.registry", "fastfeed.gateway.clock")),
