@@ -25,8 +25,8 @@ from redis_server import RedisCluster, RedisSentinel, RedisServer
 from support import http_get, merge, start_gateway, until
 
 from fastfeed._core import FIELDS, Table, partition
-from fastfeed.bus import RedisBus, parse_url
-from fastfeed.bus.cluster import ClusterBus, key_slot, parse_cluster_url, spread_tags
+from fastfeed.bus import ClusterBus, RedisBus, parse_url
+from fastfeed.bus.cluster import key_slot, parse_cluster_url, spread_tags
 from fastfeed.client import Backoff, Client, Row
 from fastfeed.feed.publish import RedisPublisher
 
