@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 from redis_server import RedisCluster, RedisSentinel, RedisServer
-from support import http_get, merge, start_gateway, until
+from support import Feed, as_row, http_get, merge, start_gateway, until
 
 from fastfeed._core import FIELDS, Table, partition
-from fastfeed.bus import RedisBus, parse_url
-from fastfeed.bus.cluster import ClusterBus, key_slot, parse_cluster_url, spread_tags
+from fastfeed.bus import ClusterBus, RedisBus, parse_url
+from fastfeed.bus.cluster import key_slot, parse_cluster_url, spread_tags
 from fastfeed.client import Backoff, Client, Row
 from fastfeed.feed.publish import RedisPublisher
 
@@ -60,9 +60,6 @@ def owner_port(cluster: RedisCluster, slot: int) -> int:
             return p
     raise AssertionError(f"slot {slot} unserved")
 
-
-def as_row(t: dict[str, Any]) -> Row:
-    return Row(t["sym"], t["seq"], t.get("ts", 0), *[float(t.get(f, 0.0)) for f in VALUES])
 
 
 # ---- slots and names --------------------------------------------------------------
@@ -231,32 +228,6 @@ HOT = [f"H{i:02d}" for i in range(48)]  # tick all the time
 COLD = [[f"C{g}{i:02d}" for i in range(16)] for g in range(3)]
 ALL = HOT + [s for g in COLD for s in g]
 
-
-class Feed:
-    """Partial ticks, increasing seq per symbol; the truth and its history
-    (`history[sym][seq]`: the whole row once that tick applied)."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.seq: dict[str, int] = {}
-        self.ref: dict[str, dict[str, Any]] = {}
-        self.history: dict[str, dict[int, Row]] = {}
-
-    def ticks(self, syms: list[str]) -> list[dict[str, Any]]:
-        out = []
-        for s in syms:
-            self.seq[s] = self.seq.get(s, 0) + self.rng.randint(1, 3)
-            t = {"sym": s, "seq": self.seq[s], "ts": time.time_ns()}
-            for f in VALUES:
-                if s not in self.ref or self.rng.random() < 0.5:
-                    t[f] = round(self.rng.uniform(1, 1e4), 2)
-            out.append(t)
-            merge(self.ref, [t])
-            self.history.setdefault(s, {})[t["seq"]] = as_row(self.ref[s])
-        return out
-
-    def truth(self) -> dict[str, Row]:
-        return {s: as_row(t) for s, t in self.ref.items()}
 
 
 class Tapped(Client):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,10 +18,9 @@ from typing import Any
 import pytest
 import websockets
 from redis_server import RedisServer
-from support import http_get, merge, start_gateway, until
+from support import Feed, http_get, start_gateway, until
 from websockets.exceptions import ConnectionClosed as WSClosed
 
-from fastfeed._core import FIELDS
 from fastfeed.client import Backoff, Client, Row, TryAgainLater
 from fastfeed.feed.publish import RedisPublisher
 
@@ -48,35 +46,6 @@ def serve_args(redis: RedisServer, *extra: str) -> list[str]:
     return ["--redis", redis.url, "--redis-channels", str(CHANNELS), *extra]
 
 
-def as_row(t: dict[str, Any]) -> Row:
-    return Row(t["sym"], t["seq"], t.get("ts", 0), *[float(t.get(f, 0.0)) for f in FIELDS[3:]])
-
-
-class Feed:
-    """Partial ticks with increasing seq per symbol; the truth, and its history:
-    `history[sym][seq]` is the instrument's whole row once that tick applied."""
-
-    def __init__(self, seed: int = 3) -> None:
-        self.rng = random.Random(seed)
-        self.seq: dict[str, int] = {}
-        self.ref: dict[str, dict[str, Any]] = {}
-        self.history: dict[str, dict[int, Row]] = {}
-
-    def ticks(self, syms: list[str]) -> list[dict[str, Any]]:
-        out = []
-        for s in syms:
-            self.seq[s] = self.seq.get(s, 0) + self.rng.randint(1, 3)
-            t = {"sym": s, "seq": self.seq[s], "ts": time.time_ns()}
-            for f in FIELDS[3:]:
-                if s not in self.ref or self.rng.random() < 0.5:
-                    t[f] = round(self.rng.uniform(1, 1e4), 2)
-            out.append(t)
-            merge(self.ref, [t])
-            self.history.setdefault(s, {})[t["seq"]] = as_row(self.ref[s])
-        return out
-
-    def truth(self) -> dict[str, Row]:
-        return {s: as_row(t) for s, t in self.ref.items()}
 
 
 class Tapped(Client):

@@ -20,7 +20,7 @@ Names (``P`` is ``--redis-prefix``, ``N`` the partition of a symbol,
 With ``sharded=True`` the partition number is a hash tag, ``P:ticks:{N}``
 and ``P:row:{N}``, so a partition's channel and hash live in the same slot,
 and the bus uses ``SSUBSCRIBE``/``SPUBLISH`` (on one Redis 7 node). A
-``redis+cluster://`` URL gives `fastfeed.bus.cluster.ClusterBus` instead,
+``redis+cluster://`` URL gives ``ClusterBus`` instead,
 which routes every partition to the master owning its slot (its own tags,
 spread evenly over the slots). A ``redis+sentinel://`` URL asks the
 Sentinels for the master on every (re)connection and then works as on one
@@ -62,6 +62,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .cluster import ClusterLink
 from .link import (
     BREAKER_NAMES,
     CLOSED,
@@ -89,6 +90,7 @@ __all__ = [
     "ROW_SCRIPT",
     "BusConfigError",
     "BusDown",
+    "ClusterBus",
     "Link",
     "RedisBus",
     "RedisError",
@@ -115,7 +117,7 @@ class RedisBus:
     writes through (a `fastfeed.feed.sink.LocalSink`, or a sink wrapping one:
     ``sink.table``, ``sink.apply_batch(data)``, ``sink.kick()``), so what it
     applies passes where every other source's does (a gateway's bus).
-    A ``redis+cluster://`` URL gives a `fastfeed.bus.cluster.ClusterBus`.
+    A ``redis+cluster://`` URL gives a ``ClusterBus``.
 
     The parts are `link`, `store` and `subscriber` (None without a table);
     their counters and attributes read through the bus as well
@@ -127,8 +129,6 @@ class RedisBus:
     def __new__(cls, url: str, *args: Any, **kw: Any) -> RedisBus:
         # a redis+cluster:// URL gives the cluster-routing bus
         if cls is RedisBus and is_cluster_url(url):
-            from .cluster import ClusterBus
-
             return super().__new__(ClusterBus)
         return super().__new__(cls)
 
@@ -259,3 +259,9 @@ class RedisBus:
 
 _SUBSCRIBER_COUNTERS = ("messages", "ticks_applied", "ticks_stale", "bad_batches",
                         "snapshot_rows", "snapshot_seconds", "reseeded_rows")
+
+
+class ClusterBus(RedisBus):
+    """`RedisBus` over a Redis Cluster: its link is a `ClusterLink`."""
+
+    link_class = ClusterLink

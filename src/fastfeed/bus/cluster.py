@@ -52,10 +52,9 @@ from typing import Any
 
 import hiredis
 
-from . import RedisBus
 from .link import Addr, BusDown, Link, RedisError, _Conn, fmt_addr, split_hosts
 
-__all__ = ["SLOTS", "ClusterBus", "ClusterLink", "ClusterURL", "crc16", "key_slot",
+__all__ = ["SLOTS", "ClusterLink", "ClusterURL", "crc16", "key_slot",
            "parse_cluster_url", "spread_tags"]
 
 log = logging.getLogger("fastfeed.bus")
@@ -439,12 +438,6 @@ class ClusterLink(Link):
         while self._redirecting:
             await asyncio.sleep(0.005)
             self.check_up()
-
-
-class ClusterBus(RedisBus):
-    """`RedisBus` over a Redis Cluster: its link is a `ClusterLink`."""
-
-    link_class = ClusterLink
 
 
 def _ranges(ns: Sequence[int]) -> str:
