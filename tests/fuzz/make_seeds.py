@@ -48,6 +48,11 @@ def requests() -> list[bytes]:
     every = b"\xff".join(j(r) for r in REQUESTS[:8])
     seeds += [b"\x00" + every, b"\x01" + every, b"\x02" + every, b"\x04" + every,
               b"\x00" + b"\xff".join([j({"op": "ping"})] * 30)]
+    # clients that never read (flag 8; 24: the 1008 close first), replies growing
+    big = b"\xff".join([j({"op": "subscribe", "symbols": ["BBCA", "TLKM", "X.1", "Z" * 32]}),
+                        j({"op": "list"}), j({"op": "subscribe", "symbols": ["Z" * 33] * 20})]
+                       + [j({"op": "list"})] * 28)
+    seeds += [b"\x08" + big, b"\x18" + big, b"\x09" + big]
     return seeds
 
 
