@@ -2,9 +2,10 @@
 
 1. The C fast path (`TickParser`, one per process as in the gateway) against
    the fallback (`orjson.loads`, as /ingest decodes, + `Table.apply_objects`),
-   on tables that already hold rows (so stale ticks happen), one of them nearly full: when the fast
-   path takes a message it must take what the fallback takes and refuse what
-   it refuses, leaving the same rows and counters; it may only decline (-1).
+   on tables that already hold rows (so stale ticks happen), one of them
+   nearly full: when the fast path takes a message it must take what the
+   fallback takes and refuse what it refuses, leaving the same rows and
+   counters; it may only decline (-1).
 2. `IngestSession.on_message` on a real Gateway object: no exception escapes,
    every reply is strict JSON, and a message that is not strict JSON (NaN and
    infinities included, docs/protocol.md "Ingest") is refused whole: one
