@@ -29,7 +29,7 @@ with atheris.instrument_imports(include=["fastfeed"]):
     from fastfeed.auth import EVERYTHING, Entitlements
     from fastfeed.config import Config
     from fastfeed.feed.ingest import IngestSession
-    from fastfeed.framing import MessageListener
+    from fastfeed.framing import FrameGuard, MessageListener
     from fastfeed.server import Gateway
     from fastfeed.session import Session
 
@@ -71,6 +71,8 @@ class _Loop:
         coro.close()
 
 
+_FASTFEED = os.path.dirname(os.path.abspath(sys.modules["fastfeed"].__file__ or ""))
+_READS = {FrameGuard.buffer_updated.__code__}  # picows parses within these
 _LOOP = asyncio.new_event_loop()  # picows' WSTransport makes one future on it, never awaited
 
 
@@ -84,6 +86,9 @@ class _NoSocket:
     def setsockopt(self, *_a: Any) -> None:
         return None
 
+    def getsockopt(self, *_a: Any) -> int:
+        return 0
+
 
 class _PicowsLog:
     """picows' logger. picows drops a message sent after the close frame and logs
@@ -96,13 +101,27 @@ class _PicowsLog:
         return False
 
     def debug(self, msg: str, *_a: Any) -> None:
-        self.wire.problems.append(f"picows dropped a send: {msg}")
+        caller = sys._getframe(1)  # the Python code below picows' (compiled) send
+        if caller.f_code.co_filename.startswith(_FASTFEED) and caller.f_code not in _READS:
+            self.wire.problems.append(f"picows dropped a send by {caller.f_code.co_name}: {msg}")
+        # else picows' own: its parser, after the gateway's close, refuses a frame
+        # and tries to close too (what it drops never reaches the wire either)
 
     def log(self, _level: int, msg: str, *_a: Any) -> None:
         self.debug(msg)
 
-    def warning(self, msg: str, *_a: Any) -> None:
-        self.wire.problems.append(f"picows warned: {msg}")
+    def warning(self, msg: str, *a: Any) -> None:
+        self.wire.problems.append(f"picows warned: {msg % a}")
+
+    def info(self, *_a: Any) -> None:
+        return None
+
+    def error(self, msg: str, *a: Any) -> None:
+        if not msg.startswith("WS parser error"):  # a client's protocol violation: 1002
+            self.wire.problems.append(f"picows logged an error: {msg % a}")
+
+    def exception(self, msg: str, *a: Any) -> None:
+        self.wire.problems.append(f"picows logged an exception: {msg % a}")
 
 
 class _PicowsProtocol:
@@ -130,8 +149,10 @@ class _Wire:
     (`get_write_buffer_size`), and past the high-water mark the protocol is
     told to pause writing, as asyncio's transports do."""
 
-    def __init__(self, reads: bool) -> None:
+    def __init__(self, reads: bool, http: bool = False) -> None:
         self.reads = reads
+        self.http = http  # an HTTP response comes first (the upgrade's)
+        self.status: int | None = None
         self.buf = bytearray()
         self.written = 0
         self.sent: list[tuple[WSMsgType, bytes]] = []
@@ -200,6 +221,13 @@ class _Wire:
     # -- what reached the client
     def _frames(self) -> None:
         buf = self.buf
+        if self.http:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(bytes(buf[:end]).split(b" ", 2)[1])
+            self.http = False
+            del buf[:end + 4]
         while len(buf) >= 2:
             b0, b1 = buf[0], buf[1]
             n, off = b1 & 0x7F, 2
@@ -268,7 +296,7 @@ class FakeTransport(WSTransport):
     def check(self) -> None:
         """Nothing reached the client that a real transport would refuse or drop."""
         w = self.wire
-        assert not w.problems, w.problems
+        assert not w.problems, sorted(set(w.problems))
         assert not w.buf, f"{len(w.buf)} bytes of an unfinished frame written"
 
 
