@@ -1,10 +1,13 @@
-"""What the fuzz targets share: a real Gateway object without a socket, a fake
-transport that records what the gateway sends, and the checks every reply must pass.
+"""What the fuzz targets share: a real Gateway object without a socket, picows'
+own WSTransport over a transport without a socket that parses what is written
+to it (`FakeTransport`, `_Wire`), and the checks every reply must pass.
 
 A fuzz finding is an exception escaping a handler (the documented answer to bad
 input is an `error` reply or a close code, never an exception), two ingest
 parsers that disagree, a reply that is not strict JSON (RFC 8259: no NaN or
-Infinity, no lone surrogate, raw or escaped) or a crash of the process.
+Infinity, no lone surrogate, raw or escaped), a write that no real transport
+takes quietly (after the close frame, to a closed transport) or a crash of
+the process.
 """
 
 from __future__ import annotations
