@@ -15,7 +15,9 @@ of a documented type; a request is answered (or the client closed with a
 documented code); a request refused as a whole (one error, nothing else)
 changes nothing; nothing is written after the close frame or to a closed
 transport; what a client leaves unread stays within --max-queued-bytes plus
-one reply ("Bounded memory per client" in docs/protocol.md).
+one reply ("Bounded memory per client" in docs/protocol.md); a list reply
+is one sorted page of at most --max-list-symbols (4 here), with `next` when
+`more` is true.
 
     python tests/fuzz/fuzz_requests.py -max_total_time=600 \
         fuzz-out/requests tests/fuzz/corpus/requests
@@ -43,7 +45,7 @@ from common import (
 )
 
 MAX_MESSAGES = 32
-GW = gateway()
+GW = gateway(max_list_symbols=4)  # 10 symbols known: lists come in pages
 CFG = GW.cfg
 SMALL = dataclasses.replace(CFG, high_water_bytes=1024, max_queued_bytes=4096)
 TIGHT = dataclasses.replace(CFG, high_water_bytes=1024, max_queued_bytes=1024)
@@ -82,6 +84,11 @@ def test_one(data: bytes) -> None:
             s.on_message(t, msg)
             tr.check()
             replies = [check_reply(*r) for r in tr.sent[n0:]]
+            for r in replies:
+                if r["type"] == "list":  # docs/protocol.md "List pages"
+                    syms = r["symbols"]
+                    assert len(syms) <= gw.cfg.max_list_symbols and syms == sorted(syms), syms
+                    assert r["more"] is ("next" in r), r
             biggest = max([biggest, *(len(d) for _, d in tr.sent[n0:])])
             if flags & 8:  # all of it unread: at most the limit plus the reply that crossed it
                 assert tr.wire.written <= gw.cfg.max_queued_bytes + biggest + 2 * 14 + 125, (

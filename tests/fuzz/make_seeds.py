@@ -30,6 +30,8 @@ REQUESTS = [
     {"op": "subscribe", "symbols": ["bad sym", "Ä", "a" * 33]},
     {"op": "subscribe", "symbols": "BBCA"}, {"op": "subscribe", "since": {"BBCA": "1"},
                                             "symbols": []},
+    {"op": "list", "after": "BBCA"}, {"op": "list", "match": "*B*", "after": "A:B/c"},
+    {"op": "list", "after": 1},
 ]
 RAW_REQUESTS = [
     b'{"op":"ping","id":1e400}', b'{"op":"ping","id":NaN}', b'{"op":"ping","id":-Infinity}',
