@@ -21,7 +21,7 @@ SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
 
 
 @pytest.mark.timeout(SECONDS + 90)
-@pytest.mark.parametrize("target", ["requests", "ingest", "framing"])
+@pytest.mark.parametrize("target", ["requests", "ingest", "framing", "wire"])
 def test_fuzz_target_finds_nothing(target, tmp_path):
     seeds = FUZZ / "corpus" / target
     assert len(list(seeds.iterdir())) >= 5, "the seed corpus is missing"

@@ -1,14 +1,19 @@
-"""What the fuzz targets share: a real Gateway object without a socket, a fake
-transport that records what the gateway sends, and the checks every reply must pass.
+"""What the fuzz targets share: a real Gateway object without a socket, picows'
+own WSTransport over a transport without a socket that parses what is written
+to it (`FakeTransport`, `_Wire`), and the checks every reply must pass.
 
 A fuzz finding is an exception escaping a handler (the documented answer to bad
 input is an `error` reply or a close code, never an exception), two ingest
 parsers that disagree, a reply that is not strict JSON (RFC 8259: no NaN or
-Infinity, no lone surrogate, raw or escaped) or a crash of the process.
+Infinity, no lone surrogate, raw or escaped), a write that no real transport
+takes quietly (after the close frame, to a closed transport) or a crash of
+the process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,12 +27,13 @@ import atheris
 
 with atheris.instrument_imports(include=["fastfeed"]):
     from picows import WSCloseCode, WSMsgType
+    from picows.picows import WSTransport
 
     from fastfeed import _core
     from fastfeed.auth import EVERYTHING, Entitlements
     from fastfeed.config import Config
     from fastfeed.feed.ingest import IngestSession
-    from fastfeed.gateway.framing import MessageListener
+    from fastfeed.gateway.framing import FrameGuard, MessageListener
     from fastfeed.gateway.session import Session
     from fastfeed.server import Gateway
 
@@ -43,6 +49,7 @@ __all__ = [
     "WSMsgType",
     "_core",
     "check_reply",
+    "client_session",
     "feature",
     "gateway",
     "main",
@@ -69,65 +76,233 @@ class _Loop:
         coro.close()
 
 
-class _Underlying:
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+_FASTFEED = os.path.dirname(os.path.abspath(sys.modules["fastfeed"].__file__ or ""))
+_READS = {FrameGuard.buffer_updated.__code__}  # picows parses within these
+_LOOP = asyncio.new_event_loop()  # picows' WSTransport makes one future on it, never awaited
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+
+class _NoSocket:
+    """What `get_extra_info("socket")` gives: picows' fast path tries `send()` on
+    its descriptor, fails (EBADF) and hands the bytes to `write()` instead."""
+
+    def fileno(self) -> int:
+        return -1
+
+    def setsockopt(self, *_a: Any) -> None:
         return None
 
-    # what flow control may ask of an asyncio transport: nothing is ever queued here
-    def get_write_buffer_size(self) -> int:
+    def getsockopt(self, *_a: Any) -> int:
         return 0
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (0, 0)
 
-    def pause_reading(self) -> None:
-        return None
+class _PicowsLog:
+    """picows' logger. picows drops a message sent after the close frame and logs
+    it at debug level; the gateway checks `_core.can_send` first, so that is a finding."""
 
-    def resume_reading(self) -> None:
-        return None
+    def __init__(self, wire: _Wire) -> None:
+        self.wire = wire
 
-    def is_reading(self) -> bool:
-        return True
-
-    def is_closing(self) -> bool:
+    def isEnabledFor(self, _level: int) -> bool:
         return False
 
+    def debug(self, msg: str, *_a: Any) -> None:
+        caller = sys._getframe(1)  # the Python code below picows' (compiled) send
+        if caller.f_code.co_filename.startswith(_FASTFEED) and caller.f_code not in _READS:
+            self.wire.problems.append(f"picows dropped a send by {caller.f_code.co_name}: {msg}")
+        # else picows' own: its parser, after the gateway's close, refuses a frame
+        # and tries to close too (what it drops never reaches the wire either)
 
-class FakeTransport:
-    """The parts of picows' WSTransport the gateway uses; records what is sent."""
+    def log(self, _level: int, msg: str, *_a: Any) -> None:
+        self.debug(msg)
+
+    def warning(self, msg: str, *a: Any) -> None:
+        self.wire.problems.append(f"picows warned: {msg % a}")
+
+    def info(self, *_a: Any) -> None:
+        return None
+
+    def error(self, msg: str, *a: Any) -> None:
+        if not msg.startswith("WS parser error"):  # a client's protocol violation: 1002
+            self.wire.problems.append(f"picows logged an error: {msg % a}")
+
+    def exception(self, msg: str, *a: Any) -> None:
+        self.wire.problems.append(f"picows logged an exception: {msg % a}")
+
+
+class _PicowsProtocol:
+    """The part of picows' WSProtocol the transport calls back (flow control),
+    which FrameGuard passes on."""
 
     def __init__(self) -> None:
+        self.listener: Any = None
+
+    def pause_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.resume_writing()
+
+
+class _Wire:
+    """The asyncio transport under picows' WSTransport, without a socket: it
+    parses every frame picows writes (a server's frames are unmasked) and
+    notes what no real transport would take quietly.
+
+    `reads=False`: a client that never reads. Everything written stays queued
+    (`get_write_buffer_size`), and past the high-water mark the protocol is
+    told to pause writing, as asyncio's transports do."""
+
+    def __init__(self, reads: bool, http: bool = False) -> None:
+        self.reads = reads
+        self.http = http  # an HTTP response comes first (the upgrade's)
+        self.status: int | None = None
+        self.buf = bytearray()
+        self.written = 0
         self.sent: list[tuple[WSMsgType, bytes]] = []
         self.pongs: list[bytes] = []
         self.close_code: int | None = None
-        self.is_disconnected = False
-        self.is_close_frame_sent = False
-        self.close_handshake = None
-        self.underlying_transport = _Underlying()
+        self.problems: list[str] = []
+        self.closed = False
+        self.reading = True
+        self.high = 64 * 1024
+        self.write_paused = False
+        self.protocol: Any = _PicowsProtocol()
 
-    def send(self, msg_type: WSMsgType, data: bytes) -> None:
-        assert not self.is_disconnected, "send() after disconnect"
-        assert not self.is_close_frame_sent, "a message sent after the close frame"
-        assert isinstance(data, bytes | bytearray | memoryview), type(data)
-        self.sent.append((msg_type, bytes(data)))
+    # -- asyncio.Transport
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return ("127.0.0.1", 40000)
+        return _NoSocket() if name == "socket" else default
 
-    def send_pong(self, data: bytes) -> None:
-        assert not self.is_close_frame_sent, "a pong sent after the close frame"
-        assert len(data) <= 125, "a pong payload over 125 bytes"
-        self.pongs.append(bytes(data))
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = 64 * 1024 if high is None else high
 
-    def send_close(self, code: Any = WSCloseCode.OK, reason: bytes = b"") -> None:
-        assert not self.is_close_frame_sent, "a second close frame"
-        assert len(reason) <= 123, "a close reason over 123 bytes"
-        reason.decode("utf-8")  # a close reason is UTF-8 (RFC 6455 5.5.1)
-        self.close_code = int(code)
-        self.is_close_frame_sent = True
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.reads else self.written
 
-    def disconnect(self, graceful: bool = True) -> None:
-        self.is_disconnected = True
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self.high // 4, self.high)
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading and not self.closed
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def write(self, data: Any) -> None:
+        if self.closed:  # asyncio: "write() called after connection lost", per write
+            self.problems.append("a write to a closed transport")
+            return
+        self.buf += data
+        self.written += len(data)
+        self._frames()
+        if not self.reads and not self.write_paused and self.written > self.high:
+            self.write_paused = True
+            self.protocol.pause_writing()
+
+    def writelines(self, parts: Any) -> None:
+        self.write(b"".join(bytes(x) for x in parts))
+
+    # -- what reached the client
+    def _frames(self) -> None:
+        buf = self.buf
+        if self.http:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(bytes(buf[:end]).split(b" ", 2)[1])
+            self.http = False
+            del buf[:end + 4]
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            n, off = b1 & 0x7F, 2
+            if n == 126:
+                n, off = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, off = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < off + n:
+                return
+            payload = bytes(buf[off:off + n])
+            del buf[:off + n]
+            self._frame(b0, b1, payload)
+
+    def _frame(self, b0: int, b1: int, payload: bytes) -> None:
+        bad = self.problems.append
+        if b1 & 0x80:
+            bad("a masked frame from the server")
+        if b0 & 0x70:
+            bad("a frame with reserved bits set")
+        if not b0 & 0x80:
+            bad("a fragmented message (the gateway sends whole ones)")
+        if self.close_code is not None:
+            bad("a frame after the close frame")
+        op = b0 & 0x0F
+        if op == WSMsgType.CLOSE:
+            if len(payload) == 1 or len(payload) > 125:
+                bad(f"a close frame of {len(payload)} bytes")
+            try:
+                payload[2:].decode("utf-8")  # a close reason is UTF-8 (RFC 6455 5.5.1)
+            except UnicodeDecodeError:
+                bad("a close reason that is not UTF-8")
+            self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005
+        elif op == WSMsgType.PONG:
+            if len(payload) > 125:
+                bad("a pong payload over 125 bytes")
+            self.pongs.append(payload)
+        elif op in (WSMsgType.TEXT, WSMsgType.BINARY):
+            self.sent.append((WSMsgType(op), payload))
+        else:
+            bad(f"a frame with opcode {op} from the server")
+
+
+class FakeTransport(WSTransport):
+    """picows' own WSTransport (so `_core.can_send` and the core's casts take
+    it, and sends, pongs and closes are picows' code) over `_Wire`, with what
+    reached the client: `sent` (data messages), `pongs`, `close_code`."""
+
+    def __init__(self, listener: Any = None, reads: bool = True) -> None:
+        wire = _Wire(reads)
+        wire.protocol.listener = listener
+        super().__init__(False, wire, _PicowsLog(wire), _LOOP)
+        self.wire = wire
+
+    @property
+    def sent(self) -> list[tuple[WSMsgType, bytes]]:
+        return self.wire.sent
+
+    @property
+    def pongs(self) -> list[bytes]:
+        return self.wire.pongs
+
+    @property
+    def close_code(self) -> int | None:
+        return self.wire.close_code
+
+    def check(self) -> None:
+        """Nothing reached the client that a real transport would refuse or drop."""
+        w = self.wire
+        assert not w.problems, sorted(set(w.problems))
+        assert not w.buf, f"{len(w.buf)} bytes of an unfinished frame written"
 
 
 def _no_constant(name: str) -> Any:
@@ -176,10 +351,22 @@ def gateway(**cfg: Any) -> Gateway:
     """A real Gateway (table, hub, metrics) with no socket and no running loop."""
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     gw = Gateway(Config(**cfg), loop=_Loop())  # type: ignore[arg-type]
+    gw.wire_feed()  # the sink and the /ingest source, as start() does
+    gw.routes = gw._wire_routes()
     gw.started = True
     gw.table.apply_objects([{"sym": s, "seq": 5 + i, "ts": 1, "bid": 1.5 * i, "last": i}
                             for i, s in enumerate(SYMBOLS)])
     return gw
+
+
+def client_session(gw: Gateway, ent: Entitlements, binary: bool,
+                   limits: Any = None) -> Session:
+    """A /ws session as the gateway's routes make one (optionally held to other limits)."""
+    assert gw.routes is not None
+    ctx = gw.routes.session_ctx
+    if limits is not None:
+        ctx = dataclasses.replace(ctx, limits=limits)
+    return Session(ctx, ent, binary, "")
 
 
 def _make_buckets(n: int) -> list:

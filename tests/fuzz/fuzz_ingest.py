@@ -1,12 +1,15 @@
 """Fuzz both /ingest JSON parsers, which must agree, and the /ingest handler.
 
 1. The C fast path (`TickParser`, one per process as in the gateway) against
-   the fallback (`json.loads` + `Table.apply_objects`), on tables that already
-   hold rows (so stale ticks happen), one of them nearly full: when the fast
-   path takes a message it must take what the fallback takes and refuse what
-   it refuses, leaving the same rows and counters; it may only decline (-1).
-2. `IngestSession.on_message` on a real Gateway's /ingest source: no exception escapes
-   and every reply is strict JSON.
+   the fallback (`orjson.loads`, as /ingest decodes, + `Table.apply_objects`),
+   on tables that already hold rows (so stale ticks happen), one of them
+   nearly full: when the fast path takes a message it must take what the
+   fallback takes and refuse what it refuses, leaving the same rows and
+   counters; it may only decline (-1).
+2. `IngestSession.on_message` on a real Gateway's /ingest source: no exception escapes,
+   every reply is strict JSON, and a message that is not strict JSON (NaN and
+   infinities included, docs/protocol.md "Ingest") is refused whole: one
+   `bad_request` "not JSON", the table unchanged.
 
 The input is the message itself (the framing has checked its UTF-8).
 
@@ -15,13 +18,13 @@ The input is the message itself (the framing has checked its UTF-8).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
+import orjson
 from common import (
     FakeTransport,
     WSMsgType,
@@ -55,10 +58,10 @@ def table(cap: int) -> _core.Table:
 
 def differential(data: bytes) -> None:
     try:
-        msg = json.loads(data)
-    except (ValueError, RecursionError) as e:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
         msg = None  # the fallback refuses it whole
-        feature("refused", type(e).__name__, str(e).split(":")[0][:40])
+        feature("refused", str(e).split(":")[0][:40])
     for cap in (1_000_000, 3):
         n = PARSER.parse(data)
         feature("parse", cap, min(n, 4), type(msg).__name__)
@@ -79,17 +82,26 @@ def differential(data: bytes) -> None:
 
 def handler(data: bytes) -> None:
     GW.table = table(1_000_000)
+    before = state(GW.table)
     GW.table_sink = LocalSink(GW.table, GW.after_ticks)
     GW.wire_feed()  # the sink, and the /ingest source writing to it
     assert GW.ingest is not None
     s = GW.ingest.session(trusted=False)
-    tr = FakeTransport()
-    s.on_ws_connected(tr)  # type: ignore[arg-type]
+    tr = FakeTransport(s)
+    s.on_ws_connected(tr)
     assert not s.closing
     s.on_message(WSMsgType.TEXT, data)
-    for r in tr.sent:
-        reply = check_reply(*r)
+    tr.check()
+    replies = [check_reply(*r) for r in tr.sent]
+    for reply in replies:
         feature("reply", reply.get("code"), reply.get("message", "")[:12])
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        assert [(r["code"], r["message"][:9]) for r in replies] == [("bad_request", "not JSON:")], (
+            "a message that is not JSON was not refused whole", replies)
+        assert state(GW.table)[:4] == before[:4], "a message that is not JSON changed the table"
+    s.on_ws_disconnected(tr)
 
 
 def test_one(data: bytes) -> None:

@@ -131,8 +131,11 @@ class MessageListener(WSListener):
         t = frame.msg_type
         if t == WSMsgType.CLOSE:
             return self._on_close_frame(transport, frame)
-        if self.closing:
-            return  # after our close frame only the peer's close counts
+        if self.closing or transport.is_close_frame_sent:
+            # after a close frame only the peer's close counts: ours, or picows'
+            # own, sent when its parser refused a later frame of the same read
+            # before it handed over the frames ahead of that one
+            return
         if t == WSMsgType.PING:
             return self.on_ping(transport, frame.get_payload_as_bytes())
         if t == WSMsgType.PONG:
@@ -232,9 +235,15 @@ class MessageListener(WSListener):
         tr = self.transport
         if tr is None or self.closing:
             return
+        picows_closed = tr.is_close_frame_sent
+        if picows_closed:
+            # picows closed first, in the same read (a frame over its one
+            # max_frame_size, seen before FrameGuard looks): a second close
+            # frame would only be dropped. Count picows' close, as at disconnect.
+            self.count_picows_close(tr)
         self.closing = True
         self._partial = self._utf8 = None
-        if not _core.connected(tr):
+        if picows_closed or not _core.connected(tr):
             return  # lost: nothing reaches the peer, and picows will hang up
         code = WSCloseCode(code)
         self.link.count_close(code.value)
