@@ -18,6 +18,11 @@ FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "las
 #: the fields a tick may set besides sym, seq and ts (all numbers)
 VALUE_FIELDS = FIELDS[3:]
 
+# ---- channels (version 1.1): what a subscription is to
+
+#: the version 1 channel, meant by a request that names no `channels`
+QUOTE_CHANNEL = "quote"
+
 # ---- subprotocols and binary formats
 
 JSON_SUBPROTOCOL = "fastfeed.v1.json"
