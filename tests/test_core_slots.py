@@ -51,7 +51,7 @@ def three_slots():
     tables = [_core.Table(capacity=64, key=k) for k in KEYS]
     refs = [RefTable(key=k) for k in KEYS]
     hub, rhub = _core.Hub(tables[0]), RefHub(refs[0])
-    for t, r in zip(tables[1:], refs[1:]):
+    for t, r in zip(tables[1:], refs[1:], strict=True):
         assert hub.add_kind(t) == rhub.add_kind(r)
     hub.capture = []
     return tables, refs, hub, rhub

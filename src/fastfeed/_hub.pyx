@@ -278,7 +278,7 @@ cdef class Hub:
         cdef Group* G
         cdef Py_ssize_t s
         if g < 0:
-            return [np.zeros(0, dtype=np.int32) for s in range(self.nslots)]
+            return [np.zeros(0, dtype=np.int32) for _ in range(self.nslots)]
         G = &self.groups[g]
         return [np.frombuffer(PyBytes_FromStringAndSize(<char*>(G.ids + G.off[s]),
                                                         (G.off[s + 1] - G.off[s]) * 4),

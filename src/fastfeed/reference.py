@@ -166,8 +166,9 @@ class RefHub:
             c.sent = [t.version for t in self.kinds]
             frames = []
             if c.binary:
-                binary = [p if t.has_binary else [] for p, t in zip(pending, self.kinds)]
-                other = [[] if t.has_binary else p for p, t in zip(pending, self.kinds)]
+                kinds = self.kinds
+                binary = [p if t.has_binary else [] for p, t in zip(pending, kinds, strict=True)]
+                other = [[] if t.has_binary else p for p, t in zip(pending, kinds, strict=True)]
                 if any(binary):
                     frames.append(self.bin_frame(binary, wall))
                 if any(other):
@@ -180,14 +181,14 @@ class RefHub:
 
     def bin_frame(self, pending: list[list[int]], wall: int) -> bytes:
         assert ROW_DTYPE.itemsize == 104
-        rows = [t.row_bin(i) for t, ids in zip(self.kinds, pending) for i in ids]
+        rows = [t.row_bin(i) for t, ids in zip(self.kinds, pending, strict=True) for i in ids]
         return BIN_MAGIC + struct.pack("<Iq", len(rows), wall) + b"".join(rows)
 
     def frame(self, pending: list[list[int]], wall: int) -> bytes:
         """A JSON update frame: `rows` always, every other key in order of its
         first slot, only when it holds something."""
         keys: dict[str, list[bytes]] = {"rows": []}
-        for t, ids in zip(self.kinds, pending):
+        for t, ids in zip(self.kinds, pending, strict=True):
             keys.setdefault(t.key, []).extend(t.row_json(i) for i in ids)
         body = b"".join(b',"%s":[%s]' % (k.encode(), b",".join(v))
                         for k, v in keys.items() if v or k == "rows")

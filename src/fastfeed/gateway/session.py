@@ -319,7 +319,8 @@ class Session(MessageListener):
         """The (symbol, id, channel) pairs of `held` (subscribed or watched)
         among `syms` x `chans`, and the symbols with a pair not held."""
         table = self.ctx.table
-        pairs, missing = [], []
+        pairs: list[tuple[str, int, Channel]] = []
+        missing: list[str] = []
         for sym in syms:
             iid = table.lookup(sym)
             have = [ch for ch in chans if iid >= 0 and iid in held.get(ch.name, ())]
