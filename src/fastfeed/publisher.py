@@ -59,7 +59,7 @@ from fastfeed._core import check_tick, encode_batch
 from fastfeed.backoff import Backoff
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
-from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, FIELDS
+from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_ABNORMAL, CLOSE_NO_STATUS, FIELDS
 
 __all__ = [
     "MAX_BATCH",
@@ -140,10 +140,11 @@ class _IngestListener(WSListener):  # type: ignore[misc]
             self.owner._on_pong(frame.get_payload_as_bytes())
         elif t is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()
-            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else CLOSE_NO_STATUS
             self.owner.close_code = code
             if not transport.is_close_frame_sent:
-                transport.send_close(WSCloseCode(1000 if code == 1005 else code))
+                transport.send_close(WSCloseCode.OK if code == CLOSE_NO_STATUS
+                                     else WSCloseCode(code))
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -169,7 +170,7 @@ class WebSocketTransport:
         self.token = token
         self.connect_timeout = connect_timeout
         self.on_error: Callable[[FastfeedError], None] | None = None
-        self.close_code = 1006
+        self.close_code = CLOSE_ABNORMAL
         self._ws: WSTransport | None = None
         self._done: asyncio.Future[int] | None = None
         self._writable = asyncio.Event()
@@ -177,7 +178,7 @@ class WebSocketTransport:
         self._ping_seq = 0
 
     async def connect(self) -> None:
-        self.close_code = 1006
+        self.close_code = CLOSE_ABNORMAL
         self._done = asyncio.get_running_loop().create_future()
         self._writable.set()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -291,7 +292,7 @@ class RedisTransport:
 
     def _on_feed(self, up: bool) -> None:
         if not up and self._done is not None and not self._done.done():
-            self._done.set_result(1006)
+            self._done.set_result(CLOSE_ABNORMAL)
 
     async def connect(self) -> None:
         if not self._started:
@@ -688,7 +689,7 @@ class Publisher:
             self._space.set()
             if self._state:
                 self._idle.clear()  # the state goes again on the next connection
-        code = closed.result() if closed.done() else 1006
+        code = closed.result() if closed.done() else CLOSE_ABNORMAL
         closed.cancel()
         if not self._closing:
             if code in CLIENT_FAULT_CLOSE_CODES:
