@@ -34,8 +34,10 @@ every new connection. The other side drops what it already has (a tick whose
 a Redis that stayed up and restores one that restarted empty. While
 disconnected, `publish` never waits and memory is bounded by the number of
 symbols, not ticks. The WebSocket transport reconnects after the
-`fastfeed.backoff.Backoff` given as `backoff`; the Redis transport follows
-the bus's circuit breaker (which waits with the same backoff).
+`fastfeed.backoff.Backoff` given as `backoff`, by the client's rule
+(`fastfeed.backoff.Retries`: afresh after a served connection, still growing
+after a 1013 or a close for the publisher's own fault); the Redis transport
+follows the bus's circuit breaker (which waits with the same backoff).
 
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
@@ -56,7 +58,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from picows.common import WSHandshakeError
 
 from fastfeed._core import check_tick, encode_batch
-from fastfeed.backoff import Backoff
+from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
 from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_ABNORMAL, CLOSE_NO_STATUS, FIELDS
@@ -615,7 +617,7 @@ class Publisher:
             self._idle.set()
 
     async def _run(self) -> None:
-        attempt = 0
+        retries = Retries(self.backoff)  # the client's rule: see fastfeed.backoff
         try:
             while True:
                 try:
@@ -627,12 +629,10 @@ class Publisher:
                 except (TimeoutError, OSError) as e:
                     log.info("fastfeed publisher: cannot connect: %s", e)
                 else:
-                    attempt = 0
-                    await self._serve()
+                    retries.served(await self._serve())
                     if self._closing:
                         return
-                await asyncio.sleep(self.backoff.delay(attempt))
-                attempt += 1
+                await retries.wait()
                 self.reconnects += 1
         except asyncio.CancelledError:
             raise
@@ -640,8 +640,9 @@ class Publisher:
             log.exception("fastfeed publisher stopped")
             self._stop(e)
 
-    async def _serve(self) -> None:
-        """Send the held state, then batches, until the connection ends."""
+    async def _serve(self) -> int:
+        """Send the held state, then batches, until the connection ends;
+        returns the code that closed it."""
         closed = asyncio.ensure_future(self.transport.closed())
         wake: asyncio.Future[Any] | None = None
         self._connection += 1
@@ -698,6 +699,7 @@ class Publisher:
                 )
             else:
                 log.info("fastfeed publisher: connection closed (%s), reconnecting", code)
+        return code
 
     async def _send(self, batch: list[Tick]) -> None:
         await self.transport.send(batch)
