@@ -33,6 +33,7 @@ import time
 import jwt
 import pytest
 import websockets
+from fixtures import rss_kib, strict_json
 from support import Gateway, http_get, until
 from wsraw import RawWS
 
@@ -60,23 +61,6 @@ def token(sub: str = "canary") -> str:
 
 
 AUTH = {"Authorization": f"Bearer {token()}"}
-
-
-def strict_json(data: bytes) -> dict:
-    """RFC 8259: UTF-8, no NaN or Infinity, no lone surrogate (raw or escaped)."""
-    def no_constant(name: str):
-        raise ValueError(f"{name} is not JSON")
-    obj = json.loads(data.decode("utf-8"), parse_constant=no_constant)
-    json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
-    return obj
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 class Problems(list):

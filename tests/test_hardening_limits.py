@@ -19,20 +19,13 @@ import time
 
 import pytest
 import websockets
+from fixtures import rss_kib
 from support import http_get, start_gateway, until
 from wsraw import RawWS
 
 from fastfeed import _core
 from fastfeed.auth import EVERYTHING, Entitlements
 from fastfeed.gateway.session import SymbolIndex, list_page
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def metric(g, name: str, label: str = "") -> float:
