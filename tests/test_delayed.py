@@ -213,3 +213,33 @@ async def test_memory_stays_within_the_formula_under_10k_ticks_per_second():
             await asyncio.sleep(1.0)
         assert 0 < peak <= formula(n, rate, delay, 0.1), peak
         assert w.seen and not w.late
+
+
+async def test_binary_frames_for_delayed_symbols_hold_no_newer_row():
+    import numpy as np
+
+    from fastfeed import _core
+
+    syms = ["TLKM", "ASII", "BBCA"]
+    async with start_gateway("--max-delay-s", "5", env=ENV) as g:
+        seqs = await feed(g, syms, 0.3, 100)
+        async with websockets.connect(g.ws_url + f"?token={token(1, ['BB*'])}",
+                                      subprotocols=["fastfeed.v1.bin"]) as ws:
+            await ws.send(json.dumps({"op": "subscribe", "symbols": syms}))
+            more = asyncio.ensure_future(feed(g, syms, 2.5, 200, seqs))
+            held: dict[str, int] = {}
+            fresh_bb, deadline = False, time.monotonic() + 20
+            while time.monotonic() < deadline and not (fresh_bb and held == seqs and more.done()):
+                m = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(m, str):
+                    continue  # the snapshot
+                t = int.from_bytes(m[8:16], "little", signed=True)
+                for r in np.frombuffer(m, _core.ROW_DTYPE, offset=16):
+                    sym = r["sym"].decode()
+                    if sym.startswith("BB"):
+                        fresh_bb = fresh_bb or int(r["ts"]) > t - S
+                    else:
+                        assert int(r["ts"]) <= t - S, f"{sym} row newer than t - 1 s"
+                    held[sym] = int(r["seq"])
+            await more
+            assert fresh_bb and held == seqs, (fresh_bb, held, seqs)
