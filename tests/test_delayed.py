@@ -243,3 +243,32 @@ async def test_binary_frames_for_delayed_symbols_hold_no_newer_row():
                     held[sym] = int(r["seq"])
             await more
             assert fresh_bb and held == seqs, (fresh_bb, held, seqs)
+
+
+async def test_every_worker_and_a_late_pod_build_the_delayed_state_from_the_bus():
+    from redis_server import RedisServer
+
+    syms = ["TLKM", "ASII", "UNVR"]
+    bus = ["--redis-prefix", "delayed", "--max-delay-s", "5"]
+    with RedisServer() as r:
+        async with start_gateway("--workers", "2", "--redis", r.url, *bus, env=ENV) as g:
+            seqs = await feed(g, syms, 0.3, 100)
+            async with contextlib.AsyncExitStack() as stack:
+                ws = [await stack.enter_async_context(
+                    websockets.connect(g.ws_url + f"?token={token(2)}")) for _ in range(6)]
+                clients = [Watcher(w, 2) for w in ws]  # spread over both workers
+                for c in clients:
+                    await c.subscribe(syms)
+                await feed(g, syms, 2, 200, seqs)
+                for c in clients:
+                    await until(lambda c=c: {s: r[1] for s, r in c.rows.items()} == seqs, 15,
+                                what="every delayed client at the last tick")
+                    assert not c.late, c.late[:3]
+            # a pod started now has no past, but what is older than the delay it has
+            await asyncio.sleep(2.5)
+            async with (start_gateway("--redis", r.url, *bus, env=ENV) as late_pod,
+                        websockets.connect(late_pod.ws_url + f"?token={token(2)}") as w):
+                c = Watcher(w, 2)
+                snap = await c.subscribe(syms)
+                assert {row[0]: row[1] for row in snap["rows"]} == seqs
+                assert not c.late

@@ -87,13 +87,18 @@ class DelaySource(TaskSource):
                     self.on_full(d)
         return applied
 
+    async def start(self) -> None:
+        # the first slot now: it holds the table as the sources before this one
+        # left it (the bus's snapshot), before any client can ask
+        self.step(_core.wall_ns())
+        await super().start()
+
     async def run(self) -> None:
         line = self.line
         while True:
-            now = _core.wall_ns()
-            self.step(now)
             # a release is due at most a slot after the record that made it
             await asyncio.sleep(line.slot_ns / NS)
+            self.step(_core.wall_ns())
 
     def observe(self, metrics: Any) -> None:
         metrics.delay_line_bytes.set(self.line.nbytes)
