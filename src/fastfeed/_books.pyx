@@ -744,7 +744,7 @@ cdef class Books(Kind):
     def state_records(self, ids=None):
         """The books as one FFK1 batch of full records (with the stale
         flag): what the store holds, for writing it back after Redis lost it."""
-        cdef int32_t b
+        cdef int32_t b, iid
         parts = []
         for iid in (self.ids() if ids is None else ids):
             if iid < 0 or iid >= self.size or self.slot[iid] < 0:
