@@ -24,7 +24,6 @@ from fastfeed.reference import (
     BOOK_CROSSED,
     BOOK_DROPPED,
     BOOK_GAP,
-    BOOK_REFUSED,
     BOOK_STALE,
     RefBooks,
     RefTable,
@@ -57,10 +56,8 @@ class Client:
 
     def apply(self, entry: dict) -> None:
         sym = entry["sym"]
-        if entry.get("full") or sym not in self.books:
-            sides = ({}, {})
-        else:
-            sides = self.books[sym][1:]
+        fresh = entry.get("full") or sym not in self.books
+        sides = ({}, {}) if fresh else self.books[sym][1:]
         for side, name in zip(sides, ("bids", "asks"), strict=True):
             for p, v, o in entry[name]:
                 if v == 0:

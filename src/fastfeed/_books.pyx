@@ -801,7 +801,6 @@ cdef int _apply_record(Books bk, int32_t iid, const char* r, bint snapshot,
     cdef double* px = <double*>malloc((n + 1) * 8)
     cdef double* vol = <double*>malloc((n + 1) * 8)
     cdef uint32_t* orders = <uint32_t*>malloc((n + 1) * 4)
-    cdef int out
     cdef uint8_t was
     if px == NULL or vol == NULL or orders == NULL:
         free(px)
