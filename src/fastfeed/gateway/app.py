@@ -50,6 +50,8 @@ class Gateway:
         self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
                                  max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
+        # order books: the same instrument ids as the table (docs/core.md)
+        self.books = _core.Books(self.table, cfg.book_depth, cfg.book_levels)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
@@ -64,7 +66,7 @@ class Gateway:
         # the table as a sink: the bus's subscriber writes here, and in embedded
         # mode every source does; --record records what it takes
         self.table_sink: LocalSink | record.RecordingSink = LocalSink(
-            self.table, self.clock.after_ticks)
+            self.table, self.clock.after_ticks, self.books)
         recorder = record.open_recorder(cfg.record, self.loop)
         if recorder is not None:
             self.table_sink = record.RecordingSink(self.table_sink, recorder)

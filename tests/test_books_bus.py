@@ -1,0 +1,161 @@
+"""Order books on the Redis bus, against a real redis-server: the book script
+holds the contract's rules exactly as the compiled `Books` does, every worker
+ends with the same bytes, and a worker that starts late loads the stored
+books and then applies only newer seqs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from redis_server import RedisServer
+from support import until
+
+from fastfeed._core import Books, Table
+from fastfeed.bus import BusConfigError, RedisBus
+from fastfeed.feed.sink import LocalSink
+
+pytestmark = pytest.mark.timeout(120)
+SYMS = [f"B{i:02d}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def redis():
+    with RedisServer() as r:
+        yield r
+
+
+@pytest.fixture
+def prefix(request):
+    return "k" + str(abs(hash(request.node.name)) % 10**9)
+
+
+class BookFeed:
+    """Random book messages: full books, changes near the top, sweeps,
+    levels beyond the kept maximum, and now and then a seq gap, a crossing
+    change or a stale seq (the book goes stale and a later full book heals it)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.seq = dict.fromkeys(SYMS, 0)
+        self.mid = {s: 1000.0 + 100 * k for k, s in enumerate(SYMS)}
+
+    def level(self, sym: str, side: int, k: int) -> list:
+        p = self.mid[sym] + (-1 if side == 0 else 1) * (5 * (k + 1))
+        return [p, float(self.rng.choice([0, 100, 200, 500, 1000])), self.rng.randint(0, 9)]
+
+    def msgs(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            rng = self.rng
+            s = rng.choice(SYMS)
+            r = rng.random()
+            if r < 0.08 or self.seq[s] == 0:
+                self.seq[s] += 1
+                out.append({"type": "book", "sym": s, "seq": self.seq[s], "full": True,
+                            "bids": [self.level(s, 0, k) for k in range(rng.randint(0, 14))],
+                            "asks": [self.level(s, 1, k) for k in range(rng.randint(0, 14))]})
+                continue
+            if r < 0.11:
+                self.seq[s] += 2  # a gap
+            elif r < 0.13:
+                pass  # a repeated seq: stale
+            else:
+                self.seq[s] += 1
+            m: dict = {"type": "book", "sym": s, "seq": self.seq[s], "bids": [], "asks": []}
+            if r > 0.99:  # a sweep through the bids
+                m["bids"] = [[self.mid[s] - 5 * (k + 1), 0.0, 0] for k in range(8)]
+            elif 0.13 <= r < 0.15:  # a bid through the asks: crosses
+                m["bids"] = [[self.mid[s] + 50, 100.0, 1]]
+            else:
+                for _ in range(rng.randint(1, 4)):
+                    side = rng.randint(0, 1)
+                    k = min(int(rng.expovariate(0.5)), 16)  # most changes near the top
+                    m["bids" if side == 0 else "asks"].append(self.level(s, side, k))
+            out.append(m)
+        return out
+
+
+def worker(redis: RedisServer, prefix: str, levels: int = 8) -> tuple[RedisBus, Books]:
+    table = Table()
+    books = Books(table, depth=5, levels=levels)
+    sink = LocalSink(table, lambda: None, books)
+    return RedisBus(redis.url, channels=4, prefix=prefix, sink=sink), books
+
+
+def states(books: Books) -> dict[str, bytes]:
+    return {books.table.symbol(i): books.snapshot_json([i]) for i in books.ids()
+            if books.seq_of(i) or books.is_stale(i)}
+
+
+async def test_workers_hold_the_same_books_as_embedded_mode(redis, prefix):
+    feed = BookFeed(7)
+    embedded_table = Table()
+    embedded = Books(embedded_table, depth=5, levels=8)
+    pub = RedisBus(redis.url, channels=4, prefix=prefix, book_levels=8)
+    a_bus, a = worker(redis, prefix)
+    late_bus, late = worker(redis, prefix)
+    await pub.start()
+    await a_bus.start()
+    await pub.wait_ready(10)
+    await a_bus.wait_ready(10)
+    sent = 0
+    errors = []
+    for k in range(30):
+        msgs = feed.msgs(40)
+        embedded.apply_objects(msgs)
+        errors += await pub.publish_books(msgs)
+        sent += len(msgs)
+        if k == 15:  # the second worker starts mid-stream: it loads the store first
+            await late_bus.start()
+            await late_bus.wait_ready(10)
+    assert errors == []
+    want = states(embedded)
+    stale = [s for s in want if embedded.is_stale(embedded_table.lookup(s))]
+    assert stale, "the feed should have left some book stale"
+    await until(lambda: states(a) == want and states(late) == want, timeout=20)
+    # what the store holds is that book too
+    fresh = Books(Table(), depth=5, levels=8)
+    store = await a_bus.book_bus.read_state()
+    fresh.apply_records(b"FFK1" + len(store).to_bytes(4, "little") + b"".join(store.values()),
+                        snapshot=True)
+    assert states(fresh) == want
+    for b in (a, late):
+        for i in b.ids():
+            assert b.checksum(i) == embedded.checksum(embedded_table.lookup(b.table.symbol(i)))
+        b._check_invariants()
+    for bus in (pub, a_bus, late_bus):
+        await bus.close()
+
+
+async def test_bad_books_are_refused_before_redis(redis, prefix):
+    pub = RedisBus(redis.url, channels=4, prefix=prefix)
+    await pub.start()
+    await pub.wait_ready(10)
+    errors = await pub.publish_books([
+        {"type": "book", "sym": "X", "seq": 1, "full": True, "bids": [[2.0, 1.0, 0]],
+         "asks": [[1.0, 1.0, 0]]},
+        {"type": "book", "sym": "X", "seq": 1, "bids": [[2.0, -1.0, 0]]},
+        {"type": "book", "sym": "Y", "seq": 1, "full": True, "bids": [[1.0, 1.0, 0]]},
+    ], index=[3, 5, 8])
+    assert [(i, s) for i, s, _ in errors] == [(3, "X"), (5, "X")]
+    assert "crossed full book" in errors[0][2] and "negative volume" in errors[1][2]
+    assert set(await pub.book_bus.read_state()) == {"Y"}
+    await pub.close()
+
+
+async def test_every_gateway_on_a_prefix_keeps_the_same_levels(redis, prefix):
+    first = RedisBus(redis.url, channels=4, prefix=prefix, book_levels=20)
+    await first.start()
+    await first.wait_ready(10)
+    other = RedisBus(redis.url, channels=4, prefix=prefix, book_levels=30,
+                     backoff_base=0.05, backoff_cap=0.1)
+    await other.start()
+    await until(lambda: "book levels" in other.link.last_error, timeout=10)
+    assert "--book-levels 30" in other.link.last_error
+    with pytest.raises(asyncio.TimeoutError):
+        await other.wait_ready(0.3)
+    await first.close()
+    await other.close()
+    assert BusConfigError
