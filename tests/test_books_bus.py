@@ -159,3 +159,60 @@ async def test_every_gateway_on_a_prefix_keeps_the_same_levels(redis, prefix):
     await first.close()
     await other.close()
     assert BusConfigError
+
+
+class Answers:
+    """A source's `Reply` that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple] = []
+
+    def admit(self, n: int) -> bool:
+        return True
+
+    def refused(self, errors: list) -> None:
+        self.told.extend((i, s, why) for i, s, why in errors)
+
+    def error(self, code: str, message: str) -> None:
+        self.told.append(("error", code, message))
+
+
+MIXED = [
+    {"sym": "Q1", "seq": 1, "bid": 5.0},
+    {"type": "book", "sym": "B1", "seq": 1, "full": True, "bids": [[1.0, 1.0, 0]],
+     "asks": [[2.0, 1.0, 0]]},
+    {"type": "book", "sym": "B1", "seq": 2, "asks": [[2.0, float("nan"), 0]]},
+    {"type": "candle", "sym": "B1"},
+    {"type": "quote", "sym": "Q2", "seq": 1, "ask": 6.0},
+    {"type": "book", "sym": "B2", "seq": 1, "full": True, "bids": [[3.0, 1.0, 0]],
+     "asks": [[2.0, 1.0, 0]]},
+    {"sym": "Q1", "seq": 2, "bid": "x"},
+]
+
+
+async def test_local_and_bus_sinks_take_books_beside_quotes_alike(redis, prefix):
+    from fastfeed.feed.sink import INGEST, BusSink
+
+    table = Table()
+    books = Books(table)
+    local = Answers()
+    LocalSink(table, lambda: None, books).ticks(MIXED, INGEST, local)
+    bus_worker, remote = worker(redis, prefix, levels=50)
+    pub = RedisBus(redis.url, channels=4, prefix=prefix)
+    for b in (bus_worker, pub):
+        await b.start()
+        await b.wait_ready(10)
+    sink = BusSink(pub, lambda *a: None)
+    answers = Answers()
+    sink.ticks(MIXED, INGEST, answers)
+    await sink.drain()
+    want = [(2, "B1", "price or volume is NaN or infinite at asks[0]"),
+            (3, "B1", "unknown type 'candle'"),
+            (5, "B2", "crossed full book: best bid 3.0 >= best ask 2.0"),
+            (6, "Q1", "bid is not a number")]
+    assert local.told == want == answers.told
+    assert [table.symbol(i) for i in books.ids()] == ["B1"]
+    assert table.row(table.lookup("Q2"))[4] == 6.0
+    await until(lambda: states(remote) == states(books))
+    for b in (bus_worker, pub):
+        await b.close()

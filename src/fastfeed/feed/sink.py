@@ -256,7 +256,7 @@ class LocalSink:
             reply.refused(errors)
 
     def _kinds(self, msgs: list[Any], source: int, reply: Reply) -> None:
-        quotes, qidx, other, errors = split_kinds(msgs, ("book",) if self.books else ())
+        quotes, qidx, other, errors = split_kinds(msgs, ("book",) if self.books is not None else ())
         if quotes:
             _, _, errs = self.table.apply_objects(quotes, source)
             errors += [(qidx[i], sym, why) for i, sym, why in errs]
