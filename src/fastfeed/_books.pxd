@@ -75,6 +75,7 @@ cdef class Books(Kind):
     cdef void _tomb(self, int32_t b, int32_t side, double price, uint64_t stamp) noexcept
     cdef void _untomb(self, int32_t b, int32_t side, double price) noexcept
     cdef void _mark(self, int32_t iid, int64_t now) noexcept
+    cdef int _set_stale(self, int32_t b, int32_t iid, bint stale) except -1
     cdef uint32_t _crc(self, int32_t b) noexcept
     cdef char* _levels(self, char* p, int32_t b, int32_t side) except NULL
     cdef const char* _snap(self, int32_t iid, int32_t* n) except NULL

@@ -112,7 +112,7 @@ cdef class Books(Kind):
         memset(&self.stats, 0, sizeof(Stats))
         # an entry: the envelope, a 32-char symbol, seq, checksum, and at most
         # 2 * depth levels (a longer change list goes out as the full book)
-        self.entry_bound = 160 + 2 * depth * LEVEL_TEXT
+        self.entry_bound = 176 + 2 * depth * LEVEL_TEXT
         self.scratch = <Level*>malloc(2 * levels * sizeof(Level))
         self.oldvis = <Level*>malloc(2 * depth * sizeof(Level))
         if self.scratch == NULL or self.oldvis == NULL:
@@ -215,6 +215,14 @@ cdef class Books(Kind):
             self.hot[self.nhot] = iid
             self.nhot += 1
 
+    cdef int _set_stale(self, int32_t b, int32_t iid, bint stale) except -1:
+        """Mark the book stale or healed: its snapshot text changes (a stale
+        book's carries "stale":true) and its subscribers are told."""
+        self.books[b].stale = stale
+        self.books[b].snap_ver = <uint64_t>-1
+        self._event(iid, stale)
+        return 0
+
     def _event(self, int32_t iid, bint stale):
         sym = PyBytes_FromStringAndSize(self.table.syms + iid * SYM_MAX, self.table.symlen[iid])
         self.events.append((iid, b'{"type":"status","sym":"' + sym
@@ -255,15 +263,13 @@ cdef class Books(Kind):
             B.seq = seq
             B.floor = self.version + 1
             if B.stale:
-                B.stale = 0
-                self._event(iid, False)
+                self._set_stale(b, iid, False)
             self._mark(iid, now)
             return B_APPLIED
         if B.stale:
             return B_DROPPED
         if seq != B.seq + 1:
-            B.stale = 1
-            self._event(iid, True)
+            self._set_stale(b, iid, True)
             return B_GAP
         # the result goes to scratch first: a crossed one is not kept
         for side in range(2):
@@ -302,8 +308,7 @@ cdef class Books(Kind):
                     n += 1
             nnew[side] = n
         if nnew[0] and nnew[1] and self.scratch[0].price >= self.scratch[self.levels].price:
-            B.stale = 1
-            self._event(iid, True)
+            self._set_stale(b, iid, True)
             return B_CROSSED
         for side in range(2):
             lv = self._side(b, side)
@@ -419,6 +424,9 @@ cdef class Books(Kind):
             memcpy(p, b'],"asks":[', 10)
             p = self._levels(p + 10, b, 1)
             p = self._tail(p, b)
+            if B.stale:
+                memcpy(p - 1, b',"stale":true}', 14)
+                p += 13
             if FF_DEBUG and p - B.snap > self.entry_bound:
                 raise AssertionError("book snapshot entry overran its bound")
             B.snap_len = <int32_t>(p - B.snap)
@@ -662,19 +670,27 @@ cdef class Books(Kind):
         return applied, stale, errors
 
     def snapshot_json(self, ids):
-        """Comma-joined snapshot entries of `ids` (a book that holds nothing
-        yet: empty sides, seq 0)."""
-        cdef int32_t n
+        """Comma-joined snapshot entries of `ids`; a book that holds nothing
+        yet (seq 0, not stale) is left out: its first book comes as an update."""
+        cdef int32_t n, i
         cdef const char* p
         parts = []
         for iid in ids:
-            if iid < 0 or iid >= self.table.size:
+            if iid < 0 or iid >= self.size or self.slot[<int32_t>iid] < 0:
                 continue
-            self.reserve(iid + 1)
-            self._book(iid)
-            p = self._snap(iid, &n)
+            i = iid
+            if self.books[self.slot[i]].seq == 0 and not self.books[self.slot[i]].stale:
+                continue
+            p = self._snap(i, &n)
             parts.append(PyBytes_FromStringAndSize(p, n))
         return b",".join(parts)
+
+    def item(self, Py_ssize_t iid):
+        """The item id of instrument `iid` (itself), with room made for it:
+        the hub may watch and subscribe any instrument's book."""
+        if iid >= self.size:
+            self.reserve(iid + 1)
+        return iid
 
     def _encode_section_py(self, ids, uint64_t since):
         """What `encode_section` writes for `ids` at `since` (tests): (count, bytes)."""
@@ -825,11 +841,13 @@ cdef int _apply_record(Books bk, int32_t iid, const char* r, bint snapshot,
                 return B_STALE
             was = bk.books[b].stale
             if seq > bk.books[b].seq:
-                bk.books[b].stale = 0
+                bk.books[b].stale = 0  # replaced without an "ok": it stays stale
                 bk.apply_book(iid, seq, True, nb, na, px, vol, orders, now)
-            bk.books[b].stale = 1
-            if not was:
-                bk._event(iid, True)
+            if was:
+                bk.books[b].stale = 1
+                bk.books[b].snap_ver = <uint64_t>-1
+            else:
+                bk._set_stale(b, iid, True)
             return B_APPLIED
         return bk.apply_book(iid, seq, flags & F_FULL, nb, na, px, vol, orders, now)
     finally:

@@ -317,9 +317,10 @@ class RefBooks:
     def snapshot(self, iid: int) -> bytes:
         b = self.books.get(iid, RefBook())
         sym = self.table.rows[iid][0]
+        stale = ',"stale":true' if b.stale else ""
         return (f'{{"sym":"{sym}","seq":{b.seq},"bids":[{self._levels(self.view(b, 0))}],'
-                f'"asks":[{self._levels(self.view(b, 1))}],"checksum":{self.checksum(iid)}}}'
-                ).encode()
+                f'"asks":[{self._levels(self.view(b, 1))}],"checksum":{self.checksum(iid)}'
+                f'{stale}}}').encode()
 
     def entry(self, iid: int, since: int) -> bytes:
         b = self.books[iid]
