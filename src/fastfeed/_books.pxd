@@ -43,8 +43,6 @@ cdef struct Book:
 
 cdef class Books(Kind):
     cdef:
-        readonly str key
-        readonly bint has_binary
         readonly Table table
         readonly int32_t depth        # levels served per side
         readonly int32_t levels       # levels kept per side
@@ -80,6 +78,3 @@ cdef class Books(Kind):
     cdef char* _levels(self, char* p, int32_t b, int32_t side) except NULL
     cdef const char* _snap(self, int32_t iid, int32_t* n) except NULL
     cdef char* _entry(self, char* p, int32_t iid, uint64_t since) except NULL
-    cdef Py_ssize_t section_bound(self, int32_t n) noexcept
-    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                              uint32_t* count, int64_t* oldest) except NULL

@@ -28,10 +28,11 @@ from ..feed.replay import ReplaySource
 from ..feed.simulator import SimulatorSource
 from ..feed.sink import BusSink, LocalSink, Sink
 from ..feed.source import BusSource, Source
+from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Limits, Registry
+from .registry import Channels, Limits, Registry, quote_channel
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -50,13 +51,19 @@ class Gateway:
         self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
                                  max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
+        # what `channels` may name; a kind adds its slot (hub.add_kind) and channel here
+        self.channels = Channels()
+        self.channels.register(quote_channel(self.table))
         # order books: the same instrument ids as the table (docs/core.md)
         self.books = _core.Books(self.table, cfg.book_depth, cfg.book_levels)
+        book = book_channel(self.hub, self.books)
+        self.channels.register(book)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
         self.clock = FrameClock(self.loop, self.hub, cfg.frame_ms, cfg.max_frame_ms,
                                 cfg.min_frame_ms, self.metrics.frame_floor.set)
+        self.clock.before.append(book_events(self.hub, book.slot, self.books))
         # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
         # the others to theirs from the frame header
         frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
@@ -101,7 +108,8 @@ class Gateway:
     def _wire_routes(self) -> Routes:
         assert self.ingest is not None
         session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
-                                     self.symbol_index, self.registry, self.metrics.count_error)
+                                     self.symbol_index, self.registry, self.metrics.count_error,
+                                     self.channels)
         return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
                       session_ctx=session_ctx, ingest=self.ingest,
                       draining=lambda: self.draining, ready_reasons=self.ready_reasons)
