@@ -20,9 +20,9 @@ import zlib
 import pytest
 import websockets
 from books_feed import SYMS, BookFeed
+from fixtures import rss_kib
 from redis_server import RedisServer
 from support import start_gateway, until
-from test_flow_control import rss_kib
 from wsraw import RawWS
 
 from fastfeed._core import Books, Table
