@@ -23,6 +23,7 @@ from fastfeed._books import (
     decode_books,
     encode_books,
 )
+from fastfeed._books import has_type
 from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._wire import (
@@ -49,5 +50,5 @@ __all__ = [
     "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "BOOK_MAGIC", "BOOK_OUTCOMES", "DEBUG",
     "FIELDS", "OUTCOMES", "ROW_DTYPE", "SOURCES", "VALUE_FIELDS", "Books", "Hub", "Table",
     "can_send", "check_tick", "connected", "decode_batch", "decode_books", "encode_batch",
-    "encode_books", "partition", "valid_symbol", "wall_ns",
+    "encode_books", "has_type", "partition", "valid_symbol", "wall_ns",
 ]

@@ -181,8 +181,7 @@ def split_kinds(msgs: list[Any], kinds: Sequence[str]
     return quotes, qidx, other, errors
 
 
-def _typed(msgs: list[Any]) -> bool:
-    return any(type(m) is dict and "type" in m for m in msgs)
+_typed = _core.has_type
 
 
 def batch_count(data: bytes) -> int:
