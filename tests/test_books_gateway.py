@@ -126,7 +126,13 @@ class BookClient:
             async for raw in ws:
                 msg = json.loads(raw)
                 if msg.get("type") == "snapshot":
-                    self.subscribed.set()
+                    if msg.get("unknown"):
+                        # not seen here yet (the bus is on its way): ask again
+                        await asyncio.sleep(0.05)
+                        await ws.send(json.dumps({"op": "subscribe", "symbols": msg["unknown"],
+                                                  "channels": ["book"]}))
+                    else:
+                        self.subscribed.set()
                 bad = len(self.state.mismatches)
                 self.state.on(msg)
                 if len(self.state.mismatches) > bad:  # the contract's remedy: resubscribe
