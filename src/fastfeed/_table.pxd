@@ -23,7 +23,12 @@ cdef class Kind:
         int32_t* hot                  # the same, as a list
         Py_ssize_t nhot
         Stats stats
+        readonly str key              # JSON key of its section: "rows", "books", "trades", "bars"
+        readonly bint has_binary      # True only for quotes (FFB1 rows)
 
+    cdef Py_ssize_t section_bound(self, int32_t n) noexcept
+    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              uint32_t* count, int64_t* oldest) except NULL
     cdef Py_ssize_t frame_bound(self, int32_t n, bint binary) noexcept
     cdef char* encode_frame(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                             bint binary, int64_t wall, uint32_t* count,

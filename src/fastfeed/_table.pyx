@@ -40,6 +40,18 @@ cdef class Kind:
     fields declared in _table.pxd and overrides the three C methods.
     """
 
+    cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
+        """Most bytes `encode_section` may write for `n` items."""
+        return 0
+
+    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              uint32_t* count, int64_t* oldest) except NULL:
+        """Write at `p` the comma-separated JSON entries (no brackets, no key) of
+        the items of `ids` whose change stamp is newer than `since`; return the
+        end. A pure function of (ids, since, state): the hub shares the bytes
+        among every connection with the same `since`."""
+        raise NotImplementedError("a kind must override encode_section")
+
     cdef Py_ssize_t frame_bound(self, int32_t n, bint binary) noexcept:
         """Most bytes `encode_frame` may write for `n` items, envelope included."""
         return 0
@@ -77,6 +89,8 @@ cdef class Table(Kind):
         self.arrays = {}
         self.hcap = 0
         self.nhot = 0
+        self.key = "rows"
+        self.has_binary = True
         memset(&self.stats, 0, sizeof(Stats))
         # a power of two, so the symbol map can probe with a mask
         cap = 64

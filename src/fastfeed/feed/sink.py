@@ -11,7 +11,8 @@ The four ways in, all synchronous (none waits for the network):
 
 ``json(data, source, reply)``     one /ingest text message: a tick object or an array
 ``ticks(ticks, source, reply)``   tick objects (dicts) already decoded
-``batch(data, source, reply)``    one binary tick batch (``FFT1``, docs/protocol.md)
+``batch(data, source, reply)``    one binary tick batch (``FFT1``) or trade batch (``FTR1``,
+                                  docs/protocol.md)
 ``arrays(numbering, ids, seqs, ts, vals, source)``  a simulator step, ids in the
                                   numbering `symbols(names)` returned
 
@@ -43,6 +44,7 @@ import orjson
 from .. import _core
 from .. import protocol as P
 from .._tickjson import TickParser
+from . import trades as T
 
 __all__ = [
     "BUS",
@@ -155,7 +157,9 @@ class LogReply:
 def batch_count(data: bytes) -> int:
     """The tick count in a binary batch's header (0 if it is not one; applying
     it then refuses it by name)."""
-    return int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
+    if data[:4] in (P.BATCH_MAGIC, P.TRADE_BATCH_MAGIC):
+        return int.from_bytes(data[4:8], "little")
+    return 0
 
 
 def arrays_to_ticks(names: Sequence[str], ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
@@ -183,8 +187,9 @@ class LocalSink:
 
     name = "local table"
 
-    def __init__(self, table: Any, kick: Callable[[], None]) -> None:
+    def __init__(self, table: Any, kick: Callable[[], None], trades: Any = None) -> None:
         self.table = table
+        self.trades = trades  # the Trades kind (feeds the tape and the bars), or None
         self.kick = kick
         self.apply_batch = table.apply_batch
         self.ticks_in = 0
@@ -213,7 +218,13 @@ class LocalSink:
         if not reply.admit(len(ticks)):
             return
         self.ticks_in += len(ticks)
-        _, _, errors = self.table.apply_objects(ticks, source)
+        quotes, qidx, trades, tidx, errors = T.split(ticks)
+        if not trades and not errors:
+            _, _, errors = self.table.apply_objects(ticks, source)
+        else:
+            _, _, qerr = self.table.apply_objects(quotes, source)
+            errors += T.renumber(qerr, qidx) + T.apply_local(self.trades, trades, tidx, source)
+            errors.sort(key=lambda e: e[0])
         self.kick()
         if errors:
             self.ticks_refused += len(errors)
@@ -224,7 +235,10 @@ class LocalSink:
         if not reply.admit(n):
             return
         try:
-            _, _, rejected = self.apply_batch(data, source)
+            if data[:4] == P.TRADE_BATCH_MAGIC and self.trades is not None:
+                _, _, rejected = self.trades.apply_batch(data, source)
+            else:
+                _, _, rejected = self.apply_batch(data, source)
         except ValueError as e:
             self.failures += 1
             return reply.error(P.BAD_REQUEST, str(e))
@@ -232,7 +246,8 @@ class LocalSink:
         self.kick()
         if rejected:
             self.ticks_refused += rejected
-            reply.error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
+            reply.error(P.BAD_REQUEST, f"{rejected} ticks or trades with a bad symbol, seq or "
+                        "value (a negative size, NaN or infinity, a bad side)")
 
     def symbols(self, names: Sequence[str]) -> np.ndarray:
         """The numbering `arrays` takes: position in `names` -> this table's id."""
@@ -252,6 +267,10 @@ class LocalSink:
 
     def observe(self, metrics: Any) -> None:
         return None  # the table counts its own ticks (Table.take_stats)
+
+
+BUS_NO_TRADES = ("trades are not carried on the Redis bus yet: publish them to a gateway "
+                 "without --redis")
 
 
 class BusSink:
@@ -284,11 +303,25 @@ class BusSink:
     def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None:
         if not reply.admit(len(ticks)):
             return
+        quotes, _, trades, tidx, errors = T.split(ticks)
+        if trades or errors:
+            # trades do not travel on the bus yet: refused by name, never dropped
+            errors += [(i, t.get("sym"), BUS_NO_TRADES)
+                       for i, t in zip(tidx, trades, strict=True)]
+            errors.sort(key=lambda e: e[0])
+            self.ticks_refused += len(errors)
+            reply.refused(errors)
+            if not quotes:
+                return
+            ticks = quotes
         self._publish(ticks, source, reply)
 
     def batch(self, data: bytes, source: int, reply: Reply) -> None:
         if not reply.admit(batch_count(data)):
             return
+        if data[:4] == P.TRADE_BATCH_MAGIC:
+            self.failures += 1
+            return reply.error(P.UNAVAILABLE, f"trade batch NOT published: {BUS_NO_TRADES}")
         try:
             ticks = _core.decode_batch(data)
         except (ValueError, IndexError) as e:

@@ -50,6 +50,10 @@ class Gateway:
         self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
                                  max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
+        # trades (and the market-wide tape) and the bars made from them
+        self.bars = _core.Bars(self.table, history=cfg.bars_history, tz=cfg.bars_tz)
+        self.trades = _core.Trades(self.table, ring=cfg.trade_ring, backlog=cfg.trade_backlog,
+                                   tape_ring=cfg.tape_ring, bars=self.bars)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
@@ -64,7 +68,7 @@ class Gateway:
         # the table as a sink: the bus's subscriber writes here, and in embedded
         # mode every source does; --record records what it takes
         self.table_sink: LocalSink | record.RecordingSink = LocalSink(
-            self.table, self.clock.after_ticks)
+            self.table, self.clock.after_ticks, self.trades)
         recorder = record.open_recorder(cfg.record, self.loop)
         if recorder is not None:
             self.table_sink = record.RecordingSink(self.table_sink, recorder)
