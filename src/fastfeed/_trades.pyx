@@ -641,11 +641,13 @@ cdef class Trades(Kind):
         return self._one({"sym": sym, "tseq": tseq, "ts": ts, "price": price, "size": size,
                           "side": side}, source, _clock(CLOCK_REALTIME), errors, 0)
 
-    def apply_batch(self, const unsigned char[::1] data, int source=SRC_BUS):
+    def apply_batch(self, const unsigned char[::1] data, int source=SRC_BUS, bint seed=False):
         """Apply a binary trade batch (FTR1). Returns (applied, stale, rejected).
 
         Raises ValueError if it is not a batch or is truncated; the trades
-        before the damage are applied.
+        before the damage are applied. With `seed`, the batch is a ring loaded
+        from the store: its instruments are marked as starting from a loaded
+        ring (a snapshot resuming from before it gets `lost`).
         """
         cdef Py_ssize_t n = data.shape[0], pos = 8, end, q
         cdef const char* p = b""
@@ -680,6 +682,8 @@ cdef class Trades(Kind):
                 iid = self.table.intern(p + pos + 1, slen)
                 if iid >= 0:
                     out = self.apply(iid, tseq, ts, price, size, sd, now)
+                    if seed:
+                        self.seeded[iid] = 1
             self.stats.ticks[source][out] += 1
             res[out] += 1
             pos = end

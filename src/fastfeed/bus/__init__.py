@@ -81,6 +81,7 @@ from .link import (
 )
 from .store import ROW_SCRIPT, RowStore
 from .subscriber import Subscriber
+from .trades import TradeStore
 
 __all__ = [
     "BREAKER_NAMES",
@@ -152,6 +153,7 @@ class RedisBus:
         snapshot_chunk: int = 2000,
         name: str = "bus",
         sink: Any = None,
+        trade_ring: int = 100,
     ):
         if sink is not None:
             if table is not None or on_ticks is not None:
@@ -175,16 +177,21 @@ class RedisBus:
                                          reseed=reseed, snapshot_chunk=snapshot_chunk,
                                          apply=sink.apply_batch if sink is not None else None)
             self.link.attach(self.subscriber)
+        # after the subscriber: the rings load once the channels are subscribed
+        self.trade_store = TradeStore(self.link, getattr(sink, "trades", None), trade_ring,
+                                      on_ticks)
+        self.link.attach(self.trade_store)
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any = None, **kw: Any) -> RedisBus:
+        kw.setdefault("trade_ring", getattr(cfg, "trade_ring", 100))
         return cls(cfg.redis, table, channels=cfg.redis_channels, prefix=cfg.redis_prefix, **kw)
 
     def __getattr__(self, name: str) -> Any:
         # counters and attributes of the parts: link first, then store, subscriber
-        if name.startswith("__") or name in ("link", "store", "subscriber"):
+        if name.startswith("__") or name in ("link", "store", "subscriber", "trade_store"):
             raise AttributeError(name)
-        for part in (self.link, self.store, self.subscriber):
+        for part in (self.link, self.store, self.subscriber, self.trade_store):
             if part is not None and hasattr(part, name):
                 return getattr(part, name)
         if name in _SUBSCRIBER_COUNTERS:
@@ -240,6 +247,10 @@ class RedisBus:
 
     async def publish(self, ticks: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
         return await self.store.publish(ticks)
+
+    async def publish_trades(self, trades: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
+        """Store (the ring per instrument) and publish trades; see `fastfeed.bus.trades`."""
+        return await self.trade_store.publish(trades)
 
     def inflight(self) -> int:
         return self.link.inflight()

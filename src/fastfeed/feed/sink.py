@@ -191,10 +191,16 @@ class LocalSink:
         self.table = table
         self.trades = trades  # the Trades kind (feeds the tape and the bars), or None
         self.kick = kick
-        self.apply_batch = table.apply_batch
+        # what the bus's subscriber applies: tick batches, and trade batches if trades are kept
+        self.apply_batch = table.apply_batch if trades is None else self._apply_any
         self.ticks_in = 0
         self.ticks_refused = 0
         self.failures = 0
+
+    def _apply_any(self, data: bytes, source: int = BUS) -> tuple[int, int, int]:
+        if data[:4] == P.TRADE_BATCH_MAGIC:
+            return self.trades.apply_batch(data, source)
+        return self.table.apply_batch(data, source)
 
     def json(self, data: bytes, source: int, reply: Reply) -> None:
         n = _PARSER.parse(data)
@@ -238,7 +244,7 @@ class LocalSink:
             if data[:4] == P.TRADE_BATCH_MAGIC and self.trades is not None:
                 _, _, rejected = self.trades.apply_batch(data, source)
             else:
-                _, _, rejected = self.apply_batch(data, source)
+                _, _, rejected = self.table.apply_batch(data, source)
         except ValueError as e:
             self.failures += 1
             return reply.error(P.BAD_REQUEST, str(e))
@@ -267,10 +273,6 @@ class LocalSink:
 
     def observe(self, metrics: Any) -> None:
         return None  # the table counts its own ticks (Table.take_stats)
-
-
-BUS_NO_TRADES = ("trades are not carried on the Redis bus yet: publish them to a gateway "
-                 "without --redis")
 
 
 class BusSink:
@@ -303,25 +305,27 @@ class BusSink:
     def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None:
         if not reply.admit(len(ticks)):
             return
-        quotes, _, trades, tidx, errors = T.split(ticks)
-        if trades or errors:
-            # trades do not travel on the bus yet: refused by name, never dropped
-            errors += [(i, t.get("sym"), BUS_NO_TRADES)
-                       for i, t in zip(tidx, trades, strict=True)]
-            errors.sort(key=lambda e: e[0])
+        quotes, qidx, trades, tidx, errors = T.split(ticks)
+        if errors:
             self.ticks_refused += len(errors)
             reply.refused(errors)
-            if not quotes:
-                return
-            ticks = quotes
-        self._publish(ticks, source, reply)
+        if trades:
+            self._publish(trades, source, reply, tidx, self.bus.publish_trades)
+        if quotes and (trades or errors):
+            self._publish(quotes, source, reply, qidx)
+        elif not trades and not errors:
+            self._publish(ticks, source, reply)
 
     def batch(self, data: bytes, source: int, reply: Reply) -> None:
         if not reply.admit(batch_count(data)):
             return
         if data[:4] == P.TRADE_BATCH_MAGIC:
-            self.failures += 1
-            return reply.error(P.UNAVAILABLE, f"trade batch NOT published: {BUS_NO_TRADES}")
+            try:
+                trades = _core.decode_trade_batch(data)
+            except (ValueError, IndexError) as e:
+                self.failures += 1
+                return reply.error(P.BAD_REQUEST, f"bad trade batch: {e}")
+            return self._publish(trades, source, reply, None, self.bus.publish_trades)
         try:
             ticks = _core.decode_batch(data)
         except (ValueError, IndexError) as e:
@@ -337,12 +341,18 @@ class BusSink:
         self._publish(arrays_to_ticks(numbering, ids, seqs, ts, vals), source,
                       LogReply(f"{P.TICK_SOURCES[source]} onto the Redis bus"))
 
-    def _publish(self, ticks: list[Any], source: int, reply: Reply) -> None:
+    def _publish(self, ticks: list[Any], source: int, reply: Reply,
+                 idx: list[int] | None = None, publish: Any = None) -> None:
+        """Publish `ticks` (or trades, with ``publish=bus.publish_trades``);
+        `idx`: their indices in the message, when they are part of one."""
         self.ticks_in += len(ticks)
+        send = publish if publish is not None else self.bus.publish
 
         async def go() -> None:
             try:
-                errors = await self.bus.publish(ticks)
+                errors = await send(ticks)
+                if errors and idx is not None:
+                    errors = T.renumber(errors, idx)
                 if errors:  # refused before Redis: the table never counts these
                     self.ticks_refused += len(errors)
                     self.count_ticks(P.TICK_SOURCES[source], "rejected", len(errors))
