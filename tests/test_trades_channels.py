@@ -144,11 +144,19 @@ async def test_a_killed_gateway_s_clients_resume_on_another_with_nothing_silentl
     args = ["--redis", redis.url, "--redis-prefix", "trk", "--trade-ring", "50"]
     syms = ["BBCA", "TLKM"]
     async with start_gateway(*args) as a, start_gateway(*args) as b:
+        # the first trades make the symbols known on every gateway (through the bus)
+        await ingest(b.ingest_url, [trade(s, 1) for s in syms])
+        for gw in (a, b):
+            while True:
+                async with TapeClient(gw.ws_url, syms, ["trades"]) as probe:
+                    if not probe.snapshot["unknown"]:
+                        break
+                await asyncio.sleep(0.05)
         clients = [TapeClient(a.ws_url, syms, ["trades"]) for _ in range(3)]
         for c in clients:
             await c.__aenter__()
         published = 30
-        await ingest(b.ingest_url, [trade(s, n) for n in range(1, 31) for s in syms])
+        await ingest(b.ingest_url, [trade(s, n) for n in range(2, 31) for s in syms])
         await until(lambda: all(c.complete(s, published) for c in clients for s in syms))
         a.kill()  # SIGKILL: no drain
         await until(lambda: all(c.task.done() for c in clients), what="clients see the close")

@@ -18,6 +18,11 @@ FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "las
 #: the fields a tick may set besides sym, seq and ts (all numbers)
 VALUE_FIELDS = FIELDS[3:]
 
+# ---- channels (version 1.1): what a subscription is to
+
+#: the version 1 channel, meant by a request that names no `channels`
+QUOTE_CHANNEL = "quote"
+
 # ---- subprotocols and binary formats
 
 JSON_SUBPROTOCOL = "fastfeed.v1.json"
@@ -39,6 +44,9 @@ TRADE_SIDES = ("b", "s", "")
 BAR_INTERVALS = ("1s", "1m", "5m", "15m", "1h", "1d")
 #: the symbol of the market-wide tape on the trades channel
 TAPE_SYMBOL = "*"
+TRADES_CHANNEL = "trades"
+#: one channel per bar interval, "bars:1m" and so on
+BAR_CHANNELS = tuple(f"bars:{iv}" for iv in BAR_INTERVALS)
 
 # ---- close codes the gateway sends (RFC 6455 7.4), and what each means
 
