@@ -114,7 +114,9 @@ async def test_every_trade_once_in_order_or_counted_and_bars_match():
             await ingest(gw.ingest_url, [trade("BBCA", t) for t in range(2, 42)])
             for t in range(42, 60):
                 await ingest(gw.ingest_url, [trade("BBCA", t)])
-            await until(lambda: fast.complete("BBCA", 59) and slow.complete("BBCA", 59))
+            await until(lambda: fast.complete("BBCA", 59) and slow.complete("BBCA", 59),
+                        timeout=60, what=f"every tseq to 59: {fast.got} {fast.lost} "
+                                         f"{slow.got} {slow.lost}")
             assert fast.lost["BBCA"] > 0  # the burst overflowed the ring: counted
             # the bars equal those made here from the published trades
             ids: dict[str, int] = {}
@@ -126,7 +128,7 @@ async def test_every_trade_once_in_order_or_counted_and_bars_match():
             for k, iv in ((1, "1m"), (5, "1d")):
                 for b in ref.bars[k]:
                     want[("BBCA", iv, b[0])] = [b[0], *map(float, b[1:6]), b[6]]
-            await until(lambda: fast.bars == want, what="bars equal the reference")
+            await until(lambda: fast.bars == want, timeout=60, what="bars equal the reference")
         # a reconnect resuming from tseq 50 gets 51..59, nothing lost (the ring holds 55..59)
         async with TapeClient(gw.ws_url, ["BBCA"], ["trades"], since_trades={"BBCA": 50}) as r:
             entry = r.snapshot["trades"][0]

@@ -56,6 +56,8 @@ def _compare(table, trades, bars, rtrades, rbars):
     items = [i * 6 + k for i in ids for k in range(6)]
     assert trades.version == rtrades.version
     assert bars.version == rbars.version
+    trades._check()
+    bars._check()
     for since in range(trades.version + 1):
         assert trades._encode_section_py(ids, since) == rtrades.section(ids, since), since
         assert trades.tape._encode_section_py([0], since) == rtrades.tape_section(since), since

@@ -30,6 +30,7 @@ cdef class Bars(Kind):
         readonly Table table
         readonly int32_t history      # bars held per (instrument, interval)
         readonly str tz
+        readonly Py_ssize_t held      # bars held in every ring together (bounds sections)
         object zone
         BarRing* rings
         char* enc                     # BAR_SLOT per item: the newest bar's JSON, cached

@@ -69,6 +69,7 @@ cdef class Bars(Kind):
         self.zone = ZoneInfo(tz)  # raises for an unknown zone: a config error at start
         self.key = "bars"
         self.has_binary = False
+        self.held = 0
         self.size = 0
         self.version = 0
         self.nhot = 0
@@ -163,6 +164,7 @@ cdef class Bars(Kind):
                 if r.cnt == H:
                     r.head = (r.head + 1) % H
                     r.cnt -= 1
+                    self.held -= 1
                 b = &r.b[(r.head + r.cnt) % H]
                 r.cnt += 1
                 grow = True
@@ -189,6 +191,7 @@ cdef class Bars(Kind):
                         r.head = (r.head + 1) % H
                         r.cnt -= 1
                         lo -= 1
+                        self.held -= 1
                     j = r.cnt
                     while j > lo:
                         r.b[(r.head + j) % H] = r.b[(r.head + j - 1) % H]
@@ -197,6 +200,7 @@ cdef class Bars(Kind):
                     b = &r.b[(r.head + lo) % H]
                     grow = True
             if grow:
+                self.held += 1
                 b.start = start
                 b.open = b.high = b.low = b.close = price
                 b.volume = size
@@ -271,7 +275,11 @@ cdef class Bars(Kind):
     # ---- the kind: what the hub calls ----------------------------------
 
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
-        return <Py_ssize_t>n * (64 + SYM_MAX + <Py_ssize_t>self.history * (BAR_SLOT + 1))
+        # an entry per item, and no more bars than the rings hold
+        cdef Py_ssize_t b = <Py_ssize_t>n * self.history
+        if self.held < b:
+            b = self.held
+        return <Py_ssize_t>n * (64 + SYM_MAX + 24) + b * (BAR_SLOT + 1)
 
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
@@ -320,6 +328,10 @@ cdef class Bars(Kind):
         cdef Py_ssize_t i
         cdef int32_t j, H = self.history
         cdef BarRing* r
+        cdef Py_ssize_t held = 0
+        for i in range(self.size):
+            held += self.rings[i].cnt
+        assert held == self.held, f"bars hold {held} bars but count {self.held}"
         for i in range(self.size):
             assert self.chg[i] <= self.version, f"bar item {i} stamped in the future"
             r = &self.rings[i]
@@ -333,6 +345,10 @@ cdef class Bars(Kind):
         return 0
 
     # ---- Python face -------------------------------------------------
+
+    def _check(self):
+        """Assert the kind's invariants (tests; debug builds run it every pump)."""
+        self.check()
 
     def add_trade(self, int32_t iid, int64_t ts, double price, double size):
         """Put one trade into the bars (tests; the gateway feeds bars through Trades)."""

@@ -103,6 +103,7 @@ class Bars:
     table: Table
     history: int
     tz: str
+    held: int
     size: int
     version: int
     key: str
@@ -115,6 +116,7 @@ class Bars:
     def _encode_section_py(self, ids: Iterable[int], since: int) -> bytes: ...
     def _entries(self, a: Any, since: int, every: bool) -> bytes: ...
     def take_stats(self) -> dict[str, Any]: ...
+    def _check(self) -> None: ...
 
 @final
 class Tape:
@@ -136,6 +138,7 @@ class Trades:
     ring: int
     backlog: int
     lost_inexact: int
+    held: int
     size: int
     version: int
     key: str
@@ -156,3 +159,4 @@ class Trades:
                     seed: bool = False) -> tuple[int, int, int]: ...
     def seed(self, sym: str, trades: list[list[Any]]) -> int: ...
     def take_stats(self) -> dict[str, Any]: ...
+    def _check(self) -> None: ...

@@ -41,6 +41,7 @@ cdef class Trades(Kind):
         uint8_t* seeded               # the ring was loaded from the store (seed)
         TradeLog* logs
         readonly uint64_t lost_inexact  # frames whose `lost` is a lower bound (see docs)
+        readonly Py_ssize_t held      # trades held in every ring together (bounds sections)
 
     cdef int _reserve(self, Py_ssize_t items) except -1
     cdef int apply(self, int32_t iid, int64_t tseq, int64_t ts, double price, double size,

@@ -343,6 +343,7 @@ cdef class Trades(Kind):
         self.version = 0
         self.nhot = 0
         self.lost_inexact = 0
+        self.held = 0
         memset(&self.stats, 0, sizeof(self.stats))
         self._reserve(table.capacity)
 
@@ -422,6 +423,8 @@ cdef class Trades(Kind):
             _overrun("trade", end - e, TRADE_SLOT)
         g.enclen[o % <uint64_t>self.ring] = <int32_t>(end - e)
         self.ntr[iid] = o + 1
+        if o < <uint64_t>self.ring:
+            self.held += 1
         self.last[iid] = tseq
         _stamp(self, iid, self.version, now)
         self.tape.push(self.table.syms + <Py_ssize_t>iid * SYM_MAX, self.table.symlen[iid],
@@ -433,7 +436,12 @@ cdef class Trades(Kind):
     # ---- the kind: what the hub calls ----------------------------------
 
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
-        return <Py_ssize_t>n * (64 + SYM_MAX + <Py_ssize_t>self.ring * (TRADE_SLOT + 1))
+        # an entry per item, and no more trades than the rings hold: a group of
+        # thousands of instruments does not reserve a ring for each
+        cdef Py_ssize_t t = <Py_ssize_t>n * self.ring
+        if self.held < t:
+            t = self.held
+        return <Py_ssize_t>n * (64 + SYM_MAX + 24) + t * (TRADE_SLOT + 1)
 
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
@@ -506,6 +514,10 @@ cdef class Trades(Kind):
         cdef Py_ssize_t i
         cdef uint64_t o, L = self.backlog
         cdef TradeLog* g
+        cdef Py_ssize_t held = 0
+        for i in range(self.size):
+            held += min(self.ntr[i], <uint64_t>self.ring)
+        assert held == self.held, f"the rings hold {held} trades but count {self.held}"
         for i in range(self.size):
             assert self.chg[i] <= self.version, f"trade item {i} stamped in the future"
             g = &self.logs[i]
@@ -527,6 +539,10 @@ cdef class Trades(Kind):
         return 0
 
     # ---- Python face -------------------------------------------------
+
+    def _check(self):
+        """Assert the kind's invariants (tests; debug builds run it every pump)."""
+        self.check()
 
     def last_tseq(self, Py_ssize_t iid):
         """tseq of the instrument's last applied trade, -1 before any."""
