@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,14 @@ class Config:
                                 "every gateway on one Redis prefix must agree")
     max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
                                            "past it are refused (logged, counted)")
+    trade_ring: int = _opt(100, "recent trades held per instrument: the trades snapshot, and "
+                                "the most a connection can be behind before it gets lost:N")
+    trade_backlog: int = _opt(1000, "trade change stamps held per instrument (8 bytes each): "
+                                    "lost:N is exact for a connection up to this many trades "
+                                    "of one instrument behind, a lower bound beyond")
+    tape_ring: int = _opt(1000, "trades held on the market-wide tape (symbol * on trades)")
+    bars_history: int = _opt(200, "bars held per instrument and interval")
+    bars_tz: str = _opt("UTC", "time zone whose midnight starts the 1d bars (e.g. Asia/Jakarta)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
     max_connections_per_ip: int = _opt(2000, "client connections per remote address per worker")
     ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
@@ -214,6 +223,18 @@ def validate(cfg: Config) -> None:
     elif not cfg.book_depth <= cfg.book_levels <= 1000:
         problems.append(f"book-levels {cfg.book_levels} must lie in book-depth "
                         f"({cfg.book_depth})..1000")
+    if not 1 <= cfg.trade_ring <= cfg.trade_backlog <= 1_000_000:
+        problems.append(f"trade-ring {cfg.trade_ring} and trade-backlog {cfg.trade_backlog} must "
+                        "satisfy 1 <= trade-ring <= trade-backlog <= 1000000")
+    if not 1 <= cfg.tape_ring <= 1_000_000:
+        problems.append(f"tape-ring {cfg.tape_ring} must lie in 1..1000000")
+    if not 1 <= cfg.bars_history <= 100_000:
+        problems.append(f"bars-history {cfg.bars_history} must lie in 1..100000")
+    try:
+        zoneinfo.ZoneInfo(cfg.bars_tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.append(f"bars-tz {cfg.bars_tz!r} is not a known time zone (IANA name, "
+                        "e.g. Asia/Jakarta)")
     if not 1 <= cfg.max_instruments <= 2**31 - 1:
         problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
     elif cfg.simulate > cfg.max_instruments:

@@ -383,3 +383,158 @@ class RefBooks:
     def section(self, ids: list[int], since: int) -> tuple[int, bytes]:
         out = [self.entry(i, since) for i in ids if self.chg.get(i, 0) > since]
         return len(out), b",".join(out)
+# ---- trades and bars (the models of _trades.pyx and _bars.pyx)
+
+SIDES = ("", "b", "s")
+BAR_NS = (1_000_000_000, 60_000_000_000, 300_000_000_000, 900_000_000_000, 3_600_000_000_000)
+
+
+def ref_check_trade(t: object) -> str | None:
+    """The trade rules of the contract: what a trade must be to apply."""
+    if not isinstance(t, dict):
+        return "not an object"
+    sym = t.get("sym")
+    if not isinstance(sym, str) or not valid_symbol(sym):
+        return "bad symbol"
+    for k in ("tseq", "ts"):
+        v = t.get(k)
+        if type(v) is not int or not 0 <= v < 2**63 - 1:
+            return f"bad {k}"
+    for k in ("price", "size"):
+        x = t.get(k)
+        if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x):
+            return f"bad {k}"
+    if t["size"] < 0:
+        return "negative size"
+    if t.get("side", "") not in SIDES:
+        return "bad side"
+    return None
+
+
+class RefTrades:
+    """Every applied trade, kept forever; the ring and backlog are views of it."""
+
+    def __init__(self, ids: dict[str, int], ring: int = 100, backlog: int = 1000,
+                 tape_ring: int = 1000, bars: RefBars | None = None) -> None:
+        self.ids = ids  # shared with the other kinds: one instrument numbering
+        self.ring, self.backlog, self.tape_ring = ring, backlog, tape_ring
+        self.bars = bars
+        self.version = 0
+        self.log: dict[int, list[tuple[int, int, bytes]]] = {}  # iid -> (stamp, tseq, json)
+        self.tape: list[bytes] = []  # market-wide, stamp = position + 1
+
+    def sym(self, iid: int) -> str:
+        return next(s for s, i in self.ids.items() if i == iid)
+
+    def apply(self, t: dict) -> int:
+        if ref_check_trade(t) is not None:
+            return REJECTED
+        iid = self.ids.setdefault(t["sym"], len(self.ids))
+        log = self.log.setdefault(iid, [])
+        if log and t["tseq"] <= log[-1][1]:
+            return STALE
+        trade = [t["tseq"], t["ts"], float(t["price"]), float(t["size"]), t.get("side", "")]
+        self.version += 1
+        log.append((self.version, t["tseq"], _dumps(trade).encode()))
+        self.tape.append(_dumps([t["sym"], *trade]).encode())
+        if self.bars is not None:
+            self.bars.add(iid, t["ts"], float(t["price"]), float(t["size"]))
+        return APPLIED
+
+    def section(self, ids, since: int) -> bytes:
+        out = []
+        for iid in ids:
+            log = self.log.get(iid, [])
+            pending = [e for e in log if e[0] > since]
+            if not pending:
+                continue
+            held = log[-self.ring:]
+            items = [e for e in pending if e in held]
+            # counted exactly up to the backlog; beyond, from the oldest stamp held
+            lost = min(len(pending), self.backlog) - len(items)
+            head = f'{{"sym":"{self.sym(iid)}",'
+            if lost:
+                head += f'"lost":{lost},'
+            out.append(head.encode() + b'"items":[' + b",".join(e[2] for e in items) + b"]}")
+        return b",".join(out)
+
+    def snapshot(self, ids, since_trades: dict[int, int] | None = None) -> bytes:
+        out = []
+        for iid in ids:
+            log = self.log.get(iid, [])
+            held = log[-self.ring:]
+            head = f'{{"sym":"{self.sym(iid)}",'
+            since = (since_trades or {}).get(iid, -1)
+            later = [e for e in held if e[1] > since]
+            if since >= 0 and later and later[0][1] > since + 1 and len(log) > self.ring:
+                head += f'"lost":{later[0][1] - since - 1},'
+            out.append(head.encode() + b'"recent":[' + b",".join(e[2] for e in later) + b"]}")
+        return b",".join(out)
+
+    def tape_section(self, since: int) -> bytes:
+        if len(self.tape) <= since:
+            return b""
+        first = max(since, len(self.tape) - self.tape_ring)
+        head = b'{"sym":"*",'
+        if first > since:
+            head += b'"lost":%d,' % (first - since)
+        return head + b'"items":[' + b",".join(self.tape[first:]) + b"]}"
+
+
+class RefBars:
+    """Bars of every (instrument, interval), item id iid * 6 + k."""
+
+    def __init__(self, ids: dict[str, int], history: int = 200, tz: str = "UTC") -> None:
+        from zoneinfo import ZoneInfo
+
+        self.ids, self.history, self.zone = ids, history, ZoneInfo(tz)
+        self.version = 0
+        self.bars: dict[int, list[list]] = {}  # item -> [[start,o,h,l,c,v,n,stamp], ...] by start
+
+    def start(self, ts: int, k: int) -> int:
+        if k < 5:
+            return ts - ts % BAR_NS[k]
+        from datetime import datetime
+
+        day = datetime.fromtimestamp(ts // 10**9, self.zone).date()
+        midnight = datetime(day.year, day.month, day.day, tzinfo=self.zone)
+        return int(midnight.timestamp()) * 10**9
+
+    def add(self, iid: int, ts: int, price: float, size: float) -> None:
+        changed = False
+        for k in range(6):
+            item, start = iid * 6 + k, self.start(ts, k)
+            held = self.bars.setdefault(item, [])
+            if held and start < held[0][0]:
+                continue  # older than every held bar
+            changed = True
+            bar = next((b for b in held if b[0] == start), None)
+            if bar is None:
+                held.append([start, price, price, price, price, size, 1, 0])
+                held.sort(key=lambda b: b[0])
+                del held[:-self.history]
+                bar = next(b for b in held if b[0] == start)
+            else:
+                bar[2], bar[3], bar[4] = max(bar[2], price), min(bar[3], price), price
+                bar[5] += size
+                bar[6] += 1
+            bar[7] = self.version + 1
+        if changed:
+            self.version += 1
+
+    def _entry(self, item: int, bars: list[list]) -> bytes:
+        sym = next(s for s, i in self.ids.items() if i == item // 6)
+        iv = ("1s", "1m", "5m", "15m", "1h", "1d")[item % 6]
+        body = b",".join(_dumps([b[0], *map(float, b[1:6]), b[6]]).encode() for b in bars)
+        return b'{"sym":"%s","interval":"%s","bars":[%s]}' % (sym.encode(), iv.encode(), body)
+
+    def section(self, items, since: int) -> bytes:
+        out = []
+        for item in items:
+            bars = [b for b in self.bars.get(item, []) if b[7] > since]
+            if bars:
+                out.append(self._entry(item, bars))
+        return b",".join(out)
+
+    def snapshot(self, items) -> bytes:
+        return b",".join(self._entry(i, self.bars.get(i, [])) for i in items)

@@ -86,6 +86,7 @@ from .link import (
 )
 from .store import ROW_SCRIPT, RowStore
 from .subscriber import Subscriber
+from .trades import TradeStore
 
 __all__ = [
     "BOOK_SCRIPT",
@@ -163,6 +164,7 @@ class RedisBus:
         sink: Any = None,
         books: Any = None,
         book_levels: int = 50,
+        trade_ring: int = 100,
     ):
         if sink is not None:
             if table is not None or on_ticks is not None:
@@ -191,10 +193,15 @@ class RedisBus:
         # gateway's, which gives its `fastfeed._core.Books`
         self.book_bus = BookBus(self.link, books, levels=book_levels, on_change=on_ticks)
         self.link.attach(self.book_bus)
+        # after the subscriber: the rings load once the channels are subscribed
+        self.trade_store = TradeStore(self.link, getattr(sink, "trades", None), trade_ring,
+                                      on_ticks)
+        self.link.attach(self.trade_store)
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any = None, **kw: Any) -> RedisBus:
         kw.setdefault("book_levels", getattr(cfg, "book_levels", 50))
+        kw.setdefault("trade_ring", getattr(cfg, "trade_ring", 100))
         return cls(cfg.redis, table, channels=cfg.redis_channels, prefix=cfg.redis_prefix, **kw)
 
     # ---- the link: names and state ----
@@ -318,6 +325,16 @@ class RedisBus:
         return self.subscriber.reseeded_rows if self.subscriber is not None else 0
 
     @property
+    def loaded_trades(self) -> int:
+        """Trades loaded from the rings in Redis, every (re)connection together."""
+        return self.trade_store.loaded_trades
+
+    @property
+    def reseeded_trades(self) -> int:
+        """Trades written back to a Redis that had lost the rings."""
+        return self.trade_store.reseeded_trades
+
+    @property
     def subscribing(self) -> bool:
         return self.subscriber is not None
 
@@ -366,6 +383,10 @@ class RedisBus:
 
     async def publish(self, ticks: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
         return await self.store.publish(ticks)
+
+    async def publish_trades(self, trades: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
+        """Store (the ring per instrument) and publish trades; see `fastfeed.bus.trades`."""
+        return await self.trade_store.publish(trades)
 
     def inflight(self) -> int:
         return self.link.inflight()

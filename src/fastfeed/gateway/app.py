@@ -33,7 +33,7 @@ from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Channels, Limits, Registry, quote_channel
+from .registry import Channels, Limits, Registry, quote_channel, trade_channels
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -59,6 +59,13 @@ class Gateway:
         self.books = _core.Books(self.table, cfg.book_depth, cfg.book_levels)
         book = book_channel(self.hub, self.books)
         self.channels.register(book)
+        # trades (and the market-wide tape) and the bars made from them
+        self.bars = _core.Bars(self.table, history=cfg.bars_history, tz=cfg.bars_tz)
+        self.trades = _core.Trades(self.table, ring=cfg.trade_ring, backlog=cfg.trade_backlog,
+                                   tape_ring=cfg.tape_ring, bars=self.bars)
+        for ch in trade_channels(self.trades, self.hub.add_kind(self.trades),
+                                 self.bars, self.hub.add_kind(self.bars)):
+            self.channels.register(ch)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
@@ -74,7 +81,7 @@ class Gateway:
         # the table as a sink: the bus's subscriber writes here, and in embedded
         # mode every source does; --record records what it takes
         self.table_sink: LocalSink | record.RecordingSink = LocalSink(
-            self.table, self.clock.after_ticks, self.books)
+            self.table, self.clock.after_ticks, self.books, self.trades)
         recorder = record.open_recorder(cfg.record, self.loop)
         if recorder is not None:
             self.table_sink = record.RecordingSink(self.table_sink, recorder)
