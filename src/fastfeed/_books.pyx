@@ -342,6 +342,10 @@ cdef class Books(Kind):
                 self._untomb(b, side, new[j].price)
             elif old[i].vol != new[j].vol or old[i].orders != new[j].orders:
                 new[j].stamp = v
+            else:
+                # unchanged across the message, even if it was removed and set
+                # again inside it (the re-set level came in with stamp 0)
+                new[j].stamp = old[i].stamp
         for i in range(nold):
             j = 0
             while j < nnew and new[j].price != old[i].price:
