@@ -17,7 +17,7 @@ from libc.string cimport memcmp, memcpy
 
 from fastfeed._defs cimport APPLIED, M_TS, REJECTED, STALE
 from fastfeed._table cimport Table
-from fastfeed._wire cimport symbol_ok
+from fastfeed._wire cimport ff_p10, symbol_ok
 
 cdef extern from "Python.h":
     # overflow_exception NULL: an overflow gives inf (refused below), not an error
@@ -97,8 +97,12 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
     cdef const char* start = p
     cdef char tok[40]
     cdef bint neg = False
-    cdef uint64_t acc = 0
-    cdef int ndig = 0
+    cdef uint64_t acc = 0        # the digits, integer and fraction, while they fit
+    cdef int ndig = 0            # significant digits read (leading zeros not counted)
+    cdef int idig = 0            # digits of the integer part
+    cdef int frac = 0            # fraction digits taken into acc
+    cdef int ex = 0
+    cdef bint exneg = False
     integral[0] = True
     if p < e and p[0] == b'-':
         neg = True
@@ -107,13 +111,14 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
         return NULL
     if p[0] == b'0':
         p += 1
-        ndig = 1
+        idig = 1
     elif _digit(p[0]):
         while p < e and _digit(p[0]):
             if ndig < 19:
                 acc = acc * 10 + <uint64_t>(p[0] - 48)
             ndig += 1
             p += 1
+        idig = ndig
     else:
         return NULL
     if p < e and p[0] == b'.':
@@ -122,27 +127,50 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
         if p >= e or not _digit(p[0]):
             return NULL
         while p < e and _digit(p[0]):
+            if ndig < 19:
+                acc = acc * 10 + <uint64_t>(p[0] - 48)
+                frac += 1
+                if acc:
+                    ndig += 1
+            else:
+                ndig += 1
             p += 1
     if p < e and (p[0] == b'e' or p[0] == b'E'):
         integral[0] = False
         p += 1
         if p < e and (p[0] == b'+' or p[0] == b'-'):
+            exneg = p[0] == b'-'
             p += 1
         if p >= e or not _digit(p[0]):
             return NULL
         while p < e and _digit(p[0]):
+            if ex < 10000:
+                ex = ex * 10 + (p[0] - 48)
             p += 1
-    if p - start >= 40 or (integral[0] and ndig > 19):
+    if p - start >= 40 or (integral[0] and idig > 19):
         return NULL           # rare: let json.loads and Python ints deal with it
     if integral[0]:
         # 19 digits fit in uint64; C's conversion rounds to nearest like float(int)
         # ("-0" is the int 0 to json.loads, so +0.0)
         d[0] = -<double>acc if neg and acc else <double>acc
         i[0] = -1 if (neg and acc != 0) or acc >= <uint64_t>INT64_MAX else <int64_t>acc
-    else:
-        memcpy(tok, start, p - start)
-        tok[p - start] = 0
-        d[0] = PyOS_string_to_double(tok, NULL, NULL)
+        return p
+    if exneg:
+        ex = -ex
+    ex -= frac
+    if ndig <= 19 and acc <= 9007199254740992ULL and -22 <= ex <= 22:
+        # Clinger's fast path: the digits and 10**|ex| are exact doubles, so one
+        # IEEE multiplication or division rounds correctly, as strtod does
+        if ex < 0:
+            d[0] = <double>acc / ff_p10[-ex]
+        else:
+            d[0] = <double>acc * ff_p10[ex]
+        if neg:
+            d[0] = -d[0]
+        return p
+    memcpy(tok, start, p - start)
+    tok[p - start] = 0
+    d[0] = PyOS_string_to_double(tok, NULL, NULL)
     return p
 
 
