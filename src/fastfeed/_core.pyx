@@ -28,6 +28,8 @@ from fastfeed._wire import (
     check_tick,
     decode_batch,
     encode_batch,
+    join_records,
+    pack_ticks,
     partition,
     valid_symbol,
     wall_ns,
@@ -39,5 +41,6 @@ DEBUG = bool(FF_DEBUG)
 __all__ = [
     "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "DEBUG", "FIELDS", "OUTCOMES", "ROW_DTYPE",
     "SOURCES", "VALUE_FIELDS", "Hub", "Table", "can_send", "check_tick", "connected",
-    "decode_batch", "encode_batch", "partition", "valid_symbol", "wall_ns",
+    "decode_batch", "encode_batch", "join_records", "pack_ticks", "partition", "valid_symbol",
+    "wall_ns",
 ]

@@ -241,6 +241,9 @@ class RedisBus:
     async def publish(self, ticks: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
         return await self.store.publish(ticks)
 
+    async def publish_batches(self, parts: list[bytes], count: int) -> None:
+        await self.store.publish_batches(parts, count)
+
     def inflight(self) -> int:
         return self.link.inflight()
 
