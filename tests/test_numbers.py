@@ -13,7 +13,6 @@ import json
 import struct
 
 import numpy as np
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -127,7 +126,8 @@ def test_parser_sweep():
     rng = np.random.default_rng(41)
     m = rng.integers(0, 10**17, 30_000)
     k = rng.integers(0, 20, 30_000)
-    texts = [f"{x // 10**e}.{x % 10**e:0{e}d}" if e else f"{x}.0" for x, e in zip(m.tolist(), k.tolist(), strict=True)]
+    pairs = zip(m.tolist(), k.tolist(), strict=True)
+    texts = [f"{x // 10**e}.{x % 10**e:0{e}d}" if e else f"{x}.0" for x, e in pairs]
     texts += [f"{x}e-{e}" for x, e in zip(m[:5000].tolist(), k[:5000].tolist(), strict=True)]
     raw = rng.integers(0, 2**64, 30_000, dtype=np.uint64).view(np.float64)
     texts += [repr(float(v)) for v in raw if np.isfinite(v)]

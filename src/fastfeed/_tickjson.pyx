@@ -11,6 +11,7 @@ only ever accepts what the slow path would apply, and applies it the same
 way (tests/test_tickjson.py checks the two against each other).
 """
 
+cimport cython
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -91,6 +92,7 @@ cdef int _key(const char* s, Py_ssize_t n) noexcept:
     return -1
 
 
+@cython.cdivision(True)   # divisors are powers of ten: never zero
 cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
                          bint* integral) except? NULL:
     """One JSON number at p (the grammar exactly: no '+', no leading zeros,
@@ -366,6 +368,7 @@ cdef class TickParser:
         self.data = None
         return applied, stale, errors
 
+    @cython.cdivision(True)   # parts >= 1, checked first
     def encode_batch(self, int parts=1):
         """The ticks of the last successful parse as binary tick batches, one
         per bus partition (b"" where a partition has none): the bytes

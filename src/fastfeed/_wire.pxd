@@ -1,6 +1,7 @@
 # The wire format's C-level pieces: number writers and readers, the symbol
 # rule, the partition hash and tick validation (see _wire.pyx).
 
+cimport cython
 from libc.math cimport fabs, isfinite, nearbyint, signbit
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -61,6 +62,8 @@ cdef extern from *:
     const double* ff_p10
     const unsigned long long* ff_u10
 
+
+@cython.cdivision(True)
 cdef inline char* _put_u64(char* p, uint64_t u, int width) noexcept:
     # at least `width` digits, zero-padded on the left
     cdef char tmp[24]
@@ -75,6 +78,8 @@ cdef inline char* _put_u64(char* p, uint64_t u, int width) noexcept:
         p += 1
     return p
 
+
+@cython.cdivision(True)   # divisors are powers of ten: never zero
 cdef inline char* _put_short(char* p, double v) noexcept:
     """repr(v) for a short decimal (m / 10**k exactly, m < 10**15, |v| >= 1e-4
     or 0) written with integer arithmetic; NULL for any other value.

@@ -6,6 +6,7 @@ cimport the C-level ones from _wire.pxd (`symbol_ok`, `_check_tick` and the
 inline number writers and readers).
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
@@ -210,6 +211,7 @@ def pack_ticks(list ticks):
     return records, errors
 
 
+@cython.cdivision(True)   # parts >= 1, checked first
 def join_records(list records, int parts=1):
     """Batches, one per bus partition (b"" where a partition has none), of
     records `pack_ticks` wrote: the bytes `encode_batch` writes for those ticks."""
