@@ -57,7 +57,7 @@ from typing import Any, Protocol, Self
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from fastfeed._core import check_tick, encode_batch
+from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks
 from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
@@ -115,7 +115,10 @@ class Transport(Protocol):
     publisher before `connect` and receives the other side's refusals.
     A transport may also have ``async sync()``: return once the other side
     has taken everything sent so far (raise `ConnectionError` if it cannot);
-    without it, `Publisher.sync` stops at "written".
+    without it, `Publisher.sync` stops at "written". A transport with
+    ``packs_ticks = True`` is sent the records of `fastfeed._core.pack_ticks`
+    (checked and encoded once, as the publisher queued them) instead of tick
+    objects, and tick objects only for the state resent on connecting.
     """
 
     on_error: Callable[[FastfeedError], None] | None
@@ -274,6 +277,8 @@ class RedisTransport:
     `fastfeed.bus.RedisBus` (``backoff_base``, ``ping_interval``, ...).
     """
 
+    packs_ticks = True  # the publisher queues encoded records (see Transport)
+
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
         # a bus without a table: the link and the state store, no subscriber
@@ -309,9 +314,12 @@ class RedisTransport:
             if self.bus.ready and not self._done.done():
                 return
 
-    async def send(self, ticks: list[Tick]) -> None:
+    async def send(self, ticks: list[Any]) -> None:
         bus = self.bus
-        parts, errors = encode_batch(ticks, bus.parts)
+        if ticks and type(ticks[0]) is bytes:  # records the publisher packed: checked
+            parts, errors = join_records(ticks, bus.parts), []
+        else:
+            parts, errors = encode_batch(ticks, bus.parts)
         if errors and self.on_error is not None:
             for idx, sym, why in errors:
                 self.on_error(_refused(idx, sym, why))
@@ -417,6 +425,8 @@ class Publisher:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.transport = transport
+        # the transport sends `pack_ticks` records (RedisTransport), not tick objects
+        self._packs = bool(getattr(transport, "packs_ticks", False))
         self.flush_ms = flush_ms
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -490,6 +500,44 @@ class Publisher:
         queue = self._queue
         append = queue.append
         live = self._connected.is_set()
+        accepted = 0
+        if self._packs:
+            # one pass in C checks and encodes every tick; the queue holds the
+            # records the transport sends, so none is checked or encoded again
+            ticks = [t if type(t) is dict else dict(t) if isinstance(t, Mapping) else t
+                     for t in batch]
+            records, errors = pack_ticks(ticks)
+            for i, sym, why in errors:
+                self._on_error(_refused(i, sym, why))
+            for i, t in enumerate(ticks):
+                rec = records[i]
+                if rec is None:
+                    continue
+                accepted += 1
+                sym = t["sym"]
+                held = held_of(sym)
+                if held is None:
+                    state[sym] = dict(t)  # a copy: the caller may reuse its dicts
+                elif t["seq"] > held["seq"]:
+                    held.update(t)
+                else:
+                    continue  # the other side would drop it too
+                if live:
+                    append(rec)
+        else:
+            accepted = self._queue_ticks(batch, queue if live else None)
+        self.published += accepted
+        if queue or not live:
+            self._idle.clear()
+            self._wake.set()
+        if len(queue) >= self.max_batch:
+            self._full.set()
+
+    def _queue_ticks(self, batch: list[Any], queue: list[Any] | None) -> int:
+        """Check, copy, fold into the state and queue (when live) tick objects,
+        for a transport that sends them as objects; how many were accepted."""
+        state = self._state
+        held_of = state.get
         # with validate, every tick was checked above; else each is checked here
         check = None if self.validate else check_tick
         accepted = 0
@@ -512,14 +560,9 @@ class Publisher:
                 held.update(tick)
             else:
                 continue  # the other side would drop it too
-            if live:
-                append(tick)
-        self.published += accepted
-        if queue or not live:
-            self._idle.clear()
-            self._wake.set()
-        if len(queue) >= self.max_batch:
-            self._full.set()
+            if queue is not None:
+                queue.append(tick)
+        return accepted
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued tick is written to the connection."""
