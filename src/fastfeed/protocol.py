@@ -18,6 +18,13 @@ FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "las
 #: the fields a tick may set besides sym, seq and ts (all numbers)
 VALUE_FIELDS = FIELDS[3:]
 
+# ---- channels (version 1.1)
+
+CHANNEL_QUOTE = "quote"  # the version 1 row; a request without "channels" means this one
+CHANNEL_BOOK = "book"  # the order book: the best BOOK_DEPTH levels per side
+#: levels per side the gateway serves by default (the book checksum covers them)
+BOOK_DEPTH = 10
+
 # ---- subprotocols and binary formats
 
 JSON_SUBPROTOCOL = "fastfeed.v1.json"
