@@ -128,7 +128,6 @@ class PublisherSink:
     def __init__(self, pub: Publisher) -> None:
         self.pub = pub
         self.pending: list[dict[str, Any]] = []
-        self.pending_books: list[dict[str, Any]] = []
         self.ticks_in = 0
         self.ticks_refused = 0  # the publisher counts refusals (Publisher.errors)
         self.failures = 0
@@ -162,18 +161,15 @@ class PublisherSink:
         self.ticks_in += len(ids)
         self.pending.extend(arrays_to_ticks(numbering, ids, seqs, ts, vals))
 
-    def books(self, books: list[dict[str, Any]], source: int, reply: Any) -> None:
-        """Ingest book messages (the simulator's): after this step's ticks."""
-        if reply.admit(len(books)):
-            self.pending_books.extend(books)
+    @property
+    def takes_books(self) -> bool:
+        """Book messages given to `ticks` go on (the transport carries them)."""
+        return bool(getattr(self.pub.transport, "takes_books", False))
 
     async def drain(self) -> None:
         if self.pending:
             ticks, self.pending = self.pending, []
             await self.pub.publish(ticks)
-        if self.pending_books:
-            books, self.pending_books = self.pending_books, []
-            await self.pub.publish_books(books)
 
     async def wait_ready(self) -> None:
         await self.pub.wait_connected()
@@ -191,9 +187,8 @@ async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
     with its order books when the publisher's transport takes books."""
     from .simulator import SimulatorSource
 
-    books = bool(getattr(pub.transport, "takes_books", False))
     return await SimulatorSource(PublisherSink(pub), n, rate, seed, duration=duration,
-                                 step=step, books=books).run()
+                                 step=step).run()
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,

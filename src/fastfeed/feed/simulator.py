@@ -158,10 +158,10 @@ class SimulatorSource(TaskSource):
     writes into its gateway's sink, `fastfeed publish --simulate` (and the
     pod's feed process) into a `fastfeed.feed.publish.PublisherSink`.
 
-    With `books` (default: whenever the sink takes books, i.e. has
-    ``books(messages, source, reply)``), the books of the instruments that
-    ticked follow each step (`fastfeed.feed.bookgen.BookGen`), as contract
-    ingest book messages, after the step's quotes."""
+    With `books` (default: when the sink says it `takes_books`), the books
+    of the instruments that ticked follow each step's quotes
+    (`fastfeed.feed.bookgen.BookGen`), as contract ingest book messages
+    written with `Sink.ticks`, which takes book messages beside quotes."""
 
     name = "simulator"
 
@@ -174,7 +174,7 @@ class SimulatorSource(TaskSource):
         self.step = step
         self.sent = 0  # ticks written to the sink
         if books is None:
-            books = callable(getattr(sink, "books", None))
+            books = bool(getattr(sink, "takes_books", False))
         self.bookgen = (BookGen(self.sim.symbols, book_levels, seed,
                                 seq0=wall_ns() // 1000) if books else None)
         self.books_sent = 0  # book messages written to the sink
@@ -195,7 +195,7 @@ class SimulatorSource(TaskSource):
                 self.sent += len(ids)
                 if gen is not None:
                     books = gen.step(ids, seqs, ts, vals)
-                    sink.books(books, SIMULATOR, reply)  # type: ignore[attr-defined]
+                    sink.ticks(books, SIMULATOR, reply)
                     self.books_sent += len(books)
             await sink.drain()
         return self.sent
