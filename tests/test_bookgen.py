@@ -115,3 +115,14 @@ def test_the_contract_checksum_of_a_generated_book() -> None:
                     sorted(m["asks"])[:10] + sorted(m["bids"], reverse=True)[:10])
     assert b.checksum() == zlib.crc32(data) == book_checksum(m["bids"][:10], m["asks"][:10])
     assert len(b.bids) == len(b.asks) == 10
+
+
+def test_the_simulator_sends_books_only_to_a_sink_that_takes_them() -> None:
+    from fastfeed._core import Table
+    from fastfeed.feed.simulator import SimulatorSource
+    from fastfeed.feed.sink import LocalSink
+
+    sink = LocalSink(Table(), lambda: None)
+    assert SimulatorSource(sink, 5, 100.0).bookgen is None or sink.takes_books
+    assert SimulatorSource(sink, 5, 100.0, books=True).bookgen is not None
+    assert SimulatorSource(sink, 5, 100.0, books=False).bookgen is None
