@@ -17,7 +17,8 @@ window, with its book changes counted too. The gateway must serve books
 (`fastfeed serve --simulate` does); `--book-standin` puts
 `bench/book_standin.py` in front of a gateway that does not yet, which serves
 the book channel from the gateway's own quote rows through the simulator's
-book generator.
+book generator; the plain board then goes through the stand-in as well, so
+the two differ by the ladder alone.
 
     python -m bench.frame_budget              # 30 s per page
     python -m bench.frame_budget --quick      # 5 s per page
@@ -215,9 +216,11 @@ def one_run(args: argparse.Namespace, base: str, naive_url: str,
         )
         try:
             ctx.add_init_script(PROBE)
-            out["board"] = measure(ctx, "board", base + "/", args)
+            # with the stand-in, the board goes through it too: both pages
+            # then pay for the same path, and differ by the ladder alone
+            url = base + "/" + (f"?ws={ladder_ws}" if ladder_ws else "")
+            out["board"] = measure(ctx, "board", url, args)
             if args.ladder:
-                url = base + "/" + (f"?ws={ladder_ws}" if ladder_ws else "")
                 out["ladder"] = measure(ctx, "ladder", url, args)
             out["naive"] = measure(ctx, "naive", f"{naive_url}?ws={ws}", args)
             if args.idle:
