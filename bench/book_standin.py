@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from fastfeed.feed.bookgen import BookGen
 from fastfeed.orderbook import book_checksum
-from fastfeed.protocol import BOOK_DEPTH, CHANNEL_BOOK
+from fastfeed.protocol import BOOK_CHANNEL, BOOK_DEPTH
 
 __all__ = ["BookStandIn", "running_standin"]
 
@@ -127,8 +127,8 @@ class BookStandIn:
         if not isinstance(chans, list):
             return raw
         op, syms = msg.get("op"), msg.get("symbols") or []
-        rest = [c for c in chans if c != CHANNEL_BOOK]
-        if CHANNEL_BOOK in chans:
+        rest = [c for c in chans if c != BOOK_CHANNEL]
+        if BOOK_CHANNEL in chans:
             if op == "subscribe":
                 for s in syms:
                     conn.book(s)  # empty until its first quote row

@@ -323,3 +323,23 @@ async def test_bad_channels_are_refused_before_sending(bad: list[Any]) -> None:
         with pytest.raises(ValueError, match="channels"):
             await c.subscribe(["BBCA"], channels=bad)
         assert seen == [] and c.subscribed == frozenset()
+
+
+async def test_a_channel_the_gateway_refuses_changes_nothing() -> None:
+    """A real gateway that does not serve a channel refuses the request
+    whole (bad_request); the client keeps what it had and resumes without it."""
+    from fastfeed.client import FastfeedError
+
+    async with start_gateway() as gw:
+        async with Publisher(gw.ingest_url, backoff=FAST) as p:
+            await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0}])
+            assert await p.sync(10)
+        async with Client(gw.ws_url, backoff=FAST) as c:
+            await c.subscribe(["BBCA"])
+            with pytest.raises(FastfeedError) as info:
+                await c.subscribe(["BBCA"], channels=["nonesuch"])
+            assert info.value.code == "bad_request"
+            assert c.subscribed == {"BBCA"} and "BBCA" in c.rows and not c.books
+            c.disconnect()
+            await until(lambda: c.reconnects == 1 and c.connected)
+            assert c.subscribed == {"BBCA"} and c.lost == frozenset()

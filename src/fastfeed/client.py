@@ -62,14 +62,14 @@ from .orderbook import OrderBook
 from .protocol import (
     BIN_MAGIC,
     BIN_SUBPROTOCOL,
+    BOOK_CHANNEL,
     BOOK_DEPTH,
-    CHANNEL_BOOK,
-    CHANNEL_QUOTE,
     CLIENT_FAULT_CLOSE_CODES,
     CLOSE_TRY_AGAIN_LATER,
     FIELDS,
     FORBIDDEN,
     JSON_SUBPROTOCOL,
+    QUOTE_CHANNEL,
 )
 
 __all__ = [
@@ -96,7 +96,7 @@ _PING_PAYLOAD = b"fastfeed.client resume"
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.
 _CHUNK = 500
-_QUOTE_ONLY = frozenset({CHANNEL_QUOTE})
+_QUOTE_ONLY = frozenset({QUOTE_CHANNEL})
 
 
 class Row(NamedTuple):
@@ -639,9 +639,9 @@ class Client:
                     gone.append(s)
                     continue
                 self._chans[s] = left
-                if CHANNEL_QUOTE not in left:
+                if QUOTE_CHANNEL not in left:
                     self.rows.pop(s, None)
-                if CHANNEL_BOOK not in left:
+                if BOOK_CHANNEL not in left:
                     self.books.pop(s, None)
         self._subs.difference_update(gone)
         self._watched.difference_update(gone)
@@ -965,7 +965,7 @@ class Client:
         """Resubscriptions: quotes with "since" (only what was missed), books
         without (a full snapshot)."""
         for chunk, msg in self._grouped("subscribe", syms, self._chans):
-            if CHANNEL_QUOTE in msg.get("channels", (CHANNEL_QUOTE,)):
+            if QUOTE_CHANNEL in msg.get("channels", (QUOTE_CHANNEL,)):
                 since = {s: self.rows[s].seq for s in chunk if s in self.rows}
                 if since:
                     msg["since"] = since
@@ -1143,7 +1143,7 @@ class Client:
         books = self.books
         for entry in entries:
             sym = entry.get("sym")
-            if CHANNEL_BOOK not in self._chans.get(sym, _QUOTE_ONLY):  # type: ignore[arg-type]
+            if BOOK_CHANNEL not in self._chans.get(sym, _QUOTE_ONLY):  # type: ignore[arg-type]
                 continue
             if sym in self._resyncing:
                 if not snapshot:
@@ -1183,10 +1183,10 @@ class Client:
         async def go() -> None:
             try:
                 await self._request({"op": "unsubscribe", "symbols": [sym],
-                                     "channels": [CHANNEL_BOOK]}, resend=False)
-                if CHANNEL_BOOK in self._chans.get(sym, _QUOTE_ONLY):
+                                     "channels": [BOOK_CHANNEL]}, resend=False)
+                if BOOK_CHANNEL in self._chans.get(sym, _QUOTE_ONLY):
                     await self._request({"op": "subscribe", "symbols": [sym],
-                                         "channels": [CHANNEL_BOOK]}, resend=True)
+                                         "channels": [BOOK_CHANNEL]}, resend=True)
             except (FastfeedError, TimeoutError) as e:
                 log.warning("fastfeed: resubscribing the book of %s: %s", sym, e)
             finally:

@@ -24,11 +24,8 @@ INT_FIELDS = FIELDS[1:3]
 
 #: the version 1 channel, meant by a request that names no `channels`
 QUOTE_CHANNEL = "quote"
-
-# ---- channels (version 1.1)
-
-CHANNEL_QUOTE = "quote"  # the version 1 row; a request without "channels" means this one
-CHANNEL_BOOK = "book"  # the order book: the best BOOK_DEPTH levels per side
+#: the order book: the best BOOK_DEPTH levels per side
+BOOK_CHANNEL = "book"
 #: levels per side the gateway serves by default (the book checksum covers them)
 BOOK_DEPTH = 10
 

@@ -5,7 +5,7 @@
 // actually changed (every cell remembers what it shows). Clicking a row
 // opens its depth ladder (the "book" channel), painted in the same frame.
 
-import { CHANNEL_BOOK, F, FastfeedClient, defaultUrl } from "./fastfeed.js";
+import { BOOK_CHANNEL, F, FastfeedClient, defaultUrl } from "./fastfeed.js";
 
 const ROW_H = 24;        // px, matches --row in style.css
 const OVERSCAN = 6;      // rows drawn above and below the viewport
@@ -547,8 +547,8 @@ class Ladder {
     this.board.layoutDirty = true; // the selected row's marker
     this.board.schedule();
     try {
-      if (prev) await client.unsubscribe([prev], [CHANNEL_BOOK]);
-      if (sym) await client.subscribe([sym], [CHANNEL_BOOK]);
+      if (prev) await client.unsubscribe([prev], [BOOK_CHANNEL]);
+      if (sym) await client.subscribe([sym], [BOOK_CHANNEL]);
     } catch (err) {
       if (err.code !== "not_connected" && err.code !== "closed") this.board.setNote(`depth ${sym}: ${err.code}: ${err.message}`);
     }

@@ -30,8 +30,8 @@ export const F = Object.freeze({
 export const SUBPROTOCOL = "fastfeed.v1.json";
 
 /** Channels (protocol version 1.1). A request without channels means "quote". */
-export const CHANNEL_QUOTE = "quote";
-export const CHANNEL_BOOK = "book";
+export const QUOTE_CHANNEL = "quote";
+export const BOOK_CHANNEL = "book";
 /** Levels per side a gateway serves unless it runs with another --book-depth. */
 export const BOOK_DEPTH = 10;
 
@@ -544,7 +544,7 @@ export class FastfeedClient {
       if (this.wanted.has(s)) {
         if (!chans) continue;
         // more channels of a symbol already wanted: ask for the new ones
-        const held = this.channels.get(s) || new Set([CHANNEL_QUOTE]);
+        const held = this.channels.get(s) || new Set([QUOTE_CHANNEL]);
         if (chans.every((c) => held.has(c))) continue;
         for (const c of chans) held.add(c);
         this.channels.set(s, held);
@@ -553,7 +553,7 @@ export class FastfeedClient {
       }
       if (this.wanted.size >= this.opts.maxSubscriptions) break;
       this.wanted.add(s);
-      if (chans && !(chans.length === 1 && chans[0] === CHANNEL_QUOTE)) this.channels.set(s, new Set(chans));
+      if (chans && !(chans.length === 1 && chans[0] === QUOTE_CHANNEL)) this.channels.set(s, new Set(chans));
       fresh.push(s);
     }
     if (this.state !== State.OPEN) return Promise.resolve({ rows: [], unknown: [], forbidden: [], errors: [] });
@@ -576,7 +576,7 @@ export class FastfeedClient {
   async _subscribeChunks(symbols, withSince, channels = null) {
     const out = { rows: [], unknown: [], forbidden: [], errors: [] };
     const jobs = [];
-    const quote = !channels || channels.includes(CHANNEL_QUOTE);
+    const quote = !channels || channels.includes(QUOTE_CHANNEL);
     for (const chunk of this._chunks(symbols, withSince)) {
       const msg = { op: "subscribe", symbols: chunk };
       if (channels) msg.channels = channels;
@@ -609,6 +609,17 @@ export class FastfeedClient {
               out.forbidden.push(...err.symbols);
             } else {
               out.errors.push(err);
+              // refused whole (say, a channel this gateway does not serve):
+              // forget those channels, so a reconnect does not ask again and
+              // lose the quote with them
+              if (channels && err.code !== "closed" && err.code !== "not_connected") {
+                for (const s of chunk) {
+                  const held = this.channels.get(s);
+                  if (!held) continue;
+                  for (const c of channels) if (c !== QUOTE_CHANNEL) held.delete(c);
+                  if (!held.size || (held.size === 1 && held.has(QUOTE_CHANNEL))) this.channels.delete(s);
+                }
+              }
             }
           },
         ),
@@ -663,12 +674,12 @@ export class FastfeedClient {
     const gone = [];
     for (const s of syms) {
       if (chans) {
-        const left = new Set(this.channels.get(s) || [CHANNEL_QUOTE]);
+        const left = new Set(this.channels.get(s) || [QUOTE_CHANNEL]);
         for (const c of chans) left.delete(c);
         if (left.size) {
           this.channels.set(s, left);
-          if (!left.has(CHANNEL_QUOTE)) this.rows.delete(s);
-          if (!left.has(CHANNEL_BOOK)) this.books.delete(s);
+          if (!left.has(QUOTE_CHANNEL)) this.rows.delete(s);
+          if (!left.has(BOOK_CHANNEL)) this.books.delete(s);
           continue;
         }
       }
@@ -863,7 +874,7 @@ export class FastfeedClient {
     for (const e of entries) {
       const sym = e.sym;
       const chans = this.channels.get(sym);
-      if (!chans || !chans.has(CHANNEL_BOOK)) continue;
+      if (!chans || !chans.has(BOOK_CHANNEL)) continue;
       if (this._resyncing.has(sym)) {
         if (!snapshot) continue;
         this._resyncing.delete(sym);
@@ -886,11 +897,11 @@ export class FastfeedClient {
     this._resyncing.add(sym);
     this.counters.bookResyncs += 1;
     this._emit("bookresync", { sym, seq: entry.seq, checksum: entry.checksum });
-    const one = { symbols: [sym], channels: [CHANNEL_BOOK] };
+    const one = { symbols: [sym], channels: [BOOK_CHANNEL] };
     this._send({ op: "unsubscribe", ...one })
       .then(() => {
         const chans = this.channels.get(sym);
-        if (chans && chans.has(CHANNEL_BOOK)) return this._send({ op: "subscribe", ...one });
+        if (chans && chans.has(BOOK_CHANNEL)) return this._send({ op: "subscribe", ...one });
         return undefined;
       })
       .catch((err) => {
