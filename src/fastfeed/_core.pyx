@@ -14,6 +14,7 @@ add a kind of state.
 
 from fastfeed._defs cimport FF_DEBUG
 
+from fastfeed._delay import DelayLine
 from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._wire import (
@@ -37,7 +38,8 @@ from fastfeed._wire import (
 DEBUG = bool(FF_DEBUG)
 
 __all__ = [
-    "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "DEBUG", "FIELDS", "OUTCOMES", "ROW_DTYPE",
+    "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "DEBUG", "FIELDS", "DelayLine", "OUTCOMES",
+    "ROW_DTYPE",
     "SOURCES", "VALUE_FIELDS", "Hub", "Table", "can_send", "check_tick", "connected",
     "decode_batch", "encode_batch", "partition", "valid_symbol", "wall_ns",
 ]

@@ -77,6 +77,16 @@ class Config:
     jwt_secret_file: str = _opt("", "file holding the client token secret")
     publisher_token: str = _opt("", "token /ingest publishers must present", secret=True)
     publisher_token_file: str = _opt("", "file holding the publisher token")
+    # delayed data (docs/protocol.md "Delayed data", docs/operations.md)
+    max_delay_s: int = _opt(900, "longest delay a client token may ask for, in seconds; the "
+                                 "delay line keeps this much past (0: no delayed data)")
+    delay_slot_ms: int = _opt(100, "the delay line's time slot: within one, only each "
+                                   "instrument's latest state is kept")
+    delay_budget_mb: int = _opt(256, "memory the delay line may use; over it, its slots "
+                                     "get coarser (and the log says so)")
+    delay_gates_ready: bool = _opt(False, "/readyz answers 503 until the delay line holds "
+                                          "--max-delay-s of past (for pods serving delayed "
+                                          "clients: see docs/operations.md)")
     allowed_origins: str = _opt("", "comma-separated browser Origins allowed on /ws (empty: any)")
     # operations
     drain_s: float = _opt(20.0, "on SIGTERM, spread client closes (1012) over this many seconds")
@@ -204,6 +214,12 @@ def validate(cfg: Config) -> None:
         problems.append("--record and --replay must be different files")
     if cfg.replay_speed != "max" and not _positive(cfg.replay_speed):
         problems.append(f"replay-speed must be a positive number or max, not {cfg.replay_speed!r}")
+    if cfg.max_delay_s < 0:
+        problems.append("max-delay-s must not be negative")
+    if not 1 <= cfg.delay_slot_ms <= 60000:
+        problems.append(f"delay-slot-ms {cfg.delay_slot_ms} must lie in 1..60000")
+    if cfg.delay_budget_mb < 1:
+        problems.append("delay-budget-mb must be at least 1")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

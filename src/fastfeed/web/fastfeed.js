@@ -806,7 +806,7 @@ export class FastfeedClient {
           this._emit("bookstatus", { sym: msg.sym, ok: msg.book === "ok" });
           return;
         }
-        this.feed = msg.feed;
+        if ("feed" in msg) this.feed = msg.feed; // others: a delay line filling, a book
         this._emit("status", msg);
         return;
       case "snapshot":
