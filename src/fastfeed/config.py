@@ -56,6 +56,11 @@ class Config:
     abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
     max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
     max_watched: int = _opt(50, "watched symbols per connection")
+    book_depth: int = _opt(10, "order book levels served per side (snapshots, updates, "
+                               "checksum): 1..50")
+    book_levels: int = _opt(50, "order book levels kept per side (the served depth and the next "
+                                "ones, which come into view as better ones go): depth..1000; "
+                                "every gateway on one Redis prefix must agree")
     max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
                                            "past it are refused (logged, counted)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
@@ -204,6 +209,11 @@ def validate(cfg: Config) -> None:
         problems.append("max-queued-bytes must be at least high-water-bytes")
     if cfg.max_list_symbols < 1:
         problems.append("max-list-symbols must be at least 1")
+    if not 1 <= cfg.book_depth <= 50:
+        problems.append(f"book-depth {cfg.book_depth} must lie in 1..50")
+    elif not cfg.book_depth <= cfg.book_levels <= 1000:
+        problems.append(f"book-levels {cfg.book_levels} must lie in book-depth "
+                        f"({cfg.book_depth})..1000")
     if not 1 <= cfg.max_instruments <= 2**31 - 1:
         problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
     elif cfg.simulate > cfg.max_instruments:

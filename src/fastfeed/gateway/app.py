@@ -29,6 +29,7 @@ from ..feed.replay import ReplaySource
 from ..feed.simulator import SimulatorSource
 from ..feed.sink import BusSink, LocalSink, Sink
 from ..feed.source import BusSource, Source
+from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
@@ -54,11 +55,16 @@ class Gateway:
         # what `channels` may name; a kind adds its slot (hub.add_kind) and channel here
         self.channels = Channels()
         self.channels.register(quote_channel(self.table))
+        # order books: the same instrument ids as the table (docs/core.md)
+        self.books = _core.Books(self.table, cfg.book_depth, cfg.book_levels)
+        book = book_channel(self.hub, self.books)
+        self.channels.register(book)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
         self.clock = FrameClock(self.loop, self.hub, cfg.frame_ms, cfg.max_frame_ms,
                                 cfg.min_frame_ms, self.metrics.frame_floor.set)
+        self.clock.before.append(book_events(self.hub, book.slot, self.books))
         # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
         # the others to theirs from the frame header
         frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
@@ -68,7 +74,7 @@ class Gateway:
         # the table as a sink: the bus's subscriber writes here, and in embedded
         # mode every source does; --record records what it takes
         self.table_sink: LocalSink | record.RecordingSink = LocalSink(
-            self.table, self.clock.after_ticks)
+            self.table, self.clock.after_ticks, self.books)
         recorder = record.open_recorder(cfg.record, self.loop)
         if recorder is not None:
             self.table_sink = record.RecordingSink(self.table_sink, recorder)
