@@ -312,6 +312,12 @@ class LocalSink:
             reply.error(P.BAD_REQUEST, f"{rejected} ticks or trades with a bad symbol, seq or "
                         "value (a negative size, NaN or infinity, a bad side)")
 
+    @property
+    def takes_books(self) -> bool:
+        """Book messages given to `ticks` or `json` are applied (the gateway
+        gave this sink its books); the simulator then sends its books."""
+        return getattr(self, "books", None) is not None
+
     def symbols(self, names: Sequence[str]) -> np.ndarray:
         """The numbering `arrays` takes: position in `names` -> this table's id."""
         return np.array([self.table.intern_symbol(s) for s in names], np.int32)
@@ -402,6 +408,11 @@ class BusSink:
             self.failures += 1
             return reply.error(P.BAD_REQUEST, f"bad tick batch: {e}")
         self._publish([(ticks, None, self.bus.publish)], source, reply)
+
+    @property
+    def takes_books(self) -> bool:
+        """Book messages go onto the bus (when the bus carries books)."""
+        return callable(getattr(self.bus, "publish_books", None))
 
     def symbols(self, names: Sequence[str]) -> list[str]:
         return list(names)
