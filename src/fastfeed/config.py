@@ -56,6 +56,11 @@ class Config:
     abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
     max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
     max_watched: int = _opt(50, "watched symbols per connection")
+    book_depth: int = _opt(10, "order book levels served per side (snapshots, updates, "
+                               "checksum): 1..50")
+    book_levels: int = _opt(50, "order book levels kept per side (the served depth and the next "
+                                "ones, which come into view as better ones go): depth..1000; "
+                                "every gateway on one Redis prefix must agree")
     max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
                                            "past it are refused (logged, counted)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
@@ -77,6 +82,16 @@ class Config:
     jwt_secret_file: str = _opt("", "file holding the client token secret")
     publisher_token: str = _opt("", "token /ingest publishers must present", secret=True)
     publisher_token_file: str = _opt("", "file holding the publisher token")
+    # delayed data (docs/protocol.md "Delayed data", docs/operations.md)
+    max_delay_s: int = _opt(900, "longest delay a client token may ask for, in seconds; the "
+                                 "delay line keeps this much past (0: no delayed data)")
+    delay_slot_ms: int = _opt(100, "the delay line's time slot: within one, only each "
+                                   "instrument's latest state is kept")
+    delay_budget_mb: int = _opt(256, "memory the delay line may use; over it, its slots "
+                                     "get coarser (and the log says so)")
+    delay_gates_ready: bool = _opt(False, "/readyz answers 503 until the delay line holds "
+                                          "--max-delay-s of past (for pods serving delayed "
+                                          "clients: see docs/operations.md)")
     allowed_origins: str = _opt("", "comma-separated browser Origins allowed on /ws (empty: any)")
     # operations
     drain_s: float = _opt(20.0, "on SIGTERM, spread client closes (1012) over this many seconds")
@@ -194,6 +209,11 @@ def validate(cfg: Config) -> None:
         problems.append("max-queued-bytes must be at least high-water-bytes")
     if cfg.max_list_symbols < 1:
         problems.append("max-list-symbols must be at least 1")
+    if not 1 <= cfg.book_depth <= 50:
+        problems.append(f"book-depth {cfg.book_depth} must lie in 1..50")
+    elif not cfg.book_depth <= cfg.book_levels <= 1000:
+        problems.append(f"book-levels {cfg.book_levels} must lie in book-depth "
+                        f"({cfg.book_depth})..1000")
     if not 1 <= cfg.max_instruments <= 2**31 - 1:
         problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
     elif cfg.simulate > cfg.max_instruments:
@@ -204,6 +224,12 @@ def validate(cfg: Config) -> None:
         problems.append("--record and --replay must be different files")
     if cfg.replay_speed != "max" and not _positive(cfg.replay_speed):
         problems.append(f"replay-speed must be a positive number or max, not {cfg.replay_speed!r}")
+    if cfg.max_delay_s < 0:
+        problems.append("max-delay-s must not be negative")
+    if not 1 <= cfg.delay_slot_ms <= 60000:
+        problems.append(f"delay-slot-ms {cfg.delay_slot_ms} must lie in 1..60000")
+    if cfg.delay_budget_mb < 1:
+        problems.append("delay-budget-mb must be at least 1")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

@@ -15,6 +15,12 @@ The four ways in, all synchronous (none waits for the network):
 ``arrays(numbering, ids, seqs, ts, vals, source)``  a simulator step, ids in the
                                   numbering `symbols(names)` returned
 
+Book messages (``{"type":"book",...}``, contract v1.1) come in through
+``json`` and ``ticks`` beside quote ticks: `split_kinds` takes them apart,
+quotes keep their path (the fast parser never sees a ``type``), and the
+books go to the sink's book writer; refusals of both come back in one
+`refused` with their indices in the publisher's message.
+
 ``source`` is the table's source number (`SIMULATOR`, `INGEST`, `BUS`:
 the ``source`` label of ``fastfeed_ticks``). A sink answers through the
 `Reply` it was given: ``admit(n)`` before it takes n ticks (False: it takes
@@ -152,6 +158,32 @@ class LogReply:
             log.warning("%s: %s (%d such so far)", self.who, what, self.problems)
 
 
+def split_kinds(msgs: list[Any], kinds: Sequence[str]
+                ) -> tuple[list[Any], list[int], dict[str, tuple[list[Any], list[int]]], Errors]:
+    """Quote ticks (no ``type``, or ``"quote"``) apart from the messages of
+    each kind in `kinds`: (quotes, their indices, {type: (messages,
+    indices)}, errors for an unknown ``type``)."""
+    quotes: list[Any] = []
+    qidx: list[int] = []
+    other: dict[str, tuple[list[Any], list[int]]] = {}
+    errors: Errors = []
+    for k, m in enumerate(msgs):
+        t = m.get("type") if type(m) is dict else None
+        if t is None or t == "quote":
+            quotes.append(m)
+            qidx.append(k)
+        elif t in kinds:
+            got = other.setdefault(t, ([], []))
+            got[0].append(m)
+            got[1].append(k)
+        else:
+            errors.append((k, m.get("sym"), f"unknown type {str(t)[:40]!r}"))
+    return quotes, qidx, other, errors
+
+
+_typed = _core.has_type
+
+
 def batch_count(data: bytes) -> int:
     """The tick count in a binary batch's header (0 if it is not one; applying
     it then refuses it by name)."""
@@ -183,8 +215,9 @@ class LocalSink:
 
     name = "local table"
 
-    def __init__(self, table: Any, kick: Callable[[], None]) -> None:
+    def __init__(self, table: Any, kick: Callable[[], None], books: Any = None) -> None:
         self.table = table
+        self.books = books  # fastfeed._core.Books, or None: book messages are refused
         self.kick = kick
         self.apply_batch = table.apply_batch
         self.ticks_in = 0
@@ -213,9 +246,24 @@ class LocalSink:
         if not reply.admit(len(ticks)):
             return
         self.ticks_in += len(ticks)
+        if _typed(ticks):
+            return self._kinds(ticks, source, reply)
         _, _, errors = self.table.apply_objects(ticks, source)
         self.kick()
         if errors:
+            self.ticks_refused += len(errors)
+            reply.refused(errors)
+
+    def _kinds(self, msgs: list[Any], source: int, reply: Reply) -> None:
+        quotes, qidx, other, errors = split_kinds(msgs, ("book",) if self.books is not None else ())
+        if quotes:
+            _, _, errs = self.table.apply_objects(quotes, source)
+            errors += [(qidx[i], sym, why) for i, sym, why in errs]
+        if "book" in other:
+            errors += self.books.apply_objects(*other["book"])[2]
+        self.kick()
+        if errors:
+            errors.sort(key=lambda e: e[0])
             self.ticks_refused += len(errors)
             reply.refused(errors)
 
@@ -306,10 +354,24 @@ class BusSink:
 
     def _publish(self, ticks: list[Any], source: int, reply: Reply) -> None:
         self.ticks_in += len(ticks)
+        books: tuple[list[Any], list[int]] | None = None
+        early: Errors = []
+        qidx: list[int] | None
+        if _typed(ticks):
+            quotes, qidx, other, early = split_kinds(ticks, ("book",))
+            books = other.get("book")
+        else:
+            quotes, qidx = ticks, None
 
         async def go() -> None:
             try:
-                errors = await self.bus.publish(ticks)
+                errors = list(early)
+                if quotes:
+                    errs = await self.bus.publish(quotes)
+                    errors += [(qidx[i], s, w) for i, s, w in errs] if qidx else errs
+                if books is not None:
+                    errors += await self.bus.publish_books(*books)
+                errors.sort(key=lambda e: e[0])
                 if errors:  # refused before Redis: the table never counts these
                     self.ticks_refused += len(errors)
                     self.count_ticks(P.TICK_SOURCES[source], "rejected", len(errors))
