@@ -11,10 +11,20 @@ records for each, over the same window:
 - long tasks (PerformanceObserver 'longtask': main-thread work over 50 ms);
 - rows received per second, so both pages are seen to get the same feed.
 
+With `--ladder`, the board is measured a second time with the depth ladder
+open on BBCA (the busiest simulated name): a click on its row, then the same
+window, with its book changes counted too. The gateway must serve books
+(`fastfeed serve --simulate` does); `--book-standin` puts
+`bench/book_standin.py` in front of a gateway that does not yet, which serves
+the book channel from the gateway's own quote rows through the simulator's
+book generator; the plain board then goes through the stand-in as well, so
+the two differ by the ladder alone.
+
     python -m bench.frame_budget              # 30 s per page
     python -m bench.frame_budget --quick      # 5 s per page
     python -m bench.frame_budget --runs 3     # median over 3 runs
     python -m bench.frame_budget --json       # JSON on stdout instead of markdown
+    python -m bench.frame_budget --ladder     # and the board with the depth ladder open
 
 Needs Chromium (Debian: `apt-get install chromium`, found at /usr/bin/chromium,
 or `--chromium PATH`) and Playwright for Python; no browser is downloaded.
@@ -71,14 +81,24 @@ PROBE = """
 # How many rows each page has received so far.
 ROWS_SEEN = {
     "board": "() => fastfeed.client.counters.rows",
+    "ladder": "() => fastfeed.client.counters.rows",
     "naive": "() => naive.stats.rows",
     "idle": "() => 0",
 }
 READY = {
     "board": "(n) => window.fastfeed && fastfeed.client.rows.size >= n",
+    "ladder": "(n) => window.fastfeed && fastfeed.client.rows.size >= n",
     "naive": "(n) => window.naive && naive.rows.size >= n",
     "idle": "() => true",
 }
+LADDER_SYM = "BBCA"
+# the ladder is open and shows ten levels a side of a live book
+LADDER_OPEN = """(sym) => {
+  const b = fastfeed.client.books.get(sym);
+  return b && b.bids.length >= 10 && b.asks.length >= 10
+    && document.querySelectorAll('#depth td[data-f="bid"]:not(:empty)').length >= 10;
+}"""
+BOOK_ENTRIES = "() => fastfeed.client.counters.bookEntries"
 IDLE_PAGE = (
     "data:text/html,<!doctype html><title>idle</title><p>idle page: the machine's own frame jitter"
 )
@@ -157,20 +177,31 @@ def measure(ctx, name: str, url: str, args: argparse.Namespace) -> dict:
         page.goto(url)
         want = int(args.simulate * 0.95) if not args.url else 1
         page.wait_for_function(READY[name], arg=want, timeout=60_000, polling=200)
+        if name == "ladder":
+            page.click(f'#rows tr[data-sym="{LADDER_SYM}"] [data-f="last"]')
+            page.wait_for_function(LADDER_OPEN, arg=LADDER_SYM, timeout=60_000, polling=200)
         page.wait_for_timeout(args.warmup * 1000)
         rows0 = page.evaluate(ROWS_SEEN[name])
+        books0 = page.evaluate(BOOK_ENTRIES) if name == "ladder" else 0
         page.evaluate("() => __fb.start()")
         page.wait_for_timeout(args.seconds * 1000)
         raw = page.evaluate("() => __fb.stop()")
         rows = page.evaluate(ROWS_SEEN[name]) - rows0
+        out = summarize(name, raw, rows)
+        if name == "ladder":
+            secs = raw["ms"] / 1000
+            out["book_entries_per_s"] = round((page.evaluate(BOOK_ENTRIES) - books0) / secs)
+            out["book_resyncs"] = page.evaluate("() => fastfeed.client.counters.bookResyncs")
+            out["ladder_paints"] = page.evaluate("() => fastfeed.board.ladder.stats.paints")
         if errors:
             print(f"{name}: page errors: {errors[:3]}", file=sys.stderr)
-        return summarize(name, raw, rows)
+        return out
     finally:
         page.close()
 
 
-def one_run(args: argparse.Namespace, base: str, naive_url: str) -> dict[str, dict]:
+def one_run(args: argparse.Namespace, base: str, naive_url: str,
+            ladder_ws: str | None = None) -> dict[str, dict]:
     from playwright.sync_api import sync_playwright
 
     ws = base.replace("http", "ws", 1) + "/ws"
@@ -185,7 +216,12 @@ def one_run(args: argparse.Namespace, base: str, naive_url: str) -> dict[str, di
         )
         try:
             ctx.add_init_script(PROBE)
-            out["board"] = measure(ctx, "board", base + "/", args)
+            # with the stand-in, the board goes through it too: both pages
+            # then pay for the same path, and differ by the ladder alone
+            url = base + "/" + (f"?ws={ladder_ws}" if ladder_ws else "")
+            out["board"] = measure(ctx, "board", url, args)
+            if args.ladder:
+                out["ladder"] = measure(ctx, "ladder", url, args)
             out["naive"] = measure(ctx, "naive", f"{naive_url}?ws={ws}", args)
             if args.idle:
                 out["idle"] = measure(ctx, "idle", IDLE_PAGE, args)
@@ -220,7 +256,8 @@ def markdown(res: dict[str, dict], args: argparse.Namespace, nruns: int) -> str:
         "| page | frames | fps | frames over 16.7 ms | p50 | p99 | worst frame | long tasks (total) | rows/s received |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    names = {"board": "board (`/`)", "naive": "naive page", "idle": "idle page (baseline)"}
+    names = {"board": "board (`/`)", "ladder": f"board, depth ladder open on {LADDER_SYM}",
+             "naive": "naive page", "idle": "idle page (baseline)"}
     for k, r in res.items():
         lines.append(
             f"| {names[k]} | {r['frames']:.0f} | {r['fps']:.1f} | {r['over_budget_pct']:.2f} % "
@@ -229,12 +266,21 @@ def markdown(res: dict[str, dict], args: argparse.Namespace, nruns: int) -> str:
         )
     b = res["board"]
     verdict = "meets" if b["over_budget_pct"] <= 1.0 else "misses"
+    tail = ""
+    if "ladder" in res:
+        lad = res["ladder"]
+        lv = "meets" if lad["over_budget_pct"] <= 1.0 else "misses"
+        tail = (f" With the depth ladder open it {lv} it, applying "
+                f"{lad['book_entries_per_s']:,.0f} book entries/s "
+                f"({lad['book_resyncs']:.0f} checksum resyncs)"
+                + (" from the book stand-in (bench/book_standin.py)" if args.book_standin
+                   else "") + ".")
     return (
         head
         + "\n".join(lines)
         + f"\n\nA frame is over budget when its rAF interval exceeds {BUDGET_MS} ms "
         f"(+{JITTER_MS:g} ms timestamp jitter). The board {verdict} the goal of at least 99 % "
-        f"of frames under {BUDGET_MS} ms.\n"
+        f"of frames under {BUDGET_MS} ms.{tail}\n"
     )
 
 
@@ -256,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=800)
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    ap.add_argument("--ladder", action="store_true",
+                    help=f"also measure the board with the depth ladder open on {LADDER_SYM}")
+    ap.add_argument("--book-standin", action="store_true",
+                    help="with --ladder: serve the book channel from bench/book_standin.py in "
+                         "front of a gateway that does not serve books")
     ap.add_argument(
         "--no-idle", dest="idle", action="store_false", help="skip the idle-page baseline"
     )
@@ -268,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     runs = []
-    with gateway(args) as base, naive_server() as naive_url:
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(gateway(args))
+        naive_url = stack.enter_context(naive_server())
+        ladder_ws = None
+        if args.ladder and args.book_standin:
+            from bench.book_standin import running_standin
+
+            ladder_ws = stack.enter_context(running_standin(base))
         for i in range(args.runs):
-            runs.append(one_run(args, base, naive_url))
+            runs.append(one_run(args, base, naive_url, ladder_ws))
             if args.runs > 1:
                 print(f"run {i + 1}/{args.runs}: " + json.dumps(runs[-1]), file=sys.stderr)
     res = median_of(runs) if len(runs) > 1 else runs[0]

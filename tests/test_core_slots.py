@@ -267,3 +267,27 @@ def test_a_kind_key_must_be_a_plain_name():
         hub.add_kind(_core.Table(key='x"'))
     with pytest.raises(ValueError):
         hub.add_kind(hub.table)
+
+
+def test_remove_drops_the_connections_watches_in_every_slot():
+    tables, _, hub, _ = three_slots()
+    _fill(tables)
+    cid = hub.add(None, 3_600_000 * MS, False, 1)
+    for s in range(3):
+        hub.subscribe_ids(cid, [0], s)
+        hub.watch_ids(cid, [0], True, s)
+    hub.remove(cid)  # closed without unwatching first
+    hub._check_invariants()
+    # the next connection gets the same id, subscribed but watching nothing:
+    # a change of the old watches must not push it a frame at once
+    new = hub.add(None, 3_600_000 * MS, False, 2)
+    assert new == cid
+    for s in range(3):
+        hub.subscribe_ids(new, [0], s)
+    hub.pump(wall=2, mono=2)
+    hub.capture.clear()
+    for t in tables:
+        t.apply_tick("BBCA", 3, bid=2.0)
+    hub.pump(wall=3, mono=3)
+    assert hub.capture == []
+    hub._check_invariants()

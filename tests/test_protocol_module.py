@@ -52,6 +52,9 @@ def test_the_web_client_copies_are_the_protocol_module():
     assert tuple(_js_const("FIELDS")) == protocol.FIELDS
     assert _js_const("SUBPROTOCOL") == protocol.JSON_SUBPROTOCOL
     assert frozenset(_js_const("CLIENT_FAULT_CLOSE_CODES")) == protocol.CLIENT_FAULT_CLOSE_CODES
+    assert _js_const("QUOTE_CHANNEL") == protocol.QUOTE_CHANNEL
+    assert _js_const("BOOK_CHANNEL") == protocol.BOOK_CHANNEL
+    assert _js_const("BOOK_DEPTH") == protocol.BOOK_DEPTH
 
 
 def test_the_documented_close_codes_and_error_codes_are_the_protocol_module():

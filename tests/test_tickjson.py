@@ -156,3 +156,28 @@ def test_a_full_table_refuses_new_symbols_by_name_on_both_paths():
     assert p.apply(fast) == slow.apply_objects(orjson.loads(data)) == (
         2, 0, [(1, "BBB", "instrument table is full")])
     assert state(fast) == state(slow)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(good_tick, min_size=1, max_size=30), st.integers(1, 8), spacing)
+def test_parser_writes_the_bus_batches_of_the_decoded_ticks(ticks, parts, indent):
+    # a gateway on the Redis bus encodes /ingest JSON straight into batches
+    data = encode(ticks, indent)
+    parser = TickParser()
+    assert parser.parse(data) == len(ticks)
+    want, errors = _core.encode_batch(orjson.loads(data), parts)
+    assert errors == []
+    assert parser.encode_batch(parts) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(tick, max_size=30), st.integers(1, 8))
+def test_packed_records_join_into_the_batches_of_encode_batch(ticks, parts):
+    # the publisher checks and encodes each tick once (pack_ticks), and
+    # batches the records it queued (join_records): the bytes encode_batch writes
+    records, errors = _core.pack_ticks(ticks)
+    want, want_errors = _core.encode_batch(ticks, parts)
+    assert errors == want_errors
+    assert [r is None for r in records] == [i in {e[0] for e in errors}
+                                             for i in range(len(ticks))]
+    assert _core.join_records([r for r in records if r is not None], parts) == want

@@ -45,6 +45,8 @@ from fastfeed._wire import (
     check_tick,
     decode_batch,
     encode_batch,
+    join_records,
+    pack_ticks,
     partition,
     valid_symbol,
     wall_ns,
@@ -59,5 +61,6 @@ __all__ = [
     "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades", "VALUE_FIELDS",
     "can_send", "check_tick", "check_trade", "connected", "day_bounds", "decode_batch",
     "decode_books", "decode_trade_batch", "encode_batch", "encode_books",
-    "encode_trade_batch", "has_type", "partition", "valid_symbol", "wall_ns",
+    "encode_trade_batch", "has_type", "join_records", "pack_ticks", "partition",
+    "valid_symbol", "wall_ns",
 ]

@@ -106,6 +106,7 @@ cdef class Hub:
                         int32_t x) except *
     cdef void _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept
     cdef void _leave_group(self, int32_t cid) except *
+    cdef void _unwatch_all(self, int32_t cid) noexcept
     cdef void _heap_push(self, int64_t due, int32_t cid) except *
     cdef HeapItem _heap_pop(self) noexcept
     cdef void _schedule(self, int32_t cid, int64_t due) except *

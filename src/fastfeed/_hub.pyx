@@ -208,6 +208,7 @@ cdef class Hub:
         if not c.flags & F_ACTIVE:
             return
         self._leave_group(cid)
+        self._unwatch_all(cid)
         c.flags = 0
         self.transports[cid] = None
         self.free_conns[self.nfree_conns] = cid
@@ -437,6 +438,19 @@ cdef class Hub:
             else:
                 self._drop_vec(self.wrev[slot], self.wrev_n[slot], i, cid)
             K.watched[i] = self.wrev_n[slot][i] > 0
+
+    cdef void _unwatch_all(self, int32_t cid) noexcept:
+        # a closed connection's id is reused by the next one: no watch of the
+        # old one may make it due. Rare (once per close), so a scan of the
+        # watched items beats keeping a watch list per connection.
+        cdef Py_ssize_t s, i
+        cdef Kind K
+        for s in range(self.nslots):
+            K = <Kind>self.kptr[s]
+            for i in range(min(K.size, self.inst_cap[s])):
+                if self.wrev_n[s][i]:
+                    self._drop_vec(self.wrev[s], self.wrev_n[s], <int32_t>i, cid)
+                    K.watched[i] = self.wrev_n[s][i] > 0
 
     # -- scheduling
 

@@ -11,13 +11,15 @@ only ever accepts what the slow path would apply, and applies it the same
 way (tests/test_tickjson.py checks the two against each other).
 """
 
+cimport cython
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport calloc, free, realloc
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcmp, memcpy
 
-from fastfeed._defs cimport APPLIED, M_TS, REJECTED, STALE
+from fastfeed._defs cimport APPLIED, M_TS, NVALS, REJECTED, STALE, __builtin_popcount
 from fastfeed._table cimport Table
-from fastfeed._wire cimport symbol_ok
+from fastfeed._wire cimport _hash, ff_p10, symbol_ok
 
 cdef extern from "Python.h":
     # overflow_exception NULL: an overflow gives inf (refused below), not an error
@@ -35,6 +37,7 @@ cdef extern from "<time.h>" nogil:
 cdef struct Tick:
     Py_ssize_t sym_at       # offset of the symbol in the message
     int32_t sym_len
+    int32_t part            # bus partition (encode_batch)
     uint32_t mask
     int64_t seq
     int64_t ts
@@ -89,6 +92,7 @@ cdef int _key(const char* s, Py_ssize_t n) noexcept:
     return -1
 
 
+@cython.cdivision(True)   # divisors are powers of ten: never zero
 cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
                          bint* integral) except? NULL:
     """One JSON number at p (the grammar exactly: no '+', no leading zeros,
@@ -97,8 +101,12 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
     cdef const char* start = p
     cdef char tok[40]
     cdef bint neg = False
-    cdef uint64_t acc = 0
-    cdef int ndig = 0
+    cdef uint64_t acc = 0        # the digits, integer and fraction, while they fit
+    cdef int ndig = 0            # significant digits read (leading zeros not counted)
+    cdef int idig = 0            # digits of the integer part
+    cdef int frac = 0            # fraction digits taken into acc
+    cdef int ex = 0
+    cdef bint exneg = False
     integral[0] = True
     if p < e and p[0] == b'-':
         neg = True
@@ -107,13 +115,14 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
         return NULL
     if p[0] == b'0':
         p += 1
-        ndig = 1
+        idig = 1
     elif _digit(p[0]):
         while p < e and _digit(p[0]):
             if ndig < 19:
                 acc = acc * 10 + <uint64_t>(p[0] - 48)
             ndig += 1
             p += 1
+        idig = ndig
     else:
         return NULL
     if p < e and p[0] == b'.':
@@ -122,27 +131,50 @@ cdef const char* _number(const char* p, const char* e, double* d, int64_t* i,
         if p >= e or not _digit(p[0]):
             return NULL
         while p < e and _digit(p[0]):
+            if ndig < 19:
+                acc = acc * 10 + <uint64_t>(p[0] - 48)
+                frac += 1
+                if acc:
+                    ndig += 1
+            else:
+                ndig += 1
             p += 1
     if p < e and (p[0] == b'e' or p[0] == b'E'):
         integral[0] = False
         p += 1
         if p < e and (p[0] == b'+' or p[0] == b'-'):
+            exneg = p[0] == b'-'
             p += 1
         if p >= e or not _digit(p[0]):
             return NULL
         while p < e and _digit(p[0]):
+            if ex < 10000:
+                ex = ex * 10 + (p[0] - 48)
             p += 1
-    if p - start >= 40 or (integral[0] and ndig > 19):
+    if p - start >= 40 or (integral[0] and idig > 19):
         return NULL           # rare: let json.loads and Python ints deal with it
     if integral[0]:
         # 19 digits fit in uint64; C's conversion rounds to nearest like float(int)
         # ("-0" is the int 0 to json.loads, so +0.0)
         d[0] = -<double>acc if neg and acc else <double>acc
         i[0] = -1 if (neg and acc != 0) or acc >= <uint64_t>INT64_MAX else <int64_t>acc
-    else:
-        memcpy(tok, start, p - start)
-        tok[p - start] = 0
-        d[0] = PyOS_string_to_double(tok, NULL, NULL)
+        return p
+    if exneg:
+        ex = -ex
+    ex -= frac
+    if ndig <= 19 and acc <= 9007199254740992ULL and -22 <= ex <= 22:
+        # Clinger's fast path: the digits and 10**|ex| are exact doubles, so one
+        # IEEE multiplication or division rounds correctly, as strtod does
+        if ex < 0:
+            d[0] = <double>acc / ff_p10[-ex]
+        else:
+            d[0] = <double>acc * ff_p10[ex]
+        if neg:
+            d[0] = -d[0]
+        return p
+    memcpy(tok, start, p - start)
+    tok[p - start] = 0
+    d[0] = PyOS_string_to_double(tok, NULL, NULL)
     return p
 
 
@@ -153,7 +185,9 @@ cdef class TickParser:
     message needs the `json.loads` path; nothing is applied or interned
     yet, so the caller can rate-limit on the count. ``parser.apply(table,
     source)`` then applies those ticks and returns ``(applied, stale,
-    errors)`` like `Table.apply_objects`.
+    errors)`` like `Table.apply_objects`; or ``parser.encode_batch(parts)``
+    writes them as the bus's binary batches, as `encode_batch` would write
+    the same ticks decoded (a gateway on the Redis bus).
     """
 
     cdef Tick* ticks
@@ -333,3 +367,70 @@ cdef class TickParser:
         self.n = 0
         self.data = None
         return applied, stale, errors
+
+    @cython.cdivision(True)   # parts >= 1, checked first
+    def encode_batch(self, int parts=1):
+        """The ticks of the last successful parse as binary tick batches, one
+        per bus partition (b"" where a partition has none): the bytes
+        `fastfeed._core.encode_batch` writes for the same ticks decoded."""
+        cdef Py_ssize_t k
+        cdef int j
+        cdef Tick* t
+        cdef const char* base
+        cdef char* o
+        cdef Py_ssize_t* size
+        cdef char** at
+        cdef uint32_t cnt
+        if self.data is None:
+            raise ValueError("encode_batch() without a successful parse()")
+        if parts < 1:
+            raise ValueError("parts must be at least 1")
+        base = <bytes>self.data
+        # per partition: bytes, then tick count, then where the next record goes
+        size = <Py_ssize_t*>calloc(2 * parts, sizeof(Py_ssize_t))
+        at = <char**>calloc(parts, sizeof(char*))
+        if size == NULL or at == NULL:
+            free(size)
+            free(at)
+            raise MemoryError()
+        try:
+            for k in range(self.n):
+                t = &self.ticks[k]
+                t.part = <int32_t>(_hash(base + t.sym_at, t.sym_len) % <uint64_t>parts)
+                size[t.part] += 10 + t.sym_len + 8 * __builtin_popcount(t.mask)
+                size[parts + t.part] += 1
+            outs = []
+            for j in range(parts):
+                if size[parts + j] == 0:
+                    outs.append(b"")
+                    continue
+                b = PyBytes_FromStringAndSize(NULL, 8 + size[j])
+                outs.append(b)
+                o = PyBytes_AS_STRING(b)
+                memcpy(o, b"FFT1", 4)
+                cnt = <uint32_t>size[parts + j]
+                memcpy(o + 4, &cnt, 4)
+                at[j] = o + 8
+            for k in range(self.n):
+                t = &self.ticks[k]
+                o = at[t.part]
+                o[0] = <char>t.sym_len
+                memcpy(o + 1, base + t.sym_at, t.sym_len)
+                o += 1 + t.sym_len
+                o[0] = <char>t.mask
+                memcpy(o + 1, &t.seq, 8)
+                o += 9
+                if t.mask & M_TS:
+                    memcpy(o, &t.ts, 8)
+                    o += 8
+                for j in range(NVALS):
+                    if t.mask & (2u << j):
+                        memcpy(o, &t.v[j], 8)
+                        o += 8
+                at[t.part] = o
+        finally:
+            free(size)
+            free(at)
+        self.n = 0
+        self.data = None
+        return outs

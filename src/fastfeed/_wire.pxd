@@ -1,7 +1,8 @@
 # The wire format's C-level pieces: number writers and readers, the symbol
 # rule, the partition hash and tick validation (see _wire.pyx).
 
-from libc.math cimport isfinite
+cimport cython
+from libc.math cimport fabs, isfinite, nearbyint, signbit
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Free
@@ -45,8 +46,87 @@ cdef inline char* _put_i64(char* p, int64_t v) noexcept:
         p += 1
     return p
 
+# Powers of ten, every one an exact double (10**22 is the last), and the
+# integer ones for splitting a scaled value into its two parts.
+cdef extern from *:
+    """
+    static const double ff_p10[23] = {
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+        1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    static const unsigned long long ff_u10[16] = {
+        1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL,
+        10000000ULL, 100000000ULL, 1000000000ULL, 10000000000ULL,
+        100000000000ULL, 1000000000000ULL, 10000000000000ULL,
+        100000000000000ULL, 1000000000000000ULL};
+    """
+    const double* ff_p10
+    const unsigned long long* ff_u10
+
+
+@cython.cdivision(True)
+cdef inline char* _put_u64(char* p, uint64_t u, int width) noexcept:
+    # at least `width` digits, zero-padded on the left
+    cdef char tmp[24]
+    cdef int n = 0
+    while u or n < width:
+        tmp[n] = <char>(48 + u % 10)
+        n += 1
+        u //= 10
+    while n:
+        n -= 1
+        p[0] = tmp[n]
+        p += 1
+    return p
+
+
+@cython.cdivision(True)   # divisors are powers of ten: never zero
+cdef inline char* _put_short(char* p, double v) noexcept:
+    """repr(v) for a short decimal (m / 10**k exactly, m < 10**15, |v| >= 1e-4
+    or 0) written with integer arithmetic; NULL for any other value.
+
+    The smallest k for which m = round(|v| * 10**k) gives m / 10**k == |v|
+    (one correctly rounded IEEE division: what parsing that text gives) is
+    Python's shortest round-trip text: with m < 2**50 the interval of
+    decimals that parse to v holds at most one multiple of 10**-k, so no
+    shorter text round-trips and none of the same length is nearer. In
+    [1e-4, 1e16) repr writes fixed-point, as here. tests/test_numbers.py
+    checks it against repr for every kind of double."""
+    cdef double a = fabs(v)
+    cdef double r, fm
+    cdef uint64_t m, ip
+    cdef int k
+    if not a < 1e15:                  # NaN, inf, or past where m may reach
+        return NULL
+    if a < 1e-4:
+        if a != 0:
+            return NULL
+    for k in range(16):
+        r = a * ff_p10[k]
+        if r >= 1e15:
+            return NULL
+        fm = nearbyint(r)
+        # |r - m| is at most a few ulps of r when m / 10**k round-trips, and
+        # far more otherwise: the division runs only for a likely candidate
+        if fabs(r - fm) <= r * 8.881784197001252e-16 and fm / ff_p10[k] == a:
+            m = <uint64_t>fm
+            if signbit(v):
+                p[0] = b"-"
+                p += 1
+            ip = m // ff_u10[k]
+            p = _put_u64(p, ip, 1)
+            p[0] = b"."
+            if k == 0:
+                p[1] = b"0"
+                return p + 2
+            return _put_u64(p + 1, m - ip * ff_u10[k], k)
+    return NULL
+
 cdef inline char* _put_f64(char* p, double v) except NULL:
-    # Python's repr: shortest round-trip digits, as json.dumps writes floats
+    # Python's repr: shortest round-trip digits, as json.dumps writes floats;
+    # short decimals (most prices and sizes) without CPython's dtoa
+    cdef char* q = _put_short(p, v)
+    if q != NULL:
+        return q
     cdef char* s = PyOS_double_to_string(v, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)
     cdef Py_ssize_t k = 0
     while s[k]:

@@ -6,9 +6,15 @@ cimport the C-level ones from _wire.pxd (`symbol_ok`, `_check_tick` and the
 inline number writers and readers).
 """
 
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 
-from fastfeed._defs cimport BIN_HEADER, CLOCK_REALTIME, M_TS, NVALS, SYM_MAX, _clock
+from fastfeed._defs cimport (
+    BIN_HEADER, CLOCK_REALTIME, M_TS, NVALS, SYM_MAX, __builtin_popcount, _clock,
+)
 
 import numpy as np
 
@@ -154,6 +160,116 @@ def encode_batch(ticks, int parts=1):
         else:
             res.append(b"")
     return res, errors
+
+
+cdef inline char* _put_record(char* o, const char* sym, Py_ssize_t n, uint32_t mask,
+                              int64_t seq, int64_t ts, const double* v) noexcept:
+    cdef int k
+    o[0] = <char>n
+    memcpy(o + 1, sym, n)
+    o += 1 + n
+    o[0] = <char>mask
+    memcpy(o + 1, &seq, 8)
+    o += 9
+    if mask & M_TS:
+        memcpy(o, &ts, 8)
+        o += 8
+    for k in range(NVALS):
+        if mask & (2 << k):
+            memcpy(o, &v[k], 8)
+            o += 8
+    return o
+
+
+def pack_ticks(list ticks):
+    """Check and encode tick objects in one pass, one batch record each.
+
+    Returns (records, errors): `records[i]` is tick i as one record of a
+    binary batch (the layout `encode_batch` writes after its header), or
+    None if it was refused, as (index, symbol or None, message) in `errors`.
+    `join_records` makes the batches. The publisher keeps the records it
+    queues, so a tick is checked and encoded once."""
+    cdef double v[7]
+    cdef uint32_t mask
+    cdef int64_t seq, ts
+    cdef Py_ssize_t n
+    records = [None] * len(ticks)
+    errors = []
+    for idx, t in enumerate(ticks):
+        err = _check_tick(t, v, &mask, &seq, &ts)
+        if err is None:
+            b = (<dict>t)["sym"].encode()
+            if not symbol_ok(b, len(b)):
+                err = "bad symbol"
+        if err is not None:
+            errors.append((idx, t.get("sym") if type(t) is dict else None, err))
+            continue
+        n = len(b)
+        r = PyBytes_FromStringAndSize(NULL, 10 + n + 8 * __builtin_popcount(mask))
+        _put_record(PyBytes_AS_STRING(r), b, n, mask, seq, ts, v)
+        records[idx] = r
+    return records, errors
+
+
+@cython.cdivision(True)   # parts >= 1, checked first
+def join_records(list records, int parts=1):
+    """Batches, one per bus partition (b"" where a partition has none), of
+    records `pack_ticks` wrote: the bytes `encode_batch` writes for those ticks."""
+    cdef Py_ssize_t k, n, m = len(records)
+    cdef int j
+    cdef const char* r
+    cdef char* o
+    cdef uint32_t cnt
+    cdef Py_ssize_t* size
+    cdef char** at
+    cdef int* part
+    if parts < 1:
+        raise ValueError("parts must be at least 1")
+    # per partition: bytes, then record count; per record: its partition
+    size = <Py_ssize_t*>calloc(2 * parts, sizeof(Py_ssize_t))
+    at = <char**>calloc(parts, sizeof(char*))
+    part = <int*>calloc(m + 1, sizeof(int))
+    if size == NULL or at == NULL or part == NULL:
+        free(size)
+        free(at)
+        free(part)
+        raise MemoryError()
+    try:
+        for k in range(m):
+            x = records[k]
+            if type(x) is not bytes:
+                raise ValueError("not a record written by pack_ticks")
+            r = PyBytes_AS_STRING(<bytes>x)
+            n = PyBytes_GET_SIZE(<bytes>x)
+            if n < 10 + <uint8_t>r[0] or n != 10 + <uint8_t>r[0] + 8 * __builtin_popcount(
+                    <uint8_t>r[1 + <uint8_t>r[0]]):
+                raise ValueError("not a record written by pack_ticks")
+            j = <int>(_hash(r + 1, <uint8_t>r[0]) % <uint64_t>parts)
+            part[k] = j
+            size[j] += PyBytes_GET_SIZE(<bytes>records[k])
+            size[parts + j] += 1
+        outs = []
+        for j in range(parts):
+            if size[parts + j] == 0:
+                outs.append(b"")
+                continue
+            b = PyBytes_FromStringAndSize(NULL, 8 + size[j])
+            outs.append(b)
+            o = PyBytes_AS_STRING(b)
+            memcpy(o, b"FFT1", 4)
+            cnt = <uint32_t>size[parts + j]
+            memcpy(o + 4, &cnt, 4)
+            at[j] = o + 8
+        for k in range(m):
+            j = part[k]
+            memcpy(at[j], PyBytes_AS_STRING(<bytes>records[k]),
+                   PyBytes_GET_SIZE(<bytes>records[k]))
+            at[j] += PyBytes_GET_SIZE(<bytes>records[k])
+    finally:
+        free(size)
+        free(at)
+        free(part)
+    return outs
 
 
 def decode_batch(data):

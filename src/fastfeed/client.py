@@ -56,16 +56,20 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from picows.common import WSHandshakeError
 
 from .backoff import Backoff
+from .orderbook import OrderBook
 
 # the client's protocol constants are the protocol module's (re-exported here)
 from .protocol import (
     BIN_MAGIC,
     BIN_SUBPROTOCOL,
+    BOOK_CHANNEL,
+    BOOK_DEPTH,
     CLIENT_FAULT_CLOSE_CODES,
     CLOSE_TRY_AGAIN_LATER,
     FIELDS,
     FORBIDDEN,
     JSON_SUBPROTOCOL,
+    QUOTE_CHANNEL,
 )
 
 __all__ = [
@@ -76,6 +80,7 @@ __all__ = [
     "Client",
     "ConnectionClosed",
     "FastfeedError",
+    "OrderBook",
     "Row",
     "TryAgainLater",
     "decode_binary_update",
@@ -91,6 +96,7 @@ _PING_PAYLOAD = b"fastfeed.client resume"
 # Requests per message when resubscribing many symbols, so a resume stays
 # well under the gateway's message size limit.
 _CHUNK = 500
+_QUOTE_ONLY = frozenset({QUOTE_CHANNEL})
 
 
 class Row(NamedTuple):
@@ -355,6 +361,20 @@ class Client:
       on_status: ``callback(feed_up: bool)`` on every ``status`` message.
       on_error: ``callback(FastfeedError)`` for an ``error`` that answers no
         pending request.
+      book_depth: the levels per side the gateway serves (its book depth,
+        10 unless it runs with another): `books` keeps that many, and the
+        checksum covers them.
+      on_book: ``callback(OrderBook)`` after every book entry applied
+        (snapshots and updates).
+      on_book_status: ``callback(sym, ok: bool)`` on a book ``status``
+        (``"stale"``: its source skipped a ``seq`` or sent a crossed change,
+        no changes follow until a full book, announced by ``"ok"``).
+
+    Books (``subscribe(..., channels=["book"])``) are kept in `books`
+    (``books[sym].bids`` / ``.asks``: ``[price, volume, orders]``, best
+    first; ``.seq``; ``.stale``). Every entry's checksum is verified; on a
+    mismatch the client resubscribes that book (unsubscribe, then
+    subscribe: a full snapshot) and counts it in `book_resyncs`.
 
     Counters: `reconnects`, `frames` (update frames), `messages`,
     `last_latency` (seconds from the gateway's send time to local receipt,
@@ -380,6 +400,9 @@ class Client:
         on_update: Callable[[list[Row]], Any] | None = None,
         on_status: Callable[[bool], Any] | None = None,
         on_error: Callable[[FastfeedError], Any] | None = None,
+        book_depth: int = BOOK_DEPTH,
+        on_book: Callable[[OrderBook], Any] | None = None,
+        on_book_status: Callable[[str, bool], Any] | None = None,
     ):
         self.urls: list[str] = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -399,9 +422,16 @@ class Client:
         self.on_update = on_update
         self.on_status = on_status
         self.on_error = on_error
+        self.book_depth = book_depth
+        self.on_book = on_book
+        self.on_book_status = on_book_status
 
         #: latest row of every subscribed symbol
         self.rows: dict[str, Row] = {}
+        #: the order book of every symbol subscribed with the "book" channel
+        self.books: dict[str, OrderBook] = {}
+        #: books resubscribed because their checksum did not match
+        self.book_resyncs = 0
         #: what the gateway last said about its upstream
         self.feed_up = True
         #: the URL of the current (or last) connection
@@ -420,6 +450,11 @@ class Client:
         self._subs: set[str] = set()  # what the user subscribed (and the gateway knows)
         self._watched: set[str] = set()
         self._lost: set[str] = set()  # subscribed, but unknown to the gateway after a resume
+        # channels per subscribed (and per watched) symbol; absent: quote only
+        self._chans: dict[str, frozenset[str]] = {}
+        self._wchans: dict[str, frozenset[str]] = {}
+        self._resyncing: set[str] = set()  # books being resubscribed after a bad checksum
+        self._bg: set[asyncio.Task[Any]] = set()
         self._session: _Session | None = None
         self._ready = asyncio.Event()  # a session is up and resumed
         self._stopped = asyncio.Event()
@@ -498,6 +533,8 @@ class Client:
     async def close(self) -> None:
         """Close the connection and stop reconnecting."""
         self._user_closed = True
+        for task in builtins.list(self._bg):
+            task.cancel()
         if self._session is not None:
             self._session.close(1000)
         if self._task is not None:
@@ -525,27 +562,41 @@ class Client:
 
     # ---------------------------------------------------------------- requests
 
-    async def subscribe(self, symbols: Iterable[str]) -> list[str]:
+    async def subscribe(self, symbols: Iterable[str],
+                        channels: Iterable[str] | None = None) -> list[str]:
         """Subscribe to `symbols`; return once their snapshot is applied.
 
-        Returns the symbols the gateway has never seen (they are not
-        subscribed). Raises `FastfeedError` if the request is refused, with
-        code ``forbidden`` and `symbols` naming those outside the token's
-        entitlements (the rest are subscribed nonetheless).
+        `channels` (version 1.1): ``["quote"]`` (the default), ``["book"]``,
+        or several; a book lands in `books`. Returns the symbols the gateway
+        has never seen (they are not subscribed). Raises `FastfeedError` if
+        the request is refused, with code ``forbidden`` and `symbols` naming
+        those outside the token's entitlements (the rest are subscribed
+        nonetheless).
         """
         syms = _symbols(symbols)
+        chans = _channels(channels)
         new = [s for s in syms if s not in self._subs]
+        before = {s: self._chans.get(s) for s in syms}
         self._subs.update(new)
+        for s in syms:
+            held = self._chans.get(s, _QUOTE_ONLY if s not in new else frozenset())
+            self._chans[s] = held | chans
+        msg: dict[str, Any] = {"op": "subscribe", "symbols": syms}
+        if channels is not None:
+            msg["channels"] = sorted(chans)
         try:
-            reply = await self._request({"op": "subscribe", "symbols": syms}, resend=True)
+            reply = await self._request(msg, resend=True)
         except FastfeedError as e:
             if e.code == FORBIDDEN:
                 self._subs.difference_update(e.symbols)
+                self._forget_channels(e.symbols)
             else:
                 self._subs.difference_update(new)
+                self._restore_channels(before)
             raise
         except BaseException:
             self._subs.difference_update(new)
+            self._restore_channels(before)
             raise
         if reply.get("type") == "resumed":
             # the connection dropped: the resume subscribed them instead
@@ -554,37 +605,98 @@ class Client:
             return unknown
         unknown = list(reply.get("unknown") or [])
         self._subs.difference_update(unknown)
+        self._forget_channels(unknown)
         return unknown
 
-    async def unsubscribe(self, symbols: Iterable[str]) -> None:
-        """Unsubscribe; their rows leave `rows`."""
-        syms = _symbols(symbols)
-        self._subs.difference_update(syms)
-        self._watched.difference_update(syms)
-        self._lost.difference_update(syms)
-        for s in syms:
-            self.rows.pop(s, None)
-        await self._request({"op": "unsubscribe", "symbols": syms}, resend=False)
+    def _restore_channels(self, before: dict[str, frozenset[str] | None]) -> None:
+        for s, chans in before.items():
+            if chans is None:
+                self._chans.pop(s, None)
+            else:
+                self._chans[s] = chans
 
-    async def watch(self, symbols: Iterable[str]) -> None:
-        """Have every change of these (subscribed) symbols pushed at once."""
+    def _forget_channels(self, symbols: Iterable[str]) -> None:
+        for s in symbols:
+            self._chans.pop(s, None)
+            self._wchans.pop(s, None)
+            self.books.pop(s, None)
+
+    async def unsubscribe(self, symbols: Iterable[str],
+                          channels: Iterable[str] | None = None) -> None:
+        """Unsubscribe; their rows leave `rows` (and books `books`). With
+        `channels`, only those channels (the contract: without, every one)."""
+        syms = _symbols(symbols)
+        msg: dict[str, Any] = {"op": "unsubscribe", "symbols": syms}
+        if channels is None:
+            gone = syms
+        else:
+            chans = _channels(channels)
+            msg["channels"] = sorted(chans)
+            gone = []
+            for s in syms:
+                left = self._chans.get(s, _QUOTE_ONLY) - chans
+                if not left:
+                    gone.append(s)
+                    continue
+                self._chans[s] = left
+                if QUOTE_CHANNEL not in left:
+                    self.rows.pop(s, None)
+                if BOOK_CHANNEL not in left:
+                    self.books.pop(s, None)
+        self._subs.difference_update(gone)
+        self._watched.difference_update(gone)
+        self._lost.difference_update(gone)
+        self._forget_channels(gone)
+        for s in gone:
+            self.rows.pop(s, None)
+        await self._request(msg, resend=False)
+
+    async def watch(self, symbols: Iterable[str], channels: Iterable[str] | None = None) -> None:
+        """Have every change of these (subscribed) symbols pushed at once
+        (of `channels`: by default the quote)."""
         syms = _symbols(symbols)
         missing = [s for s in syms if s not in self._subs]
         if missing:
             raise FastfeedError("not_subscribed", "watch needs a subscription", missing)
+        chans = _channels(channels)
         new = [s for s in syms if s not in self._watched]
+        before = {s: self._wchans.get(s) for s in syms}
         self._watched.update(new)
+        for s in syms:
+            self._wchans[s] = self._wchans.get(s, frozenset() if s in new else _QUOTE_ONLY) | chans
+        msg: dict[str, Any] = {"op": "watch", "symbols": syms}
+        if channels is not None:
+            msg["channels"] = sorted(chans)
         try:
-            await self._request({"op": "watch", "symbols": syms}, resend=True)
+            await self._request(msg, resend=True)
         except BaseException:
             self._watched.difference_update(new)
+            for s, held in before.items():
+                if held is None:
+                    self._wchans.pop(s, None)
+                else:
+                    self._wchans[s] = held
             raise
 
-    async def unwatch(self, symbols: Iterable[str]) -> None:
-        """Back to frame-paced updates for these symbols."""
+    async def unwatch(self, symbols: Iterable[str], channels: Iterable[str] | None = None) -> None:
+        """Back to frame-paced updates for these symbols (of `channels`: all)."""
         syms = _symbols(symbols)
-        self._watched.difference_update(syms)
-        await self._request({"op": "unwatch", "symbols": syms}, resend=False)
+        msg: dict[str, Any] = {"op": "unwatch", "symbols": syms}
+        if channels is None:
+            self._watched.difference_update(syms)
+            for s in syms:
+                self._wchans.pop(s, None)
+        else:
+            chans = _channels(channels)
+            msg["channels"] = sorted(chans)
+            for s in syms:
+                left = self._wchans.get(s, _QUOTE_ONLY) - chans
+                if left:
+                    self._wchans[s] = left
+                else:
+                    self._watched.discard(s)
+                    self._wchans.pop(s, None)
+        await self._request(msg, resend=False)
 
     async def configure(self, frame_ms: int) -> None:
         """Set this connection's update frame interval (kept across reconnections)."""
@@ -598,12 +710,20 @@ class Client:
 
     async def list(self, match: str | None = None) -> builtins.list[str]:
         """Symbols the gateway knows and this client may see, optionally
-        filtered by a glob pattern such as ``"BB*"``."""
+        filtered by a glob pattern such as ``"BB*"``: every page of the
+        gateway's answer (it pages long lists), in its (sorted) order."""
         msg: dict[str, Any] = {"op": "list"}
         if match is not None:
             msg["match"] = match
-        reply = await self._request(msg)
-        return list(reply.get("symbols") or [])
+        out: builtins.list[str] = []
+        while True:
+            # the gateway answers in pages: "more" says ask again after "next"
+            reply = await self._request(msg)
+            out.extend(reply.get("symbols") or ())
+            after = reply.get("next")
+            if not reply.get("more") or not isinstance(after, str):
+                return out
+            msg = {**msg, "after": after}
 
     async def ping(self) -> int:
         """Round trip to the gateway; returns its clock (ns since the epoch)."""
@@ -809,12 +929,7 @@ class Client:
         if self.frame_ms is not None:
             await self._raw(session, {"op": "configure", "frame_ms": self.frame_ms}, timeout)
         syms = sorted(self._subs | self._lost)
-        for i in range(0, len(syms), _CHUNK):
-            chunk = syms[i : i + _CHUNK]
-            since = {s: self.rows[s].seq for s in chunk if s in self.rows}
-            msg: dict[str, Any] = {"op": "subscribe", "symbols": chunk}
-            if since:
-                msg["since"] = since
+        for chunk, msg in self._subscribe_msgs(syms):
             reply = await self._raw(session, msg, timeout)
             unknown = set(reply.get("unknown") or ())
             # the gateway lost them (a fresh replica not yet fed): keep them
@@ -824,9 +939,37 @@ class Client:
             self._subs.update(s for s in chunk if s not in unknown)
             self._subs.difference_update(unknown)
         watch = sorted(self._watched & self._subs)
-        for i in range(0, len(watch), _CHUNK):
-            await self._raw(session, {"op": "watch", "symbols": watch[i : i + _CHUNK]}, timeout)
+        for _, msg in self._grouped("watch", watch, self._wchans):
+            await self._raw(session, msg, timeout)
         return self.frame_ms is not None or bool(syms)
+
+    def _grouped(self, op: str, syms: builtins.list[str],
+                 chans: dict[str, frozenset[str]]) -> Iterable[tuple[builtins.list[str],
+                                                                     dict[str, Any]]]:
+        """Requests for `syms`, one per set of channels and chunk: a symbol
+        of the quote alone goes without "channels", as in version 1."""
+        groups: dict[frozenset[str], builtins.list[str]] = {}
+        for s in syms:
+            groups.setdefault(chans.get(s, _QUOTE_ONLY), []).append(s)
+        for key in sorted(groups, key=sorted):
+            group = groups[key]
+            for i in range(0, len(group), _CHUNK):
+                chunk = group[i : i + _CHUNK]
+                msg: dict[str, Any] = {"op": op, "symbols": chunk}
+                if key != _QUOTE_ONLY:
+                    msg["channels"] = sorted(key)
+                yield chunk, msg
+
+    def _subscribe_msgs(self, syms: builtins.list[str]) -> Iterable[tuple[builtins.list[str],
+                                                                          dict[str, Any]]]:
+        """Resubscriptions: quotes with "since" (only what was missed), books
+        without (a full snapshot)."""
+        for chunk, msg in self._grouped("subscribe", syms, self._chans):
+            if QUOTE_CHANNEL in msg.get("channels", (QUOTE_CHANNEL,)):
+                since = {s: self.rows[s].seq for s in chunk if s in self.rows}
+                if since:
+                    msg["since"] = since
+            yield chunk, msg
 
     async def _raw(self, session: _Session, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         rid = next(self._ids)
@@ -858,32 +1001,30 @@ class Client:
         while self._lost:
             await asyncio.sleep(self.backoff.delay(attempt))
             attempt += 1
-            lost = sorted(self._lost)[:_CHUNK]
-            since = {s: self.rows[s].seq for s in lost if s in self.rows}
-            msg: dict[str, Any] = {"op": "subscribe", "symbols": lost}
-            if since:
-                msg["since"] = since
-            try:
-                reply = await self._raw(session, msg, self.request_timeout)
-            except (TimeoutError, FastfeedError) as e:
-                log.info("fastfeed: resubscribing %d lost symbols: %s", len(lost), e)
-                continue
-            unknown = set(reply.get("unknown") or ())
-            found = [s for s in lost if s in self._lost and s not in unknown]
-            self._lost.difference_update(found)
-            self._subs.update(found)
-            watch = [s for s in found if s in self._watched]
-            if watch:
-                await self._raw(session, {"op": "watch", "symbols": watch}, self.request_timeout)
-            if found:
-                attempt = 0
+            for lost, msg in list(self._subscribe_msgs(sorted(self._lost)[:_CHUNK])):
+                try:
+                    reply = await self._raw(session, msg, self.request_timeout)
+                except (TimeoutError, FastfeedError) as e:
+                    log.info("fastfeed: resubscribing %d lost symbols: %s", len(lost), e)
+                    continue
+                unknown = set(reply.get("unknown") or ())
+                found = [s for s in lost if s in self._lost and s not in unknown]
+                self._lost.difference_update(found)
+                self._subs.update(found)
+                watch = [s for s in found if s in self._watched]
+                for _, wmsg in self._grouped("watch", watch, self._wchans):
+                    await self._raw(session, wmsg, self.request_timeout)
+                if found:
+                    attempt = 0
 
     def _drop(self, symbols: Iterable[str]) -> None:
+        symbols = builtins.list(symbols)
         for s in symbols:
             self._subs.discard(s)
             self._watched.discard(s)
             self._lost.discard(s)
             self.rows.pop(s, None)
+        self._forget_channels(symbols)
 
     async def _watchdog(self, session: _Session) -> None:
         if not self.stale_after:
@@ -924,20 +1065,26 @@ class Client:
             return
         if kind == "update":
             self._on_rows([_make_row(r) for r in msg["rows"]], msg.get("t"))
+            books = msg.get("books")
+            if books:
+                self._on_books(books, False)
             return
         rid = msg.get("id")
         pending = session.pending.get(rid) if rid is not None else None
         if kind == "snapshot":
-            if pending is None:
-                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
-            else:
-                # applied here, before the caller resumes, so `rows` holds them
-                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
-                if not pending.future.done():
-                    pending.future.set_result(msg)
+            # applied here, before the caller resumes, so `rows` holds them
+            self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
+            books = msg.get("books")
+            if books:
+                self._on_books(books, True)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(msg)
         elif kind == "heartbeat":
             self.last_server_time = msg.get("t")
         elif kind == "status":
+            if "book" in msg:  # one book's state, not the feed's
+                self._on_book_status(msg)
+                return
             if "feed" in msg:  # other statuses (a delay line filling, a book) say other things
                 self.feed_up = msg["feed"] == "up"
                 if self.on_status is not None:
@@ -989,6 +1136,67 @@ class Client:
             it.push(changed)
         if self.on_update is not None:
             _call(self.on_update, changed)
+
+    def _on_books(self, entries: builtins.list[dict[str, Any]], snapshot: bool) -> None:
+        """Apply ``books`` entries: a snapshot's replace the book, an update's
+        are changes unless ``full``. A book whose checksum then differs is
+        resubscribed; until its snapshot is in, its updates are ignored."""
+        books = self.books
+        for entry in entries:
+            sym = entry.get("sym")
+            if BOOK_CHANNEL not in self._chans.get(sym, _QUOTE_ONLY):  # type: ignore[arg-type]
+                continue
+            if sym in self._resyncing:
+                if not snapshot:
+                    continue  # changes to the copy being replaced
+                self._resyncing.discard(sym)
+            book = books.get(sym)
+            if book is None:
+                book = books[sym] = OrderBook(sym, self.book_depth)
+            full = snapshot or bool(entry.get("full"))
+            if not book.apply(entry, full):
+                log.warning("fastfeed: book %s at seq %s: checksum %s, held %s; resubscribing",
+                            sym, entry.get("seq"), entry.get("checksum"), book.checksum())
+                self._resync_book(sym)
+                continue
+            if full:
+                book.stale = False
+            if self.on_book is not None:
+                _call(self.on_book, book)
+
+    def _on_book_status(self, msg: dict[str, Any]) -> None:
+        sym = msg.get("sym")
+        book = self.books.get(sym) if isinstance(sym, str) else None
+        ok = msg.get("book") == "ok"
+        if book is not None:
+            book.stale = not ok
+        if self.on_book_status is not None and isinstance(sym, str):
+            _call(self.on_book_status, sym, ok)
+
+    def _resync_book(self, sym: str) -> None:
+        """Resubscribe one book (unsubscribe + subscribe: a full snapshot),
+        as the contract says a client whose checksum differs does."""
+        if sym in self._resyncing:
+            return
+        self._resyncing.add(sym)
+        self.book_resyncs += 1
+
+        async def go() -> None:
+            try:
+                await self._request({"op": "unsubscribe", "symbols": [sym],
+                                     "channels": [BOOK_CHANNEL]}, resend=False)
+                if BOOK_CHANNEL in self._chans.get(sym, _QUOTE_ONLY):
+                    await self._request({"op": "subscribe", "symbols": [sym],
+                                         "channels": [BOOK_CHANNEL]}, resend=True)
+            except (FastfeedError, TimeoutError) as e:
+                log.warning("fastfeed: resubscribing the book of %s: %s", sym, e)
+            finally:
+                # a resume (or the snapshot) has replaced the book by now
+                self._resyncing.discard(sym)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def _report_error(self, err: FastfeedError) -> None:
         if self.on_error is not None:
@@ -1047,6 +1255,17 @@ def _symbols(symbols: Iterable[str]) -> list[str]:
     out = list(dict.fromkeys(symbols))
     if not out:
         raise ValueError("no symbols given")
+    return out
+
+
+def _channels(channels: Iterable[str] | None) -> frozenset[str]:
+    if channels is None:
+        return _QUOTE_ONLY
+    if isinstance(channels, str):
+        channels = [channels]
+    out = frozenset(channels)
+    if not out or not all(isinstance(c, str) and c for c in out):
+        raise ValueError(f"channels must be a non-empty list of names, not {channels!r}")
     return out
 
 

@@ -24,6 +24,10 @@ INT_FIELDS = FIELDS[1:3]
 
 #: the version 1 channel, meant by a request that names no `channels`
 QUOTE_CHANNEL = "quote"
+#: the order book: the best BOOK_DEPTH levels per side
+BOOK_CHANNEL = "book"
+#: levels per side the gateway serves by default (the book checksum covers them)
+BOOK_DEPTH = 10
 
 # ---- subprotocols and binary formats
 

@@ -39,6 +39,16 @@ symbols, not ticks. The WebSocket transport reconnects after the
 after a 1013 or a close for the publisher's own fault); the Redis transport
 follows the bus's circuit breaker (which waits with the same backoff).
 
+Order books (contract version 1.1, "Ingest of books and trades") go the
+same way: ``publish_book(sym, seq, bids, asks, full=...)`` (or a book
+message, ``{"type": "book", ...}``, given to `publish`) checks the levels
+(finite prices, volumes not negative, a full book not crossed) and queues
+the message in order with the ticks; the publisher keeps each book whole
+(every level, the latest ``seq``) and sends it as one full book on every new
+connection, so a restarted gateway gets its books back and one that stayed
+up drops what it already has. Books go to a gateway's ``/ingest``; the Redis
+transport refuses them, by name, until the bus carries books.
+
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
 last batch), reconnecting if it must, and says whether it happened in time.
@@ -50,6 +60,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, Self
@@ -57,7 +68,7 @@ from typing import Any, Protocol, Self
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from fastfeed._core import check_tick, encode_batch
+from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks
 from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
@@ -70,6 +81,7 @@ __all__ = [
     "RedisTransport",
     "Transport",
     "WebSocketTransport",
+    "book_message",
     "transport_for",
     "validate_tick",
 ]
@@ -104,6 +116,81 @@ def validate_tick(tick: Mapping[str, Any]) -> None:
         raise ValueError(f"{tick['sym']}: unknown field(s) {sorted(unknown)}")
 
 
+Level = list[Any]  # [price, volume, orders]
+
+
+def _levels(raw: Any, sym: Any, key: str) -> list[Level]:
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"{sym!r}: {key} must be a list of [price, volume, orders]")
+    out = []
+    for lv in raw:
+        if not isinstance(lv, (list, tuple)) or not 2 <= len(lv) <= 3:
+            raise ValueError(f"{sym!r}: a level of {key} is [price, volume, orders], not {lv!r}")
+        price, vol = lv[0], lv[1]
+        orders = lv[2] if len(lv) == 3 else 0
+        for name, v in (("price", price), ("volume", vol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{sym!r}: {key} level {lv!r}: {name} must be a finite number")
+        if vol < 0:
+            raise ValueError(f"{sym!r}: {key} level {lv!r}: negative volume")
+        if isinstance(orders, bool) or not isinstance(orders, int) or orders < 0:
+            raise ValueError(f"{sym!r}: {key} level {lv!r}: orders must be a whole number >= 0")
+        out.append([float(price), float(vol), orders])
+    return out
+
+
+def book_message(sym: str, seq: int, bids: Iterable[Any] = (), asks: Iterable[Any] = (),
+                 full: bool = False) -> Tick:
+    """A checked ingest book message (raises `ValueError` for what the
+    gateway would refuse: a bad symbol or seq, a level that is not
+    ``[price, volume, orders]`` of finite numbers, a negative volume, a full
+    book that is crossed)."""
+    why = check_tick({"sym": sym, "seq": seq})
+    if why is not None:
+        raise ValueError(f"book {sym!r}: {why}")
+    b = _levels(list(bids), sym, "bids")
+    a = _levels(list(asks), sym, "asks")
+    if full:
+        b = [lv for lv in b if lv[1] > 0]
+        a = [lv for lv in a if lv[1] > 0]
+        if b and a and max(lv[0] for lv in b) >= min(lv[0] for lv in a):
+            raise ValueError(f"book {sym!r} at seq {seq}: a crossed full book "
+                             f"(best bid {max(lv[0] for lv in b)} >= best ask "
+                             f"{min(lv[0] for lv in a)})")
+    return {"type": "book", "sym": sym, "seq": int(seq), "full": bool(full), "bids": b, "asks": a}
+
+
+class _HeldBook:
+    """A book as published so far: every level, the latest seq."""
+
+    __slots__ = ("asks", "bids", "seq")
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.bids: dict[float, Level] = {}
+        self.asks: dict[float, Level] = {}
+
+    def apply(self, msg: Tick) -> bool:
+        """False if `msg` is not newer (the gateway would drop it too)."""
+        if msg["seq"] <= self.seq:
+            return False
+        self.seq = msg["seq"]
+        if msg["full"]:
+            self.bids, self.asks = {}, {}
+        for side, levels in ((self.bids, msg["bids"]), (self.asks, msg["asks"])):
+            for lv in levels:
+                if lv[1] == 0:
+                    side.pop(lv[0], None)
+                else:
+                    side[lv[0]] = lv
+        return True
+
+    def full(self, sym: str) -> Tick:
+        return {"type": "book", "sym": sym, "seq": self.seq, "full": True,
+                "bids": sorted(self.bids.values(), key=lambda lv: -lv[0]),
+                "asks": sorted(self.asks.values(), key=lambda lv: lv[0])}
+
+
 class Transport(Protocol):
     """Where batches go. Implementations: `WebSocketTransport` (the gateway's
     ``/ingest``) and `RedisTransport` (the bus).
@@ -115,7 +202,10 @@ class Transport(Protocol):
     publisher before `connect` and receives the other side's refusals.
     A transport may also have ``async sync()``: return once the other side
     has taken everything sent so far (raise `ConnectionError` if it cannot);
-    without it, `Publisher.sync` stops at "written".
+    without it, `Publisher.sync` stops at "written". A transport with
+    ``packs_ticks = True`` is sent the records of `fastfeed._core.pack_ticks`
+    (checked and encoded once, as the publisher queued them) instead of tick
+    objects, and tick objects only for the state resent on connecting.
     """
 
     on_error: Callable[[FastfeedError], None] | None
@@ -166,6 +256,8 @@ class _IngestListener(WSListener):  # type: ignore[misc]
 class WebSocketTransport:
     """Batches as JSON arrays of tick objects over the gateway's ``/ingest``
     WebSocket. `token` is the publisher token, sent as a Bearer header."""
+
+    takes_books = True  # book messages go in the same arrays
 
     def __init__(self, url: str, token: str | None = None, connect_timeout: float = 10.0):
         self.url = url
@@ -274,6 +366,9 @@ class RedisTransport:
     `fastfeed.bus.RedisBus` (``backoff_base``, ``ping_interval``, ...).
     """
 
+    packs_ticks = True  # the publisher queues encoded records (see Transport)
+    takes_books = False  # the bus carries ticks only, for now
+
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
         # a bus without a table: the link and the state store, no subscriber
@@ -309,9 +404,22 @@ class RedisTransport:
             if self.bus.ready and not self._done.done():
                 return
 
-    async def send(self, ticks: list[Tick]) -> None:
+    async def send(self, ticks: list[Any]) -> None:
         bus = self.bus
-        parts, errors = encode_batch(ticks, bus.parts)
+        if any(type(t) is not bytes and t.get("type") == "book" for t in ticks):
+            # never dropped silently: each book is refused by name
+            for i, t in enumerate(ticks):
+                if type(t) is not bytes and t.get("type") == "book" and self.on_error is not None:
+                    self.on_error(_refused(i, t["sym"], "books cannot go onto the Redis bus "
+                                           "with this version: publish them to a gateway's "
+                                           "/ingest"))
+            ticks = [t for t in ticks if type(t) is bytes or t.get("type") != "book"]
+            if not ticks:
+                return
+        if type(ticks[0]) is bytes:  # records the publisher packed: checked
+            parts, errors = join_records(ticks, bus.parts), []
+        else:
+            parts, errors = encode_batch(ticks, bus.parts)
         if errors and self.on_error is not None:
             for idx, sym, why in errors:
                 self.on_error(_refused(idx, sym, why))
@@ -417,6 +525,8 @@ class Publisher:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.transport = transport
+        # the transport sends `pack_ticks` records (RedisTransport), not tick objects
+        self._packs = bool(getattr(transport, "packs_ticks", False))
         self.flush_ms = flush_ms
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -436,6 +546,7 @@ class Publisher:
 
         self._queue: list[Tick] = []
         self._state: dict[str, Tick] = {}  # every symbol's ticks merged: resent on reconnect
+        self._books: dict[str, _HeldBook] = {}  # every book whole: resent full on reconnect
         self._connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()  # the flusher has work
@@ -476,6 +587,13 @@ class Publisher:
         if self._stopped.is_set():
             raise self.error or ConnectionClosed(1000, "publisher closed")
         batch = [ticks] if isinstance(ticks, Mapping) else list(ticks)
+        if any(isinstance(t, Mapping) and t.get("type") == "book" for t in batch):
+            books = [t for t in batch if isinstance(t, Mapping) and t.get("type") == "book"]
+            batch = [t for t in batch if not (isinstance(t, Mapping) and t.get("type") == "book")]
+            if batch:
+                await self.publish(batch)
+            await self.publish_books(books)
+            return
         if self.validate:
             for t in batch:
                 validate_tick(t)
@@ -490,6 +608,44 @@ class Publisher:
         queue = self._queue
         append = queue.append
         live = self._connected.is_set()
+        accepted = 0
+        if self._packs:
+            # one pass in C checks and encodes every tick; the queue holds the
+            # records the transport sends, so none is checked or encoded again
+            ticks = [t if type(t) is dict else dict(t) if isinstance(t, Mapping) else t
+                     for t in batch]
+            records, errors = pack_ticks(ticks)
+            for i, sym, why in errors:
+                self._on_error(_refused(i, sym, why))
+            for i, t in enumerate(ticks):
+                rec = records[i]
+                if rec is None:
+                    continue
+                accepted += 1
+                sym = t["sym"]
+                held = held_of(sym)
+                if held is None:
+                    state[sym] = dict(t)  # a copy: the caller may reuse its dicts
+                elif t["seq"] > held["seq"]:
+                    held.update(t)
+                else:
+                    continue  # the other side would drop it too
+                if live:
+                    append(rec)
+        else:
+            accepted = self._queue_ticks(batch, queue if live else None)
+        self.published += accepted
+        if queue or not live:
+            self._idle.clear()
+            self._wake.set()
+        if len(queue) >= self.max_batch:
+            self._full.set()
+
+    def _queue_ticks(self, batch: list[Any], queue: list[Any] | None) -> int:
+        """Check, copy, fold into the state and queue (when live) tick objects,
+        for a transport that sends them as objects; how many were accepted."""
+        state = self._state
+        held_of = state.get
         # with validate, every tick was checked above; else each is checked here
         check = None if self.validate else check_tick
         accepted = 0
@@ -512,13 +668,55 @@ class Publisher:
                 held.update(tick)
             else:
                 continue  # the other side would drop it too
+            if queue is not None:
+                queue.append(tick)
+        return accepted
+
+    async def publish_book(self, sym: str, seq: int, bids: Iterable[Any] = (),
+                           asks: Iterable[Any] = (), *, full: bool = False) -> None:
+        """Queue one order book message: with `full`, the whole book (every
+        level the source has, best first or not); otherwise price-keyed
+        changes (volume 0 removes that price), each book's `seq` one above
+        its last. Raises `ValueError` for a bad book (see `book_message`)
+        with `validate`; otherwise it is dropped and reported."""
+        await self.publish_books([{"type": "book", "sym": sym, "seq": seq, "full": full,
+                                   "bids": bids, "asks": asks}])
+
+    async def publish_books(self, books: Iterable[Mapping[str, Any]]) -> None:
+        """Queue book messages (ingest's ``{"type": "book", ...}`` objects),
+        in order (see `publish_book`)."""
+        if self._stopped.is_set():
+            raise self.error or ConnectionClosed(1000, "publisher closed")
+        msgs = []
+        for i, b in enumerate(books):
+            try:
+                msgs.append(book_message(b.get("sym"), b.get("seq"), b.get("bids") or (),
+                                         b.get("asks") or (), bool(b.get("full"))))
+            except (ValueError, TypeError, AttributeError) as e:
+                if self.validate:
+                    raise ValueError(str(e)) from e
+                sym = b.get("sym") if isinstance(b, Mapping) else None
+                self._on_error(_refused(i, sym, str(e)))
+        await self.start()
+        while len(self._queue) >= self.max_queue and self._connected.is_set():
+            self._space.clear()
+            await self._space.wait()
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000, "publisher closed")
+        live = self._connected.is_set()
+        for m in msgs:
+            held = self._books.get(m["sym"])
+            if held is None:
+                held = self._books[m["sym"]] = _HeldBook()
+            if not held.apply(m):
+                continue  # not newer: the other side would drop it too
+            self.published += 1
             if live:
-                append(tick)
-        self.published += accepted
-        if queue or not live:
+                self._queue.append(m)
+        if self._queue or not live:
             self._idle.clear()
             self._wake.set()
-        if len(queue) >= self.max_batch:
+        if len(self._queue) >= self.max_batch:
             self._full.set()
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -651,13 +849,15 @@ class Publisher:
             self._queue = []
             self._connected.set()
             state = list(self._state.values())
+            # then every book whole: the changes queued before are in it
+            state += [b.full(sym) for sym, b in self._books.items()]
             for i in range(0, len(state), self.max_batch):
                 batch = [dict(t) for t in state[i : i + self.max_batch]]
                 await self._send(batch)
                 self.resent += len(batch)
             if state:
-                log.info("fastfeed publisher: sent the latest state of %d symbols on "
-                         "connecting", len(state))
+                log.info("fastfeed publisher: sent the latest state of %d symbols (%d books) "
+                         "on connecting", len(self._state), len(self._books))
             while not closed.done():
                 if not self._queue:
                     self._idle.set()
@@ -688,7 +888,7 @@ class Publisher:
             self._connected.clear()
             self._queue = []
             self._space.set()
-            if self._state:
+            if self._state or self._books:
                 self._idle.clear()  # the state goes again on the next connection
         code = closed.result() if closed.done() else CLOSE_ABNORMAL
         closed.cancel()

@@ -388,6 +388,9 @@ class RedisBus:
         """Store (the ring per instrument) and publish trades; see `fastfeed.bus.trades`."""
         return await self.trade_store.publish(trades)
 
+    async def publish_batches(self, parts: list[bytes], count: int) -> None:
+        await self.store.publish_batches(parts, count)
+
     def inflight(self) -> int:
         return self.link.inflight()
 

@@ -237,14 +237,20 @@ class RowStore:
         """
         self._check_up()
         parts, errors = encode_batch(ticks, self.link.parts)
-        self.published_ticks += len(ticks) - len(errors)
+        await self.publish_batches(parts, len(ticks) - len(errors))
+        return errors
+
+    async def publish_batches(self, parts: list[bytes], count: int) -> None:
+        """`publish` for ticks already encoded, one batch per partition (b""
+        for none), `count` ticks in all (the C tick parser's batches)."""
+        self._check_up()
+        self.published_ticks += count
         for r in await self._call(parts):
             if isinstance(r, BaseException):
                 self.publish_errors += 1
                 raise r if isinstance(r, BusDown) else BusDown(str(r))
             self.publish_stale += r[1]
         await self.link.drain()
-        return errors
 
     async def write_rows(self, ticks: list[dict[str, Any]]) -> int:
         """Store `ticks` only-if-newer without publishing them; the number

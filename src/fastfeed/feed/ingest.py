@@ -111,6 +111,16 @@ class IngestSession(MessageListener):
     def error(self, code: str, message: str) -> None:
         self._error(code, message)
 
+    def pause(self) -> None:
+        # the sink has a backlog (Redis): leave the rest in the socket, so
+        # TCP slows the publisher down instead of the gateway buffering it
+        if self.transport is not None:
+            self.transport.underlying_transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.underlying_transport.resume_reading()
+
     def _rate_limited(self, n: int) -> None:
         self._error(P.RATE_LIMITED, f"over {self.ctx.rate:g} ticks/s for this "
                     f"publisher: {n} ticks NOT applied; slow down and resend")

@@ -158,6 +158,11 @@ class PublisherSink:
         self.ticks_in += len(ids)
         self.pending.extend(arrays_to_ticks(numbering, ids, seqs, ts, vals))
 
+    @property
+    def takes_books(self) -> bool:
+        """Book messages given to `ticks` go on (the transport carries them)."""
+        return bool(getattr(self.pub.transport, "takes_books", False))
+
     async def drain(self) -> None:
         if self.pending:
             ticks, self.pending = self.pending, []
@@ -175,7 +180,8 @@ class PublisherSink:
 
 async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
                    duration: float = 0.0, step: float = 0.005) -> int:
-    """Publish the built-in simulated market until `duration` (0: forever)."""
+    """Publish the built-in simulated market until `duration` (0: forever),
+    with its order books when the publisher's transport takes books."""
     from .simulator import SimulatorSource
 
     return await SimulatorSource(PublisherSink(pub), n, rate, seed, duration=duration,

@@ -268,6 +268,10 @@ class RecordingSink:
     def failures(self) -> int:
         return self.inner.failures
 
+    @property
+    def takes_books(self) -> bool:
+        return bool(getattr(self.inner, "takes_books", False))
+
     def _forward(self, call: Any, data: Any, source: int, reply: Reply) -> bool:
         taken = self._taken
         taken.reply, taken.admitted = reply, False

@@ -15,7 +15,8 @@ import numpy as np
 
 from .._core import wall_ns
 from ..protocol import VALUE_FIELDS
-from .sink import SIMULATOR, Sink, arrays_to_ticks
+from .bookgen import BookGen, tick_size
+from .sink import SIMULATOR, LogReply, Sink, arrays_to_ticks
 from .source import TaskSource
 
 # Real IDX names with rough price levels (IDR), so the board looks familiar.
@@ -31,11 +32,10 @@ IDX = {
 VALUE_COLS = {name: k for k, name in enumerate(VALUE_FIELDS)}
 
 
-def tick_size(price: np.ndarray) -> np.ndarray:
-    """IDX price fractions: 1 below 200, 2 below 500, 5 below 2000, 10 below 5000, else 25."""
-    return np.select(
-        [price < 200, price < 500, price < 2000, price < 5000], [1.0, 2.0, 5.0, 10.0], 25.0
-    )
+def on_grid(price: np.ndarray) -> np.ndarray:
+    """`price` rounded to its band's price fraction (never below 1)."""
+    t = tick_size(price)
+    return np.maximum(np.round(price / t) * t, 1.0)
 
 
 def symbols(n: int) -> list[str]:
@@ -60,10 +60,11 @@ class Simulator:
         base = np.array([IDX.get(s, 0) for s in self.symbols], dtype=np.float64)
         gen = base == 0
         base[gen] = np.round(self.rng.lognormal(7.5, 1.0, gen.sum()))
-        self.mid = np.maximum(base, 50.0)
+        self.mid = on_grid(np.maximum(base, 50.0))
         weights = 1.0 / np.arange(1, n + 1) ** 1.1
         self.rng.shuffle(weights[len(IDX):])  # the real names stay the busiest
         self.p = weights / weights.sum()
+        self.cdf = np.cumsum(self.p)
         # seq starts at the start time in microseconds, as a real source's
         # would: a restarted simulator is still newer than what it left behind
         # (in Redis, or in a client resuming with since)
@@ -85,8 +86,10 @@ class Simulator:
         want = self.rate * dt * mult + self.carry
         count = int(want)
         self.carry = want - count
-        ids = (self.rng.choice(self.n, size=count, p=self.p) if self.n
-               else np.empty(0)).astype(np.int32)
+        # instruments by weight: the cumulative weights searched, as
+        # Generator.choice does, without recomputing them every step
+        ids = (np.minimum(np.searchsorted(self.cdf, self.rng.random(count), side="right"),
+                          self.n - 1) if self.n else np.empty(0)).astype(np.int32)
         if not self.opened:
             # the opening: one quote for every instrument, so no row is ever empty
             self.opened = True
@@ -97,12 +100,20 @@ class Simulator:
             return e, np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 7))
         mid = self.mid[ids]
         step = tick_size(mid)
-        mid = np.maximum(mid + step * self.rng.integers(-2, 3, count), step)
+        moves = self.rng.integers(-2, 3, count)
+        # now and then a sweep: the price runs through several levels at once
+        sweep = self.rng.random(count) < 0.02
+        moves[sweep] = self.rng.choice([-6, -5, -4, 4, 5, 6], int(sweep.sum()))
+        mid = on_grid(np.maximum(mid + step * moves, step))
         # later ticks of the same instrument in this step win
         self.mid[ids] = mid
-        spread = step * self.rng.integers(1, 4, count)
-        bid = mid - np.floor(spread / 2 / step) * step
-        ask = bid + spread
+        # the bid at or one tick under mid, the ask one to three ticks above
+        # the bid, each on its own band's price fraction (IDX)
+        bid = np.where(self.rng.random(count) < 0.5, mid, np.maximum(mid - tick_size(mid - 0.5), 1))
+        wide = self.rng.integers(1, 4, count)
+        ask = bid + tick_size(bid)
+        for k in (2, 3):
+            ask = np.where(wide >= k, ask + tick_size(ask), ask)
         last = np.where(self.rng.random(count) < 0.5, bid, ask)
         last_size = 100.0 * self.rng.integers(1, 200, count)
         np.add.at(self.volume, ids, last_size)
@@ -114,17 +125,22 @@ class Simulator:
         vals[:, VALUE_COLS["ask_size"]] = 100.0 * self.rng.integers(1, 5000, count)
         vals[:, VALUE_COLS["last_size"]] = last_size
         # cumulative volume as of each tick, so replaying the ticks in order is exact
+        # each tick's seq and volume count the ticks of its instrument before
+        # it in this step: ranks within each instrument's run, in tick order
+        order = np.argsort(ids, kind="stable")
+        run = ids[order]
+        starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])
+        first = np.repeat(starts, np.diff(np.r_[starts, count]))
+        rank = np.arange(count) - first
         seqs = np.empty(count, np.int64)
+        seqs[order] = self.seq[run] + rank + 1
+        sizes = last_size[order]
+        cum = np.cumsum(sizes)
+        vol_before = self.volume - np.bincount(ids, weights=last_size, minlength=self.n)
         vol = np.empty(count)
-        seen = self.seq.copy()
-        run_vol_before = self.volume - np.bincount(ids, weights=last_size, minlength=self.n)
-        for k in range(count):  # small per step (rate * dt), keeps seq and volume exact
-            i = ids[k]
-            seen[i] += 1
-            seqs[k] = seen[i]
-            run_vol_before[i] += last_size[k]
-            vol[k] = run_vol_before[i]
-        self.seq = seen
+        # sizes are whole lots, so these sums of floats are exact
+        vol[order] = vol_before[run] + cum - (cum[first] - sizes[first])
+        self.seq += np.bincount(ids, minlength=self.n)
         vals[:, VALUE_COLS["volume"]] = vol
         ts = np.full(count, wall_ns(), dtype=np.int64)
         return ids, seqs, ts, vals
@@ -134,27 +150,40 @@ class Simulator:
         ids, seqs, ts, vals = self.step(dt)
         return arrays_to_ticks(self.symbols, ids, seqs, ts, vals)
 
+
 class SimulatorSource(TaskSource):
     """The simulated market as a source: every `step` seconds, the ticks of
     the time that passed (at most 0.1 s of them) go to the sink as one
     `Sink.arrays` call. The one simulator loop: `fastfeed serve --simulate`
     writes into its gateway's sink, `fastfeed publish --simulate` (and the
-    pod's feed process) into a `fastfeed.feed.publish.PublisherSink`."""
+    pod's feed process) into a `fastfeed.feed.publish.PublisherSink`.
+
+    With `books` (default: when the sink says it `takes_books`), the books
+    of the instruments that ticked follow each step's quotes
+    (`fastfeed.feed.bookgen.BookGen`), as contract ingest book messages
+    written with `Sink.ticks`, which takes book messages beside quotes."""
 
     name = "simulator"
 
     def __init__(self, sink: Sink, n: int, rate: float, seed: int = 0, *,
-                 duration: float = 0.0, step: float = 0.005) -> None:
+                 duration: float = 0.0, step: float = 0.005, books: bool | None = None,
+                 book_levels: int = 20) -> None:
         super().__init__(sink)
         self.sim = Simulator(n, rate, seed)
         self.duration = duration  # seconds; 0: until stopped
         self.step = step
         self.sent = 0  # ticks written to the sink
+        if books is None:
+            books = bool(getattr(sink, "takes_books", False))
+        self.bookgen = (BookGen(self.sim.symbols, book_levels, seed,
+                                seq0=wall_ns() // 1000) if books else None)
+        self.books_sent = 0  # book messages written to the sink
 
     async def run(self) -> int:
         """Write to the sink until `duration` has passed (0: forever); the ticks sent."""
-        sim, sink = self.sim, self.sink
+        sim, sink, gen = self.sim, self.sink, self.bookgen
         numbering = sink.symbols(sim.symbols)
+        reply = LogReply("the simulator's books")
         start = last = time.monotonic()
         while not self.duration or last - start < self.duration:
             await asyncio.sleep(self.step)
@@ -164,5 +193,9 @@ class SimulatorSource(TaskSource):
             if len(ids):
                 sink.arrays(numbering, ids, seqs, ts, vals, SIMULATOR)
                 self.sent += len(ids)
+                if gen is not None:
+                    books = gen.step(ids, seqs, ts, vals)
+                    sink.ticks(books, SIMULATOR, reply)
+                    self.books_sent += len(books)
             await sink.drain()
         return self.sent

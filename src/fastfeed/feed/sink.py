@@ -73,6 +73,11 @@ INGEST, BUS, SIMULATOR = (P.TICK_SOURCES.index(s) for s in ("ingest", "bus", "si
 
 Errors = list[tuple[int, Any, str]]
 
+# messages a BusSink has at Redis at once; past BUS_BACKLOG_HIGH waiting, the
+# publishers that sent them are paused (a Reply's optional pause()/resume())
+MAX_INFLIGHT_MESSAGES = 16
+BUS_BACKLOG_HIGH = 64
+
 # One per process: parse() and apply() run back to back, never interleaved.
 _PARSER = TickParser()
 _loads = orjson.loads
@@ -92,6 +97,9 @@ class Reply(Protocol):
     def error(self, code: str, message: str) -> None:
         """The message was not taken (or not wholly): `code` is a protocol error code."""
         ...
+
+    # Optional: ``pause()`` stop reading from this source until ``resume()``
+    # (a bus sink with a backlog for Redis asks it of publisher connections).
 
 
 class Sink(Protocol):
@@ -304,6 +312,12 @@ class LocalSink:
             reply.error(P.BAD_REQUEST, f"{rejected} ticks or trades with a bad symbol, seq or "
                         "value (a negative size, NaN or infinity, a bad side)")
 
+    @property
+    def takes_books(self) -> bool:
+        """Book messages given to `ticks` or `json` are applied (the gateway
+        gave this sink its books); the simulator then sends its books."""
+        return getattr(self, "books", None) is not None
+
     def symbols(self, names: Sequence[str]) -> np.ndarray:
         """The numbering `arrays` takes: position in `names` -> this table's id."""
         return np.array([self.table.intern_symbol(s) for s in names], np.int32)
@@ -342,8 +356,18 @@ class BusSink:
         self.failures = 0
         self._stale_seen = 0
         self._inflight: set[asyncio.Task[None]] = set()
+        # messages at Redis at once: more wait here, and their publishers stop
+        # being read until the backlog is down (else Redis's queue outgrows the
+        # bus's PING timeout and the link is torn down as dead)
+        self._slots = asyncio.Semaphore(MAX_INFLIGHT_MESSAGES)
+        self._paused: set[Any] = set()
 
     def json(self, data: bytes, source: int, reply: Reply) -> None:
+        n = _PARSER.parse(data)
+        if n >= 0:  # the common shape: straight into the bus's batches, no dicts
+            if reply.admit(n):
+                self._publish_parts(_PARSER.encode_batch(self.bus.parts), n, source, reply)
+            return
         try:
             msg = _loads(data)
         except orjson.JSONDecodeError as e:
@@ -385,6 +409,11 @@ class BusSink:
             return reply.error(P.BAD_REQUEST, f"bad tick batch: {e}")
         self._publish([(ticks, None, self.bus.publish)], source, reply)
 
+    @property
+    def takes_books(self) -> bool:
+        """Book messages go onto the bus (when the bus carries books)."""
+        return callable(getattr(self.bus, "publish_books", None))
+
     def symbols(self, names: Sequence[str]) -> list[str]:
         return list(names)
 
@@ -405,9 +434,10 @@ class BusSink:
         async def go() -> None:
             try:
                 errors = list(early or ())
-                for msgs, idx, send in parts:
-                    errs = await send(msgs)
-                    errors += T.renumber(errs, idx) if errs and idx is not None else errs
+                async with self._slots:
+                    for msgs, idx, send in parts:
+                        errs = await send(msgs)
+                        errors += T.renumber(errs, idx) if errs and idx is not None else errs
                 errors.sort(key=lambda e: e[0])
                 if errors:  # refused before Redis: the table never counts these
                     self.ticks_refused += len(errors)
@@ -417,9 +447,38 @@ class BusSink:
                 self.failures += 1
                 reply.error(P.UNAVAILABLE, f"{n} ticks NOT published: {e}")
 
-        task = asyncio.get_running_loop().create_task(go())
+        self._track(go(), reply)
+
+    def _publish_parts(self, parts: list[bytes], n: int, source: int, reply: Reply) -> None:
+        # ticks the C parser took: all valid, so nothing is refused before Redis
+        self.ticks_in += n
+
+        async def go() -> None:
+            try:
+                async with self._slots:
+                    await self.bus.publish_batches(parts, n)
+            except Exception as e:  # the bus is down: say so, never drop silently
+                self.failures += 1
+                reply.error(P.UNAVAILABLE, f"{n} ticks NOT published: {e}")
+
+        self._track(go(), reply)
+
+    def _track(self, coro: Any, reply: Reply) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(self._done)
+        if len(self._inflight) > BUS_BACKLOG_HIGH and reply not in self._paused:
+            pause = getattr(reply, "pause", None)
+            if pause is not None:
+                self._paused.add(reply)
+                pause()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._paused and len(self._inflight) <= BUS_BACKLOG_HIGH // 2:
+            paused, self._paused = self._paused, set()
+            for r in paused:
+                r.resume()
 
     async def drain(self) -> None:
         """Wait until Redis answered every publish made so far."""

@@ -2,15 +2,18 @@
 //
 // Messages only touch plain data (rows, a dirty set); the DOM is written in
 // one requestAnimationFrame callback, and only for rows on screen whose text
-// actually changed (every cell remembers what it shows).
+// actually changed (every cell remembers what it shows). Clicking a row
+// opens its depth ladder (the "book" channel), painted in the same frame.
 
-import { F, FastfeedClient, defaultUrl } from "./fastfeed.js";
+import { BOOK_CHANNEL, F, FastfeedClient, defaultUrl } from "./fastfeed.js";
 
 const ROW_H = 24;        // px, matches --row in style.css
 const OVERSCAN = 6;      // rows drawn above and below the viewport
 const FLASH_MS = 600;    // how long an up/down flash stays on
 const MIN_ROWS = 6;      // rows written per frame, at the least
 const COLS = ["star", "sym", "bid", "ask", "last", "change", "spread", "volume", "time"];
+const DEPTH_ROWS = 10;   // ladder levels per side
+const DEPTH_COLS = ["bid_orders", "bid_volume", "bid", "ask", "ask_volume", "ask_orders"];
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -91,6 +94,7 @@ class Board {
       this.watched = [];
     }
 
+    this.ladder = new Ladder(this);
     this.viewport = $("board");
     this.sizer = $("sizer");
     this.table = $("body");
@@ -303,6 +307,11 @@ class Board {
       r.tr.dataset.sym = sym;
       this.setText(c.sym, sym);
     }
+    const selected = sym === this.ladder.sym;
+    if (r.selected !== selected) {
+      r.selected = selected;
+      r.tr.classList.toggle("selected", selected);
+    }
     const late = this.delayed.has(sym);
     if (r.late !== late) {
       r.late = late;
@@ -415,6 +424,7 @@ class Board {
         break;
       }
     }
+    if (this.ladder.sym && (this.ladder.dirty || this.ladder.flashUntil)) this.ladder.paint(now);
     if (this.barDirty) this.paintBar();
     this.chained = this.raf !== 0;
     const ms = performance.now() - t0;
@@ -480,6 +490,164 @@ class Board {
       document.body.dataset.stale = stale;
     }
     put("feed", b.feedText);
+  }
+}
+
+// ---- the depth ladder ----------------------------------------------------------
+
+// The book of one instrument, 10 levels a side as on an IDX broker screen:
+// bids on the left (orders, volume, price), asks on the right. The cells are
+// made once; a paint writes only cells whose text changed, flashes a level
+// whose volume changed or that came into view, and scales each volume bar
+// against the largest volume shown.
+class Ladder {
+  constructor(board) {
+    this.board = board;
+    this.sym = null;
+    this.dirty = false;
+    this.flashUntil = 0;     // the latest flash still on
+    this.el = $("ladder");
+    this.symEl = $("ladder-sym");
+    this.info = { el: $("ladder-info"), text: "", cls: "" };
+    this.rows = [];
+    this.stats = { paints: 0, cellWrites: 0 };
+    const tbody = $("depth");
+    for (let k = 0; k < DEPTH_ROWS; k++) {
+      const tr = document.createElement("tr");
+      tr.dataset.k = String(k);
+      const cells = {};
+      for (const f of DEPTH_COLS) {
+        const td = document.createElement("td");
+        td.dataset.f = f;
+        let textEl = td;
+        let bar = null;
+        if (f.endsWith("_volume")) {
+          bar = document.createElement("span");
+          bar.className = "bar";
+          textEl = document.createElement("span");
+          textEl.className = "v";
+          td.append(bar, textEl);
+        }
+        cells[f] = { el: textEl, td, bar, text: "", cls: "", scale: -1 };
+        tr.appendChild(td);
+      }
+      tbody.appendChild(tr);
+      // what each side of this row shows: [price, volume], flash end time
+      // what each side of this row shows ([price, volume]), and its flash:
+      // until when, which way, and whether the price itself is new
+      this.rows.push({ tr, cells, shown: [null, null], until: [0, 0], dir: [0, 0], moved: [false, false] });
+    }
+  }
+
+  /** Open the ladder on `sym` (its book is subscribed), or close it (null). */
+  async open(sym) {
+    const client = this.board.client;
+    const prev = this.sym;
+    if (prev === sym) return;
+    this.sym = sym;
+    this.dirty = true;
+    for (const r of this.rows) {
+      r.shown = [null, null];
+      r.until = [0, 0];
+    }
+    this.el.hidden = sym == null;
+    this.el.dataset.sym = sym || "";
+    this.symEl.textContent = sym || "";
+    this.board.layoutDirty = true; // the selected row's marker
+    this.board.schedule();
+    try {
+      if (prev) await client.unsubscribe([prev], [BOOK_CHANNEL]);
+      if (sym) await client.subscribe([sym], [BOOK_CHANNEL]);
+    } catch (err) {
+      if (err.code !== "not_connected" && err.code !== "closed") this.board.setNote(`depth ${sym}: ${err.code}: ${err.message}`);
+    }
+  }
+
+  changed(sym) {
+    if (sym !== this.sym) return;
+    this.dirty = true;
+    this.board.schedule();
+  }
+
+  write(cell, text) {
+    if (cell.text !== text) {
+      cell.text = text;
+      const node = cell.el.firstChild;
+      if (node && node.nodeType === 3) node.data = text;
+      else cell.el.textContent = text;
+      this.stats.cellWrites++;
+    }
+  }
+
+  cls(cell, cls) {
+    if (cell.cls !== cls) {
+      cell.cls = cls;
+      cell.td.className = cls;
+    }
+  }
+
+  paint(now) {
+    this.dirty = false;
+    this.stats.paints++;
+    const book = this.board.client.books.get(this.sym);
+    const bids = book ? book.bids : [];
+    const asks = book ? book.asks : [];
+    let max = 0;
+    for (let k = 0; k < DEPTH_ROWS; k++) {
+      if (k < bids.length && bids[k][1] > max) max = bids[k][1];
+      if (k < asks.length && asks[k][1] > max) max = asks[k][1];
+    }
+    let dp = 0;
+    for (const side of [bids, asks]) for (let k = 0; k < side.length && k < DEPTH_ROWS; k++) dp = Math.max(dp, decimals(side[k][0]));
+    let flashUntil = 0;
+    for (let k = 0; k < DEPTH_ROWS; k++) {
+      const r = this.rows[k];
+      for (let s = 0; s < 2; s++) {
+        const lv = (s === 0 ? bids : asks)[k];
+        const pre = s === 0 ? "bid" : "ask";
+        const c = r.cells;
+        const shown = r.shown[s];
+        if (lv) {
+          // a new price in this row, or a new volume at the same price: flash
+          if (shown && (shown[0] !== lv[0] || shown[1] !== lv[1])) {
+            r.until[s] = now + FLASH_MS;
+            r.moved[s] = shown[0] !== lv[0];
+            r.dir[s] = r.moved[s] || lv[1] > shown[1] ? 1 : -1;
+          }
+          if (!shown || shown[0] !== lv[0] || shown[1] !== lv[1]) r.shown[s] = [lv[0], lv[1]];
+          this.write(c[pre], fmt(lv[0], dp));
+          this.write(c[`${pre}_volume`], fmt(lv[1], 0));
+          this.write(c[`${pre}_orders`], lv[2] ? fmt(lv[2], 0) : "");
+        } else {
+          r.shown[s] = null;
+          r.until[s] = 0;
+          this.write(c[pre], "");
+          this.write(c[`${pre}_volume`], "");
+          this.write(c[`${pre}_orders`], "");
+        }
+        const vc = c[`${pre}_volume`];
+        const scale = lv && max ? Math.round((lv[1] / max) * 1000) / 1000 : 0;
+        if (vc.scale !== scale) {
+          vc.scale = scale;
+          vc.bar.style.transform = `scaleX(${scale})`;
+        }
+        const on = r.until[s] > now;
+        const cls = on ? (r.dir[s] > 0 ? "up" : "dn") : "";
+        this.cls(vc, cls);
+        this.cls(c[pre], on && r.moved[s] ? cls : "");
+        if (on && r.until[s] > flashUntil) flashUntil = r.until[s];
+      }
+    }
+    this.flashUntil = flashUntil;
+    if (flashUntil) this.board.schedule();
+    let info = "no book yet";
+    if (book) {
+      const spread = bids.length && asks.length ? ` · spread ${fmt(asks[0][0] - bids[0][0], dp)}` : "";
+      info = book.stale ? `seq ${book.seq} · stale: waiting for a full book` : `seq ${book.seq}${spread}`;
+    }
+    this.write(this.info, info);
+    const stale = String(Boolean(book && book.stale));
+    if (this.el.dataset.stale !== stale) this.el.dataset.stale = stale;
   }
 }
 
@@ -582,6 +750,8 @@ function start() {
     if (m.delay) showDelay(m.delay, m.delayed || [], m.rows);
     board.onRows(m.rows);
   });
+  client.on("book", (e) => board.ladder.changed(e.sym));
+  client.on("bookstatus", (e) => board.ladder.changed(e.sym));
   client.on("update", (m) => {
     const rows = m.rows;
     board.onRows(rows);
@@ -623,6 +793,8 @@ function start() {
     } else if (e.key === "Escape" && document.activeElement === search) {
       search.value = "";
       board.setFilter("");
+    } else if (e.key === "Escape" && board.ladder.sym) {
+      board.ladder.open(null);
     }
   });
 
@@ -641,10 +813,12 @@ function start() {
 
   board.tbody.addEventListener("click", (e) => {
     const btn = e.target.closest(".star");
-    if (!btn) return;
-    const sym = btn.closest("tr")?.dataset.sym;
-    if (sym) board.toggleWatch(sym);
+    const sym = e.target.closest("tr")?.dataset.sym;
+    if (!sym) return;
+    if (btn) board.toggleWatch(sym);
+    else board.ladder.open(board.ladder.sym === sym ? null : sym);
   });
+  $("ladder-close").addEventListener("click", () => board.ladder.open(null));
 
   board.viewport.addEventListener(
     "scroll",

@@ -9,7 +9,9 @@
 //   client.connect();
 //
 // The client keeps the latest row of every subscribed instrument in
-// `client.rows` (Map sym -> row array in protocol field order), resubscribes
+// `client.rows` (Map sym -> row array in protocol field order), the order
+// book of every instrument subscribed with the "book" channel in
+// `client.books` (Map sym -> OrderBook, every checksum verified), resubscribes
 // with `since` after a reconnect so only missed rows are resent, re-applies
 // watch and configure, paces its requests under the server's rate limit and
 // splits large subscriptions into chunks. See docs/fastfeed-js.md.
@@ -26,6 +28,12 @@ export const F = Object.freeze({
 });
 
 export const SUBPROTOCOL = "fastfeed.v1.json";
+
+/** Channels (protocol version 1.1). A request without channels means "quote". */
+export const QUOTE_CHANNEL = "quote";
+export const BOOK_CHANNEL = "book";
+/** Levels per side a gateway serves unless it runs with another --book-depth. */
+export const BOOK_DEPTH = 10;
 
 /** Close codes that blame the client: no reconnect unless retryClientErrors. */
 export const CLIENT_FAULT_CLOSE_CODES = Object.freeze([1002, 1003, 1007, 1008, 1009, 1010]);
@@ -54,8 +62,114 @@ const DEFAULTS = {
   backoffMaxMs: 15000,
   pingEveryMs: 30000,        // clock offset estimate (0: off)
   retryClientErrors: false,  // also reconnect after a close for the client's own fault (1008, 1009, ...)
+  bookDepth: BOOK_DEPTH,     // the gateway's book depth: levels kept per side, and what the checksum covers
   WebSocket: globalThis.WebSocket,
 };
+
+// ---- order books -----------------------------------------------------------
+
+// CRC-32 (IEEE 802.3, reflected, as zlib.crc32), one table built once.
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  return t;
+})();
+
+/** CRC-32 of `bytes` (a Uint8Array), continuing from `crc` (0 to start). */
+export function crc32(bytes, crc = 0) {
+  let c = ~crc >>> 0;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return ~c >>> 0;
+}
+
+const LEVEL_BYTES = new Uint8Array(16);
+const LEVEL_VIEW = new DataView(LEVEL_BYTES.buffer);
+
+/**
+ * The contract's book checksum: CRC-32 over, for each of the best `depth`
+ * asks and then the best `depth` bids (best first), price and volume as
+ * IEEE-754 binary64 little-endian (16 bytes a level). Levels are [price, volume, ...].
+ */
+export function bookChecksum(bids, asks, depth = BOOK_DEPTH) {
+  let crc = 0;
+  for (const side of [asks, bids]) {
+    const n = Math.min(side.length, depth);
+    for (let k = 0; k < n; k++) {
+      LEVEL_VIEW.setFloat64(0, side[k][0], true);
+      LEVEL_VIEW.setFloat64(8, side[k][1], true);
+      crc = crc32(LEVEL_BYTES, crc);
+    }
+  }
+  return crc;
+}
+
+/**
+ * One instrument's order book as a client holds it: `bids` and `asks` are
+ * arrays of [price, volume, orders], best first, at most `depth` long;
+ * `seq` is the book's; `stale` is true between a "stale" and an "ok" status.
+ */
+export class OrderBook {
+  constructor(sym, depth = BOOK_DEPTH) {
+    this.sym = sym;
+    this.depth = depth;
+    this.seq = 0;
+    this.bids = [];
+    this.asks = [];
+    this.stale = false;
+  }
+
+  /**
+   * Apply one `books` entry: a snapshot's (full = true) or an update's
+   * (price-keyed changes, volume 0 removes a price; `"full":true` replaces).
+   * Returns whether the book now matches the entry's checksum.
+   */
+  apply(entry, full = Boolean(entry.full)) {
+    const bids = entry.bids || [];
+    const asks = entry.asks || [];
+    if (full) {
+      this.bids = bids.filter((l) => l[1] > 0).map(level).sort((a, b) => b[0] - a[0]).slice(0, this.depth);
+      this.asks = asks.filter((l) => l[1] > 0).map(level).sort((a, b) => a[0] - b[0]).slice(0, this.depth);
+    } else {
+      change(this.bids, bids, true, this.depth);
+      change(this.asks, asks, false, this.depth);
+    }
+    if (entry.seq != null) this.seq = entry.seq;
+    return entry.checksum == null || this.checksum() === entry.checksum;
+  }
+
+  checksum() {
+    return bookChecksum(this.bids, this.asks, this.depth);
+  }
+}
+
+function level(l) {
+  return [l[0], l[1], l.length > 2 ? l[2] : 0];
+}
+
+// Price-keyed changes into one side, kept best first and `depth` long. A
+// side is a few levels: a linear search is the quickest.
+function change(side, changes, bids, depth) {
+  for (const c of changes) {
+    const price = c[0];
+    let k = 0;
+    const n = side.length;
+    if (bids) while (k < n && side[k][0] > price) k++;
+    else while (k < n && side[k][0] < price) k++;
+    const here = k < n && side[k][0] === price;
+    if (c[1] === 0) {
+      if (here) side.splice(k, 1);
+    } else if (here) {
+      side[k] = level(c);
+    } else {
+      side.splice(k, 0, level(c));
+    }
+  }
+  if (side.length > depth) side.length = depth;
+}
 
 /** Raised (as a promise rejection) for `error` replies and for requests cut by a close. */
 export class FastfeedError extends Error {
@@ -77,6 +191,11 @@ export class FastfeedClient {
     this.url = url;
     /** sym -> latest row (array in FIELDS order) */
     this.rows = new Map();
+    /** sym -> OrderBook, for symbols subscribed with the "book" channel */
+    this.books = new Map();
+    /** sym -> Set of channels, for symbols subscribed to more than the quote */
+    this.channels = new Map();
+    this._resyncing = new Set(); // books resubscribed after a bad checksum
     /** symbols this client wants subscribed, in request order (kept across reconnects) */
     this.wanted = new Set();
     /** symbols the server confirmed on the current connection */
@@ -93,7 +212,7 @@ export class FastfeedClient {
     this.connects = 0;        // successful opens so far
     this.attempt = 0;         // reconnect attempts since the last stable connection
     this.reconnectAt = 0;     // performance.now() of the scheduled reconnect
-    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0 };
+    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0, bookEntries: 0, bookResyncs: 0 };
     this._handlers = new Map();
     this._ws = null;
     this._nextId = 1;
@@ -233,9 +352,13 @@ export class FastfeedClient {
     const resume = reconnect && this.opts.resume && !this._noSinceOnce;
     this._resumed = resume;
     this._noSinceOnce = false;
+    this._resyncing.clear();
     if (this.wanted.size) {
-      const syms = [...this.wanted];
-      this._subscribeChunks(syms, resume)
+      const jobs = [];
+      for (const [chans, syms] of this._byChannels([...this.wanted])) {
+        jobs.push(this._subscribeChunks(syms, resume, chans));
+      }
+      Promise.all(jobs)
         .then(() => this._rewatch())
         .catch(() => {});
     }
@@ -399,32 +522,65 @@ export class FastfeedClient {
 
   /** Symbols the gateway knows (optionally matching a glob such as "BB*"). */
   async list(match) {
-    const reply = await this._send(match ? { op: "list", match } : { op: "list" });
-    return reply.symbols;
+    const out = [];
+    const msg = match ? { op: "list", match } : { op: "list" };
+    for (;;) {
+      // The gateway answers in pages: "more" says ask again after "next".
+      const reply = await this._send({ ...msg });
+      out.push(...(reply.symbols || []));
+      if (!reply.more || typeof reply.next !== "string") return out;
+      msg.after = reply.next;
+    }
   }
 
   /**
    * Subscribe, in chunks. Symbols are remembered and resubscribed after a
    * reconnect. Resolves with {rows, unknown, forbidden, errors} over all chunks.
    */
-  subscribe(symbols) {
+  subscribe(symbols, channels) {
+    const chans = channels ? channelList(channels) : null;
     const fresh = [];
     for (const s of symbols) {
-      if (this.wanted.has(s)) continue;
+      if (this.wanted.has(s)) {
+        if (!chans) continue;
+        // more channels of a symbol already wanted: ask for the new ones
+        const held = this.channels.get(s) || new Set([QUOTE_CHANNEL]);
+        if (chans.every((c) => held.has(c))) continue;
+        for (const c of chans) held.add(c);
+        this.channels.set(s, held);
+        fresh.push(s);
+        continue;
+      }
       if (this.wanted.size >= this.opts.maxSubscriptions) break;
       this.wanted.add(s);
+      if (chans && !(chans.length === 1 && chans[0] === QUOTE_CHANNEL)) this.channels.set(s, new Set(chans));
       fresh.push(s);
     }
     if (this.state !== State.OPEN) return Promise.resolve({ rows: [], unknown: [], forbidden: [], errors: [] });
-    return this._subscribeChunks(fresh, false);
+    return this._subscribeChunks(fresh, false, chans);
   }
 
-  async _subscribeChunks(symbols, withSince) {
+  // Symbols grouped by the channels they are subscribed with (null: the quote alone).
+  _byChannels(symbols) {
+    const groups = new Map();
+    for (const s of symbols) {
+      const set = this.channels.get(s);
+      const key = set ? [...set].sort().join(",") : "";
+      let g = groups.get(key);
+      if (!g) groups.set(key, (g = []));
+      g.push(s);
+    }
+    return [...groups].map(([key, syms]) => [key ? key.split(",") : null, syms]);
+  }
+
+  async _subscribeChunks(symbols, withSince, channels = null) {
     const out = { rows: [], unknown: [], forbidden: [], errors: [] };
     const jobs = [];
+    const quote = !channels || channels.includes(QUOTE_CHANNEL);
     for (const chunk of this._chunks(symbols, withSince)) {
       const msg = { op: "subscribe", symbols: chunk };
-      if (withSince) {
+      if (channels) msg.channels = channels;
+      if (withSince && quote) {
         const since = {};
         let any = false;
         for (const s of chunk) {
@@ -453,14 +609,28 @@ export class FastfeedClient {
               out.forbidden.push(...err.symbols);
             } else {
               out.errors.push(err);
+              // refused whole (say, a channel this gateway does not serve):
+              // forget those channels, so a reconnect does not ask again and
+              // lose the quote with them
+              if (channels && err.code !== "closed" && err.code !== "not_connected") {
+                for (const s of chunk) {
+                  const held = this.channels.get(s);
+                  if (!held) continue;
+                  for (const c of channels) if (c !== QUOTE_CHANNEL) held.delete(c);
+                  if (!held.size || (held.size === 1 && held.has(QUOTE_CHANNEL))) this.channels.delete(s);
+                }
+              }
             }
           },
         ),
       );
     }
     await Promise.all(jobs);
-    for (const s of out.unknown) this.wanted.delete(s);
-    for (const s of out.forbidden) this.wanted.delete(s);
+    for (const s of [...out.unknown, ...out.forbidden]) {
+      this.wanted.delete(s);
+      this.channels.delete(s);
+      this.books.delete(s);
+    }
     return out;
   }
 
@@ -494,29 +664,51 @@ export class FastfeedClient {
     if (chunk.length) yield chunk;
   }
 
-  /** Unsubscribe and forget the rows. */
-  async unsubscribe(symbols) {
+  /**
+   * Unsubscribe and forget the rows (and books). With `channels`, only those
+   * channels: a symbol keeps the others.
+   */
+  async unsubscribe(symbols, channels) {
+    const chans = channels ? channelList(channels) : null;
     const syms = symbols.filter((s) => this.wanted.has(s));
+    const gone = [];
     for (const s of syms) {
+      if (chans) {
+        const left = new Set(this.channels.get(s) || [QUOTE_CHANNEL]);
+        for (const c of chans) left.delete(c);
+        if (left.size) {
+          this.channels.set(s, left);
+          if (!left.has(QUOTE_CHANNEL)) this.rows.delete(s);
+          if (!left.has(BOOK_CHANNEL)) this.books.delete(s);
+          continue;
+        }
+      }
+      gone.push(s);
       this.wanted.delete(s);
       this.watched.delete(s);
       this.rows.delete(s);
+      this.books.delete(s);
+      this.channels.delete(s);
     }
     if (this.state !== State.OPEN) return;
     const jobs = [];
     for (const chunk of this._chunks(syms.filter((s) => this.subscribed.has(s)), false)) {
-      for (const s of chunk) this.subscribed.delete(s);
-      jobs.push(this._send({ op: "unsubscribe", symbols: chunk }));
+      for (const s of chunk) if (gone.includes(s)) this.subscribed.delete(s);
+      const msg = { op: "unsubscribe", symbols: chunk };
+      if (chans) msg.channels = chans;
+      jobs.push(this._send(msg));
     }
     await Promise.all(jobs);
   }
 
   /** Watch: the server pushes these at once on every change. Kept across reconnects. */
-  async watch(symbols) {
+  async watch(symbols, channels) {
     for (const s of symbols) this.watched.add(s);
     if (this.state !== State.OPEN) return undefined;
+    const msg = { op: "watch", symbols: [...symbols] };
+    if (channels) msg.channels = channelList(channels);
     try {
-      return await this._send({ op: "watch", symbols: [...symbols] });
+      return await this._send(msg);
     } catch (err) {
       if (err.code === "too_many_watched" || err.code === "not_subscribed" || err.code === "forbidden") {
         for (const s of symbols) this.watched.delete(s);
@@ -525,10 +717,12 @@ export class FastfeedClient {
     }
   }
 
-  async unwatch(symbols) {
-    for (const s of symbols) this.watched.delete(s);
+  async unwatch(symbols, channels) {
+    if (!channels) for (const s of symbols) this.watched.delete(s);
     if (this.state !== State.OPEN) return undefined;
-    return this._send({ op: "unwatch", symbols: [...symbols] });
+    const msg = { op: "unwatch", symbols: [...symbols] };
+    if (channels) msg.channels = channelList(channels);
+    return this._send(msg);
   }
 
   /** This connection's frame interval (kept across reconnects). */
@@ -597,6 +791,7 @@ export class FastfeedClient {
         if (backwards && this._resumed) this._resync();
         c.updates += 1;
         c.rows += rows.length;
+        if (msg.books) this._onBooks(msg.books, false);
         this._emit("update", msg);
         return;
       }
@@ -604,6 +799,13 @@ export class FastfeedClient {
         this._emit("heartbeat", msg);
         return;
       case "status":
+        if (msg.book !== undefined) {
+          // one book's state, not the feed's
+          const book = this.books.get(msg.sym);
+          if (book) book.stale = msg.book !== "ok";
+          this._emit("bookstatus", { sym: msg.sym, ok: msg.book === "ok" });
+          return;
+        }
         if ("feed" in msg) this.feed = msg.feed; // others: a delay line filling, a book
         this._emit("status", msg);
         return;
@@ -661,8 +863,60 @@ export class FastfeedClient {
       msg.rows = rows;
     }
     for (const r of rows) this.rows.set(r[0], r);
+    if (msg.books) this._onBooks(msg.books, true);
     this._emit("snapshot", msg);
   }
+
+  // Apply `books` entries; a book whose checksum then differs is
+  // resubscribed (unsubscribe + subscribe: a full snapshot), and its updates
+  // are ignored until that snapshot is in.
+  _onBooks(entries, snapshot) {
+    for (const e of entries) {
+      const sym = e.sym;
+      const chans = this.channels.get(sym);
+      if (!chans || !chans.has(BOOK_CHANNEL)) continue;
+      if (this._resyncing.has(sym)) {
+        if (!snapshot) continue;
+        this._resyncing.delete(sym);
+      }
+      let book = this.books.get(sym);
+      if (!book) this.books.set(sym, (book = new OrderBook(sym, this.opts.bookDepth)));
+      const full = snapshot || Boolean(e.full);
+      this.counters.bookEntries += 1;
+      if (!book.apply(e, full)) {
+        this._resyncBook(sym, e);
+        continue;
+      }
+      if (full) book.stale = false;
+      this._emit("book", { sym, book, entry: e, full });
+    }
+  }
+
+  _resyncBook(sym, entry) {
+    if (this._resyncing.has(sym)) return;
+    this._resyncing.add(sym);
+    this.counters.bookResyncs += 1;
+    this._emit("bookresync", { sym, seq: entry.seq, checksum: entry.checksum });
+    const one = { symbols: [sym], channels: [BOOK_CHANNEL] };
+    this._send({ op: "unsubscribe", ...one })
+      .then(() => {
+        const chans = this.channels.get(sym);
+        if (chans && chans.has(BOOK_CHANNEL)) return this._send({ op: "subscribe", ...one });
+        return undefined;
+      })
+      .catch((err) => {
+        if (err.code !== "closed") this._emit("error", { code: err.code, message: `resubscribing the book of ${sym}: ${err.message}` });
+      })
+      .finally(() => this._resyncing.delete(sym));
+  }
+}
+
+function channelList(channels) {
+  const list = [...new Set(channels)];
+  if (!list.length || !list.every((c) => typeof c === "string" && c)) {
+    throw new TypeError(`channels must be a non-empty array of names, not ${JSON.stringify(channels)}`);
+  }
+  return list.sort();
 }
 
 /**

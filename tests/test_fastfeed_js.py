@@ -1,0 +1,238 @@
+"""fastfeed.js, the module the board ships, run in Node.js on `ws`: order
+books kept as the contract says (changes, full entries, CRC-32 checksum from
+float64 little-endian bytes, resubscribe on a mismatch, stale/ok), and
+`list` across pages.
+
+Books come from the scripted contract server of test_client_books (the
+checksums there are computed with `zlib.crc32` and `struct`); `list` from a
+real gateway process. tests/node/fastfeed_js_client.mjs is the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import struct
+import subprocess
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import start_gateway, until
+from test_client_books import ServerBook, crc, scripted, seeded_book, serve_requests, update
+from websockets.asyncio.server import ServerConnection
+
+from fastfeed.publisher import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "tests" / "node"
+DRIVER = NODE_DIR / "fastfeed_js_client.mjs"
+MODULE = ROOT / "src" / "fastfeed" / "web" / "fastfeed.js"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """node, with the `ws` pinned in tests/node/package.json installed."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("node and npm are needed (apt-get install nodejs npm)", pytrace=False)
+    if not (NODE_DIR / "node_modules" / "ws" / "package.json").exists():
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                              cwd=NODE_DIR, capture_output=True, text=True, timeout=600,
+                              check=False)
+        if proc.returncode != 0:
+            pytest.fail(f"npm ci in {NODE_DIR} failed: {proc.stderr[-2000:]}", pytrace=False)
+    return node
+
+
+class JS:
+    """The Node process running fastfeed.js."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.ids = 0
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    async def cmd(self, cmd: str, **kw: Any) -> Any:
+        self.ids += 1
+        rid = self.ids
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"id": rid, "cmd": cmd, **kw}) + "\n").encode())
+        await self.proc.stdin.drain()
+        ev: dict[str, Any] = {}
+
+        def answered() -> bool:
+            nonlocal ev
+            for e in self.events:
+                if e.get("id") == rid and e["ev"] in ("done", "failed"):
+                    ev = e
+                    return True
+            return False
+
+        await until(answered, timeout=30, what=f"{cmd} answered")
+        if ev["ev"] == "failed":
+            raise AssertionError(f"{cmd}: {ev}")
+        return ev.get("result")
+
+    def saw(self, pred: Callable[[dict[str, Any]], bool]) -> bool:
+        return any(pred(e) for e in self.events)
+
+
+@pytest.fixture
+async def js(node: str) -> AsyncIterator[JS]:
+    proc = await asyncio.create_subprocess_exec(
+        node, str(DRIVER), MODULE.as_uri(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=NODE_DIR)
+    client = JS(proc)
+    try:
+        yield client
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        client.reader.cancel()
+
+
+async def test_crc32_and_the_book_checksum_are_zlibs(js: JS) -> None:
+    rng = random.Random(9)
+    for n in (0, 1, 15, 16, 1000):
+        data = bytes(rng.randrange(256) for _ in range(n))
+        assert await js.cmd("crc32", hex=data.hex()) == zlib.crc32(data)
+    for _ in range(5):
+        bids = [[rng.uniform(1, 1e5), float(rng.randrange(1, 10**9)), 1] for _ in range(12)]
+        asks = [[rng.uniform(1, 1e5), rng.random() * 1e6, 0] for _ in range(rng.randrange(13))]
+        bids.sort(key=lambda lv: -lv[0])
+        asks.sort(key=lambda lv: lv[0])
+        want = zlib.crc32(b"".join(struct.pack("<dd", p, v) for p, v, _ in asks[:10] + bids[:10]))
+        assert await js.cmd("checksum", bids=bids, asks=asks) == want
+
+
+def held(state: dict[str, Any], sym: str) -> dict[str, Any]:
+    return state["books"][sym]
+
+
+def same(b: dict[str, Any], server: ServerBook) -> bool:
+    return (b["seq"] == server.seq and b["bids"] == server.view("bids")
+            and b["asks"] == server.view("asks")
+            and b["checksum"] == crc(server.view("bids"), server.view("asks")))
+
+
+async def test_a_book_snapshot_then_changes(js: JS) -> None:
+    rng = random.Random(5)
+    book = seeded_book("BBCA", rng)
+    go = asyncio.Event()
+
+    async def gateway(ws: ServerConnection, seen: list[dict]) -> None:
+        server = asyncio.ensure_future(serve_requests(ws, seen, book))
+        await go.wait()
+        for _ in range(300):
+            key = rng.choice(["bids", "asks"])
+            base, step = (9100.0, -25) if key == "bids" else (9125.0, 25)
+            k = min(int(rng.expovariate(0.4)), 18)
+            vol = 0.0 if rng.random() < 0.3 else 100.0 * rng.randint(1, 500)
+            await ws.send(update(book.entry({key: [[base + step * k, vol, rng.randint(0, 9)]]})))
+        await ws.send(update(book.entry({"bids": [[9000.0, 1.0, 1]]}, full=True)))
+        await server
+
+    async with scripted(gateway) as (url, seen):
+        await js.cmd("connect", url=url)
+        await js.cmd("subscribe", symbols=["BBCA"], channels=["book"])
+        assert seen[0]["channels"] == ["book"]
+        assert same(held(await js.cmd("state"), "BBCA"), book)
+        go.set()
+        state: dict[str, Any] = {}
+
+        async def caught_up() -> bool:
+            nonlocal state
+            state = await js.cmd("state")
+            return held(state, "BBCA")["seq"] == 401
+
+        for _ in range(200):
+            if await caught_up():
+                break
+            await asyncio.sleep(0.05)
+        assert same(held(state, "BBCA"), book)
+        assert state["counters"]["bookResyncs"] == 0
+        assert state["counters"]["bookEntries"] == 302
+        assert "BBCA" not in state["rows"]
+
+
+async def test_a_checksum_mismatch_resubscribes_the_book(js: JS) -> None:
+    book = seeded_book("BBRI", random.Random(2))
+    go = asyncio.Event()
+
+    async def gateway(ws: ServerConnection, seen: list[dict]) -> None:
+        server = asyncio.ensure_future(serve_requests(ws, seen, book))
+        await go.wait()
+        await ws.send(update(book.entry({"bids": [[9100.0, 4200.0, 7]]})))
+        await ws.send(update(book.entry({"asks": [[9125.0, 300.0, 1]]}, checksum=12345)))
+        await ws.send(update(book.entry({"asks": [[9150.0, 0.0, 0]]})))
+        await server
+
+    async with scripted(gateway) as (url, seen):
+        await js.cmd("connect", url=url)
+        await js.cmd("subscribe", symbols=["BBRI"], channels=["book"])
+        go.set()
+        await until(lambda: len(seen) >= 3 and js.saw(lambda e: e["ev"] == "bookresync"))
+        unsub, resub = seen[1], seen[2]
+        assert (unsub["op"], unsub["symbols"], unsub["channels"]) == ("unsubscribe", ["BBRI"],
+                                                                      ["book"])
+        assert (resub["op"], resub["channels"]) == ("subscribe", ["book"])
+        for _ in range(200):
+            state = await js.cmd("state")
+            if held(state, "BBRI")["seq"] == 103:
+                break
+            await asyncio.sleep(0.05)
+        assert same(held(state, "BBRI"), book)
+        assert state["counters"]["bookResyncs"] == 1
+
+
+async def test_stale_then_ok_then_a_full_book(js: JS) -> None:
+    book = seeded_book("ASII", random.Random(3))
+    go = asyncio.Event()
+
+    async def gateway(ws: ServerConnection, seen: list[dict]) -> None:
+        server = asyncio.ensure_future(serve_requests(ws, seen, book))
+        await go.wait()
+        await ws.send(json.dumps({"type": "status", "sym": "ASII", "book": "stale"}))
+        await ws.send(json.dumps({"type": "status", "sym": "ASII", "book": "ok"}))
+        book.side["asks"].pop(9125.0)
+        await ws.send(update(book.entry(full=True)))
+        await server
+
+    async with scripted(gateway) as (url, _):
+        await js.cmd("connect", url=url)
+        await js.cmd("subscribe", symbols=["ASII"], channels=["quote", "book"])
+        go.set()
+        await until(lambda: js.saw(lambda e: e["ev"] == "bookstatus" and e["ok"]))
+        stale = [e["ok"] for e in js.events if e["ev"] == "bookstatus"]
+        assert stale == [False, True]
+        for _ in range(200):
+            state = await js.cmd("state")
+            if held(state, "ASII")["seq"] == 101:
+                break
+            await asyncio.sleep(0.05)
+        assert same(held(state, "ASII"), book) and not held(state, "ASII")["stale"]
+
+
+async def test_list_follows_every_page(js: JS) -> None:
+    syms = [f"PG{k:02d}" for k in range(11)] + ["BBCA", "BBRI"]
+    async with start_gateway("--max-list-symbols", "4") as gw:
+        async with Publisher(gw.ingest_url) as p:
+            await p.publish([{"sym": s, "seq": 1, "bid": 1.0} for s in syms])
+            assert await p.sync(10)
+        await js.cmd("connect", url=gw.ws_url)
+        assert await js.cmd("list") == sorted(syms)
+        assert await js.cmd("list", match="PG*") == sorted(s for s in syms if s[:2] == "PG")
