@@ -121,7 +121,8 @@ class Gateway:
                                                  cfg.max_ingest_bytes, cfg.ingest_rate))
         self.sources.append(self.ingest)
         if cfg.simulate:
-            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
+            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed,
+                                                trade_rate=cfg.rate * cfg.trades_per_tick))
         if cfg.replay:
             self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
 
