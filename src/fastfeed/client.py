@@ -10,17 +10,21 @@
                 print(row.sym, row.bid, row.ask)
 
 The client keeps a local copy of the latest row of every subscribed symbol in
-`Client.rows`, and keeps it current by itself: when the connection drops or
-the gateway closes it (a deploy drains with 1012, a gateway with no market
-data yet says 1013, a killed process leaves 1006), it reconnects after a
-jittered exponential backoff, to the next URL when several replicas are
-given, and resumes by subscribing again with ``"since": {sym: last seq}`` so
-the gateway sends only the rows it missed, then watches again what was
-watched. The backoff starts afresh after a connection that was served, and
-keeps growing after a 1013 (try again later). It does not reconnect after it
-was closed by its user, nor after the gateway closed it for a fault of the
-client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused the upgrade with
-an HTTP 4xx (a bad token, a wrong path), unless asked to with
+`Client.rows` (and, for the version 1.1 channels, the tape of every symbol
+subscribed on ``trades`` in `Client.trades` and its bars in `Client.bars`:
+``await c.subscribe(["BBCA"], channels=["trades", "bars:1m"])``), and keeps it
+current by itself: when the connection drops or the gateway closes it (a
+deploy drains with 1012, a gateway with no market data yet says 1013, a killed
+process leaves 1006), it reconnects after a jittered exponential backoff, to
+the next URL when several replicas are given, and resumes by subscribing again
+with ``"since": {sym: last seq}`` so the gateway sends only the rows it missed
+(and ``"since_trades": {sym: last tseq}`` so it sends only the trades it
+missed, or says how many it cannot: `Client.trades_lost`), then watches again
+what was watched. The backoff starts afresh after a connection that was
+served, and keeps growing after a 1013 (try again later). It does not
+reconnect after it was closed by its user, nor after the gateway closed it for
+a fault of the client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused
+the upgrade with an HTTP 4xx (a bad token, a wrong path), unless asked to with
 ``retry_client_errors=True``.
 
 `connect()` (and ``async with``) returns once a gateway serves the client:
@@ -67,16 +71,20 @@ from .protocol import (
     FORBIDDEN,
     JSON_SUBPROTOCOL,
 )
+from .tape import MARKET, Bar, BarStore, Tape, Trade
 
 __all__ = [
     "BIN_SUBPROTOCOL",
     "FIELDS",
     "JSON_SUBPROTOCOL",
+    "MARKET",
     "Backoff",
+    "Bar",
     "Client",
     "ConnectionClosed",
     "FastfeedError",
     "Row",
+    "Trade",
     "TryAgainLater",
     "decode_binary_update",
 ]
@@ -355,8 +363,18 @@ class Client:
       on_status: ``callback(feed_up: bool)`` on every ``status`` message.
       on_error: ``callback(FastfeedError)`` for an ``error`` that answers no
         pending request.
+      on_trades: ``callback(trades)`` with every batch of new `Trade` objects
+        (snapshots and updates of the ``trades`` channel), oldest first.
+      on_lost: ``callback(sym, n)`` when the gateway says it dropped `n`
+        trades of `sym` for this client (it read too slowly, or resumed
+        past what the gateway still holds); `trades_lost` sums them.
+      on_bars: ``callback(changes)`` with the ``(sym, interval, Bar)`` of
+        every batch of changed bars.
+      tape_size: trades kept per symbol in `trades`; bars_size: bars kept per
+        (symbol, interval) in `bars`.
 
     Counters: `reconnects`, `frames` (update frames), `messages`,
+    `trades_lost` (symbol -> trades the gateway dropped for this client),
     `last_latency` (seconds from the gateway's send time to local receipt,
     meaningful when both clocks agree), `last_message_at` (`time.monotonic`
     of the last message of any kind: a heartbeat counts), `last_server_time`
@@ -380,6 +398,11 @@ class Client:
         on_update: Callable[[list[Row]], Any] | None = None,
         on_status: Callable[[bool], Any] | None = None,
         on_error: Callable[[FastfeedError], Any] | None = None,
+        on_trades: Callable[[list[Trade]], Any] | None = None,
+        on_lost: Callable[[str, int], Any] | None = None,
+        on_bars: Callable[[list[tuple[str, str, Bar]]], Any] | None = None,
+        tape_size: int = 1000,
+        bars_size: int = 500,
     ):
         self.urls: list[str] = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -402,6 +425,15 @@ class Client:
 
         #: latest row of every subscribed symbol
         self.rows: dict[str, Row] = {}
+        self._tape = Tape(tape_size,
+                          on_trades=_guarded(on_trades), on_lost=_guarded(on_lost))
+        self._bars = BarStore(bars_size, on_bars=_guarded(on_bars))
+        #: symbol -> its last trades (a bounded deque, oldest first); MARKET: the market's
+        self.trades = self._tape.trades
+        #: symbol -> trades the gateway dropped for this client (it said so with "lost")
+        self.trades_lost = self._tape.lost
+        #: (symbol, interval) -> its bars, oldest first (the last one may be forming)
+        self.bars = self._bars.bars
         #: what the gateway last said about its upstream
         self.feed_up = True
         #: the URL of the current (or last) connection
@@ -420,6 +452,9 @@ class Client:
         self._subs: set[str] = set()  # what the user subscribed (and the gateway knows)
         self._watched: set[str] = set()
         self._lost: set[str] = set()  # subscribed, but unknown to the gateway after a resume
+        # the version 1.1 channels besides "quote": channel -> symbols (subscribed, watched)
+        self._chans: dict[str, set[str]] = {}
+        self._chan_watched: dict[str, set[str]] = {}
         self._session: _Session | None = None
         self._ready = asyncio.Event()  # a session is up and resumed
         self._stopped = asyncio.Event()
@@ -525,15 +560,23 @@ class Client:
 
     # ---------------------------------------------------------------- requests
 
-    async def subscribe(self, symbols: Iterable[str]) -> list[str]:
+    async def subscribe(self, symbols: Iterable[str],
+                        channels: Iterable[str] | None = None) -> list[str]:
         """Subscribe to `symbols`; return once their snapshot is applied.
 
-        Returns the symbols the gateway has never seen (they are not
-        subscribed). Raises `FastfeedError` if the request is refused, with
-        code ``forbidden`` and `symbols` naming those outside the token's
-        entitlements (the rest are subscribed nonetheless).
+        `channels` (version 1.1): any of ``"quote"`` (the default: `rows`),
+        ``"trades"`` (`trades`; the symbol `MARKET`, ``"*"``, is every
+        instrument's trades: ``trades["*"]``) and ``"bars:1m"`` etc.
+        (`bars`). Returns the symbols the gateway has never seen (they are
+        not subscribed). Raises `FastfeedError` if the request is refused,
+        with code ``forbidden`` and `symbols` naming those outside the
+        token's entitlements (the rest are subscribed nonetheless).
         """
         syms = _symbols(symbols)
+        if channels is not None:
+            chans = _channels(channels)
+            if chans != ["quote"]:
+                return await self._subscribe_channels(syms, chans)
         new = [s for s in syms if s not in self._subs]
         self._subs.update(new)
         try:
@@ -556,19 +599,92 @@ class Client:
         self._subs.difference_update(unknown)
         return unknown
 
-    async def unsubscribe(self, symbols: Iterable[str]) -> None:
-        """Unsubscribe; their rows leave `rows`."""
+    async def _subscribe_channels(self, syms: builtins.list[str],
+                                  chans: builtins.list[str]) -> builtins.list[str]:
+        """A subscribe with channels: one request, one snapshot of them all."""
+        new = self._hold(syms, chans)
+        msg: dict[str, Any] = {"op": "subscribe", "symbols": syms, "channels": chans}
+        if "trades" in chans:
+            since_trades = self._tape.since(syms)
+            if since_trades:
+                msg["since_trades"] = since_trades
+        try:
+            reply = await self._request(msg, resend=True)
+        except FastfeedError as e:
+            self._release(e.symbols if e.code == FORBIDDEN else None, new)
+            raise
+        except BaseException:
+            self._release(None, new)
+            raise
+        if reply.get("type") == "resumed":
+            return []  # the connection dropped: the resume subscribed them instead
+        unknown = list(reply.get("unknown") or [])
+        self._release(unknown, new)
+        return unknown
+
+    def _hold(self, syms: builtins.list[str],
+              chans: builtins.list[str]) -> dict[str, builtins.list[str]]:
+        """Remember (symbol, channel) pairs before asking (a resume in
+        between restores them); returns the new ones per channel."""
+        new: dict[str, builtins.list[str]] = {}
+        for ch in chans:
+            held = self._subs if ch == "quote" else self._chans.setdefault(ch, set())
+            new[ch] = [s for s in syms if s not in held]
+            held.update(new[ch])
+        if "trades" in chans and MARKET in syms:
+            self._tape.market = True
+        return new
+
+    def _release(self, which: Iterable[str] | None, new: dict[str, builtins.list[str]]) -> None:
+        """Forget pairs the gateway did not take: `which` symbols (None:
+        every new pair)."""
+        drop = None if which is None else set(which)
+        for ch, syms in new.items():
+            gone = syms if drop is None else [s for s in syms if s in drop]
+            if ch == "quote":
+                self._subs.difference_update(gone)
+            else:
+                self._chans.get(ch, set()).difference_update(gone)
+                if ch == "trades" and MARKET in gone:
+                    self._tape.market = False
+
+    async def unsubscribe(self, symbols: Iterable[str],
+                          channels: Iterable[str] | None = None) -> None:
+        """Unsubscribe (from `channels`; None: from every channel); their
+        rows, trades and bars leave `rows`, `trades` and `bars`."""
         syms = _symbols(symbols)
+        chans = None if channels is None else _channels(channels)
+        for ch in chans if chans is not None else list(self._chans):
+            if ch == "quote":
+                continue
+            self._chans.get(ch, set()).difference_update(syms)
+            self._chan_watched.get(ch, set()).difference_update(syms)
+            if ch == "trades":
+                self._tape.forget(syms)
+            elif ch.startswith("bars:"):
+                self._bars.forget(syms, ch[5:])
+        if chans is not None:
+            if "quote" in chans:
+                self._drop_quotes(syms)
+            await self._request({"op": "unsubscribe", "symbols": syms, "channels": chans},
+                                resend=False)
+            return
+        self._drop_quotes(syms)
+        await self._request({"op": "unsubscribe", "symbols": syms}, resend=False)
+
+    def _drop_quotes(self, syms: builtins.list[str]) -> None:
         self._subs.difference_update(syms)
         self._watched.difference_update(syms)
         self._lost.difference_update(syms)
         for s in syms:
             self.rows.pop(s, None)
-        await self._request({"op": "unsubscribe", "symbols": syms}, resend=False)
 
-    async def watch(self, symbols: Iterable[str]) -> None:
-        """Have every change of these (subscribed) symbols pushed at once."""
+    async def watch(self, symbols: Iterable[str], channels: Iterable[str] | None = None) -> None:
+        """Have every change of these (subscribed) symbols pushed at once
+        (on `channels`; None: ``"quote"``)."""
         syms = _symbols(symbols)
+        if channels is not None and _channels(channels) != ["quote"]:
+            return await self._watch_channels(syms, _channels(channels), True)
         missing = [s for s in syms if s not in self._subs]
         if missing:
             raise FastfeedError("not_subscribed", "watch needs a subscription", missing)
@@ -580,9 +696,37 @@ class Client:
             self._watched.difference_update(new)
             raise
 
-    async def unwatch(self, symbols: Iterable[str]) -> None:
-        """Back to frame-paced updates for these symbols."""
+    async def _watch_channels(self, syms: builtins.list[str], chans: builtins.list[str],
+                              on: bool) -> None:
+        if on:
+            for ch in chans:
+                held = self._subs if ch == "quote" else self._chans.get(ch, set())
+                missing = [s for s in syms if s not in held]
+                if missing:
+                    raise FastfeedError("not_subscribed", f"watch needs a {ch} subscription",
+                                        missing)
+        added: dict[str, builtins.list[str]] = {}
+        for ch in chans:
+            w = self._watched if ch == "quote" else self._chan_watched.setdefault(ch, set())
+            if on:
+                added[ch] = [s for s in syms if s not in w]
+                w.update(added[ch])
+            else:
+                w.difference_update(syms)
+        op = "watch" if on else "unwatch"
+        try:
+            await self._request({"op": op, "symbols": syms, "channels": chans}, resend=on)
+        except BaseException:
+            for ch, ss in added.items():
+                (self._watched if ch == "quote" else self._chan_watched[ch]).difference_update(ss)
+            raise
+
+    async def unwatch(self, symbols: Iterable[str],
+                      channels: Iterable[str] | None = None) -> None:
+        """Back to frame-paced updates for these symbols (on `channels`)."""
         syms = _symbols(symbols)
+        if channels is not None and _channels(channels) != ["quote"]:
+            return await self._watch_channels(syms, _channels(channels), False)
         self._watched.difference_update(syms)
         await self._request({"op": "unwatch", "symbols": syms}, resend=False)
 
@@ -823,10 +967,35 @@ class Client:
             self._lost.update(unknown)
             self._subs.update(s for s in chunk if s not in unknown)
             self._subs.difference_update(unknown)
+        chans = await self._resume_channels(session, timeout)
         watch = sorted(self._watched & self._subs)
         for i in range(0, len(watch), _CHUNK):
             await self._raw(session, {"op": "watch", "symbols": watch[i : i + _CHUNK]}, timeout)
-        return self.frame_ms is not None or bool(syms)
+        return self.frame_ms is not None or bool(syms) or chans
+
+    async def _resume_channels(self, session: _Session, timeout: float) -> bool:
+        """Subscribe again on every other channel, the trades with
+        ``since_trades`` (only what was missed, or how many the gateway no
+        longer holds), and watch again there. Symbols the gateway does not
+        know (yet) stay held and are asked for on the next resume."""
+        any_sent = False
+        for ch in sorted(self._chans):
+            syms = sorted(self._chans[ch])
+            for i in range(0, len(syms), _CHUNK):
+                chunk = syms[i : i + _CHUNK]
+                msg: dict[str, Any] = {"op": "subscribe", "symbols": chunk, "channels": [ch]}
+                if ch == "trades":
+                    since_trades = self._tape.since(chunk)
+                    if since_trades:
+                        msg["since_trades"] = since_trades
+                await self._raw(session, msg, timeout)
+                any_sent = True
+        for ch in sorted(self._chan_watched):
+            watch = sorted(self._chan_watched[ch] & self._chans.get(ch, set()))
+            for i in range(0, len(watch), _CHUNK):
+                await self._raw(session, {"op": "watch", "symbols": watch[i : i + _CHUNK],
+                                          "channels": [ch]}, timeout)
+        return any_sent
 
     async def _raw(self, session: _Session, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         rid = next(self._ids)
@@ -879,6 +1048,9 @@ class Client:
                 attempt = 0
 
     def _drop(self, symbols: Iterable[str]) -> None:
+        symbols = list(symbols)
+        for held in (*self._chans.values(), *self._chan_watched.values()):
+            held.difference_update(symbols)
         for s in symbols:
             self._subs.discard(s)
             self._watched.discard(s)
@@ -924,17 +1096,18 @@ class Client:
             return
         if kind == "update":
             self._on_rows([_make_row(r) for r in msg["rows"]], msg.get("t"))
+            if "trades" in msg or "bars" in msg:
+                self._apply_channels(msg, "items")
             return
         rid = msg.get("id")
         pending = session.pending.get(rid) if rid is not None else None
         if kind == "snapshot":
-            if pending is None:
-                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
-            else:
-                # applied here, before the caller resumes, so `rows` holds them
-                self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
-                if not pending.future.done():
-                    pending.future.set_result(msg)
+            # applied here, before the caller resumes, so `rows` holds them
+            self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
+            if "trades" in msg or "bars" in msg:
+                self._apply_channels(msg, "recent")
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(msg)
         elif kind == "heartbeat":
             self.last_server_time = msg.get("t")
         elif kind == "status":
@@ -988,6 +1161,16 @@ class Client:
             it.push(changed)
         if self.on_update is not None:
             _call(self.on_update, changed)
+
+    def _apply_channels(self, msg: dict[str, Any], key: str) -> None:
+        """The trades and bars of a snapshot (`key` "recent") or an update ("items")."""
+        trades = msg.get("trades")
+        if trades:
+            self._tape.apply(trades, key, self._chans.get("trades", set()).__contains__)
+        bars = msg.get("bars")
+        if bars:
+            chans = self._chans
+            self._bars.apply(bars, lambda sym, iv: sym in chans.get("bars:" + iv, ()))
 
     def _report_error(self, err: FastfeedError) -> None:
         if self.on_error is not None:
@@ -1047,6 +1230,22 @@ def _symbols(symbols: Iterable[str]) -> list[str]:
     if not out:
         raise ValueError("no symbols given")
     return out
+
+
+def _channels(channels: Iterable[str]) -> list[str]:
+    if isinstance(channels, str):
+        channels = [channels]
+    out = list(dict.fromkeys(channels))
+    if not out:
+        raise ValueError("no channels given")
+    return out
+
+
+def _guarded(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """A user callback whose exceptions are logged, not raised into the client."""
+    if callback is None:
+        return None
+    return lambda *args: _call(callback, *args)
 
 
 def _error(msg: dict[str, Any]) -> FastfeedError:

@@ -37,6 +37,16 @@ symbols, not ticks. The WebSocket transport reconnects after the
 `fastfeed.backoff.Backoff` given as `backoff`; the Redis transport follows
 the bus's circuit breaker (which waits with the same backoff).
 
+Trades (contract version 1.1, ``{"type":"trade","sym":..,"tseq":..,"ts":..,
+"price":..,"size":..,"side":"b"}``) go through `publish_trades`, or through
+`publish` among the ticks (sent before the ticks of the same call), in the
+same batches. They are events, not state: none is folded into another. The last
+`trade_buffer` trades published are kept and sent again on every new
+connection, after the state (the other side drops those whose `tseq` it
+holds), so a reconnection loses none; trades published while disconnected
+beyond that buffer are counted in `trades_dropped` and logged, never lost
+silently.
+
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
 last batch), reconnecting if it must, and says whether it happened in time.
@@ -48,14 +58,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, Self
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from fastfeed._core import check_tick, encode_batch
+from fastfeed._core import check_tick, encode_batch, valid_symbol
 from fastfeed.backoff import Backoff
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
@@ -70,6 +82,7 @@ __all__ = [
     "WebSocketTransport",
     "transport_for",
     "validate_tick",
+    "validate_trade",
 ]
 
 log = logging.getLogger("fastfeed.publisher")
@@ -100,6 +113,35 @@ def validate_tick(tick: Mapping[str, Any]) -> None:
     unknown = tick.keys() - _KNOWN
     if unknown:
         raise ValueError(f"{tick['sym']}: unknown field(s) {sorted(unknown)}")
+
+
+_TRADE_KEYS = frozenset(("type", "sym", "tseq", "ts", "price", "size", "side"))
+_SIDES = ("b", "s", "")
+
+
+def validate_trade(trade: Mapping[str, Any]) -> None:
+    """Raise `ValueError` unless `trade` is a contract ingest trade
+    (``type`` ``"trade"`` may be left out: it is added)."""
+    if not isinstance(trade, Mapping):
+        raise ValueError(f"a trade is a mapping, not {type(trade).__name__}")
+    sym = trade.get("sym")
+    if not isinstance(sym, str) or not valid_symbol(sym):
+        raise ValueError(f"trade: bad symbol {sym!r}")
+    if trade.get("type", "trade") != "trade":
+        raise ValueError(f"{sym}: type {trade.get('type')!r} is not a trade")
+    for name, least in (("tseq", 1), ("ts", 0)):
+        n = trade.get(name)
+        if type(n) is not int or n < least:
+            raise ValueError(f"{sym}: {name} must be an integer of at least {least}, not {n!r}")
+    for name in ("price", "size"):
+        v = trade.get(name)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{sym}: {name} must be a finite number, not negative: {v!r}")
+    if trade.get("side", "") not in _SIDES:
+        raise ValueError(f"{sym}: side must be 'b', 's' or '', not {trade.get('side')!r}")
+    unknown = trade.keys() - _TRADE_KEYS
+    if unknown:
+        raise ValueError(f"{sym}: unknown trade field(s) {sorted(unknown)}")
 
 
 class Transport(Protocol):
@@ -376,7 +418,9 @@ class Publisher:
         folded into the per-symbol state, so nothing waits.
       backoff: the `fastfeed.backoff.Backoff` between reconnection attempts.
       validate: raise `ValueError` in `publish` for a bad tick
-        (`validate_tick`); if false, a bad tick is dropped and reported.
+        (`validate_tick`; `publish_trades`: `validate_trade`); if false, a
+        bad one is dropped and reported.
+      trade_buffer: the last trades kept to send again on a new connection.
       on_error: ``callback(FastfeedError)`` for each refusal: a bad tick
         (with ``validate=False``) or an ``error`` the gateway sends back (a
         refused tick names its symbol in ``symbols``).
@@ -386,8 +430,9 @@ class Publisher:
     Counters: `published` (ticks accepted by `publish`), `sent` (ticks
     written to the wire, resends included), `resent` (of those, rows sent
     from the held state on a new connection), `batches`, `errors`
-    (refusals), `reconnects`; `last_error`; `connected`; `error` (why the
-    publisher stopped, once it has).
+    (refusals), `reconnects`; `trades_published`, `trades_dropped` (trades
+    published while disconnected that the buffer could not hold);
+    `last_error`; `connected`; `error` (why the publisher stopped, once it has).
     """
 
     def __init__(
@@ -402,6 +447,7 @@ class Publisher:
         backoff: Backoff | None = None,
         validate: bool = True,
         on_error: Callable[[FastfeedError], Any] | None = None,
+        trade_buffer: int = 100_000,
         **transport_kw: Any,
     ):
         if transport is None:
@@ -422,6 +468,8 @@ class Publisher:
         self.on_error = on_error
 
         self.published = 0
+        self.trades_published = 0
+        self.trades_dropped = 0
         self.sent = 0
         self.resent = 0
         self.batches = 0
@@ -433,6 +481,7 @@ class Publisher:
 
         self._queue: list[Tick] = []
         self._state: dict[str, Tick] = {}  # every symbol's ticks merged: resent on reconnect
+        self._trades: deque[Tick] = deque(maxlen=max(1, trade_buffer))  # resent on reconnect
         self._connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()  # the flusher has work
@@ -473,9 +522,17 @@ class Publisher:
         if self._stopped.is_set():
             raise self.error or ConnectionClosed(1000, "publisher closed")
         batch = [ticks] if isinstance(ticks, Mapping) else list(ticks)
+        trades = [t for t in batch if isinstance(t, Mapping) and t.get("type") == "trade"]
+        if trades:
+            batch = [t for t in batch if not (isinstance(t, Mapping)
+                                              and t.get("type") == "trade")]
         if self.validate:
             for t in batch:
                 validate_tick(t)
+        if trades:
+            await self.publish_trades(trades)
+            if not batch:
+                return
         await self.start()
         while len(self._queue) >= self.max_queue and self._connected.is_set():
             self._space.clear()
@@ -516,6 +573,52 @@ class Publisher:
             self._idle.clear()
             self._wake.set()
         if len(queue) >= self.max_batch:
+            self._full.set()
+
+    async def publish_trades(self, trades: Mapping[str, Any] | Iterable[Mapping[str, Any]]
+                             ) -> None:
+        """Queue one trade or a list of them, in order (see the module).
+        Raises `ValueError` for a bad trade with `validate` (and queues
+        none of the list), `ConnectionClosed` once the publisher has stopped."""
+        if self._stopped.is_set():
+            raise self.error or ConnectionClosed(1000, "publisher closed")
+        batch = [trades] if isinstance(trades, Mapping) else list(trades)
+        if self.validate:
+            for t in batch:
+                validate_trade(t)
+        await self.start()
+        while len(self._queue) >= self.max_queue and self._connected.is_set():
+            self._space.clear()
+            await self._space.wait()
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000, "publisher closed")
+        live = self._connected.is_set()
+        held = self._trades
+        dropped = 0
+        for i, t in enumerate(batch):
+            if not self.validate:
+                try:
+                    validate_trade(t)
+                except ValueError as e:
+                    self._on_error(_refused(i, t.get("sym") if isinstance(t, Mapping) else None,
+                                            str(e)))
+                    continue
+            trade = {"type": "trade", **t}  # a copy: the caller may reuse its dicts
+            if not live and len(held) == held.maxlen:
+                dropped += 1  # the oldest held, never sent: say so below
+            held.append(trade)
+            if live:
+                self._queue.append(trade)
+            self.trades_published += 1
+        if dropped:
+            self.trades_dropped += dropped
+            log.error("fastfeed publisher: %d trades dropped while disconnected (%d so far): "
+                      "more than trade_buffer=%d were published before the connection came "
+                      "back", dropped, self.trades_dropped, held.maxlen)
+        if self._queue or not live:
+            self._idle.clear()
+            self._wake.set()
+        if len(self._queue) >= self.max_batch:
             self._full.set()
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -656,6 +759,11 @@ class Publisher:
             if state:
                 log.info("fastfeed publisher: sent the latest state of %d symbols on "
                          "connecting", len(state))
+            trades = list(self._trades)  # whatever the last connection may not have delivered
+            for i in range(0, len(trades), self.max_batch):
+                batch = trades[i : i + self.max_batch]
+                await self._send(batch)
+                self.resent += len(batch)
             while not closed.done():
                 if not self._queue:
                     self._idle.set()
@@ -686,7 +794,7 @@ class Publisher:
             self._connected.clear()
             self._queue = []
             self._space.set()
-            if self._state:
+            if self._state or self._trades:
                 self._idle.clear()  # the state goes again on the next connection
         code = closed.result() if closed.done() else 1006
         closed.cancel()

@@ -177,12 +177,13 @@ class PublisherSink:
 
 
 async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
-                   duration: float = 0.0, step: float = 0.005) -> int:
-    """Publish the built-in simulated market until `duration` (0: forever)."""
+                   duration: float = 0.0, step: float = 0.005, trade_rate: float = 0.0) -> int:
+    """Publish the built-in simulated market until `duration` (0: forever),
+    with `trade_rate` trades per second (0: none)."""
     from .simulator import SimulatorSource
 
     return await SimulatorSource(PublisherSink(pub), n, rate, seed, duration=duration,
-                                 step=step).run()
+                                 step=step, trade_rate=trade_rate).run()
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,

@@ -11,7 +11,6 @@ last_size and volume.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import numpy as np
@@ -21,8 +20,6 @@ from ..protocol import VALUE_FIELDS
 from .sink import SIMULATOR, LogReply, Sink, arrays_to_ticks
 from .source import TaskSource
 from .tradegen import TradeBatch, TradeGen, trades_to_messages
-
-log = logging.getLogger("fastfeed.feed")
 
 # Real IDX names with rough price levels (IDR), so the board looks familiar.
 IDX = {
@@ -183,11 +180,6 @@ class SimulatorSource(TaskSource):
         self.sent = 0  # ticks written to the sink
         self.trades_sent = 0  # trades written to the sink
         self.reply = LogReply("the simulator's trades")
-        # the sink's trade entry point (contract ingest trade messages)
-        self.emit_trades = getattr(sink, "trades", None)
-        if self.sim.tape is not None and self.emit_trades is None:
-            log.warning("the %s takes no trades: simulated trades set the quotes' last and "
-                        "volume but are not sent", sink.name)
 
     async def run(self) -> int:
         """Write to the sink until `duration` has passed (0: forever); the ticks sent."""
@@ -213,8 +205,8 @@ class SimulatorSource(TaskSource):
         they moved (the trades come first: a row never shows a last that its
         tape has not had)."""
         batch, (ids, seqs, ts, vals) = self.sim.trade_step(dt)
-        if len(batch) and self.emit_trades is not None:
-            self.emit_trades(trades_to_messages(self.sim.symbols, batch), SIMULATOR, self.reply)
+        if len(batch):  # contract ingest trade messages, among a sink's ticks
+            self.sink.ticks(trades_to_messages(self.sim.symbols, batch), SIMULATOR, self.reply)
             self.trades_sent += len(batch)
         if len(ids):
             self.sink.arrays(numbering, ids, seqs, ts, vals, SIMULATOR)

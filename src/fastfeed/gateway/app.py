@@ -121,8 +121,12 @@ class Gateway:
                                                  cfg.max_ingest_bytes, cfg.ingest_rate))
         self.sources.append(self.ingest)
         if cfg.simulate:
-            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed,
-                                                trade_rate=cfg.rate * cfg.trades_per_tick))
+            # trades only into a sink that takes them (the local table with
+            # its trades kind; the bus does not carry them yet)
+            takes = getattr(self.sink, "trades", None) is not None
+            self.sources.append(SimulatorSource(
+                self.sink, cfg.simulate, cfg.rate, cfg.seed,
+                trade_rate=cfg.rate * cfg.trades_per_tick if takes else 0.0))
         if cfg.replay:
             self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
 
