@@ -631,8 +631,6 @@ class Client:
             held = self._subs if ch == "quote" else self._chans.setdefault(ch, set())
             new[ch] = [s for s in syms if s not in held]
             held.update(new[ch])
-        if "trades" in chans and MARKET in syms:
-            self._tape.market = True
         return new
 
     def _release(self, which: Iterable[str] | None, new: dict[str, builtins.list[str]]) -> None:
@@ -645,8 +643,6 @@ class Client:
                 self._subs.difference_update(gone)
             else:
                 self._chans.get(ch, set()).difference_update(gone)
-                if ch == "trades" and MARKET in gone:
-                    self._tape.market = False
 
     async def unsubscribe(self, symbols: Iterable[str],
                           channels: Iterable[str] | None = None) -> None:
