@@ -9,10 +9,14 @@
 //   client.connect();
 //
 // The client keeps the latest row of every subscribed instrument in
-// `client.rows` (Map sym -> row array in protocol field order), resubscribes
-// with `since` after a reconnect so only missed rows are resent, re-applies
-// watch and configure, paces its requests under the server's rate limit and
-// splits large subscriptions into chunks. See docs/fastfeed-js.md.
+// `client.rows` (Map sym -> row array in protocol field order), and on the
+// version 1.1 channels the tape (`client.trades`) and the bars
+// (`client.getBars(sym, interval)`); it resubscribes with `since` (and
+// `since_trades`) after a reconnect so only what was missed is resent,
+// reports trades the gateway had to drop (`client.tradesLost`, event
+// "lost"), re-applies watch and configure, paces its requests under the
+// server's rate limit and splits large subscriptions into chunks. See
+// docs/fastfeed-js.md.
 
 /** Field names in protocol order. */
 export const FIELDS = Object.freeze([
@@ -26,6 +30,20 @@ export const F = Object.freeze({
 });
 
 export const SUBPROTOCOL = "fastfeed.v1.json";
+
+/** A trade, as the wire carries it: trade[T.TSEQ]. The market-wide tape's
+ * trades have the symbol in front: [sym, tseq, ts, price, size, side]. */
+export const T = Object.freeze({ TSEQ: 0, TS: 1, PRICE: 2, SIZE: 3, SIDE: 4 });
+
+/** A bar: bar[B.CLOSE]. */
+export const B = Object.freeze({ START: 0, OPEN: 1, HIGH: 2, LOW: 3, CLOSE: 4, VOLUME: 5, COUNT: 6 });
+
+/** Bar intervals, shortest first (channel `bars:<interval>`), and their length in ms (1d: a day). */
+export const INTERVALS = Object.freeze(["1s", "1m", "5m", "15m", "1h", "1d"]);
+export const INTERVAL_MS = Object.freeze({ "1s": 1e3, "1m": 6e4, "5m": 3e5, "15m": 9e5, "1h": 3.6e6, "1d": 8.64e7 });
+
+/** The symbol of the market-wide tape on the `trades` channel. */
+export const MARKET = "*";
 
 /** Close codes that blame the client: no reconnect unless retryClientErrors. */
 export const CLIENT_FAULT_CLOSE_CODES = Object.freeze([1002, 1003, 1007, 1008, 1009, 1010]);
@@ -54,6 +72,8 @@ const DEFAULTS = {
   backoffMaxMs: 15000,
   pingEveryMs: 30000,        // clock offset estimate (0: off)
   retryClientErrors: false,  // also reconnect after a close for the client's own fault (1008, 1009, ...)
+  tapeSize: 1000,            // trades kept per symbol (and on the market-wide tape)
+  barsSize: 500,             // bars kept per (symbol, interval)
   WebSocket: globalThis.WebSocket,
 };
 
@@ -83,6 +103,19 @@ export class FastfeedClient {
     this.subscribed = new Set();
     /** symbols this client wants watched */
     this.watched = new Set();
+    /** channel ("trades", "bars:1m", ...) -> symbols wanted on it (kept across reconnects) */
+    this.channels = new Map();
+    /** channel -> symbols watched on it */
+    this.channelsWatched = new Map();
+    /** sym -> its last trades, oldest first ([tseq, ts, price, size, side]; MARKET: [sym, ...]) */
+    this.trades = new Map();
+    /** sym -> trades the gateway dropped for this client, in all (it said so with "lost") */
+    this.tradesLost = new Map();
+    /** sym -> highest tseq held (for since_trades) */
+    this.lastTseq = new Map();
+    this._marketLast = new Map(); // the same, on the market-wide tape
+    /** `${interval} ${sym}` -> bars, oldest first (the last may be forming); see getBars */
+    this.bars = new Map();
     this.frameMs = 0;         // 0: server default
     this.state = State.IDLE;
     this.feed = "unknown";    // "up" | "down" | "unknown", from `status` messages
@@ -93,7 +126,7 @@ export class FastfeedClient {
     this.connects = 0;        // successful opens so far
     this.attempt = 0;         // reconnect attempts since the last stable connection
     this.reconnectAt = 0;     // performance.now() of the scheduled reconnect
-    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0 };
+    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0, trades: 0, lost: 0 };
     this._handlers = new Map();
     this._ws = null;
     this._nextId = 1;
@@ -239,6 +272,14 @@ export class FastfeedClient {
         .then(() => this._rewatch())
         .catch(() => {});
     }
+    // The other channels, the trades resumed after the last tseq held (the
+    // trades are events: they always resume, even after a resync).
+    for (const [channel, set] of this.channels) {
+      if (!set.size) continue;
+      this._subscribeChannelChunks([...set], channel)
+        .then(() => this._rewatchChannel(channel))
+        .catch(() => {});
+    }
     if (this.opts.pingEveryMs) {
       // A few early samples for the clock offset; the quickest round trip wins.
       this.ping().catch(() => {});
@@ -250,6 +291,13 @@ export class FastfeedClient {
   _rewatch() {
     const syms = [...this.watched].filter((s) => this.subscribed.has(s));
     if (syms.length) return this._send({ op: "watch", symbols: syms }).catch(() => {});
+    return undefined;
+  }
+
+  _rewatchChannel(channel) {
+    const subs = this.channels.get(channel) || new Set();
+    const syms = [...(this.channelsWatched.get(channel) || [])].filter((s) => subs.has(s));
+    if (syms.length) return this._send({ op: "watch", symbols: syms, channels: [channel] }).catch(() => {});
     return undefined;
   }
 
@@ -407,7 +455,10 @@ export class FastfeedClient {
    * Subscribe, in chunks. Symbols are remembered and resubscribed after a
    * reconnect. Resolves with {rows, unknown, forbidden, errors} over all chunks.
    */
-  subscribe(symbols) {
+  subscribe(symbols, { channels } = {}) {
+    if (channels && !(channels.length === 1 && channels[0] === "quote")) {
+      return this._subscribeChannels(symbols, channels);
+    }
     const fresh = [];
     for (const s of symbols) {
       if (this.wanted.has(s)) continue;
@@ -464,6 +515,78 @@ export class FastfeedClient {
     return out;
   }
 
+  // Channels besides "quote": one request per channel and chunk (a resume
+  // sends the same), so each pair is restored on its own.
+  async _subscribeChannels(symbols, channels) {
+    const out = { rows: [], unknown: [], forbidden: [], errors: [] };
+    const jobs = [];
+    for (const channel of channels) {
+      if (channel === "quote") {
+        jobs.push(this.subscribe(symbols).then((r) => {
+          out.rows.push(...r.rows);
+          out.unknown.push(...r.unknown);
+          out.forbidden.push(...r.forbidden);
+          out.errors.push(...r.errors);
+        }));
+        continue;
+      }
+      let set = this.channels.get(channel);
+      if (!set) this.channels.set(channel, (set = new Set()));
+      const fresh = symbols.filter((s) => !set.has(s));
+      for (const s of fresh) set.add(s);
+      if (this.state !== State.OPEN || !fresh.length) continue;
+      jobs.push(this._subscribeChannelChunks(fresh, channel).then((r) => {
+        out.unknown.push(...r.unknown);
+        out.forbidden.push(...r.forbidden);
+        out.errors.push(...r.errors);
+      }));
+    }
+    await Promise.all(jobs);
+    out.unknown = [...new Set(out.unknown)];
+    out.forbidden = [...new Set(out.forbidden)];
+    return out;
+  }
+
+  async _subscribeChannelChunks(symbols, channel) {
+    const out = { unknown: [], forbidden: [], errors: [] };
+    const trades = channel === "trades";
+    const jobs = [];
+    for (const chunk of this._chunks(symbols, trades)) {
+      const msg = { op: "subscribe", symbols: chunk, channels: [channel] };
+      if (trades) {
+        const since = {};
+        let any = false;
+        for (const s of chunk) {
+          const t = this.lastTseq.get(s);
+          if (t !== undefined && s !== MARKET) {
+            since[s] = t;
+            any = true;
+          }
+        }
+        if (any) msg.since_trades = since;
+      }
+      jobs.push(this._sendRetry(msg).then(
+        (snap) => out.unknown.push(...(snap.unknown || [])),
+        (err) => {
+          if (err.code === "forbidden" && err.symbols) {
+            out.forbidden.push(...err.symbols);
+            const set = this.channels.get(channel);
+            for (const s of err.symbols) set?.delete(s);
+          } else {
+            out.errors.push(err);
+          }
+        },
+      ));
+    }
+    await Promise.all(jobs);
+    return out;
+  }
+
+  /** The bars held of (sym, interval), oldest first ([] if none). */
+  getBars(sym, interval) {
+    return this.bars.get(`${interval} ${sym}`) || [];
+  }
+
   // A request refused with rate_limited changed nothing: try it again later.
   async _sendRetry(msg, tries = 4) {
     for (let i = 1; ; i++) {
@@ -494,8 +617,39 @@ export class FastfeedClient {
     if (chunk.length) yield chunk;
   }
 
-  /** Unsubscribe and forget the rows. */
-  async unsubscribe(symbols) {
+  /** Unsubscribe (from `channels`; none given: from every channel) and forget the data. */
+  async unsubscribe(symbols, { channels } = {}) {
+    // what a plain unsubscribe (every channel) names: symbols held on any
+    const anywhere = symbols.filter((s) => this.subscribed.has(s)
+      || [...this.channels.values()].some((set) => set.has(s)));
+    const others = channels ? channels.filter((c) => c !== "quote") : [...this.channels.keys()];
+    const jobs = [];
+    for (const channel of others) {
+      const set = this.channels.get(channel);
+      if (!set) continue;
+      const syms = symbols.filter((s) => set.has(s));
+      for (const s of syms) {
+        set.delete(s);
+        this.channelsWatched.get(channel)?.delete(s);
+        if (channel === "trades") {
+          this.trades.delete(s);
+          this.lastTseq.delete(s);
+          if (s === MARKET) this._marketLast.clear();
+        } else if (channel.startsWith("bars:")) {
+          this.bars.delete(`${channel.slice(5)} ${s}`);
+        }
+      }
+      if (channels && syms.length && this.state === State.OPEN) {
+        for (const chunk of this._chunks(syms, false)) {
+          jobs.push(this._send({ op: "unsubscribe", symbols: chunk, channels: [channel] }));
+        }
+      }
+    }
+    if (channels && !channels.includes("quote")) {
+      await Promise.all(jobs);
+      return;
+    }
+    // Without channels, a plain unsubscribe leaves every channel of those symbols.
     const syms = symbols.filter((s) => this.wanted.has(s));
     for (const s of syms) {
       this.wanted.delete(s);
@@ -503,16 +657,27 @@ export class FastfeedClient {
       this.rows.delete(s);
     }
     if (this.state !== State.OPEN) return;
-    const jobs = [];
-    for (const chunk of this._chunks(syms.filter((s) => this.subscribed.has(s)), false)) {
+    const gone = channels ? syms.filter((s) => this.subscribed.has(s)) : anywhere;
+    for (const chunk of this._chunks(gone, false)) {
       for (const s of chunk) this.subscribed.delete(s);
-      jobs.push(this._send({ op: "unsubscribe", symbols: chunk }));
+      jobs.push(this._send(channels ? { op: "unsubscribe", symbols: chunk, channels: ["quote"] }
+        : { op: "unsubscribe", symbols: chunk }));
     }
     await Promise.all(jobs);
   }
 
   /** Watch: the server pushes these at once on every change. Kept across reconnects. */
-  async watch(symbols) {
+  async watch(symbols, { channels } = {}) {
+    if (channels && !(channels.length === 1 && channels[0] === "quote")) {
+      for (const c of channels) {
+        if (c === "quote") { for (const s of symbols) this.watched.add(s); continue; }
+        let set = this.channelsWatched.get(c);
+        if (!set) this.channelsWatched.set(c, (set = new Set()));
+        for (const s of symbols) set.add(s);
+      }
+      if (this.state !== State.OPEN) return undefined;
+      return this._send({ op: "watch", symbols: [...symbols], channels: [...channels] });
+    }
     for (const s of symbols) this.watched.add(s);
     if (this.state !== State.OPEN) return undefined;
     try {
@@ -525,7 +690,15 @@ export class FastfeedClient {
     }
   }
 
-  async unwatch(symbols) {
+  async unwatch(symbols, { channels } = {}) {
+    if (channels && !(channels.length === 1 && channels[0] === "quote")) {
+      for (const c of channels) {
+        const set = c === "quote" ? this.watched : this.channelsWatched.get(c);
+        for (const s of symbols) set?.delete(s);
+      }
+      if (this.state !== State.OPEN) return undefined;
+      return this._send({ op: "unwatch", symbols: [...symbols], channels: [...channels] });
+    }
     for (const s of symbols) this.watched.delete(s);
     if (this.state !== State.OPEN) return undefined;
     return this._send({ op: "unwatch", symbols: [...symbols] });
@@ -597,6 +770,8 @@ export class FastfeedClient {
         if (backwards && this._resumed) this._resync();
         c.updates += 1;
         c.rows += rows.length;
+        if (msg.trades) this._applyTrades(msg.trades, "items");
+        if (msg.bars) this._applyBars(msg.bars);
         this._emit("update", msg);
         return;
       }
@@ -661,7 +836,101 @@ export class FastfeedClient {
       msg.rows = rows;
     }
     for (const r of rows) this.rows.set(r[0], r);
+    if (msg.trades) this._applyTrades(msg.trades, "recent");
+    if (msg.bars) this._applyBars(msg.bars);
     this._emit("snapshot", msg);
+  }
+
+  // Trades of a snapshot ("recent") or an update ("items"): each taken once
+  // (a tseq not above the one held is a resume's overlap), "lost" counted
+  // and told. Per entry: one "trades" event with the new trades.
+  _applyTrades(entries, key) {
+    const subs = this.channels.get("trades");
+    if (!subs) return;
+    const max = this.opts.tapeSize;
+    for (const e of entries) {
+      const sym = e.sym;
+      if (!subs.has(sym)) continue;
+      if (e.lost) {
+        this.tradesLost.set(sym, (this.tradesLost.get(sym) || 0) + e.lost);
+        this.counters.lost += e.lost;
+        this._emit("lost", { sym, n: e.lost });
+      }
+      const items = e[key];
+      if (!items || !items.length) continue;
+      let tape = this.trades.get(sym);
+      if (!tape) this.trades.set(sym, (tape = []));
+      let fresh = items;
+      if (sym === MARKET) {
+        fresh = this._market(items, key === "recent");
+        if (!fresh.length) continue;
+      } else {
+        const held = this.lastTseq.get(sym);
+        if (held !== undefined && items[0][0] <= held) fresh = items.filter((t) => t[0] > held);
+        if (!fresh.length) continue;
+        this.lastTseq.set(sym, fresh[fresh.length - 1][0]);
+      }
+      for (let i = 0; i < fresh.length; i++) tape.push(fresh[i]);
+      // trimmed in steps, so keeping the last `max` costs O(1) per trade
+      if (tape.length > max + (max >> 2)) tape.splice(0, tape.length - max);
+      this.counters.trades += fresh.length;
+      this._emit("trades", { sym, trades: fresh, snapshot: key === "recent" });
+    }
+  }
+
+  // The market-wide tape has no since_trades: a resubscribe gets the
+  // gateway's ring again. Trades held are skipped by symbol and tseq; a
+  // symbol whose first trade there jumps past the one held + 1 had trades in
+  // between that neither holds, counted as lost (exact with consecutive tseq).
+  _market(items, resumed) {
+    const last = this._marketLast;
+    const fresh = [];
+    const firsts = new Set();
+    let gap = 0;
+    for (const t of items) {
+      const held = last.get(t[0]);
+      if (held !== undefined && t[1] <= held) continue;
+      if (resumed && held !== undefined && !firsts.has(t[0]) && t[1] > held + 1) gap += t[1] - held - 1;
+      firsts.add(t[0]);
+      last.set(t[0], t[1]);
+      fresh.push(t);
+    }
+    if (gap) {
+      this.tradesLost.set(MARKET, (this.tradesLost.get(MARKET) || 0) + gap);
+      this.counters.lost += gap;
+      this._emit("lost", { sym: MARKET, n: gap });
+    }
+    return fresh;
+  }
+
+  // Bars: each replaces the held bar with the same start, or is added in order.
+  _applyBars(entries) {
+    const max = this.opts.barsSize;
+    for (const e of entries) {
+      const channel = `bars:${e.interval}`;
+      if (!this.channels.get(channel)?.has(e.sym)) continue;
+      const k = `${e.interval} ${e.sym}`;
+      let series = this.bars.get(k);
+      if (!series) this.bars.set(k, (series = []));
+      for (const bar of e.bars || []) {
+        const n = series.length;
+        if (!n || bar[0] > series[n - 1][0]) series.push(bar);
+        else if (bar[0] === series[n - 1][0]) series[n - 1] = bar;
+        else {
+          let lo = 0;
+          let hi = n;
+          while (lo < hi) {
+            const mid = (lo + hi) >> 1;
+            if (series[mid][0] < bar[0]) lo = mid + 1;
+            else hi = mid;
+          }
+          if (series[lo][0] === bar[0]) series[lo] = bar;
+          else series.splice(lo, 0, bar);
+        }
+      }
+      if (series.length > max) series.splice(0, series.length - max);
+      this._emit("bars", { sym: e.sym, interval: e.interval, bars: e.bars || [] });
+    }
   }
 }
 
