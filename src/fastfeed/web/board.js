@@ -5,6 +5,7 @@
 // actually changed (every cell remembers what it shows).
 
 import { F, FastfeedClient, defaultUrl } from "./fastfeed.js";
+import { mountTradesPanel } from "./trades-panel.js";
 
 const ROW_H = 24;        // px, matches --row in style.css
 const OVERSCAN = 6;      // rows drawn above and below the viewport
@@ -81,6 +82,7 @@ class Board {
     this.chained = false;       // the last paint asked for the next frame
     this.pinnedCount = 0;
     this.bar = {};              // status texts to paint
+    this.selected = params.get("sym") || null; // the symbol the side panels show
     this.note = "";
     this.rateWindow = { rows: 0, msgs: 0, lat: [], age: [] };
     try {
@@ -213,6 +215,16 @@ class Board {
     }
   }
 
+  // The symbol the side panels show: a click on its row. They listen for
+  // "fastfeed:select" on the document.
+  select(sym) {
+    if (sym === this.selected) return;
+    this.selected = sym;
+    this.layoutDirty = true;
+    this.schedule();
+    document.dispatchEvent(new CustomEvent("fastfeed:select", { detail: { sym } }));
+  }
+
   // -- status bar -------------------------------------------------------------
 
   setBar(key, value) {
@@ -300,6 +312,11 @@ class Board {
       r.tr.hidden = false;
       r.tr.dataset.sym = sym;
       this.setText(c.sym, sym);
+    }
+    const selected = sym === this.selected;
+    if (r.selected !== selected) {
+      r.selected = selected;
+      r.tr.classList.toggle("selected", selected);
     }
     const pinned = this.isWatched(sym);
     if (r.pinned !== pinned) {
@@ -609,10 +626,21 @@ function start() {
 
   board.tbody.addEventListener("click", (e) => {
     const btn = e.target.closest(".star");
-    if (!btn) return;
-    const sym = btn.closest("tr")?.dataset.sym;
-    if (sym) board.toggleWatch(sym);
+    const sym = e.target.closest("tr")?.dataset.sym;
+    if (!sym) return;
+    if (btn) board.toggleWatch(sym);
+    else board.select(sym);
   });
+
+  const side = mountTradesPanel(client, params);
+  if (side) {
+    window.fastfeed.side = side;
+    document.addEventListener("fastfeed:select", (e) => side.select(e.detail.sym));
+    // nothing chosen (no ?sym=): the first instrument the board lists
+    client.on("snapshot", () => {
+      if (!board.selected && board.all.length) board.select(board.all[0]);
+    });
+  }
 
   board.viewport.addEventListener(
     "scroll",
