@@ -44,6 +44,11 @@ export class TradesPanel {
     this.raf = 0;
     this.rows = [];               // pooled tape rows: {el, cells, key}
     this.drawn = null;            // what the chart last drew (for tests and benches)
+    // Whether the gateway serves the version 1.1 channels: learnt from the
+    // first snapshot that answers with a "trades" or "bars" section. Until
+    // then nothing is sent that a version 1 gateway would take for a quote
+    // request (an unsubscribe) or refuse (the symbol "*").
+    this.channels = false;
     this.stats = { paints: 0, paintMs: 0, maxPaintMs: 0, tapeWrites: 0 };
     this.paint = this.paint.bind(this);
     this.build(root);
@@ -58,6 +63,11 @@ export class TradesPanel {
       if (sym === this.sym && iv === this.interval) this.dirty("chart");
     });
     client.on("open", () => this.subscribeAll());
+    client.on("snapshot", (m) => {
+      if (this.channels || !("trades" in m || "bars" in m)) return;
+      this.channels = true;
+      client.subscribe([MARKET], { channels: ["trades"] }).catch(() => {});
+    });
     new ResizeObserver(() => {
       this.tapeDirty = this.chartDirty = true;
       this.schedule();
@@ -103,7 +113,8 @@ export class TradesPanel {
 
   subscribeAll() {
     const c = this.client;
-    const jobs = [c.subscribe([MARKET], { channels: ["trades"] })];
+    const jobs = [];
+    if (this.channels) jobs.push(c.subscribe([MARKET], { channels: ["trades"] }));
     if (this.sym) jobs.push(c.subscribe([this.sym], { channels: ["trades", `bars:${this.interval}`] }));
     return Promise.all(jobs).catch(() => {});
   }
@@ -116,7 +127,7 @@ export class TradesPanel {
     this.tapeDirty = this.chartDirty = true;
     this.schedule();
     const c = this.client;
-    if (old) c.unsubscribe([old], { channels: ["trades", `bars:${this.interval}`] }).catch(() => {});
+    if (old && this.channels) c.unsubscribe([old], { channels: ["trades", `bars:${this.interval}`] }).catch(() => {});
     await c.subscribe([sym], { channels: ["trades", `bars:${this.interval}`] }).catch(() => {});
   }
 
@@ -128,7 +139,7 @@ export class TradesPanel {
     this.dirty("chart");
     if (!this.sym) return;
     const c = this.client;
-    c.unsubscribe([this.sym], { channels: [`bars:${old}`] }).catch(() => {});
+    if (this.channels) c.unsubscribe([this.sym], { channels: [`bars:${old}`] }).catch(() => {});
     await c.subscribe([this.sym], { channels: [`bars:${iv}`] }).catch(() => {});
   }
 
