@@ -83,7 +83,7 @@ READY = {
     "board": "(n) => window.fastfeed && fastfeed.client.rows.size >= n",
     # the grid filled, the tape running and the chart drawing bars
     "side": "(n) => window.fastfeed && fastfeed.client.rows.size >= n && fastfeed.side"
-            " && fastfeed.client.trades.get('*')?.length > 0"
+            " && fastfeed.client.trades.get(fastfeed.side.tapeKey())?.length > 0"
             " && fastfeed.side.drawn?.bars.length > 0",
     "naive": "(n) => window.naive && naive.rows.size >= n",
     "idle": "() => true",
@@ -198,7 +198,8 @@ def one_run(args: argparse.Namespace, base: str, naive_url: str) -> dict[str, di
         try:
             ctx.add_init_script(PROBE)
             out["board"] = measure(ctx, "board", base + "/?side=off", args)
-            out["side"] = measure(ctx, "side", base + f"/?sym={args.sym}&interval=1s", args)
+            out["side"] = measure(ctx, "side",
+                                  base + f"/?sym={args.sym}&interval=1s&tape={args.tape}", args)
             out["naive"] = measure(ctx, "naive", f"{naive_url}?ws={ws}", args)
             if args.idle:
                 out["idle"] = measure(ctx, "idle", IDLE_PAGE, args)
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=10000.0)
     ap.add_argument("--url", default="", help="use this running gateway (http://host:port)")
     ap.add_argument("--sym", default="BBCA", help="the symbol the side panel's chart shows")
+    ap.add_argument("--tape", choices=("market", "symbol"), default="market",
+                    help="the side panel's tape: the whole market's, or --sym's")
     ap.add_argument(
         "--chromium",
         default=CHROMIUM,
