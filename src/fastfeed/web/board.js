@@ -550,7 +550,8 @@ function start() {
     board.setNote("");
     try {
       const symbols = await client.list();
-      const max = client.opts.maxSubscriptions;
+      // the limit counts (symbol, channel) pairs: leave the side panel its own
+      const max = client.opts.maxSubscriptions - (window.fastfeed.side?.reserve || 0);
       const take = symbols.slice().sort().slice(0, max);
       board.setSymbols(take);
       if (symbols.length > max) {

@@ -49,6 +49,9 @@ export class TradesPanel {
     // then nothing is sent that a version 1 gateway would take for a quote
     // request (an unsubscribe) or refuse (the symbol "*").
     this.channels = false;
+    // (symbol, channel) pairs it may hold (the market tape, the selected
+    // symbol's trades and bars), left free by the grid under the limit
+    this.reserve = 4;
     this.stats = { paints: 0, paintMs: 0, maxPaintMs: 0, tapeWrites: 0 };
     this.paint = this.paint.bind(this);
     this.build(root);
