@@ -43,7 +43,7 @@ def make_ticks(n_syms: int, count: int, start_seq: int, prefix: str = "S") -> li
 
 
 async def redis_cpu(bus) -> float:
-    info = (await bus._cmd.call("INFO", "cpu")).decode()
+    info = (await bus.link.meta_conn().call("INFO", "cpu")).decode()
     vals = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     return float(vals["used_cpu_user"]) + float(vals["used_cpu_sys"])
 

@@ -9,7 +9,10 @@ rest of `tests/`, so both import paths load the same code.
 - `free_port()`, `free_cluster_port()`: a free TCP port (and one whose
   cluster bus port P + 10000 is free too).
 - `stop_process(proc)`: SIGTERM (or the signal given), wait, then SIGKILL.
-- `Gateway`, `start_gateway`, `running_gateway`: `fastfeed serve` as a subprocess.
+- `rss_kib(pid)`: a process's resident memory.
+- `strict_json(data)`: a reply decoded, or ValueError unless it is RFC 8259 JSON.
+- `Gateway`, `start_gateway`, `running_gateway`: `fastfeed serve` as a subprocess;
+  `GatewayURLs`, the URLs of a gateway on a local port (a process, a container).
 - `RedisServer`, `RedisCluster`, `RedisSentinel`: a real `redis-server`, a
   Redis Cluster, a master + replica + Sentinel.
 - `CHROMIUM`, `CHROMIUM_ARGS`: the system Chromium and its headless flags.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -93,6 +97,26 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
     proc.wait()
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process `pid` (VmRSS), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def strict_json(data: bytes) -> Any:
+    """`data` decoded, or ValueError unless it is RFC 8259 JSON: UTF-8, no NaN
+    or Infinity, no lone surrogate (raw or escaped)."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON: {data[:200]!r}")
+
+    obj = json.loads(data.decode("utf-8"), parse_constant=no_constant)
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    return obj
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -137,7 +161,25 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0
 
 # ---------------------------------------------------------------- the gateway
 
-class Gateway:
+class GatewayURLs:
+    """The URLs of a gateway listening on 127.0.0.1:`port`."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def ingest_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ingest"
+
+
+class Gateway(GatewayURLs):
     """A running `fastfeed serve` process."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None, port: int | None,
@@ -151,18 +193,6 @@ class Gateway:
         self.env.setdefault("FASTFEED_DRAIN_S", "0.2")
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def ingest_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ingest"
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "fastfeed", "serve", "--host", "127.0.0.1",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -33,8 +32,9 @@ import time
 import jwt
 import pytest
 import websockets
+from fixtures import rss_kib, strict_json
 from support import Gateway, http_get, until
-from wsraw import RawWS
+from wsraw import RawWS, client_frame
 
 from fastfeed.feed.simulator import symbols
 
@@ -60,23 +60,6 @@ def token(sub: str = "canary") -> str:
 
 
 AUTH = {"Authorization": f"Bearer {token()}"}
-
-
-def strict_json(data: bytes) -> dict:
-    """RFC 8259: UTF-8, no NaN or Infinity, no lone surrogate (raw or escaped)."""
-    def no_constant(name: str):
-        raise ValueError(f"{name} is not JSON")
-    obj = json.loads(data.decode("utf-8"), parse_constant=no_constant)
-    json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
-    return obj
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 class Problems(list):
@@ -229,39 +212,26 @@ async def keep_alive_upgrade(port: int, p: Problems) -> None:
 async def list_flood(port: int, p: Problems) -> None:
     """100 list requests (inside the burst) in one write, read as they come."""
     ws = await connect(port, limit=2**26)
-    ws.writer.write(b"".join(_frame(1, b'{"op":"list"}') for _ in range(100)))
+    ws.writer.write(b"".join(client_frame(1, b'{"op":"list"}') for _ in range(100)))
     got, code = await replies(ws, 100, timeout=ATTACK_S / 2)
     p.check(all(r.get("type") in ("list", "error") for r in got) and code in (None, 1008),
             f"list flood: unexpected replies {[r.get('type') for r in got][:5]}, close {code}")
     ws.close()
 
 
-def _frame(opcode: int, payload: bytes, declared: int | None = None) -> bytes:
-    n = len(payload) if declared is None else declared
-    key = os.urandom(4) if len(payload) < 4096 else bytes(4)  # a zero key: no copy to mask
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if any(key) else payload
-    return head + key + masked
-
-
 async def never_reading(port: int, p: Problems, stop: asyncio.Event) -> None:
     """Clients that queue replies (lists, pings, binary frames) and never read one."""
     clients = [await connect(port, rcvbuf=4096) for _ in range(2)]
-    burst = (b"".join(_frame(1, b'{"op":"list"}') for _ in range(90))
-             + b"".join(_frame(1, b"") for _ in range(200))
-             + b"".join(_frame(2, b"") for _ in range(200)))
+    burst = (b"".join(client_frame(1, b'{"op":"list"}') for _ in range(90))
+             + b"".join(client_frame(1, b"") for _ in range(200))
+             + b"".join(client_frame(2, b"") for _ in range(200)))
     for c in clients:
         c.writer.write(burst)
     for _ in range(10):  # a few more bursts, while the gateway lets them in
         await asyncio.sleep(0.5)
         for c in clients:
             if not c.writer.is_closing() and c.writer.transport.get_write_buffer_size() < 2**20:
-                c.writer.write(b"".join(_frame(1, b'{"op":"ping"}') for _ in range(20)))
+                c.writer.write(b"".join(client_frame(1, b'{"op":"ping"}') for _ in range(20)))
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), ATTACK_S / 2)
     for c in clients:
@@ -275,7 +245,7 @@ async def huge_declared_frames(port: int, p: Problems) -> None:
         c = await connect(port, limit=2**16)
         closed = asyncio.ensure_future(c.recv_close(timeout=ATTACK_S / 3))
         try:
-            c.writer.write(_frame(1, b"", declared=declared))
+            c.writer.write(client_frame(1, b"", declared=declared))
             left = declared - 1000
             while left > 0 and not closed.done() and not c.writer.is_closing():
                 c.writer.write(b"x" * min(left, 2**18))
@@ -296,7 +266,7 @@ async def huge_declared_frames(port: int, p: Problems) -> None:
 
 async def binary_flood(port: int, p: Problems) -> None:
     ws = await connect(port)
-    ws.writer.write(b"".join(_frame(2, b"") for _ in range(500)))
+    ws.writer.write(b"".join(client_frame(2, b"") for _ in range(500)))
     got, code = await replies(ws, 500, timeout=15)
     kinds = {r.get("code") for r in got}
     p.check("rate_limited" in kinds or code == 1008,

@@ -1,4 +1,5 @@
-"""The one backoff (`fastfeed.backoff.Backoff`) and the three places that wait with it."""
+"""The one backoff (`fastfeed.backoff.Backoff`), the places that wait with it, and the
+attempt count of a reconnect loop (`Retries`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import random
 
 import pytest
 
-from fastfeed import client, workers
-from fastfeed.backoff import Backoff
+from fastfeed import client, protocol, workers
+from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import RedisBus
 
 
@@ -39,3 +40,16 @@ def test_the_client_the_bus_and_the_supervisor_share_it() -> None:
     for attempt, ceiling in [(0, 0.1), (1, 0.2), (3, 0.8), (50, 0.8)]:
         for _ in range(50):
             assert ceiling / 2 <= bus.backoff(attempt) <= ceiling
+
+
+async def test_retries_grow_and_start_afresh_only_after_a_served_connection() -> None:
+    r = Retries(Backoff(base=0.001, factor=2.0, cap=0.004, jitter=0.0))
+    assert [await r.wait() for _ in range(4)] == [0.001, 0.002, 0.004, 0.004]
+    r.served(1000)  # a connection that got going, closed normally
+    assert await r.wait() == 0.001
+    # "try again later" and the peer's own faults keep growing
+    for code in (protocol.CLOSE_TRY_AGAIN_LATER, *sorted(protocol.CLIENT_FAULT_CLOSE_CODES)):
+        r.served(code)
+        assert r.attempt > 0, code
+    r.served(protocol.CLOSE_ABNORMAL)  # the gateway went away: not this peer's doing
+    assert r.attempt == 0

@@ -17,8 +17,9 @@ import os
 import re
 import signal
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -187,18 +188,21 @@ def same_row(a: list | None, b: list) -> bool:
     return a is not None and a[:2] == b[:2] and abs(a[2] - b[2]) <= 1024 and a[3:] == b[3:]
 
 
-async def converge(b: Board, ws_url: str, timeout: float = 30.0) -> None:
+async def converge(evaluate: Callable[[str], Awaitable[Any]], ws_url: str,
+                   timeout: float = 30.0) -> None:
     """Wait until every instrument on the page has matched the server's row.
 
-    Rows keep moving, so each symbol only has to match the server at some
-    poll (same seq, same values); one that never does is stuck or wrong.
+    `evaluate` runs a script in the page (Chromium's ``page.evaluate``,
+    Firefox's ``Board.eval``). Rows keep moving, so each symbol only has to
+    match the server at some poll (same seq, same values); one that never
+    does is stuck or wrong.
     """
     pending: set[str] | None = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         server = await server_rows(ws_url)
-        page = await b.page.evaluate("() => Object.fromEntries(fastfeed.client.rows)")
+        page = await evaluate("() => Object.fromEntries(fastfeed.client.rows)")
         if pending is None:
             pending = set(server)
         pending -= {s for s in pending if same_row(page.get(s), server[s])}
@@ -372,7 +376,7 @@ async def test_the_board_survives_a_stall_and_a_gateway_restart(browser) -> None
             gw.start()
             await gw.wait_ready()
             await b.page.wait_for_selector('#status[data-state="open"]', timeout=WAIT)
-            await converge(b, gw.ws_url)
+            await converge(b.page.evaluate, gw.ws_url)
             await b.dom_matches_state()
             # the watch came back too, and the star is still pinned on top
             await b.sent_op("watch", sym)

@@ -34,7 +34,7 @@ import pytest_asyncio
 from support import Gateway, start_gateway
 
 # the same page-side checks and server view as the Chromium test
-from test_browser import DOM_MATCHES_STATE, ON_SCREEN, same_row, server_rows
+from test_browser import DOM_MATCHES_STATE, ON_SCREEN, converge
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -229,29 +229,6 @@ async def board(firefox: Firefox, gateway: Gateway) -> AsyncIterator[Board]:
     assert not b.errors, b.errors
 
 
-async def converge(b: Board, ws_url: str, timeout: float = 30.0) -> None:
-    """Wait until every instrument in the page has matched the server's row at
-    some poll (rows keep moving; one that never matches is stuck or wrong)."""
-    pending: set[str] | None = None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        server = await server_rows(ws_url)
-        page = await b.eval("() => Object.fromEntries(fastfeed.client.rows)")
-        if pending is None:
-            pending = set(server)
-        pending -= {s for s in pending if same_row(page.get(s), server[s])}
-        if not pending:
-            return
-        if loop.time() > deadline:
-            sample = sorted(pending)[:3]
-            raise AssertionError(
-                f"{len(pending)} rows never matched the server, e.g. "
-                + "; ".join(f"{s}: page {page.get(s)} server {server[s]}" for s in sample)
-            )
-        await asyncio.sleep(0.2)
-
-
 # ---- tests --------------------------------------------------------------------
 
 
@@ -283,7 +260,7 @@ async def test_the_board_connects_fills_and_ticks_in_firefox(
     )
     await board.wait("() => /ms/.test(document.querySelector('#latency').textContent)")
     # and what the page holds is what the gateway holds
-    await converge(board, gateway.ws_url)
+    await converge(board.eval, gateway.ws_url)
     await board.dom_matches_state()
     assert not any(m.get("type") == "error" for m in await board.eval("() => __wsrec.received"))
 
@@ -363,7 +340,7 @@ async def test_the_board_comes_back_after_a_gateway_restart_in_firefox(firefox: 
             await gw.wait_ready()
             await b.wait("() => document.querySelector('#status').dataset.state === 'open'",
                          timeout=40_000)
-            await converge(b, gw.ws_url)
+            await converge(b.eval, gw.ws_url)
             await b.dom_matches_state()
             # the watch came back too, and the star is still pinned on top
             await b.sent("watch", sym)

@@ -111,7 +111,8 @@ async def test_store_merges_only_newer_and_pubsub_agrees(redis, prefix):
         assert pub.publish_stale > 0  # duplicates and swapped ticks were dropped by the store
         # partitions: each symbol lives in its own partition's hash
         for s in ("S1", "BB.CA"):
-            got = await pub._cmd.call("HEXISTS", pub.row_keys[partition(s, 5)], s)
+            n = partition(s, 5)
+            got = await pub.link.key_conn(n).call("HEXISTS", pub.row_keys[n], s)
             assert got == 1
 
 

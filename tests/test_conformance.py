@@ -29,6 +29,7 @@ import websockets
 from kosoku._report import write_reports  # what kosoku's own command line writes
 from support import running_gateway
 from wsraw import RawWS
+from wsraw import client_frame as frame  # reserved bits too: RawWS.send_frame sets none
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "autobahn"
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
@@ -95,20 +96,6 @@ def _text(html: str) -> str:
 def gw():
     with running_gateway("--conformance-echo", "--max-message-bytes", "65536") as g:
         yield g
-
-
-def frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
-    """One masked client frame, reserved bits included (RawWS cannot set them)."""
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-    if n < 126:
-        head = struct.pack("!BB", b0, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, 0x80 | 127, n)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:

@@ -61,6 +61,14 @@ def test_differential_test_passes_on_the_debug_build(debug_build: pathlib.Path) 
     assert " passed" in r.stdout and "failed" not in r.stdout
 
 
+@pytest.mark.timeout(900)
+def test_multi_slot_tests_pass_on_the_debug_build(debug_build: pathlib.Path) -> None:
+    # the per-slot groups, reverse and watch indexes, sent_ver and frame bounds
+    r = run_on(debug_build, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               str(ROOT / "tests" / "test_core_slots.py"))
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+
 
 @pytest.mark.timeout(900)
 def test_the_debug_build_catches_a_broken_invariant(debug_build: pathlib.Path) -> None:

@@ -7,18 +7,11 @@ import json
 import time
 
 import websockets
+from fixtures import rss_kib
 from support import start_gateway
 from wsraw import RawWS
 
 SYMS = [f"FC{k}" for k in range(200)]
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 async def flood(g, seconds: float, start_seq: int) -> int:

@@ -17,6 +17,7 @@ import time
 import jwt
 import pytest
 import websockets
+from fixtures import strict_json
 from support import running_gateway
 from wsraw import RawWS
 
@@ -43,27 +44,6 @@ def locked():
 
 def token() -> str:
     return jwt.encode({"sub": "t", "exp": int(time.time() + 600)}, SECRET, algorithm="HS256")
-
-
-def strict_json(data: bytes):
-    """RFC 8259 or AssertionError: UTF-8, no NaN/Infinity, no lone surrogate."""
-    def no_constant(name: str):
-        raise AssertionError(f"{name} is not JSON: {data[:200]!r}")
-
-    def walk(v) -> None:
-        if isinstance(v, str):
-            v.encode("utf-8")  # a lone surrogate (from an escape) fails here
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                walk(k)
-                walk(x)
-
-    msg = json.loads(data.decode("utf-8"), parse_constant=no_constant)
-    walk(msg)
-    return msg
 
 
 def http(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:

@@ -12,27 +12,19 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
-import os
 import random
 import struct
 import time
 
 import pytest
 import websockets
+from fixtures import rss_kib
 from support import http_get, start_gateway, until
-from wsraw import RawWS
+from wsraw import RawWS, client_frame
 
 from fastfeed import _core
 from fastfeed.auth import EVERYTHING, Entitlements
 from fastfeed.gateway.session import SymbolIndex, list_page
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def metric(g, name: str, label: str = "") -> float:
@@ -40,17 +32,6 @@ def metric(g, name: str, label: str = "") -> float:
         if line.startswith(name + (label and "{" + label + "}") + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def masked_header(opcode: int, size: int) -> bytes:
-    """A client frame header (masked) declaring `size` payload bytes."""
-    if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-    elif size < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-    return head + os.urandom(4)
 
 
 # ---- item: list pages, and costs what it examines
@@ -152,7 +133,7 @@ async def test_a_list_flood_over_a_large_table_does_not_stall_other_clients():
         assert first["type"] == "list" and first["more"] is True
         assert len(first["symbols"]) == 10000
         # 200 in one write: twice the 100 of the report, so no refill mid-way saves it
-        flooder.writer.write(_client_frame(b'{"op":"list"}') * 200)
+        flooder.writer.write(client_frame(1, b'{"op":"list"}') * 200)
         seen = []
         while (frame := await flooder.recv_frame(10))[0] != 8:
             m = json.loads(frame[1])
@@ -169,19 +150,13 @@ async def test_a_list_flood_over_a_large_table_does_not_stall_other_clients():
               f"over {len(gaps)} updates")
 
 
-def _client_frame(payload: bytes, opcode: int = 1) -> bytes:
-    key = os.urandom(4)
-    return masked_header(opcode, len(payload))[:-4] + key + bytes(
-        b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 # ---- item: every message counts against the rate limit
 
 
 async def test_binary_frames_and_pings_count_against_the_rate_limit():
     async with start_gateway() as g:
         ws = await RawWS.connect(g.port)
-        ws.writer.write(b"".join(_client_frame(b"", 2) for _ in range(500)))
+        ws.writer.write(b"".join(client_frame(2) for _ in range(500)))
         seen = []
         while True:
             op, data = await ws.recv_frame(10)
@@ -195,7 +170,7 @@ async def test_binary_frames_and_pings_count_against_the_rate_limit():
         assert len(seen) < 200, "the limiter let most of the 500 through"
 
         ws = await RawWS.connect(g.port)
-        ws.writer.write(b"".join(_client_frame(b"", 9) for _ in range(500)))
+        ws.writer.write(b"".join(client_frame(9) for _ in range(500)))
         pongs = 0
         while True:
             op, data = await ws.recv_frame(10)
@@ -224,9 +199,9 @@ async def test_a_client_that_never_reads_its_replies_is_bounded_then_closed_1008
         await asyncio.sleep(0.5)
         base = rss_kib(g.proc.pid)
         closed0 = metric(g, "fastfeed_closes_total", 'code="1008"')
-        list_frame = _client_frame(b'{"op":"list"}')
-        mixes = [list_frame * 200, list_frame * 200, _client_frame(b"", 2) * 2000,
-                 _client_frame(b"", 9) * 2000, list_frame * 200]
+        list_frame = client_frame(1, b'{"op":"list"}')
+        mixes = [list_frame * 200, list_frame * 200, client_frame(2) * 2000,
+                 client_frame(9) * 2000, list_frame * 200]
         if limiter == "off":  # pongs and errors are tiny: the limiter is what bounds them
             mixes = [list_frame * 200] * 5
         flooders = [await RawWS.connect(g.port, rcvbuf=4096) for _ in range(5)]
@@ -261,13 +236,13 @@ async def test_a_frame_header_over_the_ws_limit_is_refused_at_once():
     async with start_gateway("--idle-timeout-s", "600") as g:
         for opcode, size in ((1, 1 << 20), (2, 65537), (1, 4 * 1024 * 1024 - 1000)):
             ws = await RawWS.connect(g.port)
-            ws.writer.write(masked_header(opcode, size))  # and then nothing
+            ws.writer.write(client_frame(opcode, declared=size))  # and then nothing
             assert await ws.recv_close(10) == 1009
             ws.close()
         # a continuation that takes a fragmented message over the limit
         ws = await RawWS.connect(g.port)
         ws.send_frame(1, b"x" * 60000, fin=False)
-        ws.writer.write(masked_header(0, 10000))
+        ws.writer.write(client_frame(0, declared=10000))
         assert await ws.recv_close(10) == 1009
         ws.close()
         # within the limit, a message in many reads still goes through
@@ -289,7 +264,7 @@ async def test_twenty_clients_sending_huge_frames_do_not_pin_memory():
         size = 4_000_000 - 1000
         clients = [await RawWS.connect(g.port) for _ in range(20)]
         for ws in clients:
-            ws.writer.write(masked_header(2, size) + bytes(size - 1000))
+            ws.writer.write(client_frame(2, declared=size) + bytes(size - 1000))
         codes = await asyncio.gather(*(ws.recv_close(10) for ws in clients))
         peak = rss_kib(g.proc.pid)
         print(f"gateway RSS grew by {(peak - base) / 1024:.1f} MiB for 20 huge frames")
@@ -307,8 +282,8 @@ async def test_frames_sent_with_the_upgrade_request_are_still_checked(partial):
     follows is still held to the limit."""
     async with start_gateway("--idle-timeout-s", "600") as g:
         reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
-        ping = _client_frame(b'{"op":"ping","id":1}')
-        tail = ping + masked_header(1, 30)[:2] if partial else ping
+        ping = client_frame(1, b'{"op":"ping","id":1}')
+        tail = ping + client_frame(1, declared=30)[:2] if partial else ping
         writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      b"Sec-WebSocket-Version: 13\r\n\r\n" + tail)
@@ -317,10 +292,10 @@ async def test_frames_sent_with_the_upgrade_request_are_still_checked(partial):
         _, data = await ws.recv_frame(10)
         assert json.loads(data)["type"] == "pong"
         if not partial:
-            ws.writer.write(masked_header(1, 1 << 20))
+            ws.writer.write(client_frame(1, declared=1 << 20))
         else:  # the rest of a 30-byte text frame, then a good request, then a huge one
             ws.writer.write(bytes(4) + bytes(30))  # mask 0: the payload is 30 NULs
             await asyncio.sleep(0)
-            ws.writer.write(ping + masked_header(1, 1 << 20) + bytes(100_000))
+            ws.writer.write(ping + client_frame(1, declared=1 << 20) + bytes(100_000))
         assert await ws.recv_close(10) == 1009
         ws.close()

@@ -44,6 +44,7 @@ from typing import IO
 
 import pytest
 import websockets
+from fixtures import GatewayURLs
 from redis_server import RedisServer
 from support import free_port, http_get, merge, until
 from websockets.exceptions import ConnectionClosed
@@ -292,21 +293,9 @@ class Podman:
                 self("rm", "--force", "--ignore", "--time", "0", name, check=False)
 
 
-class Container:
+class Container(GatewayURLs):
     def __init__(self, podman: Podman, cid: str, port: int) -> None:
         self.podman, self.cid, self.port = podman, cid, port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def ingest_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ingest"
 
     def state(self, field: str) -> str:
         return self.podman.inspect(self.cid, "{{.State." + field + "}}")

@@ -1,8 +1,9 @@
 """The protocol's names and numbers live in `fastfeed.protocol`; every copy of them agrees.
 
-The compiled core keeps C-level copies (it needs them as constants), the web
-client its own (it is standalone JavaScript), and docs/protocol.md tells the
-user: each is held equal to the protocol module here.
+The compiled core keeps C-level copies (it needs them as constants; the JSON
+fast path matches the field names in C), the web client and the board their
+own (they are standalone JavaScript), and docs/protocol.md tells the user:
+each is held equal to the protocol module here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pathlib
 import re
 
 from fastfeed import _core, client, metrics, protocol
+from fastfeed._tickjson import TickParser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WEB_CLIENT = ROOT / "src" / "fastfeed" / "web" / "fastfeed.js"
@@ -60,3 +62,55 @@ def test_the_documented_close_codes_and_error_codes_are_the_protocol_module():
     assert set(protocol.CLOSE_MEANINGS) == set(protocol.CLOSE_CODES)
     for code in protocol.ERROR_CODES:
         assert f"`{code}`" in doc, code
+
+
+def test_the_json_fast_path_knows_every_field_by_its_protocol_name():
+    # _tickjson matches key names in C; each name must land in its own column
+    for name in protocol.FIELDS[2:]:
+        value = 7 if name in protocol.INT_FIELDS else 1.5
+        p, t = TickParser(), _core.Table(64)
+        msg = json.dumps({"sym": "A", "seq": 1, name: value}).encode()
+        assert p.parse(msg) == 1, f"the fast path declined the field {name!r}"
+        assert p.apply(t)[:2] == (1, 0), name
+        row = dict(zip(protocol.FIELDS, t.row(0), strict=True))
+        assert (row["sym"], row["seq"], row[name]) == ("A", 1, value), (name, row)
+        others = [f for f in protocol.VALUE_FIELDS if f != name and row[f] != 0]
+        assert not others, f"{name!r} also set {others}"  # a field never set is 0
+
+
+def test_the_close_codes_the_publisher_and_client_report_are_the_protocol_module():
+    # the two codes RFC 6455 reserves for what an endpoint reports, never sends
+    assert (protocol.CLOSE_NO_STATUS, protocol.CLOSE_ABNORMAL) == (1005, 1006)
+    assert (client._NO_STATUS, client._ABNORMAL) == (
+        protocol.CLOSE_NO_STATUS, protocol.CLOSE_ABNORMAL)
+
+
+# Every close code the board's scripts compare with, by the protocol constant it
+# stands for and a word the line (or the two after it) says about it.
+WEB_CLOSE_CODES = {
+    ("board.js", "CLOSE_POLICY"): "policy",
+    ("board.js", "CLOSE_TRY_AGAIN_LATER"): "no data yet",
+    ("board.js", "CLOSE_RESTART"): "restarting",
+    ("fastfeed.js", "CLOSE_RESTART"): "draining",
+    ("fastfeed.js", "CLOSE_TRY_AGAIN_LATER"): "try again later",
+    ("fastfeed.js", "CLOSE_POLICY"): "policy",
+}
+
+
+def test_the_web_client_and_board_close_codes_are_the_protocol_module():
+    names = {v: k for k, v in vars(protocol).items()
+             if k.startswith("CLOSE_") and isinstance(v, int)}
+    found = set()
+    for script in ("board.js", "fastfeed.js"):
+        lines = (WEB_CLIENT.parent / script).read_text().splitlines()
+        for i, line in enumerate(lines):
+            for code in re.findall(r"code === (\d+)\b", line):
+                key = (script, names.get(int(code), code))
+                assert key in WEB_CLOSE_CODES, f"{script}:{i + 1}: {code} is not a close " \
+                    f"code of fastfeed.protocol, or not held here: {line.strip()}"
+                assert WEB_CLOSE_CODES[key] in " ".join(lines[i : i + 3]), (key, line)
+                found.add(key)
+            # a lost socket or a timeout is reported as the abnormal close
+            for code in re.findall(r"_scheduleReconnect\((\d+)", line):
+                assert int(code) == protocol.CLOSE_ABNORMAL, f"{script}:{i + 1}: {line}"
+    assert found == set(WEB_CLOSE_CODES)

@@ -154,6 +154,32 @@ async def test_stale_ticks_are_dropped_before_the_wire(mem: MemoryTransport) -> 
 # ------------------------------------------------------------------ reconnection
 
 
+class CountingBackoff(Backoff):
+    """A backoff that waits nothing and records the attempt of every wait."""
+
+    def __init__(self) -> None:
+        super().__init__(base=0.0, cap=0.0)
+        self.asked: list[int] = []
+
+    def delay(self, attempt: int, rng: Any = None) -> float:
+        self.asked.append(attempt)
+        return 0.0
+
+
+async def test_the_backoff_keeps_growing_while_the_gateway_says_try_again_later(
+        mem: MemoryTransport) -> None:
+    backoff = CountingBackoff()
+    async with Publisher(transport=mem, backoff=backoff, flush_ms=0) as p:
+        for code in (1013, 1013, 1013, 1000):
+            await p.wait_connected(5)
+            n = mem.connects
+            mem.drop(code)
+            await until(lambda n=n: mem.connects > n)  # it connected again
+        await p.wait_connected(5)
+    # a 1013 right after the upgrade is no served connection; the 1000 was one
+    assert backoff.asked == [0, 1, 2, 0]
+
+
 async def test_reconnects_and_resends_the_merged_state(mem: MemoryTransport) -> None:
     async with Publisher(transport=mem, backoff=FAST, flush_ms=0) as p:
         await p.wait_connected(1)

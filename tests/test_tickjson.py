@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from fastfeed import _core
 from fastfeed._tickjson import TickParser
+from fastfeed.protocol import VALUE_FIELDS
 
 SYMS = ["BBCA", "BBRI", "TLKM", "X.1", "A:B/c", "bad sym", "", "Ä", "a" * 33]
-FIELDS = ["bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume"]
 
 number = st.one_of(
     st.integers(-(2**70), 2**70),
@@ -32,7 +32,7 @@ tick = st.fixed_dictionaries(
     {"sym": st.one_of(st.sampled_from(SYMS), st.integers(0, 3)),
      "seq": st.one_of(st.integers(-3, 2**64), st.just(1.0), st.none())},
     optional={"ts": st.one_of(st.integers(-1, 2**63), st.none(), st.just(2.5)),
-              **{f: value for f in FIELDS}, "venue": st.just("XIDX")},
+              **{f: value for f in VALUE_FIELDS}, "venue": st.just("XIDX")},
 )
 spacing = st.sampled_from([None, 0, 2])
 # what a well-behaved publisher sends: the fast path must take all of it
@@ -41,7 +41,7 @@ good_tick = st.fixed_dictionaries(
     optional={"ts": st.integers(0, 2**63 - 2),
               **{f: st.one_of(st.floats(allow_nan=False, allow_infinity=False),
                               st.integers(-(10**19) + 1, 10**19 - 1), st.none())
-                 for f in FIELDS}},
+                 for f in VALUE_FIELDS}},
 )
 
 

@@ -1,7 +1,8 @@
 """A deliberately minimal WebSocket client for sending what good clients never send.
 
 Libraries refuse to write invalid UTF-8, stray continuations or oversized
-frames; tests of the server's answers to those need raw frames.
+frames; tests of the server's answers to those need raw frames
+(`client_frame` builds one, `RawWS` sends them).
 """
 
 from __future__ import annotations
@@ -41,21 +42,7 @@ class RawWS:
         return cls(reader, writer)
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True, mask: bool = True) -> None:
-        b0 = (0x80 if fin else 0) | opcode
-        n = len(payload)
-        mbit = 0x80 if mask else 0
-        if n < 126:
-            head = struct.pack("!BB", b0, mbit | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", b0, mbit | 126, n)
-        else:
-            head = struct.pack("!BBQ", b0, mbit | 127, n)
-        if mask:
-            key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 65536 else (
-                _xor(payload, key))
-            head += key
-        self.writer.write(head + payload)
+        self.writer.write(client_frame(opcode, payload, fin, mask=mask))
 
     def send_text(self, text: str | bytes, fin: bool = True) -> None:
         self.send_frame(1, text.encode() if isinstance(text, str) else text, fin)
@@ -80,6 +67,31 @@ class RawWS:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, *, rsv: int = 0,
+                 declared: int | None = None, key: bytes | None = None,
+                 mask: bool = True) -> bytes:
+    """One client frame as bytes. The header declares `declared` payload bytes
+    (default: the payload's length; more lets a test send less than it
+    declares) and the RSV bits `rsv`; the payload is masked with `key`
+    (default: a random one; a zero key leaves the payload readable)."""
+    n = len(payload) if declared is None else declared
+    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, mbit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, mbit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, mbit | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4) if key is None else key
+    if any(key):
+        payload = (bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+                   if len(payload) < 65536 else _xor(payload, key))
+    return head + key + payload
 
 
 def _xor(data: bytes, key: bytes) -> bytes:

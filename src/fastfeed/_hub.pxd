@@ -20,29 +20,36 @@ cdef enum ConnFlag:
     F_BINARY = 8
 
 
+cdef enum:
+    MAX_SLOTS = 16       # kinds one hub fans out (quotes, books, trades, bars, delayed copies)
+    NFMT = 3             # cached frames per group: text; binary FFB1; binary's JSON companion
+    KEY_MAX = 24         # longest `,"key":[` a kind may have
+
+
 cdef struct Conn:
     int32_t group
     int32_t gnext
     int32_t gprev
     uint32_t flags
-    uint64_t sent_ver
     int64_t due
     int64_t interval
     int64_t last_send
     int64_t paused_at
     uint64_t pump_sent
+    uint64_t sent_ver[MAX_SLOTS]   # per slot: that kind's version at this connection's last frame
 
 
 cdef struct Group:
-    int32_t* ids
-    int32_t n
+    int32_t* ids                  # every slot's ids, sorted, slot after slot
+    int32_t off[MAX_SLOTS + 1]    # slot s holds ids[off[s]:off[s+1]]
+    uint32_t slots                # bit s: slot s holds ids
     int32_t head
     int32_t members
     uint64_t mark
-    uint64_t cache_pump[2]
-    uint64_t cache_ver[2]
-    Py_ssize_t cache_off[2]
-    Py_ssize_t cache_len[2]
+    uint64_t cache_pump[NFMT]
+    uint64_t cache_ver[NFMT * MAX_SLOTS]
+    Py_ssize_t cache_off[NFMT]
+    Py_ssize_t cache_len[NFMT]
 
 
 cdef struct HeapItem:
@@ -52,7 +59,16 @@ cdef struct HeapItem:
 
 cdef class Hub:
     cdef:
-        readonly Kind table
+        readonly Kind table           # slot 0
+        readonly list kinds           # slot -> Kind
+        Py_ssize_t nslots
+        void* kptr[MAX_SLOTS]         # borrowed from `kinds`
+        int32_t keyof[MAX_SLOTS]      # slot -> its key's index (slots sharing a key share one)
+        int32_t nkeys
+        char keytxt[MAX_SLOTS][KEY_MAX]   # per key: ,"key":[
+        int32_t keylen[MAX_SLOTS]
+        uint32_t fmt_mask[NFMT]       # per cached format, the slots it carries
+        dict key_of                   # group -> its key in group_keys
         list transports
         public object capture         # list of (cid, bytes) instead of sockets; for tests
         Conn* conns
@@ -65,13 +81,13 @@ cdef class Hub:
         int32_t* free_groups
         Py_ssize_t nfree_groups
         dict group_keys
-        int32_t** rev                 # instrument -> groups holding it
-        int32_t* rev_n
-        int32_t* rev_cap
-        int32_t** wrev                # instrument -> connections watching it
-        int32_t* wrev_n
-        int32_t* wrev_cap
-        Py_ssize_t inst_cap
+        int32_t** rev[MAX_SLOTS]      # per slot: item -> groups holding it
+        int32_t* rev_n[MAX_SLOTS]
+        int32_t* rev_cap[MAX_SLOTS]
+        int32_t** wrev[MAX_SLOTS]     # per slot: item -> connections watching it
+        int32_t* wrev_n[MAX_SLOTS]
+        int32_t* wrev_cap[MAX_SLOTS]
+        Py_ssize_t inst_cap[MAX_SLOTS]
         HeapItem* heap
         Py_ssize_t heap_n
         Py_ssize_t heap_cap
@@ -85,7 +101,7 @@ cdef class Hub:
         Py_ssize_t lat_n
 
     cdef int32_t _alloc_group(self) except -1
-    cdef void _ensure_inst(self, Py_ssize_t n) except *
+    cdef void _ensure_inst(self, Py_ssize_t s, Py_ssize_t n) except *
     cdef void _push_vec(self, int32_t** vec, int32_t* vn, int32_t* vcap, int32_t i,
                         int32_t x) except *
     cdef void _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept
@@ -93,6 +109,9 @@ cdef class Hub:
     cdef void _heap_push(self, int64_t due, int32_t cid) except *
     cdef HeapItem _heap_pop(self) noexcept
     cdef void _schedule(self, int32_t cid, int64_t due) except *
+    cdef void _sweep(self, Py_ssize_t s) except *
     cdef int _send(self, int32_t cid, int binary, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int _build(self, Group* G, Conn* c, int fmt, int64_t wall) except -1
+    cdef int _serve(self, int32_t cid, Group* G, Conn* c, int fmt, int64_t wall) except -1
     cdef int _frame(self, int32_t cid, int64_t now, int64_t wall) except -1
     cdef int _check(self) except -1

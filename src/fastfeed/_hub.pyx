@@ -1,15 +1,17 @@
 # cython: language_level=3
 """Frame fan-out: connections, subscription groups, the deadline heap, sockets.
 
-The per-frame hot path lives here: `Hub.pump` turns dirty bits into due
-connections (through the groups that hold each instrument), pops them from a
-deadline heap, has the kind build each distinct frame once (from its cached
-row encodings) and writes it to every socket that shares it.
+The per-frame hot path lives here: `Hub.pump` turns the dirty bits of every
+kind (slot) into due connections (through the groups that hold each item),
+pops them from a deadline heap, builds each distinct frame once (the envelope
+here, each kind's section by the kind, from its cached encodings) and writes
+it to every socket that shares it.
 
-A connection's pending set is derived, not stored: the items of its
-subscription group whose change stamp is newer than the version of its last
-frame. That is what makes conflation free (nothing queues per client) and what
-lets connections of one group that were served together share one frame.
+A connection's pending set is derived, not stored: per slot, the items of its
+subscription group whose change stamp is newer than that kind's version at its
+last frame (`sent_ver[slot]`). That is what makes conflation free (nothing
+queues per client) and what lets connections of one group that were served
+together share one frame.
 
 The hub reads a kind only through the `Kind` interface of _table.pxd.
 """
@@ -23,11 +25,18 @@ from libc.string cimport memcpy, memset
 from picows.picows cimport WSMsgType, WSTransport
 
 from fastfeed._defs cimport (
-    CLOCK_MONOTONIC, CLOCK_REALTIME, FF_DEBUG, HEADROOM, __builtin_ctzll, _clock, _grow,
+    BIN_HEADER, CLOCK_MONOTONIC, CLOCK_REALTIME, FF_DEBUG, HEADROOM, __builtin_ctzll, _clock,
+    _grow,
 )
 from fastfeed._table cimport Kind
+from fastfeed._wire cimport _put_i64
+
+import re
 
 import numpy as np
+
+cdef const char* UPDATE_PREFIX = b'{"type":"update","t":'
+_KEY_OK = re.compile(r"[a-z][a-z0-9_]{0,15}\Z")
 
 
 cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
@@ -70,8 +79,15 @@ cdef class Hub:
     every frame tick (and at once when a watched instrument changed).
     """
 
-    def __cinit__(self, Kind table, int64_t slack_ns=1_000_000):
+    def __cinit__(self, Kind table not None, int64_t slack_ns=1_000_000):
         self.table = table
+        self.kinds = []
+        self.nslots = 0
+        self.key_of = {}
+        # "rows" is key 0: always in a JSON update frame, possibly empty
+        memcpy(self.keytxt[0], b',"rows":[', 9)
+        self.keylen[0] = 9
+        self.nkeys = 1
         self.transports = []
         self.capture = None
         self.nconns_cap = 0
@@ -80,7 +96,6 @@ cdef class Hub:
         self.ngroups_cap = 0
         self.nfree_groups = 0
         self.group_keys = {}
-        self.inst_cap = 0
         self.heap_n = 0
         self.heap_cap = 0
         self.arena_len = 0
@@ -90,27 +105,64 @@ cdef class Hub:
         self.floor_ns = 0
         self.lat_ring = <int64_t*>malloc(256 * 8)
         self.lat_n = 0
+        self.add_kind(table)
 
-    def __init__(self, Kind table, int64_t slack_ns=1_000_000):
+    def __init__(self, Kind table not None, int64_t slack_ns=1_000_000):
         pass
 
+    def add_kind(self, Kind kind not None):
+        """Fan out `kind` too; returns its slot (the constructor's table is slot 0).
+
+        Its entries go in update frames under `kind.key`; kinds sharing a key
+        share one array (a delayed quote table beside the live one: "rows").
+        """
+        cdef Py_ssize_t s = self.nslots
+        cdef Py_ssize_t k, cid
+        cdef int32_t ki = -1
+        key = kind.key
+        if s >= MAX_SLOTS:
+            raise ValueError(f"a hub fans out at most {MAX_SLOTS} kinds")
+        if kind in self.kinds:
+            raise ValueError("this kind already has a slot")
+        if not isinstance(key, str) or not _KEY_OK.match(key):
+            raise ValueError(f"a kind's key is 1 to 16 of a-z 0-9 _, not {key!r}")
+        txt = b',"%s":[' % key.encode()
+        for k in range(self.nkeys):
+            if self.keylen[k] == len(txt) and self.keytxt[k][:len(txt)] == txt:
+                ki = <int32_t>k
+        if ki < 0:
+            ki = self.nkeys
+            memcpy(self.keytxt[ki], <char*>txt, len(txt))
+            self.keylen[ki] = <int32_t>len(txt)
+            self.nkeys += 1
+        self.kinds.append(kind)
+        self.kptr[s] = <void*>kind
+        self.keyof[s] = ki
+        self.fmt_mask[0] |= 1u << s
+        self.fmt_mask[1 if kind.has_binary else 2] |= 1u << s
+        for cid in range(len(self.transports)):
+            self.conns[cid].sent_ver[s] = kind.version
+        self.nslots += 1
+        return s
+
     def __dealloc__(self):
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, s
         for i in range(self.ngroups_cap):
             free(self.groups[i].ids)
-        for i in range(self.inst_cap):
-            free(self.rev[i])
-            free(self.wrev[i])
+        for s in range(MAX_SLOTS):
+            for i in range(self.inst_cap[s]):
+                free(self.rev[s][i])
+                free(self.wrev[s][i])
+            free(self.rev[s])
+            free(self.rev_n[s])
+            free(self.rev_cap[s])
+            free(self.wrev[s])
+            free(self.wrev_n[s])
+            free(self.wrev_cap[s])
         free(self.conns)
         free(self.free_conns)
         free(self.groups)
         free(self.free_groups)
-        free(self.rev)
-        free(self.rev_n)
-        free(self.rev_cap)
-        free(self.wrev)
-        free(self.wrev_n)
-        free(self.wrev_cap)
         free(self.heap)
         free(self.arena)
         free(self.lat_ring)
@@ -123,6 +175,7 @@ cdef class Hub:
         `mono` (tests only) stands in for the monotonic clock.
         """
         cdef int32_t cid
+        cdef Py_ssize_t s
         cdef Conn* c
         if self.nfree_conns:
             self.nfree_conns -= 1
@@ -143,7 +196,8 @@ cdef class Hub:
         c.gnext = c.gprev = -1
         c.flags = F_ACTIVE | (F_BINARY if binary else 0)
         c.interval = interval_ns
-        c.sent_ver = self.table.version
+        for s in range(self.nslots):
+            c.sent_ver[s] = (<Kind>self.kptr[s]).version
         c.last_send = mono or _clock(CLOCK_MONOTONIC)
         self.nconns += 1
         return cid
@@ -195,20 +249,58 @@ cdef class Hub:
         g = self.conns[cid].group
         return self.groups[g].members if g >= 0 else 0
 
-    def subscribe_ids(self, int32_t cid, ids):
-        """Make `ids` (any iterable of instrument ids) this connection's subscription set."""
-        arr = np.unique(np.asarray(list(ids), dtype=np.int32))
-        key = arr.tobytes()
+    def subscribe_ids(self, int32_t cid, ids, Py_ssize_t slot=0):
+        """Make `ids` (any iterable of item ids of `slot`'s kind) this
+        connection's subscription set in that slot; its other slots stay."""
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"no slot {slot}: this hub has {self.nslots}")
+        arr = np.unique(np.asarray(list(ids), dtype=np.int64))
+        if len(arr) and not (0 <= arr[0] and arr[-1] < 2**31 - 1):
+            raise ValueError(f"item ids are 0 .. 2**31-2, not {arr[0] if arr[0] < 0 else arr[-1]}")
+        parts = self._parts(self.conns[cid].group)
+        parts[slot] = arr.astype(np.int32)
         self._leave_group(cid)
-        if not len(arr):
+        key = b"".join(b"%d:%d:" % (k, len(a)) + a.tobytes() for k, a in enumerate(parts)
+                       if len(a))
+        if not key:
             return
         g = self.group_keys.get(key)
         if g is None:
-            g = self._new_group(arr)
+            g = self._new_group(parts)
             self.group_keys[key] = g
+            self.key_of[g] = key
         self._join_group(cid, g)
         if FF_DEBUG:
             self._check()
+
+    def _parts(self, int32_t g):
+        """Per slot, the ids group `g` holds (empty arrays if g < 0)."""
+        cdef Group* G
+        cdef Py_ssize_t s
+        if g < 0:
+            return [np.zeros(0, dtype=np.int32) for _ in range(self.nslots)]
+        G = &self.groups[g]
+        return [np.frombuffer(PyBytes_FromStringAndSize(<char*>(G.ids + G.off[s]),
+                                                        (G.off[s + 1] - G.off[s]) * 4),
+                              dtype=np.int32) for s in range(self.nslots)]
+
+    def subscribed_ids(self, int32_t cid, Py_ssize_t slot=0):
+        """The item ids of `slot` this connection is subscribed to (sorted)."""
+        return [int(x) for x in self._parts(self.conns[cid].group)[slot]]
+
+    def subscribers(self, Py_ssize_t slot, Py_ssize_t item):
+        """Connections subscribed to `item` of `slot` (for a kind's rare events)."""
+        cdef Py_ssize_t k
+        cdef int32_t cid
+        out = []
+        if not 0 <= slot < self.nslots or not 0 <= item < self.inst_cap[slot]:
+            return out
+        for k in range(self.rev_n[slot][item]):
+            cid = self.groups[self.rev[slot][item][k]].head
+            while cid >= 0:
+                out.append(cid)
+                cid = self.conns[cid].gnext
+        return out
 
     # -- groups
 
@@ -229,18 +321,18 @@ cdef class Hub:
         self.ngroups_cap = n
         return g
 
-    cdef void _ensure_inst(self, Py_ssize_t n) except *:
-        cdef Py_ssize_t cap = self.inst_cap
+    cdef void _ensure_inst(self, Py_ssize_t s, Py_ssize_t n) except *:
+        cdef Py_ssize_t cap = self.inst_cap[s]
         if n <= cap:
             return
         n = max(n, cap * 2, 64)
-        self.rev = <int32_t**>_grow(self.rev, cap * sizeof(void*), n * sizeof(void*), 0)
-        self.rev_n = <int32_t*>_grow(self.rev_n, cap * 4, n * 4, 0)
-        self.rev_cap = <int32_t*>_grow(self.rev_cap, cap * 4, n * 4, 0)
-        self.wrev = <int32_t**>_grow(self.wrev, cap * sizeof(void*), n * sizeof(void*), 0)
-        self.wrev_n = <int32_t*>_grow(self.wrev_n, cap * 4, n * 4, 0)
-        self.wrev_cap = <int32_t*>_grow(self.wrev_cap, cap * 4, n * 4, 0)
-        self.inst_cap = n
+        self.rev[s] = <int32_t**>_grow(self.rev[s], cap * sizeof(void*), n * sizeof(void*), 0)
+        self.rev_n[s] = <int32_t*>_grow(self.rev_n[s], cap * 4, n * 4, 0)
+        self.rev_cap[s] = <int32_t*>_grow(self.rev_cap[s], cap * 4, n * 4, 0)
+        self.wrev[s] = <int32_t**>_grow(self.wrev[s], cap * sizeof(void*), n * sizeof(void*), 0)
+        self.wrev_n[s] = <int32_t*>_grow(self.wrev_n[s], cap * 4, n * 4, 0)
+        self.wrev_cap[s] = <int32_t*>_grow(self.wrev_cap[s], cap * 4, n * 4, 0)
+        self.inst_cap[s] = n
 
     cdef void _push_vec(self, int32_t** vec, int32_t* vn, int32_t* vcap, int32_t i,
                         int32_t x) except *:
@@ -258,20 +350,31 @@ cdef class Hub:
                 vec[i][k] = vec[i][vn[i]]
                 return
 
-    def _new_group(self, ids):
+    def _new_group(self, parts):
         cdef int32_t g = self._alloc_group()
         cdef Group* G = &self.groups[g]
-        cdef const int32_t[::1] mv = ids
-        cdef Py_ssize_t k, n = mv.shape[0]
-        self._ensure_inst(self.table.size)
+        cdef const int32_t[::1] mv
+        cdef Py_ssize_t k, s, n, total = sum(len(a) for a in parts)
         memset(G, 0, sizeof(Group))
-        G.ids = <int32_t*>malloc(n * 4)
-        memcpy(G.ids, &mv[0], n * 4)
-        G.n = <int32_t>n
+        G.ids = <int32_t*>malloc(max(total, 1) * 4)
+        if G.ids == NULL:
+            raise MemoryError()
         G.head = -1
-        G.cache_pump[0] = G.cache_pump[1] = 0
-        for k in range(n):
-            self._push_vec(self.rev, self.rev_n, self.rev_cap, G.ids[k], g)
+        n = 0
+        for s in range(MAX_SLOTS):
+            G.off[s] = <int32_t>n
+            if s >= len(parts) or not len(parts[s]):
+                continue
+            mv = parts[s]
+            # an id past the kind (a caller's bug the debug build reports)
+            # must not run past the reverse index
+            self._ensure_inst(s, max((<Kind>self.kptr[s]).size, mv[mv.shape[0] - 1] + 1))
+            memcpy(G.ids + n, &mv[0], mv.shape[0] * 4)
+            for k in range(mv.shape[0]):
+                self._push_vec(self.rev[s], self.rev_n[s], self.rev_cap[s], mv[k], g)
+            n += mv.shape[0]
+            G.slots |= 1u << s
+        G.off[MAX_SLOTS] = <int32_t>n
         return g
 
     def _join_group(self, int32_t cid, int32_t g):
@@ -290,6 +393,7 @@ cdef class Hub:
         cdef int32_t g = c.group
         cdef Group* G
         cdef int32_t k
+        cdef Py_ssize_t s
         if g < 0:
             return
         G = &self.groups[g]
@@ -302,27 +406,37 @@ cdef class Hub:
         c.group = c.gnext = c.gprev = -1
         G.members -= 1
         if G.members == 0:
-            for k in range(G.n):
-                self._drop_vec(self.rev, self.rev_n, G.ids[k], g)
-            key = PyBytes_FromStringAndSize(<char*>G.ids, G.n * 4)
-            del self.group_keys[key]
+            for s in range(self.nslots):
+                for k in range(G.off[s], G.off[s + 1]):
+                    self._drop_vec(self.rev[s], self.rev_n[s], G.ids[k], g)
+            del self.group_keys[self.key_of.pop(g)]
             free(G.ids)
             G.ids = NULL
-            G.n = 0
+            G.slots = 0
             self.free_groups[self.nfree_groups] = g
             self.nfree_groups += 1
 
     # -- watching
 
-    def watch_ids(self, int32_t cid, ids, bint on):
-        """Start (on) or stop watching instruments: their changes make `cid` due at once."""
-        self._ensure_inst(self.table.size)
+    def watch_ids(self, int32_t cid, ids, bint on, Py_ssize_t slot=0):
+        """Start (on) or stop watching items of `slot`: their changes make `cid` due at once."""
+        cdef Kind K
+        cdef int32_t i
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"no slot {slot}: this hub has {self.nslots}")
+        K = <Kind>self.kptr[slot]
+        ids = list(ids)
         for iid in ids:
+            if not 0 <= iid < K.size:
+                raise ValueError(f"item {iid} is not in slot {slot} (its kind holds {K.size})")
+        self._ensure_inst(slot, K.size)
+        for iid in ids:
+            i = iid
             if on:
-                self._push_vec(self.wrev, self.wrev_n, self.wrev_cap, iid, cid)
+                self._push_vec(self.wrev[slot], self.wrev_n[slot], self.wrev_cap[slot], i, cid)
             else:
-                self._drop_vec(self.wrev, self.wrev_n, iid, cid)
-            self.table.watched[<int32_t>iid] = self.wrev_n[<int32_t>iid] > 0
+                self._drop_vec(self.wrev[slot], self.wrev_n[slot], i, cid)
+            K.watched[i] = self.wrev_n[slot][i] > 0
 
     # -- scheduling
 
@@ -375,34 +489,22 @@ cdef class Hub:
         c.due = due
         self._heap_push(due, cid)
 
-    def pump(self, int64_t budget_ns=4_000_000, int64_t wall=0, int64_t mono=0):
-        """Send every frame that is due. Returns True if the time slice ran out first.
-
-        `wall` (ns since the epoch) is the frame's `t`; 0 reads the clock.
-        `mono` (tests only) fixes the monotonic clock and lifts the time slice.
-        """
-        cdef Kind T = self.table
-        cdef int64_t start = mono or _clock(CLOCK_MONOTONIC)
+    cdef void _sweep(self, Py_ssize_t s) except *:
+        # dirty items of slot s -> their groups -> member connections become due;
+        # watched items that changed make their watchers due now
+        cdef Kind T = <Kind>self.kptr[s]
+        cdef Kind S = self.table
         cdef int64_t due
-        cdef int64_t now = start
         cdef uint64_t word
         cdef Py_ssize_t w, k, nwords
         cdef int32_t iid, g, cid
+        cdef int32_t** rev
+        cdef int32_t* rev_n
         cdef Group* G
         cdef Conn* c
-        cdef HeapItem item
-        cdef int sent = 0
-        cdef bint overrun = False
-        if wall == 0:
-            wall = _clock(CLOCK_REALTIME)
-        self.pump_no += 1
-        self.arena_len = 0
-        T.stats.pumps += 1
-        self._ensure_inst(T.size)
-        if FF_DEBUG:
-            T.check()
-            self._check()
-        # dirty instruments -> their groups -> member connections become due
+        self._ensure_inst(s, T.size)
+        rev = self.rev[s]
+        rev_n = self.rev_n[s]
         nwords = (T.size + 63) >> 6
         for w in range(nwords):
             word = T.dirty[w]
@@ -412,8 +514,8 @@ cdef class Hub:
             while word:
                 iid = <int32_t>((w << 6) + __builtin_ctzll(word))
                 word &= word - 1
-                for k in range(self.rev_n[iid]):
-                    g = self.rev[iid][k]
+                for k in range(rev_n[iid]):
+                    g = rev[iid][k]
                     G = &self.groups[g]
                     if G.mark == self.pump_no:
                         continue
@@ -422,22 +524,47 @@ cdef class Hub:
                     while cid >= 0:
                         c = &self.conns[cid]
                         if c.flags & F_PAUSED:
-                            T.stats.conflated += 1
+                            S.stats.conflated += 1
                         else:
                             due = c.last_send + max(c.interval, self.floor_ns)
                             self._schedule(cid, due)
                         cid = c.gnext
         T.swept = T.version
-        # watched instruments that changed make their watchers due now
         for k in range(T.nhot):
             iid = T.hot[k]
             T.hot_bits[iid >> 6] = 0
-            for w in range(self.wrev_n[iid]):
-                cid = self.wrev[iid][w]
+            for w in range(self.wrev_n[s][iid]):
+                cid = self.wrev[s][iid][w]
                 if not self.conns[cid].flags & F_PAUSED:
                     self._schedule(cid, 0)
-                    T.stats.watched_pushes += 1
+                    S.stats.watched_pushes += 1
         T.nhot = 0
+
+    def pump(self, int64_t budget_ns=4_000_000, int64_t wall=0, int64_t mono=0):
+        """Send every frame that is due. Returns True if the time slice ran out first.
+
+        `wall` (ns since the epoch) is the frame's `t`; 0 reads the clock.
+        `mono` (tests only) fixes the monotonic clock and lifts the time slice.
+        """
+        cdef Kind T = self.table
+        cdef int64_t start = mono or _clock(CLOCK_MONOTONIC)
+        cdef int64_t now = start
+        cdef Py_ssize_t s
+        cdef Conn* c
+        cdef HeapItem item
+        cdef int sent = 0
+        cdef bint overrun = False
+        if wall == 0:
+            wall = _clock(CLOCK_REALTIME)
+        self.pump_no += 1
+        self.arena_len = 0
+        T.stats.pumps += 1
+        if FF_DEBUG:
+            for s in range(self.nslots):
+                (<Kind>self.kptr[s]).check()
+            self._check()
+        for s in range(self.nslots):
+            self._sweep(s)
         while self.heap_n and self.heap[0].due <= now + self.slack:
             item = self._heap_pop()
             c = &self.conns[item.cid]
@@ -462,50 +589,128 @@ cdef class Hub:
         return overrun
 
     cdef int _frame(self, int32_t cid, int64_t now, int64_t wall) except -1:
-        cdef Kind T = self.table
         cdef Conn* c = &self.conns[cid]
-        cdef Group* G = &self.groups[c.group]
-        cdef int b = 1 if c.flags & F_BINARY else 0
-        cdef Py_ssize_t off, need
-        cdef uint32_t count = 0
+        cdef Group* G
+        cdef Py_ssize_t s
+        cdef int sent = 0
+        if c.group >= 0:
+            G = &self.groups[c.group]
+            if not c.flags & F_BINARY:
+                sent = self._serve(cid, G, c, 0, wall)
+            else:
+                # quote rows as FFB1, the other kinds in a JSON frame beside it
+                if G.slots & self.fmt_mask[1]:
+                    sent = self._serve(cid, G, c, 1, wall)
+                if G.slots & self.fmt_mask[2]:
+                    sent += self._serve(cid, G, c, 2, wall)
+        # with nothing subscribed nothing is pending either (as a frame with
+        # no items would say), so a later subscribe starts from now
+        for s in range(self.nslots):
+            c.sent_ver[s] = (<Kind>self.kptr[s]).version
+        if sent:
+            c.last_send = now
+        return 0
+
+    cdef int _serve(self, int32_t cid, Group* G, Conn* c, int fmt, int64_t wall) except -1:
+        """Send `c` the group's frame of format `fmt`, built once per state
+        (the vector of its slots' sent_ver) per pump; returns 1 if it sent one."""
+        cdef Py_ssize_t s
+        cdef bint hit = G.cache_pump[fmt] == self.pump_no
+        if hit:
+            for s in range(self.nslots):
+                if G.slots >> s & 1 and G.cache_ver[fmt * MAX_SLOTS + s] != c.sent_ver[s]:
+                    hit = False
+                    break
+        if not hit:
+            self._build(G, c, fmt, wall)
+        if G.cache_len[fmt]:
+            self._send(cid, fmt == 1, G.cache_off[fmt], G.cache_len[fmt])
+            return 1
+        return 0
+
+    cdef int _build(self, Group* G, Conn* c, int fmt, int64_t wall) except -1:
+        cdef Kind K
+        cdef Py_ssize_t s, need, off
+        cdef int32_t ki, n
+        cdef uint32_t cnt = 0, kcnt, total = 0
+        cdef uint32_t mask = G.slots & self.fmt_mask[fmt]
+        cdef int64_t old = 0, oldest = 0
         cdef char* p
-        cdef int64_t oldest = 0
-        if c.group < 0:
-            # nothing subscribed: nothing is pending either (as a frame with
-            # no rows would say), so a later subscribe starts from now
-            c.sent_ver = T.version
-            return 0
-        if G.cache_pump[b] == self.pump_no and G.cache_ver[b] == c.sent_ver:
-            if G.cache_len[b]:
-                self._send(cid, b, G.cache_off[b], G.cache_len[b])
-                c.last_send = now
-            c.sent_ver = T.version
-            return 0
-        # worst case: every item of the group plus the envelope
-        need = HEADROOM + T.frame_bound(G.n, b)
+        cdef char* q
+        cdef char* keyp
+        cdef char* start
+        # worst case: every item of the group plus the envelope and the keys
+        need = HEADROOM + 64 + self.nkeys * (KEY_MAX + 1)
+        for s in range(self.nslots):
+            if mask >> s & 1:
+                K = <Kind>self.kptr[s]
+                n = G.off[s + 1] - G.off[s]
+                need += K.bin_bound(n) if fmt == 1 else K.section_bound(n) + 1
         if self.arena_len + need > self.arena_cap:
             n2 = max(self.arena_cap * 2, self.arena_len + need, 65536)
             self.arena = <char*>_grow(self.arena, self.arena_cap, n2, 0)
             self.arena_cap = n2
         off = self.arena_len + HEADROOM
-        p = T.encode_frame(self.arena + off, G.ids, G.n, c.sent_ver, b, wall, &count, &oldest)
-        if FF_DEBUG and not self.arena + off <= p <= self.arena + off + need - HEADROOM:
-            _overrun("frame", p - (self.arena + off), need - HEADROOM)
-        G.cache_pump[b] = self.pump_no
-        G.cache_ver[b] = c.sent_ver
-        G.cache_off[b] = off
-        if count == 0:
-            G.cache_len[b] = 0
-            c.sent_ver = T.version
+        start = p = self.arena + off
+        if fmt == 1:
+            memcpy(p, b"FFB1", 4)
+            memcpy(p + 8, &wall, 8)
+            p += BIN_HEADER
+            for s in range(self.nslots):
+                if mask >> s & 1:
+                    K = <Kind>self.kptr[s]
+                    p = K.encode_bin(p, G.ids + G.off[s], G.off[s + 1] - G.off[s],
+                                     c.sent_ver[s], &cnt, &old)
+                    if cnt:
+                        if total == 0 or old < oldest:
+                            oldest = old
+                        total += cnt
+            memcpy(start + 4, &total, 4)
+        else:
+            memcpy(p, UPDATE_PREFIX, 21)
+            p = _put_i64(p + 21, wall)
+            for ki in range(self.nkeys):
+                keyp = p
+                memcpy(p, self.keytxt[ki], self.keylen[ki])
+                p += self.keylen[ki]
+                kcnt = 0
+                for s in range(self.nslots):
+                    if self.keyof[s] != ki or not mask >> s & 1:
+                        continue
+                    K = <Kind>self.kptr[s]
+                    q = p
+                    if kcnt:
+                        q[0] = b","
+                        q += 1
+                    q = K.encode_section(q, G.ids + G.off[s], G.off[s + 1] - G.off[s],
+                                         c.sent_ver[s], &cnt, &old)
+                    if cnt:
+                        p = q
+                        if total + kcnt == 0 or old < oldest:
+                            oldest = old
+                        kcnt += cnt
+                if kcnt or ki == 0:
+                    p[0] = b"]"
+                    p += 1
+                else:
+                    p = keyp  # only `rows` is there when empty
+                total += kcnt
+            p[0] = b"}"
+            p += 1
+        if FF_DEBUG and not start <= p <= start + need - HEADROOM:
+            _overrun("frame", p - start, need - HEADROOM)
+        G.cache_pump[fmt] = self.pump_no
+        for s in range(self.nslots):
+            G.cache_ver[fmt * MAX_SLOTS + s] = c.sent_ver[s]
+        G.cache_off[fmt] = off
+        if total == 0:
+            G.cache_len[fmt] = 0
             return 0
-        G.cache_len[b] = p - (self.arena + off)
-        self.arena_len = off + G.cache_len[b]
-        T.stats.frames_built += 1
+        G.cache_len[fmt] = p - start
+        self.arena_len = off + G.cache_len[fmt]
+        self.table.stats.frames_built += 1
         self.lat_ring[self.lat_n & 255] = wall - oldest
         self.lat_n += 1
-        self._send(cid, b, off, G.cache_len[b])
-        c.sent_ver = T.version
-        c.last_send = now
         return 0
 
     cdef int _send(self, int32_t cid, int binary, Py_ssize_t off, Py_ssize_t n) except -1:
@@ -571,14 +776,17 @@ cdef class Hub:
     # -- invariants (a FASTFEED_DEBUG=1 build checks them as it runs)
 
     def _check_invariants(self):
-        """Raise AssertionError if the hub or its kind is inconsistent (tests, debugging)."""
-        self.table.check()
+        """Raise AssertionError if the hub or its kinds are inconsistent (tests, debugging)."""
+        cdef Py_ssize_t s
+        for s in range(self.nslots):
+            (<Kind>self.kptr[s]).check()
         self._check()
 
     cdef int _check(self) except -1:
-        cdef Py_ssize_t i, k, members, live = 0, grouped = 0, active = 0
-        cdef int32_t g, cid, prev
+        cdef Py_ssize_t i, k, s, members, live = 0, grouped = 0, active = 0
+        cdef int32_t g, cid, prev, iid
         cdef Group* G
+        cdef Kind K
         cdef bint held
         assert 0 <= self.arena_len <= self.arena_cap, "frame arena overrun"
         assert 0 <= self.heap_n <= self.heap_cap, "deadline heap overrun"
@@ -607,23 +815,43 @@ cdef class Hub:
                 f"group {g} counts {G.members} members but lists {members}")
             assert members > 0, f"group {g} kept with no members"
             grouped += members
-            for k in range(G.n):
-                assert 0 <= G.ids[k] < self.table.size, f"group {g} holds unknown item {G.ids[k]}"
-                held = False
-                for i in range(self.rev_n[G.ids[k]]):
-                    held = held or self.rev[G.ids[k]][i] == g
-                assert held, f"item {G.ids[k]} does not list its group {g}"
-            for k in range(2):
+            assert G.off[0] == 0 and G.off[self.nslots] == G.off[MAX_SLOTS], (
+                f"group {g} holds ids past its slots")
+            for s in range(self.nslots):
+                K = <Kind>self.kptr[s]
+                assert G.off[s] <= G.off[s + 1], f"group {g} slot offsets out of order"
+                assert (G.slots >> s & 1) == (G.off[s + 1] > G.off[s]), (
+                    f"group {g} slot mask disagrees with its ids in slot {s}")
+                where = "" if s == 0 else f" of slot {s}"
+                for k in range(G.off[s], G.off[s + 1]):
+                    iid = G.ids[k]
+                    assert 0 <= iid < K.size, f"group {g} holds unknown item {iid}{where}"
+                    assert k == G.off[s] or G.ids[k - 1] < iid, (
+                        f"group {g} ids of slot {s} not sorted and unique")
+                    held = False
+                    for i in range(self.rev_n[s][iid]):
+                        held = held or self.rev[s][iid][i] == g
+                    assert held, f"item {iid}{where} does not list its group {g}"
+            for k in range(NFMT):
                 if G.cache_pump[k] == self.pump_no and G.cache_len[k]:
                     assert G.cache_off[k] + G.cache_len[k] <= self.arena_len, (
                         f"group {g} cached frame lies past the arena's end")
-        assert live == len(self.group_keys), (
+        assert live == len(self.group_keys) == len(self.key_of), (
             f"{live} live groups but {len(self.group_keys)} group keys")
+        for s in range(self.nslots):
+            K = <Kind>self.kptr[s]
+            for i in range(min(K.size, self.inst_cap[s])):
+                assert K.watched[i] == (self.wrev_n[s][i] > 0), (
+                    f"item {i} of slot {s}: watched flag disagrees with its watchers")
+                for k in range(self.wrev_n[s][i]):
+                    assert self.conns[self.wrev[s][i][k]].flags & F_ACTIVE, (
+                        f"item {i} of slot {s} watched by closed connection")
         for i in range(len(self.transports)):
             if self.conns[i].flags & F_ACTIVE:
                 active += 1
-                assert self.conns[i].sent_ver <= self.table.version, (
-                    f"connection {i} sent past the table's version")
+                for s in range(self.nslots):
+                    assert self.conns[i].sent_ver[s] <= (<Kind>self.kptr[s]).version, (
+                        f"connection {i} sent past the version of slot {s}")
                 if self.conns[i].group >= 0:
                     grouped -= 1
         assert active == self.nconns, f"{active} active connections, nconns says {self.nconns}"

@@ -2,8 +2,8 @@
 #
 # `Kind` is the seam between a kind of state (quotes today; books, trades and
 # bars next) and the hub (_hub.pyx): the hub reads the fields below directly
-# and calls the two C methods once per distinct frame. docs/core.md says what a
-# kind must provide and what it must never do on the hot path.
+# and calls its C methods once per distinct frame (section). docs/core.md says
+# what a kind must provide and what it must never do on the hot path.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
@@ -23,11 +23,15 @@ cdef class Kind:
         int32_t* hot                  # the same, as a list
         Py_ssize_t nhot
         Stats stats
+        readonly str key              # JSON key of its section in an update frame ("rows", ...)
+        readonly bint has_binary      # its items go in FFB1 frames to binary connections
 
-    cdef Py_ssize_t frame_bound(self, int32_t n, bint binary) noexcept
-    cdef char* encode_frame(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                            bint binary, int64_t wall, uint32_t* count,
-                            int64_t* oldest) except NULL
+    cdef Py_ssize_t section_bound(self, int32_t n) noexcept
+    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              uint32_t* count, int64_t* oldest) except NULL
+    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept
+    cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                          uint32_t* count, int64_t* oldest) except NULL
     cdef int check(self) except -1
 
 

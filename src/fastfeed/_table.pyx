@@ -4,7 +4,7 @@
 The per-tick hot path lives here: `Table.apply` checks seq and finiteness,
 writes the field arrays, stamps the change with the table version and sets a
 bit in the dirty bitmap. The hub (_hub.pyx) reads those stamps and bits and
-asks the kind to encode a client's pending rows (`Kind.encode_frame`).
+asks each kind to encode a client's pending items (`Kind.encode_section`).
 """
 
 cimport cython
@@ -15,7 +15,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from fastfeed._defs cimport (
-    APPLIED, BIN_HEADER, BIN_ROW, CLOCK_REALTIME, FF_DEBUG, M_ALL, M_TS, NSOURCES, NVALS, REJECTED,
+    APPLIED, BIN_ROW, CLOCK_REALTIME, FF_DEBUG, M_ALL, M_TS, NSOURCES, NVALS, REJECTED,
     ROW_SLOT, SRC_BUS, SRC_INGEST, SRC_SIMULATOR, STALE, SYM_MAX, Stats, __builtin_popcount,
     _clock, _grow,
 )
@@ -37,36 +37,47 @@ cdef class Kind:
     """A kind of state the hub fans out (the C-level seam; see docs/core.md).
 
     Not used from Python: a kind is a subclass (quotes: `Table`) that fills the
-    fields declared in _table.pxd and overrides the three C methods.
+    fields declared in _table.pxd and overrides the C methods. The hub writes
+    the update frame's envelope and each key; a kind writes only its entries.
     """
 
-    cdef Py_ssize_t frame_bound(self, int32_t n, bint binary) noexcept:
-        """Most bytes `encode_frame` may write for `n` items, envelope included."""
+    cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
+        """Most bytes `encode_section` may write for `n` items."""
         return 0
 
-    cdef char* encode_frame(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                            bint binary, int64_t wall, uint32_t* count,
-                            int64_t* oldest) except NULL:
-        """Write at `p` one update frame of the items of `ids` whose change stamp
-        is newer than `since`; return the end. `count` gets how many items went
-        in (0: nothing was pending and the bytes written mean nothing),
-        `oldest` the earliest arrival time among them."""
-        raise NotImplementedError("a kind must override encode_frame")
+    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              uint32_t* count, int64_t* oldest) except NULL:
+        """Write at `p` the comma-separated JSON entries (no brackets, no key)
+        of the items of `ids` whose change stamp is newer than `since`; return
+        the end. `count` gets how many entries went in (0: nothing was pending
+        and the bytes written mean nothing), `oldest` the earliest arrival
+        time among them. A pure function of (ids, since, state): the hub
+        shares the bytes among every connection in the same state."""
+        raise NotImplementedError("a kind must override encode_section")
+
+    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
+        """Most bytes `encode_bin` may write for `n` items (kinds with has_binary)."""
+        return 0
+
+    cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                          uint32_t* count, int64_t* oldest) except NULL:
+        """As encode_section, as FFB1 records (no header): only kinds with has_binary."""
+        raise NotImplementedError("a kind without has_binary has no binary records")
 
     cdef int check(self) except -1:
         """Assert the kind's own invariants (debug builds call it every pump)."""
         return 0
 
 
-cdef const char* UPDATE_PREFIX = b'{"type":"update","t":'
-cdef const char* ROWS_PREFIX = b',"rows":['
-
-
 @cython.final
 cdef class Table(Kind):
     """Latest state of every instrument, one numpy array per protocol field."""
 
-    def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000):
+    def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000,
+                  str key="rows"):
+        self.key = key
+        # FFB1 frames carry quote rows: a table under another key is not one
+        self.has_binary = key == "rows"
         self.capacity = 0
         self.size = 0
         if not 1 <= max_instruments <= 2**31 - 1:
@@ -84,7 +95,10 @@ cdef class Table(Kind):
             cap *= 2
         self._resize(cap)
 
-    def __init__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000):
+    def __init__(self, Py_ssize_t capacity=1024, Py_ssize_t max_instruments=1_000_000,
+                 str key="rows"):
+        # `key`: the frame key of its rows; a second quote table (a delayed
+        # copy) keeps "rows", the tests use another key to stand in for a kind
         pass
 
     def __dealloc__(self):
@@ -257,52 +271,53 @@ cdef class Table(Kind):
 
     # ---- the quote kind: what the hub calls ----------------------------
 
-    cdef Py_ssize_t frame_bound(self, int32_t n, bint binary) noexcept:
-        # worst case: every row of the group plus the envelope
-        return 64 + <Py_ssize_t>n * (ROW_SLOT + 1 if not binary else BIN_ROW)
+    cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
+        # every row of the group, each with its comma
+        return <Py_ssize_t>n * (ROW_SLOT + 1)
 
-    cdef char* encode_frame(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                            bint binary, int64_t wall, uint32_t* count,
-                            int64_t* oldest) except NULL:
-        cdef char* start = p
+    cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              uint32_t* count, int64_t* oldest) except NULL:
         cdef Py_ssize_t k
         cdef int32_t iid, rn
         cdef uint32_t cnt = 0
         cdef const char* row
         cdef int64_t old = 0
-        if binary:
-            memcpy(p, b"FFB1", 4)
-            memcpy(p + 8, &wall, 8)
-            p += BIN_HEADER
-        else:
-            memcpy(p, UPDATE_PREFIX, 21)
-            p = _put_i64(p + 21, wall)
-            memcpy(p, ROWS_PREFIX, 9)
-            p += 9
         for k in range(n):
             iid = ids[k]
-            if self.chg[iid] <= since:
+            # an id past the table never changed (the debug build flags it)
+            if iid >= self.size or self.chg[iid] <= since:
                 continue
             if cnt == 0 or self.arrived[iid] < old:
                 old = self.arrived[iid]
-            if binary:
-                self.row_bin(iid, p)
-                p += BIN_ROW
-            else:
-                if cnt:
-                    p[0] = b","
-                    p += 1
-                row = self.row_json(iid, &rn)
-                memcpy(p, row, rn)
-                p += rn
+            if cnt:
+                p[0] = b","
+                p += 1
+            row = self.row_json(iid, &rn)
+            memcpy(p, row, rn)
+            p += rn
             cnt += 1
-        if cnt:
-            if binary:
-                memcpy(start + 4, &cnt, 4)
-            else:
-                p[0] = b"]"
-                p[1] = b"}"
-                p += 2
+        count[0] = cnt
+        oldest[0] = old
+        return p
+
+    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
+        return <Py_ssize_t>n * BIN_ROW
+
+    cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                          uint32_t* count, int64_t* oldest) except NULL:
+        cdef Py_ssize_t k
+        cdef int32_t iid
+        cdef uint32_t cnt = 0
+        cdef int64_t old = 0
+        for k in range(n):
+            iid = ids[k]
+            if iid >= self.size or self.chg[iid] <= since:
+                continue
+            if cnt == 0 or self.arrived[iid] < old:
+                old = self.arrived[iid]
+            self.row_bin(iid, p)
+            p += BIN_ROW
+            cnt += 1
         count[0] = cnt
         oldest[0] = old
         return p

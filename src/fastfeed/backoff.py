@@ -1,15 +1,20 @@
 """The one backoff: jittered exponential delays between retries, with a cap.
 
 Used by the client's and the publisher's reconnections, the Redis bus's
-circuit breaker and the supervisor's worker restarts.
+circuit breaker and the supervisor's worker restarts. `Retries` is the
+attempt count of a reconnect loop over a WebSocket: when it grows and when
+it starts afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 
-__all__ = ["Backoff"]
+from .protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_TRY_AGAIN_LATER
+
+__all__ = ["Backoff", "Retries"]
 
 
 @dataclass
@@ -44,3 +49,30 @@ class Backoff:
         d = self.ceiling(attempt)
         r = (rng or random).random()
         return d * (1.0 - self.jitter * r)
+
+
+class Retries:
+    """The attempts of one reconnect loop: `wait()` before each attempt,
+    `served(code)` after a connection that got going, with the code that
+    closed it.
+
+    The wait grows with every attempt and starts afresh after a connection
+    that was served, unless the gateway closed it with 1013 ("try again
+    later", it may say so right after the upgrade) or for the peer's own
+    fault (reconnecting repeats it): those keep growing.
+    """
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.backoff = backoff
+        self.attempt = 0
+
+    def served(self, close_code: int) -> None:
+        if close_code != CLOSE_TRY_AGAIN_LATER and close_code not in CLIENT_FAULT_CLOSE_CODES:
+            self.attempt = 0
+
+    async def wait(self) -> float:
+        """Sleep the backoff of this attempt; returns how long."""
+        delay = self.backoff.delay(self.attempt)
+        self.attempt += 1
+        await asyncio.sleep(delay)
+        return delay

@@ -17,6 +17,13 @@ from __future__ import annotations
 FIELDS = ("sym", "seq", "ts", "bid", "ask", "last", "bid_size", "ask_size", "last_size", "volume")
 #: the fields a tick may set besides sym, seq and ts (all numbers)
 VALUE_FIELDS = FIELDS[3:]
+#: the integer fields (seq, ts); every value field is a number (a float)
+INT_FIELDS = FIELDS[1:3]
+
+# ---- channels (version 1.1): what a subscription is to
+
+#: the version 1 channel, meant by a request that names no `channels`
+QUOTE_CHANNEL = "quote"
 
 # ---- subprotocols and binary formats
 
@@ -52,6 +59,9 @@ CLOSE_MEANINGS = {
 CLOSE_CODES = tuple(CLOSE_MEANINGS)
 #: close codes that say the client itself did wrong: reconnecting would repeat it
 CLIENT_FAULT_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+#: what an endpoint reports for a close that carried no code: never on the wire (RFC 6455 7.4.1)
+CLOSE_NO_STATUS = 1005  # a close frame without a code
+CLOSE_ABNORMAL = 1006  # the connection went away without a close frame
 
 # ---- error codes of {"type":"error"} replies (/ws and /ingest)
 

@@ -34,8 +34,10 @@ every new connection. The other side drops what it already has (a tick whose
 a Redis that stayed up and restores one that restarted empty. While
 disconnected, `publish` never waits and memory is bounded by the number of
 symbols, not ticks. The WebSocket transport reconnects after the
-`fastfeed.backoff.Backoff` given as `backoff`; the Redis transport follows
-the bus's circuit breaker (which waits with the same backoff).
+`fastfeed.backoff.Backoff` given as `backoff`, by the client's rule
+(`fastfeed.backoff.Retries`: afresh after a served connection, still growing
+after a 1013 or a close for the publisher's own fault); the Redis transport
+follows the bus's circuit breaker (which waits with the same backoff).
 
 Trades (contract version 1.1, ``{"type":"trade","sym":..,"tseq":..,"ts":..,
 "price":..,"size":..,"side":"b"}``) go through `publish_trades`, or through
@@ -68,10 +70,10 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from picows.common import WSHandshakeError
 
 from fastfeed._core import check_tick, encode_batch, valid_symbol
-from fastfeed.backoff import Backoff
+from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
-from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, FIELDS
+from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_ABNORMAL, CLOSE_NO_STATUS, FIELDS
 
 __all__ = [
     "MAX_BATCH",
@@ -182,10 +184,11 @@ class _IngestListener(WSListener):  # type: ignore[misc]
             self.owner._on_pong(frame.get_payload_as_bytes())
         elif t is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()
-            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else CLOSE_NO_STATUS
             self.owner.close_code = code
             if not transport.is_close_frame_sent:
-                transport.send_close(WSCloseCode(1000 if code == 1005 else code))
+                transport.send_close(WSCloseCode.OK if code == CLOSE_NO_STATUS
+                                     else WSCloseCode(code))
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -211,7 +214,7 @@ class WebSocketTransport:
         self.token = token
         self.connect_timeout = connect_timeout
         self.on_error: Callable[[FastfeedError], None] | None = None
-        self.close_code = 1006
+        self.close_code = CLOSE_ABNORMAL
         self._ws: WSTransport | None = None
         self._done: asyncio.Future[int] | None = None
         self._writable = asyncio.Event()
@@ -219,7 +222,7 @@ class WebSocketTransport:
         self._ping_seq = 0
 
     async def connect(self) -> None:
-        self.close_code = 1006
+        self.close_code = CLOSE_ABNORMAL
         self._done = asyncio.get_running_loop().create_future()
         self._writable.set()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -333,7 +336,7 @@ class RedisTransport:
 
     def _on_feed(self, up: bool) -> None:
         if not up and self._done is not None and not self._done.done():
-            self._done.set_result(1006)
+            self._done.set_result(CLOSE_ABNORMAL)
 
     async def connect(self) -> None:
         if not self._started:
@@ -717,7 +720,7 @@ class Publisher:
             self._idle.set()
 
     async def _run(self) -> None:
-        attempt = 0
+        retries = Retries(self.backoff)  # the client's rule: see fastfeed.backoff
         try:
             while True:
                 try:
@@ -729,12 +732,10 @@ class Publisher:
                 except (TimeoutError, OSError) as e:
                     log.info("fastfeed publisher: cannot connect: %s", e)
                 else:
-                    attempt = 0
-                    await self._serve()
+                    retries.served(await self._serve())
                     if self._closing:
                         return
-                await asyncio.sleep(self.backoff.delay(attempt))
-                attempt += 1
+                await retries.wait()
                 self.reconnects += 1
         except asyncio.CancelledError:
             raise
@@ -742,8 +743,9 @@ class Publisher:
             log.exception("fastfeed publisher stopped")
             self._stop(e)
 
-    async def _serve(self) -> None:
-        """Send the held state, then batches, until the connection ends."""
+    async def _serve(self) -> int:
+        """Send the held state, then batches, until the connection ends;
+        returns the code that closed it."""
         closed = asyncio.ensure_future(self.transport.closed())
         wake: asyncio.Future[Any] | None = None
         self._connection += 1
@@ -796,7 +798,7 @@ class Publisher:
             self._space.set()
             if self._state or self._trades:
                 self._idle.clear()  # the state goes again on the next connection
-        code = closed.result() if closed.done() else 1006
+        code = closed.result() if closed.done() else CLOSE_ABNORMAL
         closed.cancel()
         if not self._closing:
             if code in CLIENT_FAULT_CLOSE_CODES:
@@ -805,6 +807,7 @@ class Publisher:
                 )
             else:
                 log.info("fastfeed publisher: connection closed (%s), reconnecting", code)
+        return code
 
     async def _send(self, batch: list[Tick]) -> None:
         await self.transport.send(batch)

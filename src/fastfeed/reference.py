@@ -21,7 +21,11 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class RefTable:
-    def __init__(self) -> None:
+    """Quotes. `key` is the frame key of its rows (a delayed copy keeps "rows")."""
+
+    def __init__(self, key: str = "rows") -> None:
+        self.key = key
+        self.has_binary = key == "rows"  # FFB1 frames carry quote rows
         self.ids: dict[str, int] = {}
         self.rows: list[list] = []
         self.chg: list[int] = []
@@ -76,35 +80,56 @@ class RefConn:
     interval: int
     binary: bool
     last_send: int
-    sent_ver: int
-    subs: set[int] = field(default_factory=set)
-    watched: set[int] = field(default_factory=set)
+    sent: list[int]  # per slot: that kind's version at the last frame
+    subs_by: list[set[int]] = field(default_factory=list)  # per slot
+    watched_by: list[set[int]] = field(default_factory=list)
     scheduled: bool = False
     due: int = 0
     paused: bool = False
+
+    @property
+    def subs(self) -> set[int]:  # slot 0
+        return self.subs_by[0]
+
+    @property
+    def watched(self) -> set[int]:
+        return self.watched_by[0]
 
 
 class RefHub:
     def __init__(self, table: RefTable, slack_ns: int = 1_000_000) -> None:
         self.table = table
+        self.kinds: list[RefTable] = [table]
         self.conns: dict[int, RefConn] = {}
         self.slack = slack_ns
         self.capture: list[tuple[int, bytes]] = []
         self._next = 0
 
+    def add_kind(self, kind: RefTable) -> int:
+        self.kinds.append(kind)
+        for c in self.conns.values():
+            c.sent.append(kind.version)
+            c.subs_by.append(set())
+            c.watched_by.append(set())
+        return len(self.kinds) - 1
+
     def add(self, interval_ns: int, binary: bool, mono: int) -> int:
         cid = self._next
         self._next += 1
-        self.conns[cid] = RefConn(interval_ns, binary, mono, self.table.version)
+        n = len(self.kinds)
+        self.conns[cid] = RefConn(interval_ns, binary, mono, [k.version for k in self.kinds],
+                                  [set() for _ in range(n)], [set() for _ in range(n)])
         return cid
 
-    def subscribe_ids(self, cid: int, ids) -> None:
-        self.conns[cid].subs = set(ids)
+    def subscribe_ids(self, cid: int, ids, slot: int = 0) -> None:
+        self.conns[cid].subs_by[slot] = set(ids)
 
-    def watch_ids(self, cid: int, ids, on: bool) -> None:
+    def watch_ids(self, cid: int, ids, on: bool, slot: int = 0) -> None:
         c = self.conns[cid]
-        (c.watched.update if on else c.watched.difference_update)(ids)
-        self.table.watched = set().union(*(x.watched for x in self.conns.values()))
+        w = c.watched_by[slot]
+        (w.update if on else w.difference_update)(ids)
+        self.kinds[slot].watched = set().union(
+            *(x.watched_by[slot] for x in self.conns.values()))
 
     def pause(self, cid: int) -> None:
         self.conns[cid].paused = True
@@ -121,33 +146,50 @@ class RefHub:
         c.scheduled, c.due = True, due
 
     def pump(self, wall: int, mono: int) -> None:
-        t = self.table
-        for c in self.conns.values():
-            if not c.paused and c.subs & t.dirty:
-                self._schedule(c, c.last_send + c.interval)
-        for c in self.conns.values():
-            if not c.paused and c.watched & t.hot:
-                self._schedule(c, 0)
-        t.dirty.clear()
-        t.hot.clear()
+        for s, t in enumerate(self.kinds):
+            for c in self.conns.values():
+                if not c.paused and c.subs_by[s] & t.dirty:
+                    self._schedule(c, c.last_send + c.interval)
+            for c in self.conns.values():
+                if not c.paused and c.watched_by[s] & t.hot:
+                    self._schedule(c, 0)
+            t.dirty.clear()
+            t.hot.clear()
         for cid, c in self.conns.items():
             if not c.scheduled or c.due > mono + self.slack:
                 continue
             c.scheduled = False
             if c.paused:
                 continue
-            ids = [i for i in sorted(c.subs) if t.chg[i] > c.sent_ver]
-            c.sent_ver = t.version
-            if not ids:
-                continue
-            c.last_send = mono
-            self.capture.append((cid, self.frame(ids, wall, c.binary)))
+            pending = [[i for i in sorted(c.subs_by[s]) if t.chg[i] > c.sent[s]]
+                       for s, t in enumerate(self.kinds)]
+            c.sent = [t.version for t in self.kinds]
+            frames = []
+            if c.binary:
+                kinds = self.kinds
+                binary = [p if t.has_binary else [] for p, t in zip(pending, kinds, strict=True)]
+                other = [[] if t.has_binary else p for p, t in zip(pending, kinds, strict=True)]
+                if any(binary):
+                    frames.append(self.bin_frame(binary, wall))
+                if any(other):
+                    frames.append(self.frame(other, wall))
+            elif any(pending):
+                frames.append(self.frame(pending, wall))
+            if frames:
+                c.last_send = mono
+                self.capture.extend((cid, f) for f in frames)
 
-    def frame(self, ids: list[int], wall: int, binary: bool) -> bytes:
-        t = self.table
-        if binary:
-            head = BIN_MAGIC + struct.pack("<Iq", len(ids), wall)
-            assert ROW_DTYPE.itemsize == 104
-            return head + b"".join(t.row_bin(i) for i in ids)
-        rows = b",".join(t.row_json(i) for i in ids)
-        return b'{"type":"update","t":%d,"rows":[%s]}' % (wall, rows)
+    def bin_frame(self, pending: list[list[int]], wall: int) -> bytes:
+        assert ROW_DTYPE.itemsize == 104
+        rows = [t.row_bin(i) for t, ids in zip(self.kinds, pending, strict=True) for i in ids]
+        return BIN_MAGIC + struct.pack("<Iq", len(rows), wall) + b"".join(rows)
+
+    def frame(self, pending: list[list[int]], wall: int) -> bytes:
+        """A JSON update frame: `rows` always, every other key in order of its
+        first slot, only when it holds something."""
+        keys: dict[str, list[bytes]] = {"rows": []}
+        for t, ids in zip(self.kinds, pending, strict=True):
+            keys.setdefault(t.key, []).extend(t.row_json(i) for i in ids)
+        body = b"".join(b',"%s":[%s]' % (k.encode(), b",".join(v))
+                        for k, v in keys.items() if v or k == "rows")
+        return b'{"type":"update","t":%d%s}' % (wall, body)

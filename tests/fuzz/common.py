@@ -29,7 +29,7 @@ with atheris.instrument_imports(include=["fastfeed"]):
     from picows import WSCloseCode, WSMsgType
     from picows.picows import WSTransport
 
-    from fastfeed import _core
+    from fastfeed import _core, protocol
     from fastfeed.auth import EVERYTHING, Entitlements
     from fastfeed.config import Config
     from fastfeed.feed.ingest import IngestSession
@@ -57,10 +57,10 @@ __all__ = [
 
 # what protocol.md lets a client receive (1011 is what picows sends for an
 # exception that escaped a handler: never the documented answer)
-CLIENT_CLOSE_CODES = {1000, 1001, 1002, 1007, 1008, 1009, 1012, 1013}
+CLIENT_CLOSE_CODES = {int(WSCloseCode.OK), *protocol.CLOSE_CODES} - {
+    protocol.CLOSE_INTERNAL_ERROR}
 REPLY_TYPES = {"snapshot", "ack", "pong", "list", "status", "error"}
-ERROR_CODES = {"bad_request", "unknown_op", "not_subscribed", "too_many_subscriptions",
-               "too_many_watched", "rate_limited", "forbidden", "unavailable"}
+ERROR_CODES = set(protocol.ERROR_CODES)
 
 
 class _Loop:

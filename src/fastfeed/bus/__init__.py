@@ -68,6 +68,7 @@ from .link import (
     CLOSED,
     HALF_OPEN,
     OPEN,
+    Addr,
     BusConfigError,
     BusDown,
     Link,
@@ -120,8 +121,10 @@ class RedisBus:
     A ``redis+cluster://`` URL gives a ``ClusterBus``.
 
     The parts are `link`, `store` and `subscriber` (None without a table);
-    their counters and attributes read through the bus as well
-    (``bus.breaker``, ``bus.publish_stale``, ``bus.snapshot_rows``, ...).
+    what metrics and callers read of them reads through the bus as well
+    (``bus.breaker``, ``bus.publish_stale``, ``bus.snapshot_rows``, ...):
+    the link's names and state, the store's and the subscriber's counters
+    (0 on a bus without a table: it has applied nothing).
     """
 
     link_class: type[Link] = Link
@@ -162,7 +165,7 @@ class RedisBus:
         if subscribe is False and table is not None:
             raise ValueError("a bus given a table subscribes: leave out subscribe=False, "
                              "or the table")
-        self.link = self.link_class(
+        self.link: Link = self.link_class(
             url, channels=channels, prefix=prefix, on_feed=on_feed, sharded=sharded,
             backoff_base=backoff_base, backoff_cap=backoff_cap,
             connect_timeout=connect_timeout, ping_interval=ping_interval,
@@ -180,16 +183,125 @@ class RedisBus:
     def from_config(cls, cfg: Any, table: Any = None, **kw: Any) -> RedisBus:
         return cls(cfg.redis, table, channels=cfg.redis_channels, prefix=cfg.redis_prefix, **kw)
 
-    def __getattr__(self, name: str) -> Any:
-        # counters and attributes of the parts: link first, then store, subscriber
-        if name.startswith("__") or name in ("link", "store", "subscriber"):
-            raise AttributeError(name)
-        for part in (self.link, self.store, self.subscriber):
-            if part is not None and hasattr(part, name):
-                return getattr(part, name)
-        if name in _SUBSCRIBER_COUNTERS:
-            return 0  # a bus without a table has applied nothing
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # ---- the link: names and state ----
+
+    @property
+    def url(self) -> Any:
+        """The parsed URL (`RedisURL`, `fastfeed.bus.cluster.ClusterURL`): its str hides
+        the password."""
+        return self.link.url
+
+    @property
+    def parts(self) -> int:
+        """The partition count (``--redis-channels``)."""
+        return self.link.parts
+
+    @property
+    def prefix(self) -> str:
+        return self.link.prefix
+
+    @property
+    def sharded(self) -> bool:
+        return self.link.sharded
+
+    @property
+    def row_keys(self) -> list[bytes]:
+        """The row hash of every partition, by partition."""
+        return self.link.row_keys
+
+    @property
+    def channel_names(self) -> list[bytes]:
+        """The pub/sub channel of every partition, by partition."""
+        return self.link.channel_names
+
+    @property
+    def breaker(self) -> int:
+        """`CLOSED`, `OPEN` or `HALF_OPEN`."""
+        return self.link.breaker
+
+    @property
+    def last_error(self) -> str:
+        return self.link.last_error
+
+    @property
+    def lost_node(self) -> str:
+        return self.link.lost_node
+
+    @property
+    def connects(self) -> int:
+        return self.link.connects
+
+    @property
+    def connect_failures(self) -> int:
+        return self.link.connect_failures
+
+    @property
+    def disconnects(self) -> int:
+        return self.link.disconnects
+
+    @property
+    def outages(self) -> int:
+        return self.link.outages
+
+    @property
+    def outage_seconds(self) -> float:
+        return self.link.outage_seconds
+
+    @property
+    def outage_seconds_total(self) -> float:
+        return self.link.outage_seconds_total
+
+    # ---- the store's counters ----
+
+    @property
+    def published_ticks(self) -> int:
+        return self.store.published_ticks
+
+    @property
+    def published_batches(self) -> int:
+        return self.store.published_batches
+
+    @property
+    def publish_stale(self) -> int:
+        return self.store.publish_stale
+
+    @property
+    def publish_errors(self) -> int:
+        return self.store.publish_errors
+
+    @property
+    def publish_refused(self) -> int:
+        return self.store.publish_refused
+
+    # ---- the subscriber's counters (0 without one) ----
+
+    @property
+    def messages(self) -> int:
+        return self.subscriber.messages if self.subscriber is not None else 0
+
+    @property
+    def ticks_applied(self) -> int:
+        return self.subscriber.ticks_applied if self.subscriber is not None else 0
+
+    @property
+    def ticks_stale(self) -> int:
+        return self.subscriber.ticks_stale if self.subscriber is not None else 0
+
+    @property
+    def bad_batches(self) -> int:
+        return self.subscriber.bad_batches if self.subscriber is not None else 0
+
+    @property
+    def snapshot_rows(self) -> int:
+        return self.subscriber.snapshot_rows if self.subscriber is not None else 0
+
+    @property
+    def snapshot_seconds(self) -> float:
+        return self.subscriber.snapshot_seconds if self.subscriber is not None else 0.0
+
+    @property
+    def reseeded_rows(self) -> int:
+        return self.subscriber.reseeded_rows if self.subscriber is not None else 0
 
     @property
     def subscribing(self) -> bool:
@@ -262,6 +374,37 @@ _SUBSCRIBER_COUNTERS = ("messages", "ticks_applied", "ticks_stale", "bad_batches
 
 
 class ClusterBus(RedisBus):
-    """`RedisBus` over a Redis Cluster: its link is a `ClusterLink`."""
+    """`RedisBus` over a Redis Cluster: its link is a `ClusterLink`, whose
+    routing and counters read through the bus too."""
 
     link_class = ClusterLink
+    link: ClusterLink
+
+    @property
+    def redirects(self) -> int:
+        """MOVED/ASK replies followed."""
+        return self.link.redirects
+
+    @property
+    def slot_map_reads(self) -> int:
+        return self.link.slot_map_reads
+
+    @property
+    def part_slots(self) -> list[int]:
+        """The hash slot of every partition, by partition."""
+        return self.link.part_slots
+
+    @property
+    def part_node(self) -> list[Addr | None]:
+        """The master holding every partition, by partition (None: not known yet)."""
+        return self.link.part_node
+
+    @property
+    def nodes(self) -> dict[Addr, Any]:
+        """The masters connected now, by address."""
+        return self.link.nodes
+
+    @property
+    def known(self) -> list[Addr]:
+        """The masters last seen in the slot map."""
+        return self.link.known

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fastfeed.protocol import FIELDS
+
 from .link import Addr, Link, _Conn
 from .store import RowStore
 
@@ -28,8 +30,6 @@ __all__ = ["Subscriber"]
 log = logging.getLogger("fastfeed.bus")
 
 _HEADER = struct.Struct("<4sI")
-_FIELDS = ("sym", "seq", "ts", "bid", "ask", "last",
-           "bid_size", "ask_size", "last_size", "volume")
 
 
 class _SubConn(_Conn):
@@ -173,7 +173,7 @@ class Subscriber:
         ticks = []
         for iid in range(len(table)):
             if table.seq_of(iid) >= 0:
-                ticks.append(dict(zip(_FIELDS, table.row(iid), strict=True)))
+                ticks.append(dict(zip(FIELDS, table.row(iid), strict=True)))
         sent = 0
         for i in range(0, len(ticks), 1000):
             sent += await asyncio.wait_for(self.store.write_rows(ticks[i:i + 1000]),

@@ -39,7 +39,7 @@ from typing import Any
 
 from .._core import decode_batch
 from ..client import FastfeedError
-from ..protocol import BAD_REQUEST, FIELDS
+from ..protocol import BAD_REQUEST, FIELDS, INT_FIELDS
 from ..publisher import MAX_BATCH, Publisher, RedisPublisher, RedisTransport, WebSocketTransport
 from .sink import SIMULATOR, arrays_to_ticks
 
@@ -48,16 +48,13 @@ __all__ = ["PublisherSink", "RedisPublisher", "add_publish_parser", "publish_mai
 
 log = logging.getLogger("fastfeed.publish")
 
-_INT_FIELDS = frozenset({"seq", "ts"})
-
-
 # ---- input formats -------------------------------------------------------------
 
 
 def _csv_value(name: str, raw: str) -> Any:
     if name == "sym":
         return raw
-    if name in _INT_FIELDS:
+    if name in INT_FIELDS:
         return int(raw)
     return float(raw)
 

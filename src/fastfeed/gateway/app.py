@@ -31,7 +31,7 @@ from ..feed.source import BusSource, Source
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Limits, Registry
+from .registry import Channels, Limits, Registry, quote_channel
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -50,6 +50,9 @@ class Gateway:
         self.table = _core.Table(capacity=min(max(1024, 2 * cfg.simulate), cfg.max_instruments),
                                  max_instruments=cfg.max_instruments)
         self.hub = _core.Hub(self.table)
+        # what `channels` may name; a kind adds its slot (hub.add_kind) and channel here
+        self.channels = Channels()
+        self.channels.register(quote_channel(self.table))
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
@@ -99,7 +102,8 @@ class Gateway:
     def _wire_routes(self) -> Routes:
         assert self.ingest is not None
         session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
-                                     self.symbol_index, self.registry, self.metrics.count_error)
+                                     self.symbol_index, self.registry, self.metrics.count_error,
+                                     self.channels)
         return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
                       session_ctx=session_ctx, ingest=self.ingest,
                       draining=lambda: self.draining, ready_reasons=self.ready_reasons)

@@ -1,4 +1,5 @@
-"""The sessions of one worker: who is connected, from where, and the limits they are held to.
+"""The sessions of one worker: who is connected, from where, the limits they
+are held to, and the channels they may subscribe to.
 
 A session reaches the rest of the gateway through its `SessionContext`
 (gateway/session.py), never through the gateway itself; the registry is the
@@ -46,13 +47,66 @@ class Limits:
         return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """A channel of the protocol (version 1.1 "Channels") and where its state is.
+
+    `slot`: the hub slot of its kind (`Hub.add_kind`); several channels may
+    share a slot (the bar intervals), their items never overlap.
+    `item(iid)`: the kind's item id of an instrument (quotes, books, trades:
+    the instrument id; bars: iid * 6 + interval index).
+    `key`: the snapshot's key of its entries ("rows", "books", ...).
+    `snapshot(items, since)`: the comma-separated JSON entries of `items` for
+    a snapshot; `since` maps instrument ids to the client's resume point
+    (`since_key` of the request, e.g. "since", "since_trades"), or is empty.
+    """
+
+    name: str
+    slot: int
+    key: str
+    item: Callable[[int], int]
+    snapshot: Callable[[list[int], dict[int, int]], bytes]
+    since_key: str | None = None
+
+
+class Channels:
+    """Channel name -> Channel. Quotes are registered by the app; books,
+    trades and bars register theirs the same way."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Channel] = {}
+
+    def register(self, ch: Channel) -> None:
+        if ch.name in self.by_name:
+            raise ValueError(f"channel {ch.name!r} is registered twice")
+        self.by_name[ch.name] = ch
+
+    def get(self, name: str) -> Channel | None:
+        return self.by_name.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def in_slot(self, slot: int) -> list[Channel]:
+        return [c for c in self.by_name.values() if c.slot == slot]
+
+
+def quote_channel(table: Any) -> Channel:
+    """The version 1 channel: the quote table, hub slot 0. Rows of symbols
+    with no quote yet (known from a book or a trade, seq -1) are left out of
+    snapshots: their first quote comes as an update."""
+    return Channel(name=P.QUOTE_CHANNEL, slot=0, key="rows", item=int,
+                   snapshot=lambda items, since: table.rows_json(items, since),
+                   since_key="since")
+
+
 class Member(Protocol):
     """What the registry needs of a connection (a gateway.session.Session)."""
 
     cid: int
     ip: str
     peer: str
-    subs: set[int]
+    nsubs: int  # (symbol, channel) pairs
     transport: Any
     closing: bool
 
@@ -104,7 +158,7 @@ class Registry:
             if self.per_ip[s.ip] <= 0:
                 del self.per_ip[s.ip]
             self.metrics.connections.dec()
-            self.subscriptions_changed(-len(s.subs))
+            self.subscriptions_changed(-s.nsubs)
 
     def subscriptions_changed(self, delta: int) -> None:
         self.nsubs += delta

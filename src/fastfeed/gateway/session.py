@@ -24,7 +24,7 @@ from .. import _core
 from .. import protocol as P
 from ..auth import Entitlements
 from .framing import FramingContext, MessageListener
-from .registry import Limits, Registry
+from .registry import Channel, Channels, Limits, Registry
 
 log = logging.getLogger("fastfeed.session")
 
@@ -145,6 +145,7 @@ class SessionContext:
     symbols: SymbolIndex  # for list
     registry: Registry  # attach, detach, subscription counts
     count_error: Callable[[str], None]  # an error reply, by code
+    channels: Channels  # what `channels` may name: hub slot, items, snapshot
 
 
 class Session(MessageListener):
@@ -160,8 +161,14 @@ class Session(MessageListener):
         self.peer = peer
         self.ip = ""
         self.cid = -1
+        # the instrument ids subscribed / watched, per channel name; `subs`
+        # and `watched` are the quote channel's (version 1's view)
         self.subs: set[int] = set()
         self.watched: set[int] = set()
+        self.chan_subs: dict[str, set[int]] = {P.QUOTE_CHANNEL: self.subs}
+        self.chan_watched: dict[str, set[int]] = {P.QUOTE_CHANNEL: self.watched}
+        self.nsubs = 0  # (symbol, channel) pairs subscribed
+        self.nwatched = 0
         self.frame_ms = ctx.limits.frame_ms
         self.tokens = float(ctx.limits.request_burst)
         self.refill_at = time.monotonic()
@@ -187,8 +194,9 @@ class Session(MessageListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.count_picows_close(transport)
         if self.cid >= 0:
-            if self.watched:
-                self.hub.watch_ids(self.cid, list(self.watched), False)
+            for name, ids in self.chan_watched.items():
+                ch = self.ctx.channels.by_name[name]
+                self.hub.watch_ids(self.cid, [ch.item(i) for i in ids], False, ch.slot)
             self.hub.remove(self.cid)
             self.ctx.registry.detach(self)
             self.cid = -1
@@ -283,76 +291,156 @@ class Session(MessageListener):
                                "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /", bad[:20])
         return list(dict.fromkeys(syms))
 
+    def _channels(self, req: dict, default: list[str] | None) -> tuple[list[Channel], bool]:
+        """The request's channels (None default: every channel), and whether it
+        named them (then it is a version 1.1 request)."""
+        names = req.get("channels")
+        reg = self.ctx.channels
+        if names is None:
+            return [reg.by_name[n] for n in (default or reg.names())], False
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise RequestError(P.BAD_REQUEST, "channels must be a non-empty list of channel "
+                                              f"names: {', '.join(reg.names())}")
+        bad = [n for n in names if reg.get(n) is None]
+        if bad:
+            raise RequestError(P.BAD_REQUEST, f"unknown channel {bad[0][:40]!r}; channels: "
+                                              f"{', '.join(reg.names())}")
+        return [reg.by_name[n] for n in dict.fromkeys(names)], True
+
+    def _push(self, slots: set[int]) -> None:
+        """Tell the hub this connection's subscription set of each slot in `slots`."""
+        for slot in sorted(slots):
+            ids = [ch.item(i) for ch in self.ctx.channels.in_slot(slot)
+                   for i in self.chan_subs.get(ch.name, ())]
+            self.hub.subscribe_ids(self.cid, ids, slot)
+
+    def _split(self, syms: list[str], chans: list[Channel], held: dict[str, set[int]]
+               ) -> tuple[list[tuple[str, int, Channel]], list[str]]:
+        """The (symbol, id, channel) pairs of `held` (subscribed or watched)
+        among `syms` x `chans`, and the symbols with a pair not held."""
+        table = self.ctx.table
+        pairs: list[tuple[str, int, Channel]] = []
+        missing: list[str] = []
+        for sym in syms:
+            iid = table.lookup(sym)
+            have = [ch for ch in chans if iid >= 0 and iid in held.get(ch.name, ())]
+            pairs.extend((sym, iid, ch) for ch in have)
+            if len(have) < len(chans):
+                missing.append(sym)
+        return pairs, missing
+
     def op_subscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        since = req.get("since", {})
-        if not isinstance(since, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in since.values()
-        ):
-            raise RequestError(P.BAD_REQUEST, "since must map symbols to integer seq")
+        chans, named = self._channels(req, [P.QUOTE_CHANNEL])
+        since_of: dict[str, dict[int, int]] = {}
         table = self.ctx.table
+        for key in {ch.since_key for ch in chans if ch.since_key}:
+            since = req.get(key, {})
+            if not isinstance(since, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in since.values()
+            ):
+                raise RequestError(P.BAD_REQUEST, f"{key} must map symbols to integer seq")
+            ids_since = {table.lookup(s): seq for s, seq in since.items()}
+            ids_since.pop(-1, None)
+            since_of[key] = ids_since
         denied = [s for s in syms if not self.ent.allows(s)]
         ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
-        new = [iid for iid in ids.values() if iid >= 0 and iid not in self.subs]
-        if len(self.subs) + len(new) > self.limits.max_subscriptions:
+        new = {ch.name: sorted({iid for iid in ids.values()
+                                if iid >= 0 and iid not in self.chan_subs.get(ch.name, ())})
+               for ch in chans}
+        added = sum(len(v) for v in new.values())
+        if self.nsubs + added > self.limits.max_subscriptions:
+            what = "(symbol, channel) pairs" if named else "symbols"
             raise RequestError(P.TOO_MANY_SUBSCRIPTIONS,
-                               f"at most {self.limits.max_subscriptions} symbols per connection")
+                               f"at most {self.limits.max_subscriptions} {what} per connection")
         if denied:
             self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
-        if new:
-            self.subs.update(new)
-            self.hub.subscribe_ids(self.cid, self.subs)
-            self.ctx.registry.subscriptions_changed(len(new))
-        since_ids = {table.lookup(s): seq for s, seq in since.items()}
-        since_ids.pop(-1, None)
-        rows = table.rows_json(sorted(new), since_ids or None)
+        if added:
+            for ch in chans:
+                self.chan_subs.setdefault(ch.name, set()).update(new[ch.name])
+            self._push({ch.slot for ch in chans if new[ch.name]})
+            self.nsubs += added
+            self.ctx.registry.subscriptions_changed(added)
+        # one snapshot holds every requested channel; `rows` always (as in
+        # update frames), the other keys when requested. Known symbols with
+        # no state in a channel yet are left out of it: it comes as an update.
+        parts: dict[str, list[bytes]] = {"rows": []}
+        for ch in chans:
+            since = since_of.get(ch.since_key, {}) if ch.since_key else {}
+            body = ch.snapshot([ch.item(i) for i in new[ch.name]], since)
+            if body:
+                parts.setdefault(ch.key, []).append(body)
+            else:
+                parts.setdefault(ch.key, [])
         unknown = [s for s, iid in ids.items() if iid < 0]
         head = {"type": "snapshot", "id": rid, "fields": FIELDS}
-        body = _dumps(head)[:-1] + b',"rows":[' + rows + b'],"unknown":' + _dumps(unknown) + b"}"
-        self.send_text(body)
+        out = [_dumps(head)[:-1]]
+        for key, bodies in parts.items():
+            out.append(b',"%s":[%s]' % (key.encode(), b",".join(bodies)))
+        out.append(b',"unknown":' + _dumps(unknown) + b"}")
+        self.send_text(b"".join(out))
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.ctx.table.lookup(s): s for s in syms}
-        gone = [iid for iid in ids if iid in self.subs]
-        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
-        if gone:
-            self.subs.difference_update(gone)
-            unwatch = self.watched.intersection(gone)
+        chans, named = self._channels(req, None)
+        pairs, missing = self._split(syms, chans, self.chan_subs)
+        if not named:  # every channel: a symbol is missing only if none was subscribed
+            hit = {sym for sym, _, _ in pairs}
+            missing = [s for s in syms if s not in hit]
+        if pairs:
+            unwatch = [(sym, iid, ch) for sym, iid, ch in pairs
+                       if iid in self.chan_watched.get(ch.name, ())]
             if unwatch:
                 self._unwatch(unwatch)
-            self.hub.subscribe_ids(self.cid, self.subs)
-            self.ctx.registry.subscriptions_changed(-len(gone))
+            for _, iid, ch in pairs:
+                self.chan_subs[ch.name].discard(iid)
+            self._push({ch.slot for _, _, ch in pairs})
+            self.nsubs -= len(pairs)
+            self.ctx.registry.subscriptions_changed(-len(pairs))
         if missing:
             self._error(rid, P.NOT_SUBSCRIBED, "these symbols were not subscribed", missing)
-        self._ack(rid, "unsubscribe", [ids[i] for i in gone])
+        self._ack(rid, "unsubscribe", list(dict.fromkeys(sym for sym, _, _ in pairs)),
+                  chans if named else None)
 
     def op_watch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.ctx.table.lookup(s): s for s in syms}
-        missing = [s for s in syms if self.ctx.table.lookup(s) not in self.subs]
-        add = [iid for iid in ids if iid in self.subs and iid not in self.watched]
-        if len(self.watched) + len(add) > self.limits.max_watched:
+        chans, named = self._channels(req, [P.QUOTE_CHANNEL])
+        pairs, missing = self._split(syms, chans, self.chan_subs)
+        add = [(sym, iid, ch) for sym, iid, ch in pairs
+               if iid not in self.chan_watched.get(ch.name, ())]
+        if self.nwatched + len(add) > self.limits.max_watched:
+            what = "(symbol, channel) pairs" if named else "symbols"
             raise RequestError(P.TOO_MANY_WATCHED,
-                               f"at most {self.limits.max_watched} watched symbols per connection")
+                               f"at most {self.limits.max_watched} watched {what} per connection")
         if missing:
             self._error(rid, P.NOT_SUBSCRIBED, "subscribe before watching", missing)
-        if add:
-            self.watched.update(add)
-            self.hub.watch_ids(self.cid, add, True)
-        self._ack(rid, "watch", [s for iid, s in ids.items() if iid in self.subs])
+        for ch in chans:
+            ids = [iid for _, iid, c in add if c is ch]
+            if ids:
+                self.chan_watched.setdefault(ch.name, set()).update(ids)
+                self.hub.watch_ids(self.cid, [ch.item(i) for i in ids], True, ch.slot)
+        self.nwatched += len(add)
+        self._ack(rid, "watch", list(dict.fromkeys(sym for sym, _, _ in pairs)),
+                  chans if named else None)
 
     def op_unwatch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
-        ids = {self.ctx.table.lookup(s): s for s in syms}
-        gone = self.watched.intersection(ids)
+        chans, named = self._channels(req, None)
+        gone, _ = self._split(syms, chans, self.chan_watched)
         if gone:
             self._unwatch(gone)
-        self._ack(rid, "unwatch", [ids[i] for i in gone])
+        self._ack(rid, "unwatch", list(dict.fromkeys(sym for sym, _, _ in gone)),
+                  chans if named else None)
 
-    def _unwatch(self, ids: set[int]) -> None:
-        self.watched.difference_update(ids)
-        self.hub.watch_ids(self.cid, list(ids), False)
+    def _unwatch(self, pairs: list[tuple[str, int, Channel]]) -> None:
+        by: dict[str, list[int]] = {}
+        for _, iid, ch in pairs:
+            by.setdefault(ch.name, []).append(iid)
+        for name, ids in by.items():
+            ch = self.ctx.channels.by_name[name]
+            self.chan_watched[name].difference_update(ids)
+            self.hub.watch_ids(self.cid, [ch.item(i) for i in ids], False, ch.slot)
+        self.nwatched -= len(pairs)
 
     def op_configure(self, rid: Any, req: dict) -> None:
         ms = req.get("frame_ms")
@@ -387,8 +475,12 @@ class Session(MessageListener):
 
     # ---- replies
 
-    def _ack(self, rid: Any, op: str, symbols: list[str]) -> None:
-        self.send_text(_dumps({"type": "ack", "id": rid, "op": op, "symbols": symbols}))
+    def _ack(self, rid: Any, op: str, symbols: list[str],
+             channels: list[Channel] | None = None) -> None:
+        msg: dict[str, Any] = {"type": "ack", "id": rid, "op": op, "symbols": symbols}
+        if channels is not None:  # a version 1.1 request: say which channels it meant
+            msg["channels"] = [ch.name for ch in channels]
+        self.send_text(_dumps(msg))
 
     def _error(self, rid: Any, code: str, message: str, symbols: list[str] | None = None) -> None:
         msg: dict[str, Any] = {"type": "error", "id": rid, "code": code, "message": message}
