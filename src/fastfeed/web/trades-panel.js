@@ -71,10 +71,25 @@ export class TradesPanel {
       this.channels = true;
       client.subscribe([MARKET], { channels: ["trades"] }).catch(() => {});
     });
-    new ResizeObserver(() => {
+    // Sizes come from the observer, never read in a paint: a read after the
+    // grid's writes in the same frame would force a layout of the page.
+    this.tapeH = 0;
+    this.chartW = 0;
+    this.chartH = 0;
+    const ro = new ResizeObserver((entries) => {
+      for (const e of entries) {
+        const box = e.contentRect;
+        if (e.target === this.tapeEl) this.tapeH = box.height;
+        else if (e.target === this.canvas) {
+          this.chartW = box.width;
+          this.chartH = box.height;
+        }
+      }
       this.tapeDirty = this.chartDirty = true;
       this.schedule();
-    }).observe(root);
+    });
+    ro.observe(this.tapeEl);
+    ro.observe(this.canvas);
   }
 
   // -- structure ------------------------------------------------------------
@@ -183,7 +198,7 @@ export class TradesPanel {
   }
 
   ensureRows() {
-    const want = Math.max(1, Math.floor((this.tapeEl.clientHeight || 400) / TAPE_ROW_H));
+    const want = Math.max(1, Math.floor((this.tapeH || 400) / TAPE_ROW_H));
     while (this.rows.length < want) {
       const row = el("div", { class: "tape-row" });
       const cells = {};
@@ -242,8 +257,8 @@ export class TradesPanel {
   paintChart() {
     const cv = this.canvas;
     const dpr = window.devicePixelRatio || 1;
-    const w = Math.max(1, Math.floor(cv.clientWidth * dpr));
-    const h = Math.max(1, Math.floor(cv.clientHeight * dpr));
+    const w = Math.max(1, Math.floor(this.chartW * dpr));
+    const h = Math.max(1, Math.floor(this.chartH * dpr));
     if (cv.width !== w || cv.height !== h) {
       cv.width = w;
       cv.height = h;
