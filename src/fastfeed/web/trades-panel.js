@@ -134,7 +134,7 @@ export class TradesPanel {
     const jobs = [];
     if (this.channels) jobs.push(c.subscribe([MARKET], { channels: ["trades"] }));
     if (this.sym) jobs.push(c.subscribe([this.sym], { channels: ["trades", `bars:${this.interval}`] }));
-    return Promise.all(jobs).catch(() => {});
+    return Promise.all(jobs).then((rs) => rs.forEach((r) => this.refused(r))).catch(() => {});
   }
 
   async select(sym) {
@@ -146,7 +146,17 @@ export class TradesPanel {
     this.schedule();
     const c = this.client;
     if (old && this.channels) c.unsubscribe([old], { channels: ["trades", `bars:${this.interval}`] }).catch(() => {});
-    await c.subscribe([sym], { channels: ["trades", `bars:${this.interval}`] }).catch(() => {});
+    this.refused(await c.subscribe([sym], { channels: ["trades", `bars:${this.interval}`] }).catch(() => null));
+  }
+
+  // A gateway that does not serve these channels says "unknown channel":
+  // forget them (no request again on every reconnect) and say so once.
+  refused(res) {
+    const err = res?.errors?.find((e) => /unknown channel/.test(e.message || ""));
+    if (!err) return;
+    for (const ch of [...this.client.channels.keys()]) this.client.channels.delete(ch);
+    this.unsupported = true;
+    this.symEl.textContent = "this gateway serves no trades or bars";
   }
 
   async setInterval(iv) {
