@@ -23,7 +23,7 @@ cdef enum ConnFlag:
 
 cdef enum:
     MAX_SLOTS = 16       # kinds one hub fans out (quotes, books, trades, bars, delayed copies)
-    NFMT = 4             # cached frames per group: text; binary FFB1; binary's JSON companion; compact text
+    NFMT = 4             # cached frames per group: text; FFB1; FFB1's JSON companion; compact
     KEY_MAX = 24         # longest `,"key":[` a kind may have
 
 
