@@ -41,7 +41,8 @@ exts = [
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     )
     # the core in parts (each cimports the ones before it), then its Python face
-    for name in ("_wire", "_table", "_hub", "_core", "_tickjson")
+    for name in ("_wire", "_table", "_books", "_bars", "_trades", "_delay", "_hub", "_core",
+                 "_tickjson")
 ]
 
 setup(

@@ -165,7 +165,8 @@ async def run(a: argparse.Namespace) -> None:
     # A watcher client on the last instrument: ready check and ingest marker.
     for _ in range(200):
         _wtr, watcher = await ws_connect(
-            lambda: MarkerWatcher(f"S{marker:04d}"), a.url.rstrip("/") + "/ws")
+            lambda: MarkerWatcher(f"S{marker:04d}"),
+            a.url.rstrip("/") + "/ws" + (f"?token={a.token}" if a.token else ""))
         for _ in range(100):
             if watcher.got_snapshot:
                 break
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.publisher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="server base URL, e.g. ws://127.0.0.1:8080")
+    p.add_argument("--token", default="", help="client token of its watcher (a gateway with "
+                                                "client auth)")
     p.add_argument("--instruments", type=int, default=500)
     p.add_argument("--mode", choices=["stream", "ingest"], default="stream")
     p.add_argument("--schedule", default="10:10000", help="SECONDS:RATE phases, comma separated")

@@ -35,9 +35,26 @@ ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-ALL_SERVERS = ("fastfeed", "fastfeed_bin", "bun", "node_ws", "py_websockets")
+ALL_SERVERS = ("fastfeed", "fastfeed_bin", "fastfeed_delayed", "bun", "node_ws",
+               "py_websockets")
 # fastfeed_bin is fastfeed with clients on the binary subprotocol
 CLIENT_PROTOCOLS = {"fastfeed_bin": "fastfeed.v1.bin"}
+# fastfeed_delayed is fastfeed with every other load process's clients on a
+# token delayed by DELAY_S: what the delay line costs beside the same load all
+# real time. Latency figures are the real-time clients'; the delayed ones' are
+# reported apart (they are DELAY_S plus at most a slot).
+DELAY_S = 1
+DELAY_SECRET = "bench-secret-for-delayed-tokens-only"
+FASTFEEDS = ("fastfeed", "fastfeed_bin", "fastfeed_delayed")
+
+
+def bench_token(delay: int) -> str:
+    import jwt
+
+    claims = {"sub": "bench", "exp": int(time.time() + 86400)}
+    if delay:
+        claims["delay"] = delay
+    return jwt.encode(claims, DELAY_SECRET, algorithm="HS256")
 
 
 class Skip(Exception):
@@ -68,10 +85,12 @@ def fastfeed_command() -> list[str]:
 
 
 def server_command(name: str, port: int, extra: Sequence[str] = ()) -> list[str]:
-    if name in ("fastfeed", "fastfeed_bin"):
+    if name in FASTFEEDS:
+        delayed = ["--jwt-secret", DELAY_SECRET] if name == "fastfeed_delayed" else []
         return [*fastfeed_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--simulate", "0", "--max-connections", "100000",
-                "--max-connections-per-ip", "100000", "--log-level", "warning", *extra]
+                "--max-connections-per-ip", "100000", "--log-level", "warning", *delayed,
+                *extra]
     if name == "bun":
         exe = BENCH / "node_modules" / ".bin" / "bun"
         if not exe.exists():
@@ -361,6 +380,22 @@ def summarize(stats: list[dict[str, Any]], wall: float, cpu: tuple[float, float]
     return out
 
 
+def _summarize(st: list[dict[str, Any]], late: list[bool], *args: Any) -> dict[str, Any]:
+    """A phase's figures: latency from the real-time clients; with delayed
+    ones, their median and 99th percentile apart (`delayed_p50_ms`, ...) and
+    the frames of all (the server's CPU per frame counts every frame)."""
+    if not any(late):
+        return summarize(st, *args)
+    out = summarize([s for s, d in zip(st, late, strict=True) if not d], *args)
+    dl = summarize([s for s, d in zip(st, late, strict=True) if d], *args)
+    every = summarize(st, *args)
+    out["delayed_p50_ms"], out["delayed_p99_ms"] = dl["p50_ms"], dl["p99_ms"]
+    out["delayed_updates_per_s"] = dl["updates_per_s"]
+    for k in ("frames_per_s", "server_user_us_per_frame", "server_kernel_us_per_frame"):
+        out[k] = every[k]
+    return out
+
+
 def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
     return a[0] - b[0], a[1] - b[1]
 
@@ -377,13 +412,23 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         schedule = ",".join(f"{secs}:{rate}" for _n, secs, rate in load.phases)
         pub = Child(["-m", "bench.publisher", "--url", url, "--instruments", str(load.instruments),
                      "--schedule", schedule, "--interval-ms", str(load.interval_ms),
-                     "--seed", str(load.seed)], pins.load)
+                     "--seed", str(load.seed),
+                     *(["--token", bench_token(0)] if server_name == "fastfeed_delayed" else [])],
+                    pins.load)
         pub.expect("seeded", 60)
         procs = load.procs or max(1, math.ceil(load.clients / load.per_proc))
+        mixed = server_name == "fastfeed_delayed"
+        if mixed:
+            procs = max(2, procs + procs % 2)  # half the processes delayed
         per = [load.clients // procs + (1 if k < load.clients % procs else 0) for k in range(procs)]
         first = 0
-        for n in per:
-            cfg = {"url": url + "/ws", "instruments": load.instruments, "first": first, "count": n,
+        late: list[bool] = []
+        for k, n in enumerate(per):
+            path = "/ws"
+            late.append(mixed and k % 2 == 1)
+            if mixed:
+                path += "?token=" + bench_token(DELAY_S if late[-1] else 0)
+            cfg = {"url": url + path, "instruments": load.instruments, "first": first, "count": n,
                    "subs": load.subs, "watch_clients": load.watch_clients, "watch": load.watch,
                    "seed": load.seed, "protocol": CLIENT_PROTOCOLS.get(server_name),
                    "snapshot_timeout": 30 + n / 100}
@@ -412,8 +457,8 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
                 for w in workers:
                     w.send("stats")
                 st = [w.expect("stats", 30) for w in workers]
-                phases[name_prev] = summarize(st, now - t_prev, _minus(cpu, c_prev),
-                                              server.rss(), busy - b_prev)
+                phases[name_prev] = _summarize(st, late, now - t_prev, _minus(cpu, c_prev),
+                                               server.rss(), busy - b_prev)
                 phases[name_prev]["rate"] = load.phases[k - 1][2]
             else:
                 for w in workers:
@@ -427,10 +472,11 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         for w in workers:
             w.send("stats")
         st = [w.expect("stats", 30) for w in workers]
-        phases[name_prev] = summarize(st, now - t_prev, _minus(cpu, c_prev), rss, busy - b_prev)
+        phases[name_prev] = _summarize(st, late, now - t_prev, _minus(cpu, c_prev), rss,
+                                       busy - b_prev)
         phases[name_prev]["rate"] = load.phases[-1][2]
-        # settle, then convergence
-        time.sleep(load.settle)
+        # settle (delayed clients: their delay more), then convergence
+        time.sleep(load.settle + (DELAY_S if mixed else 0))
         final = json.dumps(done["final"])
         for w in workers:
             w.send("final " + final)

@@ -89,3 +89,43 @@ def test_operators_can_mint_tokens():
                          capture_output=True, text=True, check=True).stdout.strip()
     claims = jwt.decode(out, SECRET, algorithms=["HS256"])
     assert claims["sub"] == "ops" and claims["syms"] == ["BB*", "TLKM"]
+
+
+def test_operators_can_mint_delayed_tokens():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fastfeed", "token", "--sub", "retail",
+                          "--delay", "900", "--rt", "BB*", "--secret", SECRET],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    claims = jwt.decode(out, SECRET, algorithms=["HS256"])
+    assert claims["delay"] == 900 and claims["rt"] == ["BB*"]
+    bad = subprocess.run([sys.executable, "-m", "fastfeed", "token", "--sub", "x", "--rt", "BB*",
+                          "--secret", SECRET], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--delay" in bad.stderr
+
+
+def test_entitlements_say_which_symbols_are_delayed():
+    from fastfeed import auth
+
+    tok = jwt.encode({"sub": "r", "exp": int(time.time() + 60), "delay": 900, "rt": ["BB*"]},
+                     SECRET, algorithm="HS256")
+    ent = auth.verify(tok, SECRET, 900)
+    assert ent.delay == 900 and ent.delayed("TLKM") and not ent.delayed("BBCA")
+    assert not auth.verify(token(), SECRET).delayed("TLKM")
+    for claims in ({"delay": -1}, {"delay": "900"}, {"delay": 1.5}, {"rt": "BB*"}):
+        bad = jwt.encode({"sub": "r", "exp": int(time.time() + 60), **claims}, SECRET,
+                         algorithm="HS256")
+        with pytest.raises(auth.AuthError, match="invalid token"):
+            auth.verify(bad, SECRET)
+
+
+async def test_a_token_over_the_gateways_maximum_delay_gets_403(gw):
+    over = jwt.encode({"sub": "retail", "exp": int(time.time() + 60), "delay": 901},
+                      SECRET, algorithm="HS256")
+    with pytest.raises(InvalidStatus) as e:
+        async with websockets.connect(gw.ws_url + f"?token={over}"):
+            pass
+    assert e.value.response.status_code == 403
+    body = e.value.response.body.decode()
+    assert "delayed 901s" in body and "--max-delay-s" in body

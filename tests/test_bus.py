@@ -332,8 +332,11 @@ def test_read_ticks_ndjson_and_csv():
 
 
 async def test_a_bus_without_a_table_has_no_subscriber(redis, prefix):
-    """The parts: a link and its store always; a subscriber, with its own
-    connection, only for a bus given a table."""
+    """The parts: a link, its store and its book job always; a subscriber,
+    with its own connection, only for a bus given a table (and a book
+    subscription only for one given books)."""
+    """The parts: a link, its store and its trade store always; a subscriber,
+    with its own connection, only for a bus given a table."""
     from fastfeed.bus import Link, RowStore, Subscriber
 
     table = Table()
@@ -343,7 +346,8 @@ async def test_a_bus_without_a_table_has_no_subscriber(redis, prefix):
         await sub.wait_ready(5)
         assert isinstance(pub.link, Link) and isinstance(pub.store, RowStore)
         assert pub.subscriber is None and isinstance(sub.subscriber, Subscriber)
-        assert pub.link.jobs == [pub.store] and sub.link.jobs == [sub.store, sub.subscriber]
+        assert pub.link.jobs == [pub.store, pub.book_bus, pub.trade_store]
+        assert sub.link.jobs == [sub.store, sub.subscriber, sub.book_bus, sub.trade_store]
         names = [ln for ln in redis.command("CLIENT", "LIST").decode().splitlines()
                  if "name=fastfeed-" in ln]
         assert sum("name=fastfeed-solo-" in ln for ln in names) == 1  # cmd only

@@ -65,9 +65,9 @@ async def test_an_unknown_channel_is_a_bad_request_and_changes_nothing(gw):
             assert err["code"] == "bad_request" and err["id"] == 2
         assert "unknown channel" in err["message"] or "channels" in err["message"]
         await ws.send(json.dumps({"op": "subscribe", "id": 3, "symbols": ["BBCA"],
-                                  "channels": ["book"]}))
+                                  "channels": ["candles"]}))
         err = await reply(ws, "error")
-        assert err["message"].startswith("unknown channel 'book'")
+        assert err["message"].startswith("unknown channel 'candles'")
         # nothing was subscribed by the refused requests
         await ws.send(json.dumps({"op": "unsubscribe", "id": 4, "symbols": ["BBCA"]}))
         err = await reply(ws, "error")

@@ -72,7 +72,8 @@ def handshake(url: str, protocol: str | None, timeout: float = 20) -> tuple[sock
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     key = base64.b64encode(os.urandom(16)).decode()
     proto = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
-    sock.sendall((f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")  # a token, say
+    sock.sendall((f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                   f"{proto}\r\n").encode())

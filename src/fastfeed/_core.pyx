@@ -6,6 +6,10 @@ The core is three compiled parts, each with a .pxd for Cython callers:
 * `fastfeed._wire`: field lists, symbols, partitions, the binary tick batch;
 * `fastfeed._table`: state per kind (`Kind`) and the first kind, quotes
   (`Table`: instrument arrays, symbol map, change stamps, dirty bitmap);
+* `fastfeed._books`: order books (`Books`: levels per side, tombstones,
+  checksums, the FFK1 book record);
+* `fastfeed._bars`, `fastfeed._trades`: the bar and trade kinds (`Bars`,
+  `Trades` and its market-wide `Tape`);
 * `fastfeed._hub`: the fan-out (`Hub`: groups, deadline heap, frames, sockets).
 
 Python callers import from here; docs/core.md describes the layout and how to
@@ -14,8 +18,21 @@ add a kind of state.
 
 from fastfeed._defs cimport FF_DEBUG
 
+from fastfeed._bars import BAR_INTERVALS, Bars, day_bounds
+from fastfeed._books import (
+    BOOK_MAGIC,
+    BOOK_OUTCOMES,
+    Books,
+    decode_books,
+    encode_books,
+)
+from fastfeed._books import has_type
+from fastfeed._delay import DelayLine
 from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
+from fastfeed._trades import (
+    TRADE_BATCH_MAGIC, Tape, Trades, check_trade, decode_trade_batch, encode_trade_batch,
+)
 from fastfeed._wire import (
     BATCH_MAGIC,
     BIN_HEADER_SIZE,
@@ -37,7 +54,10 @@ from fastfeed._wire import (
 DEBUG = bool(FF_DEBUG)
 
 __all__ = [
-    "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "DEBUG", "FIELDS", "OUTCOMES", "ROW_DTYPE",
-    "SOURCES", "VALUE_FIELDS", "Hub", "Table", "can_send", "check_tick", "connected",
-    "decode_batch", "encode_batch", "partition", "valid_symbol", "wall_ns",
+    "BAR_INTERVALS", "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "BOOK_MAGIC",
+    "BOOK_OUTCOMES", "Bars", "Books", "DEBUG", "DelayLine", "FIELDS", "Hub", "OUTCOMES",
+    "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades", "VALUE_FIELDS",
+    "can_send", "check_tick", "check_trade", "connected", "day_bounds", "decode_batch",
+    "decode_books", "decode_trade_batch", "encode_batch", "encode_books",
+    "encode_trade_batch", "has_type", "partition", "valid_symbol", "wall_ns",
 ]

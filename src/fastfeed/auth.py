@@ -11,27 +11,48 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
+DEFAULT_MAX_DELAY_S = 900  # --max-delay-s: the longest delay a token may ask for
+
 
 class AuthError(Exception):
     """The token is missing, malformed, badly signed or expired (HTTP 401)."""
 
 
+class DelayRefused(AuthError):
+    """A valid token asking for a longer delay than this gateway keeps (HTTP 403:
+    who it is is known, and sending it again will not help)."""
+
+
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)")
+
+
 @dataclass(frozen=True)
 class Entitlements:
-    """What a connection may see: glob patterns over symbols; None means everything."""
+    """What a connection may see: glob patterns over symbols; None means everything.
+
+    `delay` (seconds, 0: real time) is how old everything it sees must be,
+    except the symbols matching `rt` (docs/protocol.md, "Delayed data")."""
 
     subject: str = "anonymous"
     patterns: tuple[str, ...] | None = None
+    delay: int = 0
+    rt: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         rx = None
         if self.patterns is not None:
-            rx = re.compile("|".join(fnmatch.translate(p) for p in self.patterns) or "(?!)")
+            rx = _globs(self.patterns)
         object.__setattr__(self, "_rx", rx)
+        object.__setattr__(self, "_rt", _globs(self.rt))
 
     def allows(self, sym: str) -> bool:
         rx = self._rx  # type: ignore[attr-defined]
         return rx is None or rx.match(sym) is not None
+
+    def delayed(self, sym: str) -> bool:
+        """Is `sym` served to this holder delayed (by `delay` seconds)?"""
+        return self.delay > 0 and self._rt.match(sym) is None  # type: ignore[attr-defined]
 
 
 EVERYTHING = Entitlements()
@@ -49,7 +70,8 @@ def token_from_request(path: bytes, headers) -> str | None:
     return vals[0] if vals else None
 
 
-def verify(token: str | None, secret: str) -> Entitlements:
+def verify(token: str | None, secret: str,
+           max_delay_s: int = DEFAULT_MAX_DELAY_S) -> Entitlements:
     if not token:
         raise AuthError("no token: send 'Authorization: Bearer <jwt>' or ?token=<jwt>")
     if not token.isascii():
@@ -68,13 +90,29 @@ def verify(token: str | None, secret: str) -> Entitlements:
         patterns = tuple(syms)
     else:
         raise AuthError("invalid token: 'syms' must be a list of glob patterns")
-    return Entitlements(str(claims["sub"]), patterns)
+    delay = claims.get("delay", 0)
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+        raise AuthError("invalid token: 'delay' must be a whole number of seconds, 0 or more")
+    rt = claims.get("rt", [])
+    if not isinstance(rt, list) or not all(isinstance(s, str) for s in rt):
+        raise AuthError("invalid token: 'rt' must be a list of glob patterns")
+    if delay > max_delay_s:
+        raise DelayRefused(
+            f"token asks for data delayed {delay}s; this gateway keeps at most "
+            f"{max_delay_s}s of past (--max-delay-s): mint it with a delay of at most "
+            f"{max_delay_s}, or raise the gateway's --max-delay-s")
+    return Entitlements(str(claims["sub"]), patterns, delay, tuple(rt))
 
 
-def issue(secret: str, sub: str, syms: list[str] | None, ttl_s: float) -> str:
+def issue(secret: str, sub: str, syms: list[str] | None, ttl_s: float, delay: int = 0,
+          rt: list[str] | None = None) -> str:
     claims: dict = {"sub": sub, "exp": int(time.time() + ttl_s)}
     if syms is not None:
         claims["syms"] = syms
+    if delay:
+        claims["delay"] = delay
+    if rt:
+        claims["rt"] = rt
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

@@ -29,7 +29,15 @@ def _token(ns: argparse.Namespace) -> int:
               "or FASTFEED_JWT_SECRET_FILE", file=sys.stderr)
         return 2
     syms = [s for s in ns.syms.split(",") if s] if ns.syms else None
-    print(auth.issue(secret, ns.sub, syms, ns.ttl))
+    rt = [s for s in ns.rt.split(",") if s] if ns.rt else None
+    if ns.delay < 0:
+        print("fastfeed token: --delay is seconds, 0 or more", file=sys.stderr)
+        return 2
+    if rt and not ns.delay:
+        print("fastfeed token: --rt names symbols real time despite --delay: give --delay too",
+              file=sys.stderr)
+        return 2
+    print(auth.issue(secret, ns.sub, syms, ns.ttl, ns.delay, rt))
     return 0
 
 
@@ -47,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sub", required=True, help="who the token is for")
     t.add_argument("--syms", default="",
                    help="comma-separated symbol globs it may see (default all)")
+    t.add_argument("--delay", type=int, default=0,
+                   help="seconds its data is delayed (e.g. 900: 15 minutes; default 0, real "
+                        "time); a gateway refuses a token over its --max-delay-s")
+    t.add_argument("--rt", default="",
+                   help="comma-separated symbol globs it sees in real time despite --delay")
     t.add_argument("--ttl", type=float, default=86400.0, help="seconds until it expires")
     t.add_argument("--secret", default="",
                    help="signing secret (default: FASTFEED_JWT_SECRET[_FILE])")

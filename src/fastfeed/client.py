@@ -938,9 +938,10 @@ class Client:
         elif kind == "heartbeat":
             self.last_server_time = msg.get("t")
         elif kind == "status":
-            self.feed_up = msg.get("feed") == "up"
-            if self.on_status is not None:
-                _call(self.on_status, self.feed_up)
+            if "feed" in msg:  # other statuses (a delay line filling, a book) say other things
+                self.feed_up = msg["feed"] == "up"
+                if self.on_status is not None:
+                    _call(self.on_status, self.feed_up)
         elif kind == "error":
             err = _error(msg)
             if pending is not None and not pending.future.done():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,8 +57,21 @@ class Config:
     abuse_strikes: int = _opt(20, "rate_limited replies in a row before closing with 1008")
     max_subscriptions: int = _opt(5000, "subscribed symbols per connection")
     max_watched: int = _opt(50, "watched symbols per connection")
+    book_depth: int = _opt(10, "order book levels served per side (snapshots, updates, "
+                               "checksum): 1..50")
+    book_levels: int = _opt(50, "order book levels kept per side (the served depth and the next "
+                                "ones, which come into view as better ones go): depth..1000; "
+                                "every gateway on one Redis prefix must agree")
     max_instruments: int = _opt(1_000_000, "instruments the table holds; ticks for new symbols "
                                            "past it are refused (logged, counted)")
+    trade_ring: int = _opt(100, "recent trades held per instrument: the trades snapshot, and "
+                                "the most a connection can be behind before it gets lost:N")
+    trade_backlog: int = _opt(1000, "trade change stamps held per instrument (8 bytes each): "
+                                    "lost:N is exact for a connection up to this many trades "
+                                    "of one instrument behind, a lower bound beyond")
+    tape_ring: int = _opt(1000, "trades held on the market-wide tape (symbol * on trades)")
+    bars_history: int = _opt(200, "bars held per instrument and interval")
+    bars_tz: str = _opt("UTC", "time zone whose midnight starts the 1d bars (e.g. Asia/Jakarta)")
     max_connections: int = _opt(20000, "client connections per worker; over it: HTTP 503")
     max_connections_per_ip: int = _opt(2000, "client connections per remote address per worker")
     ingest_rate: float = _opt(1_000_000.0, "ticks per second one /ingest publisher may push")
@@ -77,6 +91,16 @@ class Config:
     jwt_secret_file: str = _opt("", "file holding the client token secret")
     publisher_token: str = _opt("", "token /ingest publishers must present", secret=True)
     publisher_token_file: str = _opt("", "file holding the publisher token")
+    # delayed data (docs/protocol.md "Delayed data", docs/operations.md)
+    max_delay_s: int = _opt(900, "longest delay a client token may ask for, in seconds; the "
+                                 "delay line keeps this much past (0: no delayed data)")
+    delay_slot_ms: int = _opt(100, "the delay line's time slot: within one, only each "
+                                   "instrument's latest state is kept")
+    delay_budget_mb: int = _opt(256, "memory the delay line may use; over it, its slots "
+                                     "get coarser (and the log says so)")
+    delay_gates_ready: bool = _opt(False, "/readyz answers 503 until the delay line holds "
+                                          "--max-delay-s of past (for pods serving delayed "
+                                          "clients: see docs/operations.md)")
     allowed_origins: str = _opt("", "comma-separated browser Origins allowed on /ws (empty: any)")
     # operations
     drain_s: float = _opt(20.0, "on SIGTERM, spread client closes (1012) over this many seconds")
@@ -194,6 +218,23 @@ def validate(cfg: Config) -> None:
         problems.append("max-queued-bytes must be at least high-water-bytes")
     if cfg.max_list_symbols < 1:
         problems.append("max-list-symbols must be at least 1")
+    if not 1 <= cfg.book_depth <= 50:
+        problems.append(f"book-depth {cfg.book_depth} must lie in 1..50")
+    elif not cfg.book_depth <= cfg.book_levels <= 1000:
+        problems.append(f"book-levels {cfg.book_levels} must lie in book-depth "
+                        f"({cfg.book_depth})..1000")
+    if not 1 <= cfg.trade_ring <= cfg.trade_backlog <= 1_000_000:
+        problems.append(f"trade-ring {cfg.trade_ring} and trade-backlog {cfg.trade_backlog} must "
+                        "satisfy 1 <= trade-ring <= trade-backlog <= 1000000")
+    if not 1 <= cfg.tape_ring <= 1_000_000:
+        problems.append(f"tape-ring {cfg.tape_ring} must lie in 1..1000000")
+    if not 1 <= cfg.bars_history <= 100_000:
+        problems.append(f"bars-history {cfg.bars_history} must lie in 1..100000")
+    try:
+        zoneinfo.ZoneInfo(cfg.bars_tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.append(f"bars-tz {cfg.bars_tz!r} is not a known time zone (IANA name, "
+                        "e.g. Asia/Jakarta)")
     if not 1 <= cfg.max_instruments <= 2**31 - 1:
         problems.append(f"max-instruments {cfg.max_instruments} must lie in 1..{2**31 - 1}")
     elif cfg.simulate > cfg.max_instruments:
@@ -204,6 +245,12 @@ def validate(cfg: Config) -> None:
         problems.append("--record and --replay must be different files")
     if cfg.replay_speed != "max" and not _positive(cfg.replay_speed):
         problems.append(f"replay-speed must be a positive number or max, not {cfg.replay_speed!r}")
+    if cfg.max_delay_s < 0:
+        problems.append("max-delay-s must not be negative")
+    if not 1 <= cfg.delay_slot_ms <= 60000:
+        problems.append(f"delay-slot-ms {cfg.delay_slot_ms} must lie in 1..60000")
+    if cfg.delay_budget_mb < 1:
+        problems.append("delay-budget-mb must be at least 1")
     if cfg.log_format not in ("text", "json"):
         problems.append("log-format must be text or json")
     if problems:

@@ -119,6 +119,15 @@ class Metrics:
         self.redis_redirects = Counter("fastfeed_redis_redirects",
                                        "Redis Cluster MOVED/ASK replies followed")
         self._bus_seen: dict[str, float] = {}
+        self.delay_line_bytes = Gauge("fastfeed_delay_line_bytes",
+                                      "Memory the delay line holds (docs/delay.md has the "
+                                      "formula), per worker", multiprocess_mode="livemax")
+        self.delay_slot = Gauge("fastfeed_delay_slot_seconds",
+                                "The delay line's slot length (grows when it is coarsened "
+                                "to stay in --delay-budget-mb)", multiprocess_mode="livemax")
+        self.delay_past = Gauge("fastfeed_delay_past_seconds",
+                                "Past the delay line holds (it is full at --max-delay-s)",
+                                multiprocess_mode="livemin")
         self.worker_restarts = Counter("fastfeed_worker_restarts",
                                        "Worker processes restarted by the supervisor")
         self.internal_errors = Counter("fastfeed_internal_errors",

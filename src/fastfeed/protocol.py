@@ -34,6 +34,24 @@ COMPACT_SUBPROTOCOL = "fastfeed.v1.compact"
 SUBPROTOCOLS = (JSON_SUBPROTOCOL, BIN_SUBPROTOCOL, COMPACT_SUBPROTOCOL)  # the gateway's preference
 BIN_MAGIC = b"FFB1"  # a binary update frame
 BATCH_MAGIC = b"FFT1"  # a binary tick batch (/ingest, the Redis bus)
+TRADE_BATCH_MAGIC = b"FTR1"  # a binary trade batch (/ingest, the Redis bus)
+
+# ---- version 1.1: trades and bars
+
+TYPE_QUOTE = "quote"
+TYPE_TRADE = "trade"
+TYPE_BOOK = "book"
+#: the `type`s /ingest takes (an object without `type` is a quote)
+INGEST_TYPES = (TYPE_QUOTE, TYPE_BOOK, TYPE_TRADE)
+#: a trade's side: buyer aggressed, seller aggressed, not said
+TRADE_SIDES = ("b", "s", "")
+#: bar intervals, in item order (bar item id = instrument id * 6 + index)
+BAR_INTERVALS = ("1s", "1m", "5m", "15m", "1h", "1d")
+#: the symbol of the market-wide tape on the trades channel
+TAPE_SYMBOL = "*"
+TRADES_CHANNEL = "trades"
+#: one channel per bar interval, "bars:1m" and so on
+BAR_CHANNELS = tuple(f"bars:{iv}" for iv in BAR_INTERVALS)
 
 # ---- close codes the gateway sends (RFC 6455 7.4), and what each means
 

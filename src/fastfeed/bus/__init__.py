@@ -34,6 +34,9 @@ and pub/sub therefore never disagree: a message carries exactly the rows the
 store took, and they are full rows, so applying the same set of messages and
 snapshot rows in any order gives the same table.
 
+Order books travel beside the quotes on ``P:books:N`` and are stored in
+``P:book:N`` by their own script (`fastfeed.bus.books`).
+
 Subscribing, on every (re)connection: SUBSCRIBE all channels first, then read
 the store (``HSCAN`` in chunks) and apply it. A tick published in between
 arrives on the channel and is also in the store; the table keeps the newer
@@ -62,6 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .books import BOOK_SCRIPT, BookBus
 from .cluster import ClusterLink
 from .link import (
     BREAKER_NAMES,
@@ -82,13 +86,16 @@ from .link import (
 )
 from .store import ROW_SCRIPT, RowStore
 from .subscriber import Subscriber
+from .trades import TradeStore
 
 __all__ = [
+    "BOOK_SCRIPT",
     "BREAKER_NAMES",
     "CLOSED",
     "HALF_OPEN",
     "OPEN",
     "ROW_SCRIPT",
+    "BookBus",
     "BusConfigError",
     "BusDown",
     "ClusterBus",
@@ -155,11 +162,15 @@ class RedisBus:
         snapshot_chunk: int = 2000,
         name: str = "bus",
         sink: Any = None,
+        books: Any = None,
+        book_levels: int = 50,
+        trade_ring: int = 100,
     ):
         if sink is not None:
             if table is not None or on_ticks is not None:
                 raise ValueError("give a sink, or a table (and on_ticks): not both")
             table, on_ticks = sink.table, sink.kick
+            books = getattr(sink, "books", None) if books is None else books
         if subscribe and table is None:
             raise ValueError("a subscribing bus needs a table")
         if subscribe is False and table is not None:
@@ -178,9 +189,19 @@ class RedisBus:
                                          reseed=reseed, snapshot_chunk=snapshot_chunk,
                                          apply=sink.apply_batch if sink is not None else None)
             self.link.attach(self.subscriber)
+        # order books (bus/books.py): published by every bus, received by a
+        # gateway's, which gives its `fastfeed._core.Books`
+        self.book_bus = BookBus(self.link, books, levels=book_levels, on_change=on_ticks)
+        self.link.attach(self.book_bus)
+        # after the subscriber: the rings load once the channels are subscribed
+        self.trade_store = TradeStore(self.link, getattr(sink, "trades", None), trade_ring,
+                                      on_ticks)
+        self.link.attach(self.trade_store)
 
     @classmethod
     def from_config(cls, cfg: Any, table: Any = None, **kw: Any) -> RedisBus:
+        kw.setdefault("book_levels", getattr(cfg, "book_levels", 50))
+        kw.setdefault("trade_ring", getattr(cfg, "trade_ring", 100))
         return cls(cfg.redis, table, channels=cfg.redis_channels, prefix=cfg.redis_prefix, **kw)
 
     # ---- the link: names and state ----
@@ -304,6 +325,16 @@ class RedisBus:
         return self.subscriber.reseeded_rows if self.subscriber is not None else 0
 
     @property
+    def loaded_trades(self) -> int:
+        """Trades loaded from the rings in Redis, every (re)connection together."""
+        return self.trade_store.loaded_trades
+
+    @property
+    def reseeded_trades(self) -> int:
+        """Trades written back to a Redis that had lost the rings."""
+        return self.trade_store.reseeded_trades
+
+    @property
     def subscribing(self) -> bool:
         return self.subscriber is not None
 
@@ -353,6 +384,10 @@ class RedisBus:
     async def publish(self, ticks: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
         return await self.store.publish(ticks)
 
+    async def publish_trades(self, trades: list[dict[str, Any]]) -> list[tuple[int, Any, str]]:
+        """Store (the ring per instrument) and publish trades; see `fastfeed.bus.trades`."""
+        return await self.trade_store.publish(trades)
+
     def inflight(self) -> int:
         return self.link.inflight()
 
@@ -364,6 +399,11 @@ class RedisBus:
 
     async def read_state(self) -> dict[str, bytes]:
         return await self.store.read_state()
+
+    async def publish_books(self, msgs: list[Any], index: Any = None
+                            ) -> list[tuple[int, Any, str]]:
+        """Book messages onto the bus (`BookBus.publish`)."""
+        return await self.book_bus.publish(msgs, index)
 
     async def delete_state(self) -> None:
         await self.store.delete_state()

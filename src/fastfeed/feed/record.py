@@ -252,6 +252,7 @@ class RecordingSink:
         self.inner = inner
         self.recorder = recorder
         self.table = inner.table
+        self.books = inner.books  # the bus's book subscriber writes there directly
         self._taken = _Taken()
         self._numbering: _Numbering | None = None  # the last one recorded
 

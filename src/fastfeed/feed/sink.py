@@ -11,9 +11,16 @@ The four ways in, all synchronous (none waits for the network):
 
 ``json(data, source, reply)``     one /ingest text message: a tick object or an array
 ``ticks(ticks, source, reply)``   tick objects (dicts) already decoded
-``batch(data, source, reply)``    one binary tick batch (``FFT1``, docs/protocol.md)
+``batch(data, source, reply)``    one binary tick batch (``FFT1``) or trade batch (``FTR1``,
+                                  docs/protocol.md)
 ``arrays(numbering, ids, seqs, ts, vals, source)``  a simulator step, ids in the
                                   numbering `symbols(names)` returned
+
+Book messages (``{"type":"book",...}``, contract v1.1) come in through
+``json`` and ``ticks`` beside quote ticks: `split_kinds` takes them apart,
+quotes keep their path (the fast parser never sees a ``type``), and the
+books go to the sink's book writer; refusals of both come back in one
+`refused` with their indices in the publisher's message.
 
 ``source`` is the table's source number (`SIMULATOR`, `INGEST`, `BUS`:
 the ``source`` label of ``fastfeed_ticks``). A sink answers through the
@@ -43,6 +50,7 @@ import orjson
 from .. import _core
 from .. import protocol as P
 from .._tickjson import TickParser
+from . import trades as T
 
 __all__ = [
     "BUS",
@@ -152,10 +160,40 @@ class LogReply:
             log.warning("%s: %s (%d such so far)", self.who, what, self.problems)
 
 
+def split_kinds(msgs: list[Any], kinds: Sequence[str]
+                ) -> tuple[list[Any], list[int], dict[str, tuple[list[Any], list[int]]], Errors]:
+    """Quote ticks (no ``type``, or ``"quote"``) apart from the messages of
+    each kind in `kinds`: (quotes, their indices, {type: (messages,
+    indices)}, errors for an unknown ``type``)."""
+    quotes: list[Any] = []
+    qidx: list[int] = []
+    other: dict[str, tuple[list[Any], list[int]]] = {}
+    errors: Errors = []
+    for k, m in enumerate(msgs):
+        t = m.get("type") if type(m) is dict else None
+        if t is None or t == "quote":
+            quotes.append(m)
+            qidx.append(k)
+        elif t in kinds:
+            got = other.setdefault(t, ([], []))
+            got[0].append(m)
+            got[1].append(k)
+        else:
+            errors.append((k, m.get("sym"), f"unknown type {str(t)[:40]!r}"))
+    return quotes, qidx, other, errors
+
+
+_typed = _core.has_type
+# one part of a message for the bus: (messages, their indices or None, the bus call)
+_Part = tuple[list[Any], "list[int] | None", Callable[[list[Any]], Any]]
+
+
 def batch_count(data: bytes) -> int:
     """The tick count in a binary batch's header (0 if it is not one; applying
     it then refuses it by name)."""
-    return int.from_bytes(data[4:8], "little") if data[:4] == P.BATCH_MAGIC else 0
+    if data[:4] in (P.BATCH_MAGIC, P.TRADE_BATCH_MAGIC):
+        return int.from_bytes(data[4:8], "little")
+    return 0
 
 
 def arrays_to_ticks(names: Sequence[str], ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
@@ -183,13 +221,24 @@ class LocalSink:
 
     name = "local table"
 
-    def __init__(self, table: Any, kick: Callable[[], None]) -> None:
+    def __init__(self, table: Any, kick: Callable[[], None], books: Any = None,
+                 trades: Any = None) -> None:
         self.table = table
+        self.books = books  # fastfeed._core.Books, or None: book messages are refused
+        self.trades = trades  # the Trades kind (feeds the tape and the bars), or None
+        kinds = ((P.TYPE_BOOK, books), (P.TYPE_TRADE, trades))
+        self._kinds_taken = tuple(name for name, kind in kinds if kind is not None)
         self.kick = kick
-        self.apply_batch = table.apply_batch
+        # what the bus's subscriber applies: tick batches, and trade batches if trades are kept
+        self.apply_batch = table.apply_batch if trades is None else self._apply_any
         self.ticks_in = 0
         self.ticks_refused = 0
         self.failures = 0
+
+    def _apply_any(self, data: bytes, source: int = BUS) -> tuple[int, int, int]:
+        if data[:4] == P.TRADE_BATCH_MAGIC:
+            return self.trades.apply_batch(data, source)
+        return self.table.apply_batch(data, source)
 
     def json(self, data: bytes, source: int, reply: Reply) -> None:
         n = _PARSER.parse(data)
@@ -213,9 +262,26 @@ class LocalSink:
         if not reply.admit(len(ticks)):
             return
         self.ticks_in += len(ticks)
+        if _typed(ticks):
+            return self._kinds(ticks, source, reply)
         _, _, errors = self.table.apply_objects(ticks, source)
         self.kick()
         if errors:
+            self.ticks_refused += len(errors)
+            reply.refused(errors)
+
+    def _kinds(self, msgs: list[Any], source: int, reply: Reply) -> None:
+        quotes, qidx, other, errors = split_kinds(msgs, self._kinds_taken)
+        if quotes:
+            _, _, errs = self.table.apply_objects(quotes, source)
+            errors += T.renumber(errs, qidx)
+        if P.TYPE_BOOK in other:
+            errors += self.books.apply_objects(*other[P.TYPE_BOOK])[2]
+        if P.TYPE_TRADE in other:
+            errors += T.apply_local(self.trades, *other[P.TYPE_TRADE], source)
+        self.kick()
+        if errors:
+            errors.sort(key=lambda e: e[0])
             self.ticks_refused += len(errors)
             reply.refused(errors)
 
@@ -224,7 +290,10 @@ class LocalSink:
         if not reply.admit(n):
             return
         try:
-            _, _, rejected = self.apply_batch(data, source)
+            if data[:4] == P.TRADE_BATCH_MAGIC and self.trades is not None:
+                _, _, rejected = self.trades.apply_batch(data, source)
+            else:
+                _, _, rejected = self.table.apply_batch(data, source)
         except ValueError as e:
             self.failures += 1
             return reply.error(P.BAD_REQUEST, str(e))
@@ -232,7 +301,8 @@ class LocalSink:
         self.kick()
         if rejected:
             self.ticks_refused += rejected
-            reply.error(P.BAD_REQUEST, f"{rejected} ticks with a bad symbol or seq")
+            reply.error(P.BAD_REQUEST, f"{rejected} ticks or trades with a bad symbol, seq or "
+                        "value (a negative size, NaN or infinity, a bad side)")
 
     def symbols(self, names: Sequence[str]) -> np.ndarray:
         """The numbering `arrays` takes: position in `names` -> this table's id."""
@@ -284,39 +354,68 @@ class BusSink:
     def ticks(self, ticks: list[Any], source: int, reply: Reply) -> None:
         if not reply.admit(len(ticks)):
             return
-        self._publish(ticks, source, reply)
+        if not _typed(ticks):
+            return self._publish([(ticks, None, self.bus.publish)], source, reply)
+        quotes, qidx, other, errors = split_kinds(ticks, (P.TYPE_BOOK, P.TYPE_TRADE))
+        parts: list[_Part] = []
+        if quotes:
+            parts.append((quotes, qidx, self.bus.publish))
+        if P.TYPE_BOOK in other:
+            books, bidx = other[P.TYPE_BOOK]  # publish_books numbers its errors itself
+            parts.append((books, None, lambda m: self.bus.publish_books(m, bidx)))
+        if P.TYPE_TRADE in other:
+            trades, tidx = other[P.TYPE_TRADE]
+            parts.append((trades, tidx, self.bus.publish_trades))
+        self._publish(parts, source, reply, errors)
 
     def batch(self, data: bytes, source: int, reply: Reply) -> None:
         if not reply.admit(batch_count(data)):
             return
+        if data[:4] == P.TRADE_BATCH_MAGIC:
+            try:
+                trades = _core.decode_trade_batch(data)
+            except (ValueError, IndexError) as e:
+                self.failures += 1
+                return reply.error(P.BAD_REQUEST, f"bad trade batch: {e}")
+            return self._publish([(trades, None, self.bus.publish_trades)], source, reply)
         try:
             ticks = _core.decode_batch(data)
         except (ValueError, IndexError) as e:
             self.failures += 1
             return reply.error(P.BAD_REQUEST, f"bad tick batch: {e}")
-        self._publish(ticks, source, reply)
+        self._publish([(ticks, None, self.bus.publish)], source, reply)
 
     def symbols(self, names: Sequence[str]) -> list[str]:
         return list(names)
 
     def arrays(self, numbering: list[str], ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
                vals: np.ndarray, source: int = SIMULATOR) -> None:
-        self._publish(arrays_to_ticks(numbering, ids, seqs, ts, vals), source,
+        self._publish([(arrays_to_ticks(numbering, ids, seqs, ts, vals), None,
+                        self.bus.publish)], source,
                       LogReply(f"{P.TICK_SOURCES[source]} onto the Redis bus"))
 
-    def _publish(self, ticks: list[Any], source: int, reply: Reply) -> None:
-        self.ticks_in += len(ticks)
+    def _publish(self, parts: list[_Part], source: int, reply: Reply,
+                 early: Errors | None = None) -> None:
+        """Publish each part (messages, their indices in the message or None,
+        the bus call that takes them) in turn, and answer once: every refusal,
+        `early` ones included, in the order of the message."""
+        n = sum(len(msgs) for msgs, _, _ in parts)
+        self.ticks_in += n
 
         async def go() -> None:
             try:
-                errors = await self.bus.publish(ticks)
+                errors = list(early or ())
+                for msgs, idx, send in parts:
+                    errs = await send(msgs)
+                    errors += T.renumber(errs, idx) if errs and idx is not None else errs
+                errors.sort(key=lambda e: e[0])
                 if errors:  # refused before Redis: the table never counts these
                     self.ticks_refused += len(errors)
                     self.count_ticks(P.TICK_SOURCES[source], "rejected", len(errors))
                     reply.refused(errors)
             except Exception as e:  # the bus is down: say so, never drop silently
                 self.failures += 1
-                reply.error(P.UNAVAILABLE, f"{len(ticks)} ticks NOT published: {e}")
+                reply.error(P.UNAVAILABLE, f"{n} ticks NOT published: {e}")
 
         task = asyncio.get_running_loop().create_task(go())
         self._inflight.add(task)

@@ -23,15 +23,17 @@ from .. import _core, logs, metrics
 from .. import protocol as P
 from ..config import Config
 from ..feed import record
+from ..feed.delay import DelaySource
 from ..feed.ingest import IngestContext, IngestSource
 from ..feed.replay import ReplaySource
 from ..feed.simulator import SimulatorSource
 from ..feed.sink import BusSink, LocalSink, Sink
 from ..feed.source import BusSource, Source
+from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Channels, Limits, Registry, quote_channel
+from .registry import Channels, Limits, Registry, quote_channel, trade_channels
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -53,11 +55,23 @@ class Gateway:
         # what `channels` may name; a kind adds its slot (hub.add_kind) and channel here
         self.channels = Channels()
         self.channels.register(quote_channel(self.table))
+        # order books: the same instrument ids as the table (docs/core.md)
+        self.books = _core.Books(self.table, cfg.book_depth, cfg.book_levels)
+        book = book_channel(self.hub, self.books)
+        self.channels.register(book)
+        # trades (and the market-wide tape) and the bars made from them
+        self.bars = _core.Bars(self.table, history=cfg.bars_history, tz=cfg.bars_tz)
+        self.trades = _core.Trades(self.table, ring=cfg.trade_ring, backlog=cfg.trade_backlog,
+                                   tape_ring=cfg.tape_ring, bars=self.bars)
+        for ch in trade_channels(self.trades, self.hub.add_kind(self.trades),
+                                 self.bars, self.hub.add_kind(self.bars)):
+            self.channels.register(ch)
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
         self.clock = FrameClock(self.loop, self.hub, cfg.frame_ms, cfg.max_frame_ms,
                                 cfg.min_frame_ms, self.metrics.frame_floor.set)
+        self.clock.before.append(book_events(self.hub, book.slot, self.books))
         # picows' one frame-size limit, the largest endpoint's; FrameGuard holds
         # the others to theirs from the frame header
         frame_limit = max(cfg.max_message_bytes, cfg.max_ingest_bytes,
@@ -67,7 +81,7 @@ class Gateway:
         # the table as a sink: the bus's subscriber writes here, and in embedded
         # mode every source does; --record records what it takes
         self.table_sink: LocalSink | record.RecordingSink = LocalSink(
-            self.table, self.clock.after_ticks)
+            self.table, self.clock.after_ticks, self.books, self.trades)
         recorder = record.open_recorder(cfg.record, self.loop)
         if recorder is not None:
             self.table_sink = record.RecordingSink(self.table_sink, recorder)
@@ -76,6 +90,8 @@ class Gateway:
         self.sink: Sink = self.table_sink  # where the sources write (start decides)
         self.sources: list[Source] = []
         self.ingest: IngestSource | None = None
+        self.delay: DelaySource | None = None  # the delay line, unless --max-delay-s 0
+        self.delay_slots: dict[int, int] = {}  # delay (s) -> the hub slot of its table
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
@@ -103,7 +119,8 @@ class Gateway:
         assert self.ingest is not None
         session_ctx = SessionContext(self.link, self.limits, self.hub, self.table,
                                      self.symbol_index, self.registry, self.metrics.count_error,
-                                     self.channels)
+                                     self.channels,
+                                     self.delayed if self.delay is not None else None)
         return Routes(self.cfg, registry=self.registry, metrics=self.metrics, link=self.link,
                       session_ctx=session_ctx, ingest=self.ingest,
                       draining=lambda: self.draining, ready_reasons=self.ready_reasons)
@@ -128,6 +145,27 @@ class Gateway:
             self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
         if cfg.replay:
             self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
+        if cfg.max_delay_s:
+            # last: it starts once the bus's source holds the snapshot, which is
+            # then the line's first slot
+            self.delay = DelaySource(self.table, cfg.max_delay_s, cfg.delay_slot_ms,
+                                     cfg.delay_budget_mb, cfg.delay_gates_ready,
+                                     self.clock.after_ticks)
+            self.delay.on_full = self._delay_full
+            self.sources.append(self.delay)
+
+    def delayed(self, delay_s: int) -> tuple[int, Any, float]:
+        """The hub slot and quote table that serve `delay_s`, and the past the line holds."""
+        assert self.delay is not None
+        table = self.delay.table_for(delay_s)
+        slot = self.delay_slots.get(delay_s)
+        if slot is None:  # another slot under "rows": the hub merges them in one array
+            slot = self.delay_slots[delay_s] = self.hub.add_kind(table)
+        return slot, table, self.delay.past_s()
+
+    def _delay_full(self, delay_s: int) -> None:
+        for s in list(self.sessions.values()):
+            s.delay_line_full(delay_s)
 
     def after_ticks(self) -> None:
         """Ticks were applied: watched instruments that changed go out in this loop pass."""

@@ -28,6 +28,8 @@ class FrameClock:
         self.show_floor = show_floor  # the frame floor in seconds (0: not stretched)
         self.every = min(0.004, min_frame_ms / 4000)
         self._kicked = False
+        # run before every frame cycle (a kind's out-of-band messages, e.g. book status)
+        self.before: list[Callable[[], None]] = []
 
     def after_ticks(self) -> None:
         """Ticks were applied: watched instruments that changed go out in this loop pass."""
@@ -37,6 +39,8 @@ class FrameClock:
 
     def pump(self) -> None:
         self._kicked = False
+        for before in self.before:
+            before()
         if self.hub.pump(PUMP_SLICE_NS):
             # out of time slice: let ingest and reads run, then carry on with
             # the most overdue connections first (the heap is deadline-ordered)

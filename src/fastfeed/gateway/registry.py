@@ -100,6 +100,29 @@ def quote_channel(table: Any) -> Channel:
                    since_key="since")
 
 
+def trade_channels(trades: Any, trade_slot: int, bars: Any, bar_slot: int) -> list[Channel]:
+    """The trades channel (instrument ids, resumed with since_trades) and the
+    six bar channels (one hub slot, item iid * 6 + interval). An item is made
+    valid in its kind before the hub is given it (`reserve`): a symbol known
+    from a quote has no trade or bar item yet."""
+
+    def trade_item(iid: int) -> int:
+        trades.reserve(iid + 1)
+        return iid
+
+    out = [Channel(name=P.TRADES_CHANNEL, slot=trade_slot, key="trades", item=trade_item,
+                   snapshot=lambda items, since: trades.snapshot_json(items, since),
+                   since_key="since_trades")]
+    for k, name in enumerate(P.BAR_CHANNELS):
+        def bar_item(iid: int, k: int = k) -> int:
+            bars.reserve((iid + 1) * 6)
+            return iid * 6 + k
+
+        out.append(Channel(name=name, slot=bar_slot, key="bars", item=bar_item,
+                           snapshot=lambda items, since: bars.snapshot_json(items)))
+    return out
+
+
 class Member(Protocol):
     """What the registry needs of a connection (a gateway.session.Session)."""
 

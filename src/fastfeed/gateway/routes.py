@@ -88,6 +88,8 @@ class Routes:
         self.origins = {o.strip() for o in cfg.allowed_origins.split(",") if o.strip()}
         self.web = _load_web()
         self._internal_errors: dict[str, float] = {}
+        self.max_delay_s = cfg.max_delay_s
+        self._delay_refused_logged_at = -INTERNAL_ERROR_LOG_EVERY_S
 
     def safely(self, route: Callable[[WSUpgradeRequest], Any], req: WSUpgradeRequest):
         """`route(req)`, which never raises: an unexpected error is logged and
@@ -171,7 +173,15 @@ class Routes:
         ent = auth.EVERYTHING
         if self.secret:
             try:
-                ent = auth.verify(auth.token_from_request(req.path, req.headers), self.secret)
+                ent = auth.verify(auth.token_from_request(req.path, req.headers), self.secret,
+                                  self.max_delay_s)
+            except auth.DelayRefused as e:
+                # a valid token this gateway cannot serve: the operator's mismatch, so logged
+                now = time.monotonic()
+                if now - self._delay_refused_logged_at >= INTERNAL_ERROR_LOG_EVERY_S:
+                    self._delay_refused_logged_at = now
+                    log.warning("refused a client token (403): %s (logged once a minute)", e)
+                return self._refuse(403, str(e))
             except auth.AuthError as e:
                 return self._refuse(401, str(e))
         offered = [p.strip() for p in req.headers.get("Sec-WebSocket-Protocol", "").split(",")]

@@ -146,6 +146,20 @@ class SessionContext:
     registry: Registry  # attach, detach, subscription counts
     count_error: Callable[[str], None]  # an error reply, by code
     channels: Channels  # what `channels` may name: hub slot, items, snapshot
+    # delayed data: delay (s) -> (hub slot, delayed quote table, seconds of past the
+    # line holds); None when the gateway keeps no delay line (--max-delay-s 0)
+    delayed: Callable[[int], tuple[int, Any, float]] | None = None
+
+
+def delayed_quote_channel(dtable: Any, slot: int, delay_s: int) -> Channel:
+    """Quotes as of `delay_s` ago: the delayed table in its hub slot, under the
+    same key. A symbol with no delayed state yet is left out of snapshots (it is
+    subscribed; its first delayed state comes as an update)."""
+    def snapshot(items: list[int], since: dict[int, int]) -> bytes:
+        return dtable.rows_json([i for i in items if dtable.seq_of(i) >= 0], since)
+
+    return Channel(name=f"{P.QUOTE_CHANNEL}@{delay_s}", slot=slot, key="rows", item=int,
+                   snapshot=snapshot, since_key="since")
 
 
 class Session(MessageListener):
@@ -170,6 +184,11 @@ class Session(MessageListener):
         self.chan_subs: dict[str, set[int]] = {P.QUOTE_CHANNEL: self.subs}
         self.chan_watched: dict[str, set[int]] = {P.QUOTE_CHANNEL: self.watched}
         self.nsubs = 0  # (symbol, channel) pairs subscribed
+        # a delayed token: channel name -> the channel serving its delayed symbols
+        # (another hub slot, named "quote@900"); only quotes have one so far
+        self.twins: dict[str, Channel] = {}
+        self.twin_names: dict[str, Channel] = {}
+        self.told_filling = False
         self.nwatched = 0
         self.frame_ms = ctx.limits.frame_ms
         self.tokens = float(ctx.limits.request_burst)
@@ -192,13 +211,17 @@ class Session(MessageListener):
         self.guard_frames(transport)
         self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary,
                                 compact=self.compact)
+        if self.ent.delay and self.ctx.delayed is not None:
+            slot, dtable, _ = self.ctx.delayed(self.ent.delay)
+            twin = delayed_quote_channel(dtable, slot, self.ent.delay)
+            self.twins[P.QUOTE_CHANNEL] = self.twin_names[twin.name] = twin
         self.ctx.registry.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.count_picows_close(transport)
         if self.cid >= 0:
             for name, ids in self.chan_watched.items():
-                ch = self.ctx.channels.by_name[name]
+                ch = self._chan(name)
                 self.hub.watch_ids(self.cid, [ch.item(i) for i in ids], False, ch.slot)
             self.hub.remove(self.cid)
             self.ctx.registry.detach(self)
@@ -310,11 +333,22 @@ class Session(MessageListener):
                                               f"{', '.join(reg.names())}")
         return [reg.by_name[n] for n in dict.fromkeys(names)], True
 
+    def _chan(self, name: str) -> Channel:
+        return self.twin_names.get(name) or self.ctx.channels.by_name[name]
+
+    def _route(self, ch: Channel, sym: str) -> Channel | None:
+        """The channel that serves `sym` on `ch` to this client: `ch` itself, or
+        for a symbol it sees delayed, the delayed twin (None: `ch` has none yet)."""
+        if not self.ent.delay or not self.ent.delayed(sym):
+            return ch
+        return self.twins.get(ch.name)
+
     def _push(self, slots: set[int]) -> None:
         """Tell the hub this connection's subscription set of each slot in `slots`."""
         for slot in sorted(slots):
-            ids = [ch.item(i) for ch in self.ctx.channels.in_slot(slot)
-                   for i in self.chan_subs.get(ch.name, ())]
+            chans = self.ctx.channels.in_slot(slot) + [
+                t for t in self.twins.values() if t.slot == slot]
+            ids = [ch.item(i) for ch in chans for i in self.chan_subs.get(ch.name, ())]
             self.hub.subscribe_ids(self.cid, ids, slot)
 
     def _split(self, syms: list[str], chans: list[Channel], held: dict[str, set[int]]
@@ -326,7 +360,8 @@ class Session(MessageListener):
         missing: list[str] = []
         for sym in syms:
             iid = table.lookup(sym)
-            have = [ch for ch in chans if iid >= 0 and iid in held.get(ch.name, ())]
+            routed = [c for c in (self._route(ch, sym) for ch in chans) if c is not None]
+            have = [ch for ch in routed if iid >= 0 and iid in held.get(ch.name, ())]
             pairs.extend((sym, iid, ch) for ch in have)
             if len(have) < len(chans):
                 missing.append(sym)
@@ -348,9 +383,27 @@ class Session(MessageListener):
             since_of[key] = ids_since
         denied = [s for s in syms if not self.ent.allows(s)]
         ids = {s: table.lookup(s) for s in syms if self.ent.allows(s)}
-        new = {ch.name: sorted({iid for iid in ids.values()
-                                if iid >= 0 and iid not in self.chan_subs.get(ch.name, ())})
-               for ch in chans}
+        # each requested channel, and its delayed twin for the symbols seen delayed
+        targets: dict[str, Channel] = {}
+        picked: dict[str, set[int]] = {}
+        late: list[str] = []  # the symbols served delayed
+        undelayed: dict[str, list[str]] = {}  # channel -> delayed symbols it cannot serve yet
+        for s, iid in ids.items():
+            if iid < 0:
+                continue
+            for ch in chans:
+                rc = self._route(ch, s)
+                if rc is None:
+                    undelayed.setdefault(ch.name, []).append(s)
+                    continue
+                targets[rc.name] = rc
+                if iid not in self.chan_subs.get(rc.name, ()):
+                    picked.setdefault(rc.name, set()).add(iid)
+                    if rc is not ch and (not late or late[-1] != s):
+                        late.append(s)
+        for ch in chans:
+            targets.setdefault(ch.name, ch)
+        new = {name: sorted(picked.get(name, ())) for name in targets}
         added = sum(len(v) for v in new.values())
         if self.nsubs + added > self.limits.max_subscriptions:
             what = "(symbol, channel) pairs" if named else "symbols"
@@ -358,17 +411,21 @@ class Session(MessageListener):
                                f"at most {self.limits.max_subscriptions} {what} per connection")
         if denied:
             self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
+        for name, dsyms in undelayed.items():
+            # never real time for a delayed symbol: this channel has no delayed copy yet
+            self._error(rid, P.FORBIDDEN, f"channel {name} is not served delayed yet, and "
+                                          f"this token sees these symbols delayed", dsyms)
         if added:
-            for ch in chans:
+            for ch in targets.values():
                 self.chan_subs.setdefault(ch.name, set()).update(new[ch.name])
-            self._push({ch.slot for ch in chans if new[ch.name]})
+            self._push({ch.slot for ch in targets.values() if new[ch.name]})
             self.nsubs += added
             self.ctx.registry.subscriptions_changed(added)
         # one snapshot holds every requested channel; `rows` always (as in
         # update frames), the other keys when requested. Known symbols with
         # no state in a channel yet are left out of it: it comes as an update.
         parts: dict[str, list[bytes]] = {"rows": []}
-        for ch in chans:
+        for ch in targets.values():
             since = since_of.get(ch.since_key, {}) if ch.since_key else {}
             body = ch.snapshot([ch.item(i) for i in new[ch.name]], since)
             if body:
@@ -376,12 +433,27 @@ class Session(MessageListener):
             else:
                 parts.setdefault(ch.key, [])
         unknown = [s for s, iid in ids.items() if iid < 0]
-        head = {"type": "snapshot", "id": rid, "fields": FIELDS}
+        head: dict[str, Any] = {"type": "snapshot", "id": rid, "fields": FIELDS}
+        if self.twins:
+            head["delay"] = self.ent.delay
+            head["delayed"] = late
         out = [_dumps(head)[:-1]]
         for key, bodies in parts.items():
             out.append(b',"%s":[%s]' % (key.encode(), b",".join(bodies)))
         out.append(b',"unknown":' + _dumps(unknown) + b"}")
         self.send_text(b"".join(out))
+        if late and not self.told_filling and self.ctx.delayed is not None:
+            _, _, past_s = self.ctx.delayed(self.ent.delay)
+            if past_s < self.ent.delay:  # started late: no past for what ticked since
+                self.told_filling = True
+                self.send_text(_dumps({"type": "status", "delay_line": "filling",
+                                       "delay": self.ent.delay, "past_s": int(past_s)}))
+
+    def delay_line_full(self, delay_s: int) -> None:
+        """The gateway's line now holds this client's delay: say so if it was told otherwise."""
+        if self.told_filling and delay_s == self.ent.delay:
+            self.told_filling = False
+            self.send_text(_dumps({"type": "status", "delay_line": "full", "delay": delay_s}))
 
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
@@ -417,7 +489,7 @@ class Session(MessageListener):
                                f"at most {self.limits.max_watched} watched {what} per connection")
         if missing:
             self._error(rid, P.NOT_SUBSCRIBED, "subscribe before watching", missing)
-        for ch in chans:
+        for ch in {c.name: c for _, _, c in add}.values():
             ids = [iid for _, iid, c in add if c is ch]
             if ids:
                 self.chan_watched.setdefault(ch.name, set()).update(ids)
@@ -440,7 +512,7 @@ class Session(MessageListener):
         for _, iid, ch in pairs:
             by.setdefault(ch.name, []).append(iid)
         for name, ids in by.items():
-            ch = self.ctx.channels.by_name[name]
+            ch = self._chan(name)
             self.chan_watched[name].difference_update(ids)
             self.hub.watch_ids(self.cid, [ch.item(i) for i in ids], False, ch.slot)
         self.nwatched -= len(pairs)

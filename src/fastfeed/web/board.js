@@ -64,6 +64,8 @@ class Board {
     this.all = [];              // every symbol the board shows, sorted
     this.meta = new Map();      // sym -> {first, dp, dir[3], at[3], bid, ask, last}
     this.watched = [];          // starred symbols, in starring order (pinned on top)
+    this.delayed = new Set();   // symbols this token sees delayed (snapshots' "delayed")
+    this.delayText = "";        // "delayed 15 min", or "" for real time
     this.filter = "";
     this.view = [];             // what the grid shows: pinned then the rest, filtered
     this.dirty = new Set();     // syms changed since the last paint
@@ -301,6 +303,13 @@ class Board {
       r.tr.dataset.sym = sym;
       this.setText(c.sym, sym);
     }
+    const late = this.delayed.has(sym);
+    if (r.late !== late) {
+      r.late = late;
+      r.tr.classList.toggle("delayed", late);
+      c.sym.el.dataset.delay = late ? this.delayText : "";
+      c.sym.el.title = late ? this.delayText : "";
+    }
     const pinned = this.isWatched(sym);
     if (r.pinned !== pinned) {
       r.pinned = pinned;
@@ -526,8 +535,28 @@ function start() {
   client.on("stale", updateStatus);
   client.on("status", (m) => {
     updateStatus();
-    board.setNote(m.feed === "down" ? "upstream feed down: prices may be stale" : "");
+    if (m.delay_line === "filling") {
+      board.setNote(`delayed data: this server holds ${m.past_s} of ${m.delay} s of past; ` +
+        "symbols that traded since have no delayed price yet");
+    } else if ("feed" in m || m.delay_line === "full") {
+      board.setNote(m.feed === "down" ? "upstream feed down: prices may be stale" : "");
+    }
   });
+  // A delayed token: a badge in the bar, and per symbol when it mixes real time and delayed.
+  let mixed = false;
+  const showDelay = (delay, syms, rows) => {
+    const text = delay % 60 === 0 ? `delayed ${delay / 60} min` : `delayed ${delay} s`;
+    board.delayText = text;
+    for (const s of syms) board.delayed.add(s);
+    mixed = mixed || rows.some((r) => !board.delayed.has(r[F.SYM]));
+    const pill = $("delay");
+    pill.hidden = board.delayed.size === 0;
+    pill.textContent = mixed ? `${text} (some real time)` : text;
+    document.body.dataset.delayMix = String(mixed);
+    for (const r of board.pool) r.late = undefined; // repaint the markers
+    board.layoutDirty = true;
+    board.schedule();
+  };
   client.on("open", async () => {
     updateStatus();
     board.setNote("");
@@ -549,7 +578,10 @@ function start() {
       if (err.code !== "closed") board.setNote(`${err.code || "error"}: ${err.message}`);
     }
   });
-  client.on("snapshot", (m) => board.onRows(m.rows));
+  client.on("snapshot", (m) => {
+    if (m.delay) showDelay(m.delay, m.delayed || [], m.rows);
+    board.onRows(m.rows);
+  });
   client.on("update", (m) => {
     const rows = m.rows;
     board.onRows(rows);

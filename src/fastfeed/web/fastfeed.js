@@ -604,7 +604,7 @@ export class FastfeedClient {
         this._emit("heartbeat", msg);
         return;
       case "status":
-        this.feed = msg.feed;
+        if ("feed" in msg) this.feed = msg.feed; // others: a delay line filling, a book
         this._emit("status", msg);
         return;
       case "snapshot":

@@ -1,0 +1,106 @@
+"""Delayed data: the delay line's clock, its budget and its health (docs/delay.md).
+
+The line (`fastfeed._core.DelayLine`) reads the real table's changes once a
+slot and releases them to the delayed tables as they come of age; this is
+the task that makes it turn, in the gateway's loop, and what it tells the
+operator (the log when it coarsens, metrics, /readyz with
+--delay-gates-ready) and the delayed clients (whether it holds their past).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .. import _core
+from .source import TaskSource
+
+log = logging.getLogger("fastfeed.delay")
+
+NS = 1_000_000_000
+
+
+class DelaySource(TaskSource):
+    """The delay line as a source of the delayed tables (not of the real one)."""
+
+    name = "delay line"
+
+    def __init__(self, table: Any, max_delay_s: int, slot_ms: int, budget_mb: int,
+                 gates_ready: bool, kick: Callable[[], None]) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # it writes delayed tables, no sink
+        self.line = _core.DelayLine(table, max_delay_s * NS, slot_ms * 1_000_000,
+                                    budget_mb << 20)
+        self.max_delay_s = max_delay_s
+        self.gates_ready = gates_ready
+        self.kick = kick
+        self.on_full: Callable[[int], None] = lambda delay_s: None
+        self._asked: set[int] = set()
+        self._filling: set[int] = set()  # delays (s) whose past the line does not hold yet
+        self._slot_logged = self.line.slot_ns
+
+    def table_for(self, delay_s: int) -> Any:
+        """The delayed table for `delay_s` (1 .. max_delay_s), made on first use."""
+        known = delay_s * NS in self._asked
+        table = self.line.view(delay_s * NS)
+        if not known:
+            self._asked.add(delay_s * NS)
+            if self.filling(delay_s):
+                self._filling.add(delay_s)
+        return table
+
+    def filling(self, delay_s: int) -> bool:
+        """True while the line holds less than `delay_s` of past (this worker
+        started less than `delay_s` ago): symbols whose last tick is newer
+        than that have no delayed state yet."""
+        return self.line.past_ns() < delay_s * NS
+
+    def past_s(self) -> float:
+        return self.line.past_ns() / NS
+
+    def problem(self) -> str | None:
+        if self.gates_ready and self.filling(self.max_delay_s):
+            return (f"delay line filling: {self.past_s():.0f} of {self.max_delay_s} s of past "
+                    "held (--delay-gates-ready)")
+        return None
+
+    def step(self, now: int) -> int:
+        """One turn: close a slot if one is due, release what came of age."""
+        line = self.line
+        line.record(now)
+        applied = line.advance(now)
+        if applied:
+            self.kick()
+        if line.slot_ns != self._slot_logged:
+            log.warning("delay line over its budget of %d MiB (--delay-budget-mb): slots "
+                        "coarsened from %g to %g ms, %d entries in %d slots, %d bytes; "
+                        "delayed clients now move in steps of %g ms. Raise the budget, or "
+                        "lower --max-delay-s, to keep the finer slots",
+                        line.budget_bytes >> 20, self._slot_logged / 1e6, line.slot_ns / 1e6,
+                        line.entries, line.slots, line.nbytes, line.slot_ns / 1e6)
+            self._slot_logged = line.slot_ns
+        if self._filling:
+            for d in sorted(self._filling):
+                if not self.filling(d):
+                    self._filling.discard(d)
+                    self.on_full(d)
+        return applied
+
+    async def start(self) -> None:
+        # the first slot now: it holds the table as the sources before this one
+        # left it (the bus's snapshot), before any client can ask
+        self.step(_core.wall_ns())
+        await super().start()
+
+    async def run(self) -> None:
+        line = self.line
+        while True:
+            # a release is due at most a slot after the record that made it
+            await asyncio.sleep(line.slot_ns / NS)
+            self.step(_core.wall_ns())
+
+    def observe(self, metrics: Any) -> None:
+        metrics.delay_line_bytes.set(self.line.nbytes)
+        metrics.delay_slot.set(self.line.slot_ns / NS)
+        metrics.delay_past.set(min(self.past_s(), self.max_delay_s))

@@ -1,0 +1,219 @@
+"""The delay line against plain tables, on a clock the test holds.
+
+No row newer than `now - delay` ever reaches a delayed table; once the delay
+has passed after the last tick, the delayed table holds the real one's
+state; memory stays within docs/delay.md's formula, coarsening over budget.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from fastfeed import _core
+
+S = 1_000_000_000
+MS = 1_000_000
+T0 = 1_700_000_000 * S  # a fixed wall clock: every step below names its `now`
+
+
+def tick(table, sym, seq, ts, px=1.0):
+    assert table.apply_tick(sym, seq, ts, bid=px, ask=px + 1, last=px, bid_size=1.0,
+                            ask_size=2.0, last_size=3.0, volume=float(seq)) == 0
+
+
+def held(table):
+    """{sym: row} of the instruments that have a state."""
+    return {table.symbol(i): table.row(i) for i in range(len(table)) if table.seq_of(i) >= 0}
+
+
+def assert_not_newer(view, cutoff):
+    ts = view.arrays["ts"][:len(view)]
+    seq = view.arrays["seq"][:len(view)]
+    late = np.flatnonzero((seq >= 0) & (ts > cutoff))
+    assert not len(late), (f"{len(late)} delayed rows newer than now - delay, e.g. "
+                           f"{view.row(int(late[0]))} against {cutoff}")
+
+
+def test_rows_come_out_after_the_delay_and_not_before():
+    real = _core.Table()
+    line = _core.DelayLine(real, 2 * S, 100 * MS)
+    view = line.view(2 * S)
+    line.record(T0)  # the line starts: an empty table
+    tick(real, "BBCA", 1, T0 + 10 * MS)
+    line.record(T0 + 100 * MS)
+    for now in range(T0 + 100 * MS, T0 + 2010 * MS, 100 * MS):
+        line.record(now)
+        line.advance(now)
+        assert held(view) == {}, f"released at {now - T0} ns after the start"
+    line.advance(T0 + 2100 * MS)
+    assert held(view) == {"BBCA": real.row(0)}
+    assert view.lookup("BBCA") == real.lookup("BBCA") == 0
+
+
+def test_a_slot_keeps_only_the_latest_state_of_each_instrument():
+    real = _core.Table()
+    line = _core.DelayLine(real, 1 * S, 100 * MS)
+    line.record(T0)
+    for seq in range(1, 50):
+        tick(real, "BBCA", seq, T0 + seq * MS)
+        tick(real, "TLKM", seq, T0 + seq * MS)
+    assert line.record(T0 + 100 * MS) == 2
+    assert line.entries == 2 and line.slots == 1
+
+
+def test_a_row_stamped_in_the_future_waits_for_its_ts():
+    real = _core.Table()
+    line = _core.DelayLine(real, 1 * S, 100 * MS)
+    view = line.view(1 * S)
+    line.record(T0)
+    tick(real, "SKEW", 1, T0 + 5 * S)  # a source clock 5 s ahead
+    tick(real, "OK", 1, T0 + 50 * MS)
+    line.record(T0 + 100 * MS)
+    assert line.pending == 1
+    now = T0 + 100 * MS
+    while now < T0 + 7 * S:
+        now += 100 * MS
+        line.record(now)
+        line.advance(now)
+        assert_not_newer(view, now - 1 * S)
+        if now >= T0 + 1200 * MS:
+            assert "OK" in held(view)
+    assert held(view) == held(real)
+    assert line.pending == 0
+
+
+def test_a_newer_state_supersedes_a_pending_one():
+    real = _core.Table()
+    line = _core.DelayLine(real, 1 * S, 100 * MS)
+    view = line.view(1 * S)
+    line.record(T0)
+    tick(real, "SKEW", 1, T0 + 60 * S)
+    line.record(T0 + 100 * MS)
+    tick(real, "SKEW", 2, T0 + 150 * MS, px=7.0)  # the source's clock is fixed
+    line.record(T0 + 200 * MS)
+    line.advance(T0 + 1300 * MS)
+    assert held(view) == held(real)
+    line.record(T0 + 61 * S)
+    line.advance(T0 + 62 * S)
+    assert view.row(0)[1] == 2  # the old future state never overwrites the newer one
+
+
+def test_a_late_start_serves_the_rows_already_old_enough_at_once():
+    real = _core.Table()
+    tick(real, "OLD", 5, T0 - 3600 * S)  # a bus snapshot: last traded an hour ago
+    tick(real, "NEW", 9, T0 - 1 * S)  # traded a second ago: its past is not held
+    line = _core.DelayLine(real, 900 * S, 100 * MS)
+    view = line.view(900 * S)
+    line.record(T0)
+    line.advance(T0)
+    assert held(view) == {"OLD": real.row(0)}
+    assert view.lookup("NEW") == 1 and view.seq_of(1) < 0  # known, no delayed state yet
+    line.advance(T0 + 899 * S)
+    assert "NEW" in held(view)
+
+
+def test_every_view_moves_at_its_own_delay_and_a_new_one_starts_from_the_oldest():
+    real = _core.Table()
+    line = _core.DelayLine(real, 10 * S, 100 * MS)
+    ten = line.view(10 * S)
+    line.record(T0)
+    for k in range(1, 101):  # 10 s of ticks, one every 100 ms
+        now = T0 + k * 100 * MS
+        tick(real, "BBCA", k, now - MS, px=float(k))
+        line.record(now)
+        line.advance(now)
+    now = T0 + 10_050 * MS
+    two = line.view(2 * S, now)  # asked for only now: built from the 10 s copy and the line
+    line.advance(now)
+    assert_not_newer(two, now - 2 * S)
+    assert_not_newer(ten, now - 10 * S)
+    assert two.row(0)[1] > 70 and ten.row(0)[1] <= 1
+    assert sorted(line.delays()) == [2 * S, 10 * S]
+
+
+def _random_feed(line, real, views, seconds, rate, nsym, rnd, skew_share=0.0):
+    """A feed of `rate` ticks/s for `seconds`, a record and an advance every 100 ms;
+    after every advance, no delayed row is newer than its cutoff."""
+    syms = [f"S{i:05d}" for i in range(nsym)]
+    seqs = dict.fromkeys(syms, 0)
+    step = 100 * MS
+    now = T0
+    line.record(now)
+    for _ in range(int(seconds * S // step)):
+        for _ in range(int(rate * step / S)):
+            s = rnd.choice(syms)
+            seqs[s] += 1
+            ts = now + rnd.randrange(step)
+            if rnd.random() < skew_share:
+                ts += rnd.randrange(3 * S)  # ahead of the gateway's clock
+            tick(real, s, seqs[s], ts, px=rnd.random())
+        now += step
+        line.record(now)
+        line.advance(now)
+        for d, view in views:
+            assert_not_newer(view, now - d)
+    return now
+
+
+def test_random_feed_never_leaks_and_ends_equal():
+    rnd = random.Random(7)
+    real = _core.Table()
+    line = _core.DelayLine(real, 2 * S, 100 * MS)
+    views = [(2 * S, line.view(2 * S)), (1 * S, line.view(1 * S))]
+    now = _random_feed(line, real, views, 6, 2000, 300, rnd, skew_share=0.05)
+    for _ in range(60):  # the feed has stopped: 6 s more, skewed rows included
+        now += 100 * MS
+        line.record(now)
+        line.advance(now)
+    for d, view in views:
+        assert_not_newer(view, now - d)
+        assert held(view) == held(real)
+
+
+def formula(instruments, ticks_per_s, max_delay_s, slot_s):
+    """docs/delay.md: the most bytes the line holds, before the budget steps in."""
+    slots = max_delay_s / slot_s + 2
+    per_slot = min(instruments, ticks_per_s * slot_s)
+    return 2 * (80 * per_slot * slots) + 32 * 2 * slots + 21 * 2 * instruments + 1024 * 80
+
+
+def test_memory_stays_within_the_formula():
+    rnd = random.Random(3)
+    real = _core.Table()
+    line = _core.DelayLine(real, 5 * S, 100 * MS, budget_bytes=1 << 30)
+    _random_feed(line, real, [(5 * S, line.view(5 * S))], 8, 10_000, 2000, rnd)
+    assert line.coarsened == 0
+    assert 0 < line.nbytes <= formula(2000, 10_000, 5, 0.1)
+
+
+def test_over_budget_the_slots_coarsen_and_stay_correct():
+    rnd = random.Random(5)
+    real = _core.Table()
+    budget = 2 << 20
+    line = _core.DelayLine(real, 5 * S, 100 * MS, budget_bytes=budget)
+    views = [(5 * S, line.view(5 * S)), (2 * S, line.view(2 * S))]
+    now = _random_feed(line, real, views, 8, 10_000, 5000, rnd)
+    assert line.coarsened >= 1 and line.slot_ns > 100 * MS
+    assert line.nbytes <= budget + 2 * 80 * 5000  # the budget, plus one slot of growth
+    for _ in range(int((5 * S + 2 * line.slot_ns) // (100 * MS)) + 1):
+        now += 100 * MS
+        line.record(now)
+        line.advance(now)
+    for d, view in views:
+        assert_not_newer(view, now - d)
+        assert held(view) == held(real)
+
+
+@pytest.mark.parametrize("args", [(0, 100 * MS), (S, 0)])
+def test_bad_settings_are_refused(args):
+    with pytest.raises(ValueError):
+        _core.DelayLine(_core.Table(), *args)
+
+
+def test_a_view_past_the_maximum_is_refused():
+    line = _core.DelayLine(_core.Table(), 10 * S)
+    with pytest.raises(ValueError, match="outside"):
+        line.view(11 * S)
