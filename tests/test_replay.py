@@ -43,7 +43,9 @@ def recorded_state(path) -> tuple[dict, list[int]]:
             kinds.append(kind)
             if kind == record.JSON:
                 msg = json.loads(payload)
-                merge(ref, msg if isinstance(msg, list) else [msg])
+                # quote ticks only: the simulator's books and trades are no rows
+                merge(ref, [m for m in (msg if isinstance(msg, list) else [msg])
+                            if m.get("type", "quote") == "quote"])
             elif kind == record.BATCH:
                 merge(ref, decode_batch(payload))
             elif kind == record.SYMBOLS:
