@@ -390,7 +390,7 @@ cdef class Books(Kind):
         cdef unsigned char buf[16]
         if B.crc_ver == ver and ver:
             return B.crc
-        for side in (1, 0):
+        for side in range(1, -1, -1):  # asks, then bids; a C loop, no tuple
             s = self._side(b, side)
             for k in range(min(B.n[side], self.depth)):
                 # x86 and ARM are little-endian: the doubles' bytes as they lie
