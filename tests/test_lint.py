@@ -34,5 +34,6 @@ def test_stubs_match_the_compiled_module():
 
 
 def test_python_callers_type_check_against_the_stubs():
-    run(sys.executable, "-m", "mypy", "src/fastfeed/gateway", "src/fastfeed/feed",
-        "src/fastfeed/protocol.py", "src/fastfeed/reference.py", "--ignore-missing-imports")
+    # the whole package by path: an editable install hides it from mypy's
+    # import search, so only what is named here is checked the same everywhere
+    run(sys.executable, "-m", "mypy", "src/fastfeed", "--ignore-missing-imports")

@@ -64,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--secret", default="",
                    help="signing secret (default: FASTFEED_JWT_SECRET[_FILE])")
     t.set_defaults(func=_token)
-    try:
-        from .feed import publish
-    except ImportError:
-        publish = None
-    if publish is not None and hasattr(publish, "add_publish_parser"):
-        publish.add_publish_parser(sub)
+    from .feed import publish
+
+    publish.add_publish_parser(sub)
     ns = parser.parse_args(argv)
     return ns.func(ns)
 

@@ -1144,7 +1144,7 @@ class Client:
         books = self.books
         for entry in entries:
             sym = entry.get("sym")
-            if BOOK_CHANNEL not in self._chans.get(sym, _QUOTE_ONLY):  # type: ignore[arg-type]
+            if not isinstance(sym, str) or BOOK_CHANNEL not in self._chans.get(sym, _QUOTE_ONLY):
                 continue
             if sym in self._resyncing:
                 if not snapshot:

@@ -212,7 +212,7 @@ class Transport(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def send(self, ticks: list[Tick]) -> None: ...
+    async def send(self, ticks: list[Tick | bytes]) -> None: ...
 
     async def closed(self) -> int: ...
 
@@ -291,7 +291,7 @@ class WebSocketTransport:
                 ) from e
             raise ConnectionError(f"{self.url}: {e}") from e
 
-    async def send(self, ticks: list[Tick]) -> None:
+    async def send(self, ticks: list[Any]) -> None:  # tick objects: it does not pack
         ws = self._ws
         if ws is None or ws.is_disconnected:
             raise ConnectionError("not connected")
@@ -417,7 +417,8 @@ class RedisTransport:
             if not ticks:
                 return
         if type(ticks[0]) is bytes:  # records the publisher packed: checked
-            parts, errors = join_records(ticks, bus.parts), []
+            parts = join_records(ticks, bus.parts)
+            errors: list[tuple[int, str | None, str]] = []
         else:
             parts, errors = encode_batch(ticks, bus.parts)
         if errors and self.on_error is not None:
@@ -544,7 +545,7 @@ class Publisher:
         #: why the publisher stopped, once it has
         self.error: BaseException | None = None
 
-        self._queue: list[Tick] = []
+        self._queue: list[Tick | bytes] = []  # ticks, or a packing transport's records
         self._state: dict[str, Tick] = {}  # every symbol's ticks merged: resent on reconnect
         self._books: dict[str, _HeldBook] = {}  # every book whole: resent full on reconnect
         self._connected = asyncio.Event()
@@ -690,7 +691,9 @@ class Publisher:
         msgs = []
         for i, b in enumerate(books):
             try:
-                msgs.append(book_message(b.get("sym"), b.get("seq"), b.get("bids") or (),
+                # book_message refuses a missing sym or seq by name
+                msgs.append(book_message(b.get("sym"), b.get("seq"),  # type: ignore[arg-type]
+                                         b.get("bids") or (),
                                          b.get("asks") or (), bool(b.get("full"))))
             except (ValueError, TypeError, AttributeError) as e:
                 if self.validate:
@@ -852,7 +855,7 @@ class Publisher:
             # then every book whole: the changes queued before are in it
             state += [b.full(sym) for sym, b in self._books.items()]
             for i in range(0, len(state), self.max_batch):
-                batch = [dict(t) for t in state[i : i + self.max_batch]]
+                batch: list[Tick | bytes] = [dict(t) for t in state[i : i + self.max_batch]]
                 await self._send(batch)
                 self.resent += len(batch)
             if state:
@@ -901,7 +904,7 @@ class Publisher:
                 log.info("fastfeed publisher: connection closed (%s), reconnecting", code)
         return code
 
-    async def _send(self, batch: list[Tick]) -> None:
+    async def _send(self, batch: list[Tick | bytes]) -> None:
         await self.transport.send(batch)
         self.sent += len(batch)
         self.batches += 1
