@@ -247,6 +247,7 @@ cdef class Bars(Kind):
         self.encstart[item] = b.start
         return q
 
+    @cython.cdivision(True)  # item >= 0, NBARIV a constant
     cdef char* _head(self, char* p, int32_t item) noexcept:
         cdef int32_t iid = item // NBARIV
         cdef int k = item % NBARIV
@@ -270,6 +271,7 @@ cdef class Bars(Kind):
             b = self.held
         return <Py_ssize_t>n * (64 + SYM_MAX + 24) + b * (BAR_SLOT + 1)
 
+    @cython.cdivision(True)  # the history holds at least one bar
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
         cdef Py_ssize_t i

@@ -14,12 +14,11 @@ way (tests/test_tickjson.py checks the two against each other).
 cimport cython
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcmp, memcpy
 
 from fastfeed._defs cimport APPLIED, M_TS, NVALS, REJECTED, STALE, __builtin_popcount
 from fastfeed._table cimport Table
-from fastfeed._wire cimport _hash, ff_p10, symbol_ok
+from fastfeed._wire cimport _batch_parts, _hash, ff_p10, symbol_ok
 
 cdef extern from "Python.h":
     # overflow_exception NULL: an overflow gives inf (refused below), not an error
@@ -380,7 +379,6 @@ cdef class TickParser:
         cdef char* o
         cdef Py_ssize_t* size
         cdef char** at
-        cdef uint32_t cnt
         if self.data is None:
             raise ValueError("encode_batch() without a successful parse()")
         if parts < 1:
@@ -399,18 +397,7 @@ cdef class TickParser:
                 t.part = <int32_t>(_hash(base + t.sym_at, t.sym_len) % <uint64_t>parts)
                 size[t.part] += 10 + t.sym_len + 8 * __builtin_popcount(t.mask)
                 size[parts + t.part] += 1
-            outs = []
-            for j in range(parts):
-                if size[parts + j] == 0:
-                    outs.append(b"")
-                    continue
-                b = PyBytes_FromStringAndSize(NULL, 8 + size[j])
-                outs.append(b)
-                o = PyBytes_AS_STRING(b)
-                memcpy(o, b"FFT1", 4)
-                cnt = <uint32_t>size[parts + j]
-                memcpy(o + 4, &cnt, 4)
-                at[j] = o + 8
+            outs = _batch_parts(size, parts, at)
             for k in range(self.n):
                 t = &self.ticks[k]
                 o = at[t.part]

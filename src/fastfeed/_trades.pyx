@@ -243,6 +243,7 @@ cdef class Tape(Kind):
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
         return 64 + <Py_ssize_t>self.ring * (TAPE_SLOT + 1)
 
+    @cython.cdivision(True)  # the ring holds at least one trade
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
         # trade k (1-based) has stamp k: held are version-held+1 .. version
@@ -421,6 +422,7 @@ cdef class Trades(Kind):
             t = self.held
         return <Py_ssize_t>n * (64 + SYM_MAX + 24) + t * (TRADE_SLOT + 1)
 
+    @cython.cdivision(True)  # ring and backlog are at least 1 (checked at construction)
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
         cdef Py_ssize_t i

@@ -16,6 +16,7 @@ cdef extern from "Python.h":
 
 cdef bint symbol_ok(const char* s, Py_ssize_t n) noexcept
 cdef object _check_tick(object t, double* v, uint32_t* mask, int64_t* seq, int64_t* ts)
+cdef list _batch_parts(const Py_ssize_t* size, int parts, char** at)
 
 cdef inline uint64_t _hash(const char* s, Py_ssize_t n) noexcept:
     cdef uint64_t h = 1469598103934665603ULL

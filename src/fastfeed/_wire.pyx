@@ -212,14 +212,34 @@ def pack_ticks(list ticks):
 
 
 @cython.cdivision(True)   # parts >= 1, checked first
+cdef list _batch_parts(const Py_ssize_t* size, int parts, char** at):
+    """The FFT1 batches of a bus publish, one per partition: `size[j]` bytes
+    of records and `size[parts + j]` records in partition j (b"" for none);
+    `at[j]` gets where partition j's first record goes."""
+    cdef list outs = []
+    cdef int j
+    cdef uint32_t cnt
+    cdef char* o
+    for j in range(parts):
+        if size[parts + j] == 0:
+            outs.append(b"")
+            continue
+        b = PyBytes_FromStringAndSize(NULL, 8 + size[j])
+        outs.append(b)
+        o = PyBytes_AS_STRING(b)
+        memcpy(o, b"FFT1", 4)
+        cnt = <uint32_t>size[parts + j]
+        memcpy(o + 4, &cnt, 4)
+        at[j] = o + 8
+    return outs
+
+
 def join_records(list records, int parts=1):
     """Batches, one per bus partition (b"" where a partition has none), of
     records `pack_ticks` wrote: the bytes `encode_batch` writes for those ticks."""
     cdef Py_ssize_t k, n, m = len(records)
     cdef int j
     cdef const char* r
-    cdef char* o
-    cdef uint32_t cnt
     cdef Py_ssize_t* size
     cdef char** at
     cdef int* part
@@ -248,18 +268,7 @@ def join_records(list records, int parts=1):
             part[k] = j
             size[j] += PyBytes_GET_SIZE(<bytes>records[k])
             size[parts + j] += 1
-        outs = []
-        for j in range(parts):
-            if size[parts + j] == 0:
-                outs.append(b"")
-                continue
-            b = PyBytes_FromStringAndSize(NULL, 8 + size[j])
-            outs.append(b)
-            o = PyBytes_AS_STRING(b)
-            memcpy(o, b"FFT1", 4)
-            cnt = <uint32_t>size[parts + j]
-            memcpy(o + 4, &cnt, 4)
-            at[j] = o + 8
+        outs = _batch_parts(size, parts, at)
         for k in range(m):
             j = part[k]
             memcpy(at[j], PyBytes_AS_STRING(<bytes>records[k]),
