@@ -45,9 +45,11 @@ message, ``{"type": "book", ...}``, given to `publish`) checks the levels
 (finite prices, volumes not negative, a full book not crossed) and queues
 the message in order with the ticks; the publisher keeps each book whole
 (every level, the latest ``seq``) and sends it as one full book on every new
-connection, so a restarted gateway gets its books back and one that stayed
-up drops what it already has. Books go to a gateway's ``/ingest``; the Redis
-transport refuses them, by name, until the bus carries books.
+connection, so a restarted gateway, or a Redis that restarted empty, gets
+its books back and one that stayed up drops what it already has. Books go
+to a gateway's ``/ingest``, or through the bus's book script
+(`fastfeed.bus.books`; ``book_levels`` must be the gateways'
+``--book-levels``).
 
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
@@ -367,7 +369,7 @@ class RedisTransport:
     """
 
     packs_ticks = True  # the publisher queues encoded records (see Transport)
-    takes_books = False  # the bus carries ticks only, for now
+    takes_books = True  # through the bus's book script (fastfeed.bus.books)
 
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
@@ -405,17 +407,18 @@ class RedisTransport:
                 return
 
     async def send(self, ticks: list[Any]) -> None:
+        # books and ticks keep their order: runs of each, one after the other
+        start = 0
+        for k in range(1, len(ticks) + 1):
+            if k == len(ticks) or _is_book(ticks[k]) != _is_book(ticks[start]):
+                if _is_book(ticks[start]):
+                    await self._send_books(ticks[start:k], start)
+                else:
+                    await self._send_ticks(ticks[start:k])
+                start = k
+
+    async def _send_ticks(self, ticks: list[Any]) -> None:
         bus = self.bus
-        if any(type(t) is not bytes and t.get("type") == "book" for t in ticks):
-            # never dropped silently: each book is refused by name
-            for i, t in enumerate(ticks):
-                if type(t) is not bytes and t.get("type") == "book" and self.on_error is not None:
-                    self.on_error(_refused(i, t["sym"], "books cannot go onto the Redis bus "
-                                           "with this version: publish them to a gateway's "
-                                           "/ingest"))
-            ticks = [t for t in ticks if type(t) is bytes or t.get("type") != "book"]
-            if not ticks:
-                return
         if type(ticks[0]) is bytes:  # records the publisher packed: checked
             parts = join_records(ticks, bus.parts)
             errors: list[tuple[int, str | None, str]] = []
@@ -432,6 +435,17 @@ class RedisTransport:
                 await bus.drain()
         except (TimeoutError, RedisError) as e:
             raise BusDown(f"redis {bus.url}: {e or type(e).__name__}") from e
+
+    async def _send_books(self, books: list[Any], first: int) -> None:
+        # the book script stores them by the book rules and publishes what it
+        # took; waiting for its answer keeps them in order with what follows
+        try:
+            errors = await self.bus.publish_books(books, range(first, first + len(books)))
+        except (TimeoutError, RedisError) as e:
+            raise BusDown(f"redis {self.bus.url}: {e or type(e).__name__}") from e
+        if errors and self.on_error is not None:
+            for idx, sym, why in errors:
+                self.on_error(_refused(idx, sym, why))
 
     async def sync(self) -> None:
         try:
@@ -465,6 +479,10 @@ def transport_for(url: str, token: str | None = None, **kw: Any) -> Transport:
     raise ValueError(f"publish to ws://HOST:PORT/ingest (a gateway) or redis://HOST:PORT "
                      f"(the bus; also rediss://, unix://, redis+cluster://, "
                      f"redis+sentinel://), not {url!r}")
+
+
+def _is_book(t: Any) -> bool:
+    return type(t) is not bytes and t.get("type") == "book"
 
 
 def _refused(idx: int, sym: Any, why: str) -> FastfeedError:
