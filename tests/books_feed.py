@@ -10,10 +10,13 @@ SYMS = [f"B{i:02d}" for i in range(12)]
 class BookFeed:
     """Random book messages: full books, changes near the top, sweeps,
     levels beyond the kept maximum, and now and then a seq gap, a crossing
-    change or a stale seq (the book goes stale and a later full book heals it)."""
+    change or a stale seq (the book goes stale and a later full book heals it).
+    Without `faults`, none of those: every book stays good, so a gateway's
+    book is the source's book exactly as long as it keeps every level."""
 
-    def __init__(self, seed: int, syms: list[str] = SYMS) -> None:
+    def __init__(self, seed: int, syms: list[str] = SYMS, faults: bool = True) -> None:
         self.rng = random.Random(seed)
+        self.faults = faults
         self.syms = syms
         self.seq = dict.fromkeys(syms, 0)
         self.mid = {s: 1000.0 + 100 * k for k, s in enumerate(syms)}
@@ -34,6 +37,8 @@ class BookFeed:
                             "bids": [self.level(s, 0, k) for k in range(rng.randint(0, 14))],
                             "asks": [self.level(s, 1, k) for k in range(rng.randint(0, 14))]})
                 continue
+            if not self.faults and r < 0.15:
+                r = 0.5  # a plain change instead of a gap, a repeated seq or a crossing
             if r < 0.11:
                 self.seq[s] += 2  # a gap
             elif r < 0.13:
