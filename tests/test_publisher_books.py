@@ -142,6 +142,45 @@ async def test_books_on_the_wire_to_ingest() -> None:
         ]
 
 
+async def test_unavailable_from_a_gateway_brings_the_held_state_again() -> None:
+    """A gateway whose Redis bus is down answers `unavailable` (nothing of that
+    batch published): the publisher ends the connection and, on the next,
+    sends its state first: the tick and the whole book, changes folded in."""
+    got: list[tuple[int, Any]] = []
+    connections = 0
+
+    async def run(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        async for raw in ws:
+            if n == 1:  # the bus is down while this connection lasts
+                await ws.send(json.dumps({"type": "error", "code": "unavailable",
+                                          "message": "2 ticks NOT published: redis down"}))
+            else:
+                got.extend((n, m) for m in json.loads(raw))
+
+    errors: list[FastfeedError] = []
+    async with serve(run, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{next(iter(srv.sockets)).getsockname()[1]}/ingest"
+        async with Publisher(url, flush_ms=5, backoff=FAST, on_error=errors.append) as p:
+            await p.wait_connected(10)
+            await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0},
+                             {"type": "book", "sym": "BBCA", "seq": 1, "full": True,
+                              "bids": BIDS, "asks": ASKS}])
+            await until(lambda: connections == 2 and len(got) >= 2, timeout=10)
+            await p.publish_book("BBCA", 2, [[9100.0, 0.0, 0]], [])
+            assert await p.sync(10)
+    assert errors and {e.code for e in errors} == {"unavailable"}
+    assert got == [
+        (2, {"sym": "BBCA", "seq": 1, "bid": 9100.0}),
+        (2, {"type": "book", "sym": "BBCA", "seq": 1, "full": True, "bids": BIDS,
+             "asks": ASKS}),
+        (2, {"type": "book", "sym": "BBCA", "seq": 2, "full": False,
+             "bids": [[9100.0, 0.0, 0]], "asks": []}),
+    ]
+
+
 async def test_the_redis_transport_carries_books_through_a_redis_restart() -> None:
     """Books onto the bus in order with the ticks, and the ticks beside them.
     Redis restarts empty: the change published meanwhile is in the whole

@@ -37,7 +37,11 @@ symbols, not ticks. The WebSocket transport reconnects after the
 `fastfeed.backoff.Backoff` given as `backoff`, by the client's rule
 (`fastfeed.backoff.Retries`: afresh after a served connection, still growing
 after a 1013 or a close for the publisher's own fault); the Redis transport
-follows the bus's circuit breaker (which waits with the same backoff).
+follows the bus's circuit breaker (which waits with the same backoff). A
+gateway whose Redis bus is down answers ``unavailable`` (what it was sent is
+not published): the WebSocket transport then ends that connection as a 1013
+would, so the publisher comes back after its backoff and sends the held
+state first, until the gateway takes it.
 
 Order books (contract version 1.1, "Ingest of books and trades") go the
 same way: ``publish_book(sym, seq, bids, asks, full=...)`` (or a book
@@ -74,7 +78,14 @@ from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks
 from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
-from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_ABNORMAL, CLOSE_NO_STATUS, FIELDS
+from fastfeed.protocol import (
+    CLIENT_FAULT_CLOSE_CODES,
+    CLOSE_ABNORMAL,
+    CLOSE_NO_STATUS,
+    CLOSE_TRY_AGAIN_LATER,
+    FIELDS,
+    UNAVAILABLE,
+)
 
 __all__ = [
     "MAX_BATCH",
@@ -244,7 +255,8 @@ class _IngestListener(WSListener):  # type: ignore[misc]
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         done = self.owner._done
         if done is not None and not done.done():
-            done.set_result(self.owner.close_code)
+            done.set_result(CLOSE_TRY_AGAIN_LATER if self.owner._unavailable
+                            else self.owner.close_code)
         self.owner._writable.set()
         self.owner._lost_pings()
 
@@ -272,9 +284,11 @@ class WebSocketTransport:
         self._writable = asyncio.Event()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._ping_seq = 0
+        self._unavailable = False  # the gateway could not publish: this connection ends
 
     async def connect(self) -> None:
         self.close_code = CLOSE_ABNORMAL
+        self._unavailable = False
         self._done = asyncio.get_running_loop().create_future()
         self._writable.set()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -348,12 +362,27 @@ class WebSocketTransport:
         except ValueError:
             log.warning("fastfeed publisher: unreadable message %.200r", data)
             return
-        if isinstance(msg, dict) and msg.get("type") == "error" and self.on_error is not None:
+        if not isinstance(msg, dict) or msg.get("type") != "error":
+            return
+        if self.on_error is not None:
             self.on_error(
                 FastfeedError(
                     str(msg.get("code", "error")), str(msg.get("message", "")), msg.get("symbols")
                 )
             )
+        if msg.get("code") == UNAVAILABLE:
+            self._go_again()
+
+    def _go_again(self) -> None:
+        """The gateway did not publish a batch (its Redis bus is down): the
+        publisher holds it in its state, which only a new connection sends,
+        so this one ends, counted as a 1013 (the backoff keeps growing)."""
+        ws = self._ws
+        if self._unavailable or ws is None or ws.is_disconnected:
+            return
+        self._unavailable = True
+        ws.send_close(WSCloseCode.OK)
+        ws.disconnect()
 
 
 class RedisTransport:
