@@ -5,13 +5,22 @@ every entry, through slow reading, a reconnect with resubscribe, a worker
 killed with SIGKILL and a Redis restart.
 
 A real redis-server and a pod of two workers (``fastfeed serve --workers 2
---redis``); books come from `fastfeed.publisher.Publisher` onto the bus,
-full books and price-keyed changes from a deterministic feed with no source
+--redis``); books come from two `fastfeed.publisher.Publisher`s, one onto
+the bus (symbols E..), one into the pod's ``/ingest`` (symbols I..): full
+books and price-keyed changes from a deterministic feed with no source
 faults (no seq gap, no crossing), with more levels kept than the feed ever
 has, so the gateway's book must be the source's book exactly, and a
-``book: stale`` status would mean something was lost on the way. After each
+``book: stale`` status means something was lost on the way. After each
 phase every client's book of every symbol equals the source's (seq, levels,
 checksum).
+
+No book ever goes stale, with one exception: while the pod's Redis is away
+its ``/ingest`` answers ``unavailable`` and the publisher reconnects to send
+its books whole; a change it wrote right behind such a refused batch may
+reach Redis first, if Redis comes back in that moment, and that book is
+stale until the whole book follows (the client then gets ``ok``). That feed
+sends full books only at first, so only the publisher's resending can heal
+a book there.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ pytestmark = pytest.mark.timeout(180)
 
 DEPTH = 5
 LEVELS = 20  # the feed uses 17 prices a side: the gateway never drops a level
-SYMS = [f"E{i:02d}" for i in range(10)]
+SYMS = [f"E{i:02d}" for i in range(10)]  # onto the bus
+ISYMS = [f"I{i:02d}" for i in range(4)]  # into the pod's /ingest
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.3, "ping_interval": 0.2, "ping_timeout": 1.0}
 
 
@@ -99,6 +109,7 @@ class ContractClient:
         self.stale: list[dict] = []  # book status messages, and entries marked stale
         self.feed: list[str] = []  # "down", "up"
         self.errors: list[dict] = []
+        self.stale_before_redis = 0
         self.local_port = 0
         self.reading = asyncio.Event()
         self.reading.set()
@@ -323,25 +334,41 @@ async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
                           backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5),
                           **FAST) as pub:
             await pub.wait_connected(10)
-            stream = Stream(pub, feed, source)
+            bus = Stream(pub, feed, source)
             # every book starts full (the feed's first message for a symbol is)
             while any(feed.seq[s] == 0 for s in SYMS):
-                await stream.batch(20)
+                await bus.batch(20)
             assert await pub.sync(20)
+            # changes only after the first full books: a book the /ingest path
+            # let go stale heals only if the publisher sends it whole again
+            ingest_feed = BookFeed(23, ISYMS, faults=False, full_rate=0.0)
+            ipub = Publisher(pod.ingest_url, flush_ms=5,
+                             backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5))
+            await ipub.wait_connected(10)
+            ingest = Stream(ipub, ingest_feed, source)
+            while any(ingest_feed.seq[s] == 0 for s in ISYMS):
+                await ingest.batch(8)
+            assert await ipub.sync(20)
+            streams = (bus, ingest)
 
             sup = pod.proc.pid
             await until(lambda: len(children(sup)) == 2, what="two workers")
             # two slow readers (small receive buffers), two that keep reading
-            clients = [ContractClient(pod.port, SYMS, rcvbuf=4096),
+            clients = [ContractClient(pod.port, SYMS + ISYMS, rcvbuf=4096),
                        ContractClient(pod.port, SYMS),
-                       ContractClient(pod.port, SYMS[:6], rcvbuf=4096),
-                       ContractClient(pod.port, SYMS[4:])]
+                       ContractClient(pod.port, SYMS[:6] + ISYMS[:2], rcvbuf=4096),
+                       ContractClient(pod.port, SYMS[4:] + ISYMS)]
             for c in clients:
                 c.start()
 
+            def start(size: int = 20, pause: float = 0.01) -> None:
+                bus.start(size, pause)
+                ingest.start(max(4, size // 3), pause)
+
             async def settle(what: str) -> None:
-                await stream.stop()
-                assert await pub.sync(30), what
+                for st in streams:
+                    await st.stop()
+                    assert await st.pub.sync(30), what
                 try:
                     await until(lambda: all(holds(c, source) for c in clients), 30, what=what)
                 except AssertionError:
@@ -351,8 +378,8 @@ async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
                 await until(lambda: all(c.ready for c in clients), 20, what="clients subscribed")
 
                 # 1. normal reading
-                stream.start()
-                await stream.until(1500)
+                start()
+                await bus.until(1500)
                 await settle("normal reading")
 
                 # 2. slow reading: two clients stop reading while books stream;
@@ -362,10 +389,10 @@ async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
                 conflated = metric(pod.port, "fastfeed_conflated_frames_total")
                 for c in slow:
                     c.pause()
-                stream.start(size=50, pause=0.005)
+                start(size=50, pause=0.005)
                 await until(lambda: metric(pod.port, "fastfeed_stalled_clients") >= 2, 30,
                             step=0.1, what="both slow readers above the high-water mark")
-                await stream.until(3000)  # ... while more changes go by
+                await bus.until(3000)  # ... while more changes go by
                 assert metric(pod.port, "fastfeed_conflated_frames_total") > conflated
                 for c in slow:
                     c.resume()
@@ -373,13 +400,13 @@ async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
                 assert all(c.reconnects == 0 for c in clients)
 
                 # 3. every client closes its connection, reconnects, resubscribes
-                stream.start()
+                start()
                 for c in clients:
                     before = c.snapshots
                     await c.bounce()
                     await until(lambda c=c, before=before: c.snapshots > before and c.ready,
                                 20, what="resubscribed after a reconnect")
-                await stream.until(500)
+                await bus.until(500)
                 await settle("reconnect with resubscribe")
                 assert all(c.reconnects == 1 for c in clients)
 
@@ -391,45 +418,60 @@ async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
                 on_victim = [c for c in clients
                              if owner_pid(workers, pod.port, c.local_port) == victim]
                 before = {id(c): c.connections for c in clients}
-                stream.start()
+                start()
                 os.kill(victim, signal.SIGKILL)
                 await until(lambda: all(c.connections > before[id(c)] and c.ready
                                         for c in on_victim), 30,
                             what="the killed worker's clients back and resubscribed")
                 await until(lambda: len(children(sup)) == 2 and victim not in children(sup),
                             30, what="the worker restarted")
-                await stream.until(500)
+                await bus.until(500)
                 await settle("worker kill")
                 assert all(c.connections == before[id(c)] for c in clients
                            if c not in on_victim)
 
+                assert all(c.stale == [] for c in clients), [c.stale[:3] for c in clients]
+                for c in clients:
+                    c.stale_before_redis = len(c.stale)
+
                 # 5. Redis stops and starts again empty on the same port while
-                # the publisher keeps publishing
-                stream.start()
-                await stream.until(200)
+                # the publishers keep publishing
+                start()
+                await bus.until(200)
                 await asyncio.to_thread(redis.stop)
                 await until(lambda: all(c.feed[-1:] == ["down"] for c in clients), 20,
                             what="feed down on every client")
-                await stream.until(200)  # published while Redis is away: held
+                await bus.until(200)  # published while Redis is away: held
                 await asyncio.to_thread(redis.start)
                 await until(lambda: all(c.feed[-1:] == ["up"] for c in clients), 30,
                             what="feed up on every client")
-                await until(lambda: pub.connected, 20, what="the publisher back")
-                await stream.until(1500)
+                await until(lambda: pub.connected and ipub.connected, 20,
+                            what="the publishers back")
+                await bus.until(1500)
                 await settle("redis restart")
 
                 entries = sum(c.entries for c in clients)
                 mismatches = sum(len(c.mismatches) for c in clients)
                 reconnects = sum(c.reconnects for c in clients)
-                print(f"\nbooks e2e: {stream.published} book messages published, "
+                print(f"\nbooks e2e: {bus.published} book messages onto the bus, "
+                      f"{ingest.published} into /ingest (the publisher reconnected "
+                      f"{ipub.reconnects} times), "
                       f"{entries} entries checked, {mismatches} checksum mismatches, "
                       f"{reconnects} reconnects ({[c.reconnects for c in clients]}), "
                       f"{len(on_victim)} clients on the killed worker, "
+                      f"{sum(m.get('book') == 'stale' for c in clients for m in c.stale)} "
+                      f"stale books healed, "
                       f"{time.monotonic() - t0:.1f}s")
                 assert mismatches == 0, [c.mismatches[:5] for c in clients]
-                assert all(c.stale == [] for c in clients), [c.stale[:3] for c in clients]
+                for c in clients:  # see the module's docstring
+                    for k, m in enumerate(c.stale):
+                        assert m["sym"] in ISYMS and k >= c.stale_before_redis, m
+                        assert m.get("book") != "stale" or any(
+                            later.get("book") == "ok" and later["sym"] == m["sym"]
+                            for later in c.stale[k + 1:]), m
                 assert all(c.errors == [] for c in clients), [c.errors[:3] for c in clients]
                 assert all(c.entries > 100 for c in clients)
             finally:
                 for c in clients:
                     await c.stop()
+                await ipub.close()
