@@ -41,7 +41,6 @@ import pytest
 import websockets
 from books_feed import BookFeed
 from fixtures import children, http_get, owner_pid
-from redis_server import RedisServer
 from support import start_gateway, until
 
 from fastfeed.backoff import Backoff
@@ -322,156 +321,155 @@ def metric(port: int, name: str) -> float:
 # ---- the test --------------------------------------------------------------------
 
 
-async def test_contract_clients_keep_every_book_through_every_fault(tmp_path):
+async def test_contract_clients_keep_every_book_through_every_fault(redis, tmp_path):
     t0 = time.monotonic()
-    with RedisServer() as redis:
-        args = ["--workers", "2", "--redis", redis.url, "--redis-channels", "4",
-                "--book-depth", str(DEPTH), "--book-levels", str(LEVELS),
-                "--high-water-bytes", "65536", "--stall-s", "120", "--feed-grace-s", "0.5"]
-        feed, source = BookFeed(17, SYMS, faults=False), Source()
-        async with start_gateway(*args, log=tmp_path / "pod.log") as pod, \
-                Publisher(redis.url, channels=4, book_levels=LEVELS, flush_ms=5,
-                          backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5),
-                          **FAST) as pub:
-            await pub.wait_connected(10)
-            bus = Stream(pub, feed, source)
-            # every book starts full (the feed's first message for a symbol is)
-            while any(feed.seq[s] == 0 for s in SYMS):
-                await bus.batch(20)
-            assert await pub.sync(20)
-            # changes only after the first full books: a book the /ingest path
-            # let go stale heals only if the publisher sends it whole again
-            ingest_feed = BookFeed(23, ISYMS, faults=False, full_rate=0.0)
-            ipub = Publisher(pod.ingest_url, flush_ms=5,
-                             backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5))
-            await ipub.wait_connected(10)
-            ingest = Stream(ipub, ingest_feed, source)
-            while any(ingest_feed.seq[s] == 0 for s in ISYMS):
-                await ingest.batch(8)
-            assert await ipub.sync(20)
-            streams = (bus, ingest)
+    args = ["--workers", "2", "--redis", redis.url, "--redis-channels", "4",
+            "--book-depth", str(DEPTH), "--book-levels", str(LEVELS),
+            "--high-water-bytes", "65536", "--stall-s", "120", "--feed-grace-s", "0.5"]
+    feed, source = BookFeed(17, SYMS, faults=False), Source()
+    async with start_gateway(*args, log=tmp_path / "pod.log") as pod, \
+            Publisher(redis.url, channels=4, book_levels=LEVELS, flush_ms=5,
+                      backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5),
+                      **FAST) as pub:
+        await pub.wait_connected(10)
+        bus = Stream(pub, feed, source)
+        # every book starts full (the feed's first message for a symbol is)
+        while any(feed.seq[s] == 0 for s in SYMS):
+            await bus.batch(20)
+        assert await pub.sync(20)
+        # changes only after the first full books: a book the /ingest path
+        # let go stale heals only if the publisher sends it whole again
+        ingest_feed = BookFeed(23, ISYMS, faults=False, full_rate=0.0)
+        ipub = Publisher(pod.ingest_url, flush_ms=5,
+                         backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5))
+        await ipub.wait_connected(10)
+        ingest = Stream(ipub, ingest_feed, source)
+        while any(ingest_feed.seq[s] == 0 for s in ISYMS):
+            await ingest.batch(8)
+        assert await ipub.sync(20)
+        streams = (bus, ingest)
 
-            sup = pod.proc.pid
-            await until(lambda: len(children(sup)) == 2, what="two workers")
-            # two slow readers (small receive buffers), two that keep reading
-            clients = [ContractClient(pod.port, SYMS + ISYMS, rcvbuf=4096),
-                       ContractClient(pod.port, SYMS),
-                       ContractClient(pod.port, SYMS[:6] + ISYMS[:2], rcvbuf=4096),
-                       ContractClient(pod.port, SYMS[4:] + ISYMS)]
-            for c in clients:
-                c.start()
+        sup = pod.proc.pid
+        await until(lambda: len(children(sup)) == 2, what="two workers")
+        # two slow readers (small receive buffers), two that keep reading
+        clients = [ContractClient(pod.port, SYMS + ISYMS, rcvbuf=4096),
+                   ContractClient(pod.port, SYMS),
+                   ContractClient(pod.port, SYMS[:6] + ISYMS[:2], rcvbuf=4096),
+                   ContractClient(pod.port, SYMS[4:] + ISYMS)]
+        for c in clients:
+            c.start()
 
-            def start(size: int = 20, pause: float = 0.01) -> None:
-                bus.start(size, pause)
-                ingest.start(max(4, size // 3), pause)
+        def start(size: int = 20, pause: float = 0.01) -> None:
+            bus.start(size, pause)
+            ingest.start(max(4, size // 3), pause)
 
-            async def settle(what: str) -> None:
-                for st in streams:
-                    await st.stop()
-                    assert await st.pub.sync(30), what
-                try:
-                    await until(lambda: all(holds(c, source) for c in clients), 30, what=what)
-                except AssertionError:
-                    raise AssertionError(f"{what}: {differences(clients, source)}") from None
-
+        async def settle(what: str) -> None:
+            for st in streams:
+                await st.stop()
+                assert await st.pub.sync(30), what
             try:
-                await until(lambda: all(c.ready for c in clients), 20, what="clients subscribed")
+                await until(lambda: all(holds(c, source) for c in clients), 30, what=what)
+            except AssertionError:
+                raise AssertionError(f"{what}: {differences(clients, source)}") from None
 
-                # 1. normal reading
-                start()
-                await bus.until(1500)
-                await settle("normal reading")
+        try:
+            await until(lambda: all(c.ready for c in clients), 20, what="clients subscribed")
 
-                # 2. slow reading: two clients stop reading while books stream;
-                # the server holds their changes back (conflates) and, when they
-                # read again, sends what brings them to the current books
-                slow = [clients[0], clients[2]]
-                conflated = metric(pod.port, "fastfeed_conflated_frames_total")
-                for c in slow:
-                    c.pause()
-                start(size=50, pause=0.005)
-                await until(lambda: metric(pod.port, "fastfeed_stalled_clients") >= 2, 30,
-                            step=0.1, what="both slow readers above the high-water mark")
-                await bus.until(3000)  # ... while more changes go by
-                assert metric(pod.port, "fastfeed_conflated_frames_total") > conflated
-                for c in slow:
-                    c.resume()
-                await settle("slow reading")
-                assert all(c.reconnects == 0 for c in clients)
+            # 1. normal reading
+            start()
+            await bus.until(1500)
+            await settle("normal reading")
 
-                # 3. every client closes its connection, reconnects, resubscribes
-                start()
-                for c in clients:
-                    before = c.snapshots
-                    await c.bounce()
-                    await until(lambda c=c, before=before: c.snapshots > before and c.ready,
-                                20, what="resubscribed after a reconnect")
-                await bus.until(500)
-                await settle("reconnect with resubscribe")
-                assert all(c.reconnects == 1 for c in clients)
+            # 2. slow reading: two clients stop reading while books stream;
+            # the server holds their changes back (conflates) and, when they
+            # read again, sends what brings them to the current books
+            slow = [clients[0], clients[2]]
+            conflated = metric(pod.port, "fastfeed_conflated_frames_total")
+            for c in slow:
+                c.pause()
+            start(size=50, pause=0.005)
+            await until(lambda: metric(pod.port, "fastfeed_stalled_clients") >= 2, 30,
+                        step=0.1, what="both slow readers above the high-water mark")
+            await bus.until(3000)  # ... while more changes go by
+            assert metric(pod.port, "fastfeed_conflated_frames_total") > conflated
+            for c in slow:
+                c.resume()
+            await settle("slow reading")
+            assert all(c.reconnects == 0 for c in clients)
 
-                # 4. SIGKILL of the worker client 0 is on: its clients reconnect
-                # (to either worker), the supervisor starts a new one
-                workers = children(sup)
-                victim = owner_pid(workers, pod.port, clients[0].local_port)
-                assert victim is not None, "no worker holds client 0's connection"
-                on_victim = [c for c in clients
-                             if owner_pid(workers, pod.port, c.local_port) == victim]
-                before = {id(c): c.connections for c in clients}
-                start()
-                os.kill(victim, signal.SIGKILL)
-                await until(lambda: all(c.connections > before[id(c)] and c.ready
-                                        for c in on_victim), 30,
-                            what="the killed worker's clients back and resubscribed")
-                await until(lambda: len(children(sup)) == 2 and victim not in children(sup),
-                            30, what="the worker restarted")
-                await bus.until(500)
-                await settle("worker kill")
-                assert all(c.connections == before[id(c)] for c in clients
-                           if c not in on_victim)
+            # 3. every client closes its connection, reconnects, resubscribes
+            start()
+            for c in clients:
+                before = c.snapshots
+                await c.bounce()
+                await until(lambda c=c, before=before: c.snapshots > before and c.ready,
+                            20, what="resubscribed after a reconnect")
+            await bus.until(500)
+            await settle("reconnect with resubscribe")
+            assert all(c.reconnects == 1 for c in clients)
 
-                assert all(c.stale == [] for c in clients), [c.stale[:3] for c in clients]
-                for c in clients:
-                    c.stale_before_redis = len(c.stale)
+            # 4. SIGKILL of the worker client 0 is on: its clients reconnect
+            # (to either worker), the supervisor starts a new one
+            workers = children(sup)
+            victim = owner_pid(workers, pod.port, clients[0].local_port)
+            assert victim is not None, "no worker holds client 0's connection"
+            on_victim = [c for c in clients
+                         if owner_pid(workers, pod.port, c.local_port) == victim]
+            before = {id(c): c.connections for c in clients}
+            start()
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: all(c.connections > before[id(c)] and c.ready
+                                    for c in on_victim), 30,
+                        what="the killed worker's clients back and resubscribed")
+            await until(lambda: len(children(sup)) == 2 and victim not in children(sup),
+                        30, what="the worker restarted")
+            await bus.until(500)
+            await settle("worker kill")
+            assert all(c.connections == before[id(c)] for c in clients
+                       if c not in on_victim)
 
-                # 5. Redis stops and starts again empty on the same port while
-                # the publishers keep publishing
-                start()
-                await bus.until(200)
-                await asyncio.to_thread(redis.stop)
-                await until(lambda: all(c.feed[-1:] == ["down"] for c in clients), 20,
-                            what="feed down on every client")
-                await bus.until(200)  # published while Redis is away: held
-                await asyncio.to_thread(redis.start)
-                await until(lambda: all(c.feed[-1:] == ["up"] for c in clients), 30,
-                            what="feed up on every client")
-                await until(lambda: pub.connected and ipub.connected, 20,
-                            what="the publishers back")
-                await bus.until(1500)
-                await settle("redis restart")
+            assert all(c.stale == [] for c in clients), [c.stale[:3] for c in clients]
+            for c in clients:
+                c.stale_before_redis = len(c.stale)
 
-                entries = sum(c.entries for c in clients)
-                mismatches = sum(len(c.mismatches) for c in clients)
-                reconnects = sum(c.reconnects for c in clients)
-                print(f"\nbooks e2e: {bus.published} book messages onto the bus, "
-                      f"{ingest.published} into /ingest (the publisher reconnected "
-                      f"{ipub.reconnects} times), "
-                      f"{entries} entries checked, {mismatches} checksum mismatches, "
-                      f"{reconnects} reconnects ({[c.reconnects for c in clients]}), "
-                      f"{len(on_victim)} clients on the killed worker, "
-                      f"{sum(m.get('book') == 'stale' for c in clients for m in c.stale)} "
-                      f"stale books healed, "
-                      f"{time.monotonic() - t0:.1f}s")
-                assert mismatches == 0, [c.mismatches[:5] for c in clients]
-                for c in clients:  # see the module's docstring
-                    for k, m in enumerate(c.stale):
-                        assert m["sym"] in ISYMS and k >= c.stale_before_redis, m
-                        assert m.get("book") != "stale" or any(
-                            later.get("book") == "ok" and later["sym"] == m["sym"]
-                            for later in c.stale[k + 1:]), m
-                assert all(c.errors == [] for c in clients), [c.errors[:3] for c in clients]
-                assert all(c.entries > 100 for c in clients)
-            finally:
-                for c in clients:
-                    await c.stop()
-                await ipub.close()
+            # 5. Redis stops and starts again empty on the same port while
+            # the publishers keep publishing
+            start()
+            await bus.until(200)
+            await asyncio.to_thread(redis.stop)
+            await until(lambda: all(c.feed[-1:] == ["down"] for c in clients), 20,
+                        what="feed down on every client")
+            await bus.until(200)  # published while Redis is away: held
+            await asyncio.to_thread(redis.start)
+            await until(lambda: all(c.feed[-1:] == ["up"] for c in clients), 30,
+                        what="feed up on every client")
+            await until(lambda: pub.connected and ipub.connected, 20,
+                        what="the publishers back")
+            await bus.until(1500)
+            await settle("redis restart")
+
+            entries = sum(c.entries for c in clients)
+            mismatches = sum(len(c.mismatches) for c in clients)
+            reconnects = sum(c.reconnects for c in clients)
+            print(f"\nbooks e2e: {bus.published} book messages onto the bus, "
+                  f"{ingest.published} into /ingest (the publisher reconnected "
+                  f"{ipub.reconnects} times), "
+                  f"{entries} entries checked, {mismatches} checksum mismatches, "
+                  f"{reconnects} reconnects ({[c.reconnects for c in clients]}), "
+                  f"{len(on_victim)} clients on the killed worker, "
+                  f"{sum(m.get('book') == 'stale' for c in clients for m in c.stale)} "
+                  f"stale books healed, "
+                  f"{time.monotonic() - t0:.1f}s")
+            assert mismatches == 0, [c.mismatches[:5] for c in clients]
+            for c in clients:  # see the module's docstring
+                for k, m in enumerate(c.stale):
+                    assert m["sym"] in ISYMS and k >= c.stale_before_redis, m
+                    assert m.get("book") != "stale" or any(
+                        later.get("book") == "ok" and later["sym"] == m["sym"]
+                        for later in c.stale[k + 1:]), m
+            assert all(c.errors == [] for c in clients), [c.errors[:3] for c in clients]
+            assert all(c.entries > 100 for c in clients)
+        finally:
+            for c in clients:
+                await c.stop()
+            await ipub.close()
