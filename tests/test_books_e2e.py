@@ -70,6 +70,7 @@ class Book:
         self.bids: dict[float, tuple[float, int]] = {}
         self.asks: dict[float, tuple[float, int]] = {}
         self.checksum = 0  # the last one the server sent
+        self.from_snapshot = False  # no change applied since the snapshot
 
     def apply(self, e: dict[str, Any]) -> None:
         """Price-keyed changes (volume 0 removes the price), then the best
@@ -103,6 +104,7 @@ class ContractClient:
         self.books: dict[str, Book] = {}
         self.entries = 0
         self.mismatches: list[tuple[str, int]] = []
+        self.backwards: list[tuple[str, int, int]] = []  # entries whose seq went back
         self.connections = 0
         self.snapshots = 0  # answers to a subscribe of every symbol
         self.stale: list[dict] = []  # book status messages, and entries marked stale
@@ -210,6 +212,12 @@ class ContractClient:
         if whole or sym not in self.books:
             self.books[sym] = Book()
         book = self.books[sym]
+        # seq goes up with every entry; only the first change after a
+        # snapshot may repeat its seq, with changes the snapshot already holds
+        if not whole and (e["seq"] < book.seq
+                          or (e["seq"] == book.seq and not book.from_snapshot)):
+            self.backwards.append((sym, book.seq, e["seq"]))
+        book.from_snapshot = whole and not e.get("full")
         book.apply(e)
         if e.get("stale"):
             self.stale.append(e)
@@ -327,10 +335,11 @@ async def test_contract_clients_keep_every_book_through_every_fault(redis, tmp_p
             "--book-depth", str(DEPTH), "--book-levels", str(LEVELS),
             "--high-water-bytes", "65536", "--stall-s", "120", "--feed-grace-s", "0.5"]
     feed, source = BookFeed(17, SYMS, faults=False), Source()
+    backoff = Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5)
     async with start_gateway(*args, log=tmp_path / "pod.log") as pod, \
-            Publisher(redis.url, channels=4, book_levels=LEVELS, flush_ms=5,
-                      backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5),
-                      **FAST) as pub:
+            Publisher(redis.url, channels=4, book_levels=LEVELS, flush_ms=5, backoff=backoff,
+                      **FAST) as pub, \
+            Publisher(pod.ingest_url, flush_ms=5, backoff=backoff) as ipub:
         await pub.wait_connected(10)
         bus = Stream(pub, feed, source)
         # every book starts full (the feed's first message for a symbol is)
@@ -340,8 +349,6 @@ async def test_contract_clients_keep_every_book_through_every_fault(redis, tmp_p
         # changes only after the first full books: a book the /ingest path
         # let go stale heals only if the publisher sends it whole again
         ingest_feed = BookFeed(23, ISYMS, faults=False, full_rate=0.0)
-        ipub = Publisher(pod.ingest_url, flush_ms=5,
-                         backoff=Backoff(base=0.05, factor=2.0, cap=0.3, jitter=0.5))
         await ipub.wait_connected(10)
         ingest = Stream(ipub, ingest_feed, source)
         while any(ingest_feed.seq[s] == 0 for s in ISYMS):
@@ -461,6 +468,7 @@ async def test_contract_clients_keep_every_book_through_every_fault(redis, tmp_p
                   f"stale books healed, "
                   f"{time.monotonic() - t0:.1f}s")
             assert mismatches == 0, [c.mismatches[:5] for c in clients]
+            assert all(c.backwards == [] for c in clients), [c.backwards[:5] for c in clients]
             for c in clients:  # see the module's docstring
                 for k, m in enumerate(c.stale):
                     assert m["sym"] in ISYMS and k >= c.stale_before_redis, m
@@ -472,4 +480,3 @@ async def test_contract_clients_keep_every_book_through_every_fault(redis, tmp_p
         finally:
             for c in clients:
                 await c.stop()
-            await ipub.close()
