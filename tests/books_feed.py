@@ -10,10 +10,16 @@ SYMS = [f"B{i:02d}" for i in range(12)]
 class BookFeed:
     """Random book messages: full books, changes near the top, sweeps,
     levels beyond the kept maximum, and now and then a seq gap, a crossing
-    change or a stale seq (the book goes stale and a later full book heals it)."""
+    change or a stale seq (the book goes stale and a later full book heals it).
+    Without `faults`, none of those: every book stays good, so a gateway's
+    book is the source's book exactly as long as it keeps every level.
+    `full_rate` is the share of full books (each symbol's first message is one)."""
 
-    def __init__(self, seed: int, syms: list[str] = SYMS) -> None:
+    def __init__(self, seed: int, syms: list[str] = SYMS, faults: bool = True,
+                 full_rate: float = 0.08) -> None:
         self.rng = random.Random(seed)
+        self.faults = faults
+        self.full_rate = full_rate
         self.syms = syms
         self.seq = dict.fromkeys(syms, 0)
         self.mid = {s: 1000.0 + 100 * k for k, s in enumerate(syms)}
@@ -28,12 +34,14 @@ class BookFeed:
             rng = self.rng
             s = rng.choice(self.syms)
             r = rng.random()
-            if r < 0.08 or self.seq[s] == 0:
+            if r < self.full_rate or self.seq[s] == 0:
                 self.seq[s] += 1
                 out.append({"type": "book", "sym": s, "seq": self.seq[s], "full": True,
                             "bids": [self.level(s, 0, k) for k in range(rng.randint(0, 14))],
                             "asks": [self.level(s, 1, k) for k in range(rng.randint(0, 14))]})
                 continue
+            if not self.faults and r < 0.15:
+                r = 0.5  # a plain change instead of a gap, a repeated seq or a crossing
             if r < 0.11:
                 self.seq[s] += 2  # a gap
             elif r < 0.13:

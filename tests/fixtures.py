@@ -10,6 +10,8 @@ rest of `tests/`, so both import paths load the same code.
   cluster bus port P + 10000 is free too).
 - `stop_process(proc)`: SIGTERM (or the signal given), wait, then SIGKILL.
 - `rss_kib(pid)`: a process's resident memory.
+- `children(pid)`, `owner_pid(pids, server_port, client_port)`: a process's
+  children (a supervisor's workers), and which of them holds a TCP connection.
 - `strict_json(data)`: a reply decoded, or ValueError unless it is RFC 8259 JSON.
 - `Gateway`, `start_gateway`, `running_gateway`: `fastfeed serve` as a subprocess;
   `GatewayURLs`, the URLs of a gateway on a local port (a process, a container).
@@ -104,6 +106,41 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s children (a supervisor's workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(x) for x in fh.read().split()]
+
+
+def _socket_inode(server_port: int, client_port: int) -> int | None:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                lport = int(f[1].rsplit(":", 1)[1], 16)
+                rport = int(f[2].rsplit(":", 1)[1], 16)
+                if lport == server_port and rport == client_port:
+                    return int(f[9])
+    return None
+
+
+def owner_pid(pids: list[int], server_port: int, client_port: int) -> int | None:
+    """Which of `pids` holds the server end of the local TCP connection
+    from `client_port` to `server_port` (None if none does)."""
+    inode = _socket_inode(server_port, client_port)
+    if inode is None:
+        return None
+    want = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
+                        return pid
+    return None
 
 
 def strict_json(data: bytes) -> Any:

@@ -160,3 +160,42 @@ async def test_local_and_bus_sinks_take_books_beside_quotes_alike(redis, prefix)
     await until(lambda: states(remote) == states(books))
     for b in (bus_worker, pub):
         await b.close()
+
+
+async def test_after_redis_restarts_empty_a_worker_writes_its_books_back_as_they_are(redis, prefix):
+    """The store gets each book the worker holds, a stale one still stale:
+    a worker or pod that loads it then serves what every other one serves."""
+    pub = RedisBus(redis.url, channels=4, prefix=prefix, book_levels=8)
+    w_bus, w = worker(redis, prefix)
+    try:
+        for b in (pub, w_bus):
+            await b.start()
+            await b.wait_ready(10)
+        assert await pub.publish_books([
+            {"type": "book", "sym": "GOOD", "seq": 1, "full": True,
+             "bids": [[1.0, 1.0, 0]], "asks": [[2.0, 1.0, 0]]},
+            {"type": "book", "sym": "GAP", "seq": 1, "full": True,
+             "bids": [[1.0, 1.0, 0]], "asks": [[2.0, 1.0, 0]]},
+            {"type": "book", "sym": "GAP", "seq": 3, "bids": [[1.5, 1.0, 0]]},  # a gap
+        ]) == []
+
+        def seen() -> bool:
+            gap, good = w.table.lookup("GAP"), w.table.lookup("GOOD")
+            return gap >= 0 and good >= 0 and w.is_stale(gap) and w.seq_of(good) == 1
+
+        await until(seen)
+        held = states(w)
+        redis.stop()
+        await until(lambda: not w_bus.ready)
+        redis.start()
+        await until(lambda: w_bus.ready, timeout=20)
+        store = await w_bus.book_bus.read_state()
+        fresh = Books(Table(), depth=5, levels=8)
+        fresh.apply_records(b"FFK1" + len(store).to_bytes(4, "little")
+                            + b"".join(store.values()), snapshot=True)
+        assert states(fresh) == held
+        assert fresh.is_stale(fresh.table.lookup("GAP"))
+        assert not fresh.is_stale(fresh.table.lookup("GOOD"))
+    finally:
+        for b in (pub, w_bus):
+            await b.close()

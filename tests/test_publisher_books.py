@@ -142,28 +142,93 @@ async def test_books_on_the_wire_to_ingest() -> None:
         ]
 
 
-async def test_the_redis_transport_refuses_books_by_name() -> None:
-    """Until the bus carries books: each book refused and reported by name,
-    the ticks beside it published."""
-    from redis_server import RedisServer
+async def test_unavailable_from_a_gateway_brings_the_held_state_again() -> None:
+    """A gateway whose Redis bus is down answers `unavailable` (nothing of that
+    batch published): the publisher ends the connection and, on the next,
+    sends its state first: the tick and the whole book, changes folded in."""
+    got: list[tuple[int, Any]] = []
+    connections = 0
 
-    from fastfeed._core import Table
-    from fastfeed.bus import RedisBus
+    async def run(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        async for raw in ws:
+            if n == 1:  # the bus is down while this connection lasts
+                await ws.send(json.dumps({"type": "error", "code": "unavailable",
+                                          "message": "2 ticks NOT published: redis down"}))
+            else:
+                got.extend((n, m) for m in json.loads(raw))
 
     errors: list[FastfeedError] = []
-    with RedisServer() as r:
-        table = Table()
-        async with RedisBus(r.url, table, channels=4, prefix="bk") as sub:
-            await sub.wait_ready(5)
-            async with Publisher(r.url, channels=4, prefix="bk", on_error=errors.append) as p:
-                await p.wait_connected(5)
-                await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0},
-                                 {"type": "book", "sym": "BBCA", "seq": 1, "full": True,
-                                  "bids": BIDS, "asks": ASKS}])
-                assert await p.sync(10)
-            await until(lambda: len(table) == 1)
-    assert [e.symbols for e in errors] == [["BBCA"]]
-    assert "Redis bus" in errors[0].message and "/ingest" in errors[0].message
+    async with serve(run, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{next(iter(srv.sockets)).getsockname()[1]}/ingest"
+        async with Publisher(url, flush_ms=5, backoff=FAST, on_error=errors.append) as p:
+            await p.wait_connected(10)
+            await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0},
+                             {"type": "book", "sym": "BBCA", "seq": 1, "full": True,
+                              "bids": BIDS, "asks": ASKS}])
+            await until(lambda: connections == 2 and len(got) >= 2, timeout=10)
+            await p.publish_book("BBCA", 2, [[9100.0, 0.0, 0]], [])
+            assert await p.sync(10)
+    assert errors and {e.code for e in errors} == {"unavailable"}
+    assert got == [
+        (2, {"sym": "BBCA", "seq": 1, "bid": 9100.0}),
+        (2, {"type": "book", "sym": "BBCA", "seq": 1, "full": True, "bids": BIDS,
+             "asks": ASKS}),
+        (2, {"type": "book", "sym": "BBCA", "seq": 2, "full": False,
+             "bids": [[9100.0, 0.0, 0]], "asks": []}),
+    ]
+
+
+async def test_the_redis_transport_carries_books_through_a_redis_restart(redis: Any) -> None:
+    """Books onto the bus in order with the ticks, and the ticks beside them.
+    Redis restarts empty: the change published meanwhile is in the whole
+    book the publisher's next connection sends first (the worker's write-back
+    is older), so the change after it applies and nothing goes stale."""
+    from fastfeed._core import Books, Table
+    from fastfeed.bus import RedisBus
+    from fastfeed.feed.sink import LocalSink
+
+    errors: list[FastfeedError] = []
+    table = Table()
+    books = Books(table, depth=5, levels=8)
+    truth = Books(Table(), depth=5, levels=8)
+    fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "ping_interval": 0.2,
+            "ping_timeout": 1.0}
+    sink = LocalSink(table, lambda: None, books)
+    worker = RedisBus(redis.url, channels=4, prefix="bk", sink=sink, **fast)
+    async with worker:
+        await worker.wait_ready(5)
+        async with Publisher(redis.url, channels=4, prefix="bk", book_levels=8, flush_ms=5,
+                             backoff=FAST, on_error=errors.append, **fast) as p:
+            await p.wait_connected(5)
+            sent = [{"type": "book", "sym": "BBCA", "seq": 1, "full": True,
+                     "bids": BIDS, "asks": ASKS},
+                    {"type": "book", "sym": "BBCA", "seq": 2, "bids": [[9090.0, 100.0, 1]]}]
+            await p.publish([{"sym": "BBCA", "seq": 1, "bid": 9100.0}, *sent])
+            assert await p.sync(10)
+            truth.apply_objects(sent)
+
+            def same() -> bool:
+                return (books.snapshot_json([table.lookup("BBCA")])
+                        == truth.snapshot_json([truth.table.lookup("BBCA")]))
+
+            await until(same)
+            assert table.row(table.lookup("BBCA"))[3] == 9100.0
+            redis.stop()
+            await until(lambda: not p.connected)
+            change = {"type": "book", "sym": "BBCA", "seq": 3, "asks": [[9130.0, 50.0, 2]]}
+            await p.publish(change)
+            redis.start()
+            await until(lambda: p.connected, timeout=20)
+            later = {"type": "book", "sym": "BBCA", "seq": 4, "bids": [[9080.0, 70.0, 1]]}
+            await p.publish(later)
+            assert await p.sync(10)
+            truth.apply_objects([change, later])
+            await until(same, timeout=20)
+            assert not books.is_stale(table.lookup("BBCA"))
+            assert p.resent >= 1 and errors == []
 
 
 async def test_publish_simulate_sends_books_to_ingest() -> None:

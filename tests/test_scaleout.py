@@ -18,6 +18,7 @@ import time
 
 import pytest
 import websockets
+from fixtures import children, owner_pid
 from redis_server import RedisServer
 from support import http_get, merge, start_gateway, until
 
@@ -114,41 +115,6 @@ async def ingest(url: str, ticks: list[dict]) -> list[dict]:
             while True:
                 errors.append(json.loads(await asyncio.wait_for(ws.recv(), 0.5)))
     return errors
-
-
-# ---- /proc helpers: which worker holds a connection -----------------------------
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(x) for x in fh.read().split()]
-
-
-def _socket_inode(server_port: int, client_port: int) -> int | None:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as fh:
-            next(fh)
-            for line in fh:
-                f = line.split()
-                lport = int(f[1].rsplit(":", 1)[1], 16)
-                rport = int(f[2].rsplit(":", 1)[1], 16)
-                if lport == server_port and rport == client_port:
-                    return int(f[9])
-    return None
-
-
-def owner_pid(pids: list[int], server_port: int, client_port: int) -> int | None:
-    inode = _socket_inode(server_port, client_port)
-    if inode is None:
-        return None
-    want = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
-                        return pid
-    return None
 
 
 def client_port(c: Client) -> int:

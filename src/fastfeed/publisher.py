@@ -37,7 +37,11 @@ symbols, not ticks. The WebSocket transport reconnects after the
 `fastfeed.backoff.Backoff` given as `backoff`, by the client's rule
 (`fastfeed.backoff.Retries`: afresh after a served connection, still growing
 after a 1013 or a close for the publisher's own fault); the Redis transport
-follows the bus's circuit breaker (which waits with the same backoff).
+follows the bus's circuit breaker (which waits with the same backoff). A
+gateway whose Redis bus is down answers ``unavailable`` (what it was sent is
+not published): the WebSocket transport then ends that connection as a 1013
+would, so the publisher comes back after its backoff and sends the held
+state first, until the gateway takes it.
 
 Order books (contract version 1.1, "Ingest of books and trades") go the
 same way: ``publish_book(sym, seq, bids, asks, full=...)`` (or a book
@@ -45,9 +49,11 @@ message, ``{"type": "book", ...}``, given to `publish`) checks the levels
 (finite prices, volumes not negative, a full book not crossed) and queues
 the message in order with the ticks; the publisher keeps each book whole
 (every level, the latest ``seq``) and sends it as one full book on every new
-connection, so a restarted gateway gets its books back and one that stayed
-up drops what it already has. Books go to a gateway's ``/ingest``; the Redis
-transport refuses them, by name, until the bus carries books.
+connection, so a restarted gateway, or a Redis that restarted empty, gets
+its books back and one that stayed up drops what it already has. Books go
+to a gateway's ``/ingest``, or through the bus's book script
+(`fastfeed.bus.books`; ``book_levels`` must be the gateways'
+``--book-levels``).
 
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
@@ -72,7 +78,14 @@ from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks
 from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
-from fastfeed.protocol import CLIENT_FAULT_CLOSE_CODES, CLOSE_ABNORMAL, CLOSE_NO_STATUS, FIELDS
+from fastfeed.protocol import (
+    CLIENT_FAULT_CLOSE_CODES,
+    CLOSE_ABNORMAL,
+    CLOSE_NO_STATUS,
+    CLOSE_TRY_AGAIN_LATER,
+    FIELDS,
+    UNAVAILABLE,
+)
 
 __all__ = [
     "MAX_BATCH",
@@ -242,7 +255,8 @@ class _IngestListener(WSListener):  # type: ignore[misc]
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         done = self.owner._done
         if done is not None and not done.done():
-            done.set_result(self.owner.close_code)
+            done.set_result(CLOSE_TRY_AGAIN_LATER if self.owner._unavailable
+                            else self.owner.close_code)
         self.owner._writable.set()
         self.owner._lost_pings()
 
@@ -270,9 +284,11 @@ class WebSocketTransport:
         self._writable = asyncio.Event()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._ping_seq = 0
+        self._unavailable = False  # the gateway could not publish: this connection ends
 
     async def connect(self) -> None:
         self.close_code = CLOSE_ABNORMAL
+        self._unavailable = False
         self._done = asyncio.get_running_loop().create_future()
         self._writable.set()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -346,12 +362,27 @@ class WebSocketTransport:
         except ValueError:
             log.warning("fastfeed publisher: unreadable message %.200r", data)
             return
-        if isinstance(msg, dict) and msg.get("type") == "error" and self.on_error is not None:
+        if not isinstance(msg, dict) or msg.get("type") != "error":
+            return
+        if self.on_error is not None:
             self.on_error(
                 FastfeedError(
                     str(msg.get("code", "error")), str(msg.get("message", "")), msg.get("symbols")
                 )
             )
+        if msg.get("code") == UNAVAILABLE:
+            self._go_again()
+
+    def _go_again(self) -> None:
+        """The gateway did not publish a batch (its Redis bus is down): the
+        publisher holds it in its state, which only a new connection sends,
+        so this one ends, counted as a 1013 (the backoff keeps growing)."""
+        ws = self._ws
+        if self._unavailable or ws is None or ws.is_disconnected:
+            return
+        self._unavailable = True
+        ws.send_close(WSCloseCode.OK)
+        ws.disconnect()
 
 
 class RedisTransport:
@@ -367,7 +398,7 @@ class RedisTransport:
     """
 
     packs_ticks = True  # the publisher queues encoded records (see Transport)
-    takes_books = False  # the bus carries ticks only, for now
+    takes_books = True  # through the bus's book script (fastfeed.bus.books)
 
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
@@ -405,17 +436,18 @@ class RedisTransport:
                 return
 
     async def send(self, ticks: list[Any]) -> None:
+        # books and ticks keep their order: runs of each, one after the other
+        start = 0
+        for k in range(1, len(ticks) + 1):
+            if k == len(ticks) or _is_book(ticks[k]) != _is_book(ticks[start]):
+                if _is_book(ticks[start]):
+                    await self._send_books(ticks[start:k], start)
+                else:
+                    await self._send_ticks(ticks[start:k])
+                start = k
+
+    async def _send_ticks(self, ticks: list[Any]) -> None:
         bus = self.bus
-        if any(type(t) is not bytes and t.get("type") == "book" for t in ticks):
-            # never dropped silently: each book is refused by name
-            for i, t in enumerate(ticks):
-                if type(t) is not bytes and t.get("type") == "book" and self.on_error is not None:
-                    self.on_error(_refused(i, t["sym"], "books cannot go onto the Redis bus "
-                                           "with this version: publish them to a gateway's "
-                                           "/ingest"))
-            ticks = [t for t in ticks if type(t) is bytes or t.get("type") != "book"]
-            if not ticks:
-                return
         if type(ticks[0]) is bytes:  # records the publisher packed: checked
             parts = join_records(ticks, bus.parts)
             errors: list[tuple[int, str | None, str]] = []
@@ -432,6 +464,17 @@ class RedisTransport:
                 await bus.drain()
         except (TimeoutError, RedisError) as e:
             raise BusDown(f"redis {bus.url}: {e or type(e).__name__}") from e
+
+    async def _send_books(self, books: list[Any], first: int) -> None:
+        # the book script stores them by the book rules and publishes what it
+        # took; waiting for its answer keeps them in order with what follows
+        try:
+            errors = await self.bus.publish_books(books, range(first, first + len(books)))
+        except (TimeoutError, RedisError) as e:
+            raise BusDown(f"redis {self.bus.url}: {e or type(e).__name__}") from e
+        if errors and self.on_error is not None:
+            for idx, sym, why in errors:
+                self.on_error(_refused(idx, sym, why))
 
     async def sync(self) -> None:
         try:
@@ -465,6 +508,10 @@ def transport_for(url: str, token: str | None = None, **kw: Any) -> Transport:
     raise ValueError(f"publish to ws://HOST:PORT/ingest (a gateway) or redis://HOST:PORT "
                      f"(the bus; also rediss://, unix://, redis+cluster://, "
                      f"redis+sentinel://), not {url!r}")
+
+
+def _is_book(t: Any) -> bool:
+    return type(t) is not bytes and t.get("type") == "book"
 
 
 def _refused(idx: int, sym: Any, why: str) -> FastfeedError:

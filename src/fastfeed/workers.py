@@ -164,7 +164,8 @@ def _run_feed(cfg: Config) -> int:
     from .feed.publish import run_simulator
 
     return run_simulator(cfg.redis, cfg.simulate, cfg.rate, seed=cfg.seed,
-                         channels=cfg.redis_channels, prefix=cfg.redis_prefix)
+                         channels=cfg.redis_channels, prefix=cfg.redis_prefix,
+                         book_levels=cfg.book_levels)
 
 
 class Supervisor:

@@ -43,6 +43,7 @@ __all__ = ["BOOK_SCRIPT", "BookBus"]
 
 log = logging.getLogger("fastfeed.bus")
 _HEADER = struct.Struct("<4sI")
+_F_STALE = 2  # a record's flag: the book is stale
 
 # KEYS[1] book hash of the partition; ARGV[1] FFK1 batch; ARGV[2] channel ('' =
 # store only); ARGV[3] '1' for SPUBLISH; ARGV[4] kept levels per side.
@@ -371,19 +372,26 @@ class BookBus:
 
     async def write_back(self) -> int:
         """Store this worker's books, only-if-newer and without publishing
-        (Redis lost its state); the number of books sent."""
+        (Redis lost its state); the number of books sent. A stale book goes
+        back stale (flag 2), as the store held it."""
         if self.books is None:
             return 0
-        data = self.books.state_records()
-        count = int.from_bytes(data[4:8], "little")
-        if not count:
+        msgs = decode_books(self.books.state_records())
+        if not msgs:
             return 0
-        # one batch per partition, as publishing does
-        msgs = decode_books(data)
+        # one batch per partition, as publishing does: each record is put in
+        # its partition by encode_books, then given back its stale flag
+        recs: list[list[bytes]] = [[] for _ in range(self.link.parts)]
         for m in msgs:
-            m.pop("stale", None)
-        parts, _ = encode_books(msgs, self.link.parts, self.levels)
-        await self._store(parts, False, len(msgs))
+            stale = m.pop("stale", False)
+            parts, _ = encode_books([m], self.link.parts, self.levels)
+            n = next(k for k, b in enumerate(parts) if b)
+            rec = bytearray(parts[n][_HEADER.size:])
+            if stale:
+                rec[1 + rec[0]] |= _F_STALE
+            recs[n].append(bytes(rec))
+        batches = [_HEADER.pack(BOOK_MAGIC, len(r)) + b"".join(r) if r else b"" for r in recs]
+        await self._store(batches, False, len(msgs))
         return len(msgs)
 
     async def read_state(self) -> dict[str, bytes]:

@@ -189,12 +189,14 @@ async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,
-                  prefix: str = "fastfeed", duration: float = 0.0) -> int:
-    """The pod's simulated feed process (`fastfeed serve --simulate` with workers)."""
+                  prefix: str = "fastfeed", duration: float = 0.0, book_levels: int = 50) -> int:
+    """The pod's simulated feed process (`fastfeed serve --simulate` with workers):
+    its quotes and books onto the bus (`book_levels` is the pod's ``--book-levels``)."""
     import uvloop
 
     async def main() -> int:
-        async with RedisPublisher(url, channels=channels, prefix=prefix) as pub:
+        async with RedisPublisher(url, channels=channels, prefix=prefix,
+                                  book_levels=book_levels) as pub:
             await simulate(pub, n, rate, seed, duration)
         return 0
 
@@ -226,6 +228,10 @@ def add_publish_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="pub/sub partitions (env FASTFEED_REDIS_CHANNELS, default 16)")
     p.add_argument("--redis-prefix", default=env.get("FASTFEED_REDIS_PREFIX", "fastfeed"),
                    help="key and channel prefix (env FASTFEED_REDIS_PREFIX, default fastfeed)")
+    p.add_argument("--book-levels", type=int,
+                   default=int(env.get("FASTFEED_BOOK_LEVELS", "50")),
+                   help="order book levels kept per side, with --redis: the gateways' "
+                        "--book-levels (env FASTFEED_BOOK_LEVELS, default 50)")
     p.add_argument("--file", default="-", help="input file (default: stdin)")
     p.add_argument("--format", choices=("auto", "ndjson", "csv"), default="auto")
     p.add_argument("--batch", type=int, default=MAX_BATCH,
@@ -274,7 +280,7 @@ async def _publish(args: argparse.Namespace) -> int:
         where = f"gateway {args.url}"
     else:
         transport = RedisTransport(args.redis, channels=args.redis_channels,
-                                   prefix=args.redis_prefix)
+                                   prefix=args.redis_prefix, book_levels=args.book_levels)
         where = f"Redis {transport.url}"
     pub = Publisher(transport=transport, max_batch=args.batch, validate=False,
                     on_error=on_error)
