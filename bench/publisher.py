@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind", choices=["quote", "book"], default="quote",
                    help="stream quote ticks, or order-book level changes")
     p.add_argument("--ring", default="", help="book: the shared send-time file (see BookFeed)")
-    p.add_argument("--ring-size", type=int, default=8192, help="book: ring slots per instrument")
+    p.add_argument("--ring-size", type=int, default=65536, help="book: ring slots per instrument")
     p.add_argument("--book-levels", type=int, default=15, help="book: ladder steps per side")
     p.add_argument("--book-depth", type=int, default=10,
                    help="book: the gateway's served depth (the checksum's)")
