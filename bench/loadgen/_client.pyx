@@ -301,6 +301,8 @@ cdef class Conn:
         """Subscribed books whose seq or checksum differ from the publisher's."""
         cdef int i, s, n = 0
         cdef uint32_t crc
+        if not self.books:
+            raise ValueError("not in book mode (use_books)")
         for i in range(self.n_instr):
             s = self.slot[i]
             if s < 0:
@@ -313,7 +315,10 @@ cdef class Conn:
 
     def book(self, int i):
         """Instrument `i`'s book as (seq, bids, asks), levels [price, volume]."""
-        cdef int s = self.slot[i], side, k
+        cdef int s, side, k
+        if not self.books or not 0 <= i < self.n_instr or self.slot[i] < 0:
+            raise ValueError(f"instrument {i} is no book of this connection")
+        s = self.slot[i]
         out = [self.seqs[i]]
         for side in range(2):
             base = self.lv + (2 * s + side) * 2 * MAXLV
@@ -1236,6 +1241,8 @@ cdef class BookFeed:
 
     def book(self, int i):
         """Instrument `i`'s true book as (seq, bids, asks), levels [price, volume]."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
         out = [self.seq[i]]
         for side in range(2):
             out.append([[self.price[(i * 2 + side) * self.levels + k],
