@@ -36,7 +36,7 @@ from bench.runner import (
     server_command,
 )
 
-SCENARIOS = ("capacity", "throughput", "watched", "ingest", "spike", "idle", "workers")
+SCENARIOS = ("capacity", "throughput", "watched", "ingest", "spike", "idle", "workers", "book")
 
 # full / quick parameters of every scenario
 PARAMS: dict[str, dict[str, dict[str, Any]]] = {
@@ -71,6 +71,13 @@ PARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "workers": {
         "full": {"clients": 1000, "rate": 100_000, "warmup": 2, "measure": 5},
         "quick": {"clients": 100, "rate": 20_000, "warmup": 1, "measure": 1},
+    },
+    # rate: level changes/s over `instruments` books; each client holds `books`
+    "book": {
+        "full": {"clients": 1000, "books": 20, "instruments": 500, "rate": 50_000,
+                 "warmup": 2, "measure": 5},
+        "quick": {"clients": 50, "books": 20, "instruments": 500, "rate": 5_000,
+                  "warmup": 1, "measure": 1},
     },
 }
 
@@ -279,8 +286,35 @@ def sc_workers(server, p, pins, extra):
     return out
 
 
+def sc_book(server, p, pins, extra):
+    if server in ("fastfeed_bin", "fastfeed_delayed"):
+        raise Skip("books go as JSON for every subprotocol and the delay line is the "
+                   "quote path's concern: see fastfeed")
+    res = load_run(server, Load(clients=p["clients"], subs=p["books"],
+                                instruments=p["instruments"], kind="book",
+                                phases=[("warmup", p["warmup"], p["rate"]),
+                                        ("measure", p["measure"], p["rate"])]),
+                   pins, extra, progress=f"  book {server}")
+    m = res["phases"]["measure"]
+    out = _brief(res, m)
+    keep = ("changes_per_s", "levels_per_s", "bytes_per_s", "untimed")
+    out.update({k: m[k] for k in keep}, clients=p["clients"], books=p["books"], rate=p["rate"],
+               converged=res["converged"], behind_books=res["behind_rows"], hist=m["hist"],
+               ticks_sent=res["ticks_sent"], ingest_errors=res["ingest_errors"],
+               ingest_first_error=res["ingest_first_error"])
+    log(f"  book {server}: {fmt(m['changes_per_s'])} changes/s delivered in "
+        f"{fmt(m['frames_per_s'])} msgs/s, {fmt(m['bytes_per_s'] / 1e6)} MB/s, p50/p99 "
+        f"{fmt(m['p50_ms'])}/{fmt(m['p99_ms'])} ms, converged {res['converged']}/{p['clients']}"
+        f", server cpu {fmt(m['server_cpu'])} (its core busy {fmt(m['server_core_busy'])})"
+        + (f", {m['untimed']} entries older than the ring (not timed)" if m["untimed"] else "")
+        + (f", {res['ingest_errors']} ingest errors: {res['ingest_first_error']}"
+           if res["ingest_errors"] else ""))
+    return out
+
+
 RUNNERS = {"capacity": sc_capacity, "throughput": sc_throughput, "watched": sc_watched,
-           "ingest": sc_ingest, "spike": sc_spike, "idle": sc_idle, "workers": sc_workers}
+           "ingest": sc_ingest, "spike": sc_spike, "idle": sc_idle, "workers": sc_workers,
+           "book": sc_book}
 
 
 # ------------------------------------------------------------------- repeats

@@ -17,6 +17,12 @@ then waits for `go` on stdin and:
                   measures until a client subscribed to that instrument sees
                   the marker: ticks applied per second, in order.
 
+With `--kind book` it sends order-book changes instead (`BookFeed`: one
+level change per `{"type":"book",...}` message, skewed to the top of the
+book), after one full book per instrument; their send times go into the
+shared `--ring` file the load clients read, and `done` carries every book's
+last seq and checksum.
+
 It exits on `quit` or end of stdin.
 """
 
@@ -31,9 +37,10 @@ import struct
 import sys
 import time
 
+import numpy as np
 from picows import WSListener, WSMsgType, ws_connect
 
-from bench.loadgen._client import TickGen
+from bench.loadgen._client import BookFeed, TickGen
 
 
 def zipf_table(n: int, s: float, seed: int, exclude_last: bool) -> list[int]:
@@ -82,9 +89,10 @@ class MarkerWatcher(WSListener):
     """One client subscribed to the marker instrument: it tells when the
     server holds the seeded rows, and when the ingest run's last tick is out."""
 
-    def __init__(self, sym: str) -> None:
+    def __init__(self, sym: str, channel: str = "quote") -> None:
         super().__init__()
         self.sym = sym
+        self.channel = channel
         self.got_snapshot = False
         self.snapshot_rows = 0
         self.marker_seq = 0          # 0: not armed
@@ -93,8 +101,10 @@ class MarkerWatcher(WSListener):
 
     def on_ws_connected(self, transport) -> None:
         self.transport = transport
-        transport.send(WSMsgType.TEXT,
-                       json.dumps({"op": "subscribe", "symbols": [self.sym]}).encode())
+        req: dict = {"op": "subscribe", "symbols": [self.sym]}
+        if self.channel != "quote":
+            req["channels"] = [self.channel]
+        transport.send(WSMsgType.TEXT, json.dumps(req).encode())
 
     def on_ws_frame(self, transport, frame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
@@ -105,7 +115,8 @@ class MarkerWatcher(WSListener):
         msg = json.loads(frame.get_payload_as_bytes())
         if msg.get("type") == "snapshot":
             self.got_snapshot = True
-            self.snapshot_rows += len(msg.get("rows", ()))
+            self.snapshot_rows += len(msg.get("rows", ()) if self.channel == "quote"
+                                      else msg.get("books", ()))
         elif (msg.get("type") == "update" and self.marker_seq and not self.marker_seen_ns
               and any(r[0] == self.sym and r[1] >= self.marker_seq for r in msg["rows"])):
             self.marker_seen_ns = time.time_ns()
@@ -157,7 +168,13 @@ async def run(a: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     n = a.instruments
     marker = n - 1
-    gen = TickGen(n, zipf_table(n, a.skew, a.seed, a.mode == "ingest"), a.seed + 7)
+    table = zipf_table(n, a.skew, a.seed, a.mode == "ingest")
+    gen: TickGen | BookFeed
+    if a.kind == "book":
+        ring = np.memmap(a.ring, dtype=np.int64, mode="r+", shape=(n * a.ring_size * 2,))
+        gen = BookFeed(n, table, ring, a.ring_size, a.book_levels, a.book_depth, a.seed + 7)
+    else:
+        gen = TickGen(n, table, a.seed + 7)
     tr, lis = await ws_connect(IngestListener, a.url.rstrip("/") + "/ingest")
     for payload in gen.seed_all(time.time_ns()):
         tr.send(WSMsgType.TEXT, payload)
@@ -165,7 +182,7 @@ async def run(a: argparse.Namespace) -> None:
     # A watcher client on the last instrument: ready check and ingest marker.
     for _ in range(200):
         _wtr, watcher = await ws_connect(
-            lambda: MarkerWatcher(f"S{marker:04d}"),
+            lambda: MarkerWatcher(f"S{marker:04d}", a.kind),
             a.url.rstrip("/") + "/ws" + (f"?token={a.token}" if a.token else ""))
         for _ in range(100):
             if watcher.got_snapshot:
@@ -237,7 +254,8 @@ async def run(a: argparse.Namespace) -> None:
             total += sent
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.sleep(0.05)
-        emit({"event": "done", "sent": total, "final": gen.final_seqs(), "errors": lis.errors,
+        final = gen.final() if isinstance(gen, BookFeed) else gen.final_seqs()
+        emit({"event": "done", "sent": total, "final": final, "errors": lis.errors,
               "first_error": lis.first_error,
               "cpu": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime})
     while True:
@@ -255,6 +273,13 @@ def main(argv: list[str] | None = None) -> None:
                                                 "client auth)")
     p.add_argument("--instruments", type=int, default=500)
     p.add_argument("--mode", choices=["stream", "ingest"], default="stream")
+    p.add_argument("--kind", choices=["quote", "book"], default="quote",
+                   help="stream quote ticks, or order-book level changes")
+    p.add_argument("--ring", default="", help="book: the shared send-time file (see BookFeed)")
+    p.add_argument("--ring-size", type=int, default=65536, help="book: ring slots per instrument")
+    p.add_argument("--book-levels", type=int, default=15, help="book: ladder steps per side")
+    p.add_argument("--book-depth", type=int, default=10,
+                   help="book: the gateway's served depth (the checksum's)")
     p.add_argument("--schedule", default="10:10000", help="SECONDS:RATE phases, comma separated")
     p.add_argument("--interval-ms", type=float, default=1.0, help="send period (stream)")
     p.add_argument("--max-batch", type=int, default=2000, help="most ticks in one message")
@@ -266,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", choices=["json", "binary"], default="json",
                    help="ingest mode: JSON arrays or fastfeed's binary FFT1 batches")
     a = p.parse_args(argv)
+    if a.kind == "book" and (a.mode != "stream" or not a.ring):
+        p.error("--kind book streams only, and needs --ring")
     try:
         import uvloop
     except ImportError:

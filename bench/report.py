@@ -211,6 +211,40 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{f(c1['p99_ms'])} / {f(c2['p99_ms'])}"])
         lines.append(_table(["server", "bus", "updates/s, 1 worker", "updates/s, 2 workers",
                              "ratio", "p99 ms (1 / 2)"], rows))
+    def per_change(r: dict) -> float | None:
+        # server CPU per change delivered: the work done, less exposed to a
+        # shared core than latency is
+        cpu, n = r.get("server_cpu"), r.get("changes_per_s")
+        return cpu / n * 1e6 if cpu and n else None
+
+    if "book" in sc:
+        p = res["params"]["book"]
+        lines += ["", f"## Order books ({p['clients']:,} clients x {p['books']} of "
+                  f"{p['instruments']} books, {p['rate']:,} level changes/s skewed to the top; "
+                  "latency is change send time → client receive time of the entry or message "
+                  "holding it; converged: every book's seq and checksum equal the source's)", ""]
+        rows = []
+        for s, r in rowsof("book"):
+            if problem(r):
+                rows.append([s, problem(r)] + [""] * 12)
+                continue
+            base = sc["book"].get(ref, {})
+            # entries older than the send-time ring are not timed: then the
+            # p99 is a lower bound
+            low = "≥ " if r.get("untimed") else ""
+            rows.append([s, f(r["changes_per_s"]), f(r["frames_per_s"]), f(r["levels_per_s"]),
+                         f(r["bytes_per_s"] / 1e6), f(r["p50_ms"]),
+                         low + f(r["p99_ms"]),
+                         f"{f(r['converged'])} / {f(r['clients'])}",
+                         f"{f(r['server_cpu'])} / {f(r.get('server_core_busy'))}",
+                         f(per_change(r)), f(r["load_cpu_max"]),
+                         low + _ratio(r["p99_ms"], base.get("p99_ms")),
+                         _ratio(r["server_cpu"], base.get("server_cpu"))])
+        lines.append(_table(["server", "changes/s delivered", "messages/s", "levels/s sent",
+                             "MB/s", "p50 ms", "p99 ms", "converged clients",
+                             "server CPU / its core busy", "server µs per change",
+                             "load client CPU",
+                             "p99: this ÷ fastfeed", "server CPU: this ÷ fastfeed"], rows))
     lines.append("")
     return "\n".join(lines)
 

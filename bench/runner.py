@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -327,6 +328,15 @@ class Load:
     per_proc: int = 1500
     interval_ms: float = 1.0
     seed: int = 1
+    # "book": `subs` books per client on the book channel, the rates are
+    # level changes/s (publisher --kind book); see sc_book in __main__
+    kind: str = "quote"
+    book_depth: int = 10             # the gateway's served depth (its default)
+    book_levels: int = 15            # publisher ladder steps per side
+    # send-time slots per book (a power of two): a sparse file, only the
+    # pages written cost memory, and 65,536 cover ~9 s of the hottest book
+    # at 50k changes/s
+    ring: int = 65536
 
 
 @dataclass
@@ -342,10 +352,20 @@ def summarize(stats: list[dict[str, Any]], wall: float, cpu: tuple[float, float]
     wh = hist.merge(s["whist"] for s in stats)
     upd = sum(s["updates"] for s in stats)
     frames = sum(s["frames"] for s in stats)
+
+    def rate(key: str) -> float:
+        return sum(s.get(key, 0) for s in stats) / wall if wall else 0.0
+
     out = {
         "seconds": round(wall, 3),
         "updates_per_s": upd / wall if wall else 0.0,
         "frames_per_s": frames / wall if wall else 0.0,
+        "bytes_per_s": rate("bytes"),          # WebSocket payload bytes
+        # books: source changes the clients' books took in (seq advance),
+        # levels on the wire, and entries too old for the send-time ring
+        "changes_per_s": rate("changes"),
+        "levels_per_s": rate("levels"),
+        "untimed": sum(s.get("untimed", 0) for s in stats),
         "rows_per_frame": upd / frames if frames else None,
         "p50_ms": hist.percentile(h, 0.50),
         "p99_ms": hist.percentile(h, 0.99),
@@ -407,12 +427,29 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
     server = Server(server_name, pins.server, extra).start()
     pub: Child | None = None
     workers: list[Child] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bench-ring-") if load.kind == "book" else None
     try:
         url = f"ws://127.0.0.1:{server.port}"
         schedule = ",".join(f"{secs}:{rate}" for _n, secs, rate in load.phases)
+        book_args: list[str] = []
+        book_cfg = None
+        if tmp is not None:
+            # the publisher's send time of every book change, read by the
+            # load clients by (book, seq): zeros to start (a sparse file)
+            ring = os.path.join(tmp.name, "ring")
+            with open(ring, "wb") as fh:
+                fh.truncate(load.instruments * load.ring * 16)
+            book_args = ["--kind", "book", "--ring", ring, "--ring-size", str(load.ring),
+                         "--book-levels", str(load.book_levels),
+                         "--book-depth", str(load.book_depth)]
+            # fastfeed serves the best depth and says what comes into view, so
+            # its clients keep the best depth (the contract); a peer forwards
+            # every change, so its clients keep every level they are sent
+            book_cfg = {"depth": load.book_depth, "truncate": server_name in FASTFEEDS,
+                        "ring": ring, "ring_size": load.ring}
         pub = Child(["-m", "bench.publisher", "--url", url, "--instruments", str(load.instruments),
                      "--schedule", schedule, "--interval-ms", str(load.interval_ms),
-                     "--seed", str(load.seed),
+                     "--seed", str(load.seed), *book_args,
                      *(["--token", bench_token(0)] if server_name == "fastfeed_delayed" else [])],
                     pins.load)
         pub.expect("seeded", 60)
@@ -431,7 +468,7 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
             cfg = {"url": url + path, "instruments": load.instruments, "first": first, "count": n,
                    "subs": load.subs, "watch_clients": load.watch_clients, "watch": load.watch,
                    "seed": load.seed, "protocol": CLIENT_PROTOCOLS.get(server_name),
-                   "snapshot_timeout": 30 + n / 100}
+                   "snapshot_timeout": 30 + n / 100, "book": book_cfg}
             workers.append(Child(["-m", "bench.loadgen.worker", json.dumps(cfg)], pins.load))
             first += n
         ready = [w.expect("ready", 90 + load.clients / 50) for w in workers]
@@ -502,6 +539,8 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         if pub is not None:
             pub.close()
         server.stop()
+        if tmp is not None:
+            tmp.cleanup()
 
 
 class RedisServer(fixtures.RedisServer):

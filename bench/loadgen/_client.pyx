@@ -12,9 +12,16 @@ which made the load client, not the servers, the limit.
 
 Symbols of the bench universe are `S` followed by digits (`S0000`..): the
 parser turns them into instrument indexes without a dict lookup.
+
+The book scenario uses the same loop: a connection in book mode
+(`Conn.use_books`) keeps each subscribed book's levels in C arrays, applies
+the "books" entries of snapshots and updates (price-keyed changes, volume 0
+removes, `"full":true` replaces), and times each entry by its `seq` in a ring
+the publisher writes (`BookFeed`): book messages carry no source time.
 """
 
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.stdlib cimport strtod
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memset, memcpy, memmove, memcmp
@@ -59,6 +66,10 @@ cdef enum:
     NBUCKETS = 64 + 58 * 32
     F_SUB = 1
     F_WATCH = 2
+    # levels a load client holds per side of a book (more than any depth served)
+    MAXLV = 32
+    # levels of the publisher's ladder per side, at most
+    MAX_LADDER = 32
 
 NUM_BUCKETS = NBUCKETS
 
@@ -81,6 +92,60 @@ cdef inline int bucket_of(int64_t lat_ns) noexcept nogil:
     return LINEAR + (e - 6) * SUB + <int>((v >> (e - SUB_BITS)) - SUB)
 
 
+cdef uint32_t CRC_TABLE[256]
+
+
+cdef void _crc_init() noexcept:
+    cdef uint32_t c
+    cdef int i, _k
+    for i in range(256):
+        c = <uint32_t>i
+        for _k in range(8):
+            c = (0xEDB88320 ^ (c >> 1)) if (c & 1) else (c >> 1)
+        CRC_TABLE[i] = c
+
+
+_crc_init()
+
+
+cdef inline uint32_t _crc(uint32_t crc, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """zlib.crc32(bytes, crc): IEEE 802.3, chainable."""
+    cdef Py_ssize_t i
+    crc = ~crc
+    for i in range(n):
+        crc = CRC_TABLE[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
+    return ~crc
+
+
+cdef uint32_t _book_crc(const double* bids, int nb, const double* asks, int na,
+                        int depth) noexcept nogil:
+    """The contract's book checksum: the best `depth` asks, then bids, best
+    first, price and volume as little-endian binary64 (this is x86/ARM LE).
+    A side is `n` (price, volume) pairs."""
+    cdef uint32_t crc = 0
+    cdef int k
+    for k in range(min(na, depth)):
+        crc = _crc(crc, <const uint8_t*>(asks + 2 * k), 16)
+    for k in range(min(nb, depth)):
+        crc = _crc(crc, <const uint8_t*>(bids + 2 * k), 16)
+    return crc
+
+
+def checksum(list bids, list asks, int depth):
+    """The C checksum of two sides of [price, volume, ...] (tests compare it
+    with fastfeed.orderbook.book_checksum)."""
+    cdef double b[2 * MAXLV]
+    cdef double a[2 * MAXLV]
+    cdef int nb = min(len(bids), MAXLV), na = min(len(asks), MAXLV), k
+    for k in range(nb):
+        b[2 * k] = bids[k][0]
+        b[2 * k + 1] = bids[k][1]
+    for k in range(na):
+        a[2 * k] = asks[k][0]
+        a[2 * k + 1] = asks[k][1]
+    return _book_crc(b, nb, a, na, depth)
+
+
 cdef class Stats:
     """Counters and histograms shared by every client of one process."""
 
@@ -92,6 +157,9 @@ cdef class Stats:
         public int64_t errors, other_msgs, bad_frames, reads
         public int64_t connected, disconnected, closed_by_server
         public int64_t max_lat_ns
+        # book mode: source changes brought (seq advance), levels applied,
+        # entries whose seq fell out of the publisher's ring (not timed)
+        public int64_t changes, levels, untimed
         public dict close_codes
 
     def __cinit__(self):
@@ -118,6 +186,9 @@ cdef class Stats:
         self.bad_frames = 0
         self.reads = 0
         self.max_lat_ns = 0
+        self.changes = 0
+        self.levels = 0
+        self.untimed = 0
 
     def histogram(self, bint watched=False):
         """Non-empty buckets as {index: count}."""
@@ -149,6 +220,17 @@ cdef class Conn:
         public bint got_snapshot
         public bint closed
         public int close_code
+        # book mode (use_books): slot of each instrument's book or -1; per
+        # slot and side (0 bids, 1 asks) up to MAXLV (price, volume) pairs
+        bint books
+        int depth
+        bint truncate
+        int* slot
+        double* lv
+        int* nlv
+        const int64_t* ring
+        int64_t ring_mask
+        object ring_ref
 
     def __cinit__(self, Stats stats, int fd, int n_instr, list subscribe, list watch,
                   Py_ssize_t read_buffer=65536):
@@ -170,12 +252,78 @@ cdef class Conn:
         self.got_snapshot = not subscribe
         self.closed = False
         self.close_code = 0
+        self.books = False
+        self.slot = NULL
+        self.lv = NULL
+        self.nlv = NULL
+        self.ring = NULL
         stats.connected += 1
 
     def __dealloc__(self):
         free(self.seqs)
         free(self.flags)
         free(self.buf)
+        free(self.slot)
+        free(self.lv)
+        free(self.nlv)
+
+    def use_books(self, int depth, bint truncate, const int64_t[:] ring, int ring_size):
+        """Book mode: every subscribed instrument is a book. `depth` is the
+        served depth (the checksum's); with `truncate` the client keeps only
+        the best `depth` levels per side after each entry, as the contract
+        says (fastfeed); without, every level it is sent (a peer forwarding
+        every change). `ring`: the publisher's (seq, send ns) pairs,
+        `ring_size` (a power of two) per instrument."""
+        cdef int i, n = 0
+        if ring_size & (ring_size - 1) or ring.shape[0] < 2 * ring_size * self.n_instr:
+            raise ValueError("ring_size must be a power of two and the ring hold every instrument")
+        self.slot = <int*>malloc(self.n_instr * sizeof(int))
+        if self.slot == NULL:
+            raise MemoryError()
+        for i in range(self.n_instr):
+            if self.flags[i] & F_SUB:
+                self.slot[i] = n
+                n += 1
+            else:
+                self.slot[i] = -1
+        self.lv = <double*>calloc(max(n, 1) * 2 * MAXLV * 2, sizeof(double))
+        self.nlv = <int*>calloc(max(n, 1) * 2, sizeof(int))
+        if self.lv == NULL or self.nlv == NULL:
+            raise MemoryError()
+        self.depth = depth
+        self.truncate = truncate
+        self.ring_ref = ring
+        self.ring = &ring[0]
+        self.ring_mask = ring_size - 1
+        self.books = True
+
+    def books_behind(self, const int64_t[:] seqs, const int64_t[:] crcs):
+        """Subscribed books whose seq or checksum differ from the publisher's."""
+        cdef int i, s, n = 0
+        cdef uint32_t crc
+        if not self.books:
+            raise ValueError("not in book mode (use_books)")
+        for i in range(self.n_instr):
+            s = self.slot[i]
+            if s < 0:
+                continue
+            crc = _book_crc(self.lv + (2 * s) * 2 * MAXLV, self.nlv[2 * s],
+                            self.lv + (2 * s + 1) * 2 * MAXLV, self.nlv[2 * s + 1], self.depth)
+            if self.seqs[i] != seqs[i] or crc != <uint32_t>crcs[i]:
+                n += 1
+        return n
+
+    def book(self, int i):
+        """Instrument `i`'s book as (seq, bids, asks), levels [price, volume]."""
+        cdef int s, side, k
+        if not self.books or not 0 <= i < self.n_instr or self.slot[i] < 0:
+            raise ValueError(f"instrument {i} is no book of this connection")
+        s = self.slot[i]
+        out = [self.seqs[i]]
+        for side in range(2):
+            base = self.lv + (2 * s + side) * 2 * MAXLV
+            out.append([[base[2 * k], base[2 * k + 1]] for k in range(self.nlv[2 * s + side])])
+        return tuple(out)
 
     def feed(self, const unsigned char[:] data):
         """Bytes that arrived with the handshake response."""
@@ -280,11 +428,14 @@ cdef class Conn:
             _send_frame(self.fd, 8, b"\x03\xe8", 2)
             self.closed = True
 
-    def converged(self, const int64_t[:] final):
-        """True when every subscribed instrument is at the publisher's last seq."""
+    def converged(self, const int64_t[:] final, crcs=None):
+        """True when every subscribed instrument is at the publisher's last
+        seq (book mode: and every book's checksum is the publisher's)."""
         cdef int i
         if self.closed or not self.got_snapshot:
             return False
+        if self.books:
+            return self.books_behind(final, crcs) == 0
         for i in range(self.n_instr):
             if (self.flags[i] & F_SUB) and self.seqs[i] < final[i]:
                 return False
@@ -314,10 +465,16 @@ cdef class Conn:
             return 0
         c = q[0]
         if c == b'u':                                   # update
-            self._rows(q, end, t, True)
+            if self.books:
+                self._books(q, end, t, True)
+            else:
+                self._rows(q, end, t, True)
         elif c == b's' and q[1] == b'n':               # snapshot
             self.stats.snapshots += 1
-            self._rows(q, end, t, False)
+            if self.books:
+                self._books(q, end, t, False)
+            else:
+                self._rows(q, end, t, False)
             self.got_snapshot = True
         elif c == b'e':                                 # error
             self.stats.errors += 1
@@ -425,6 +582,159 @@ cdef class Conn:
             q += 1
             self._row(idx, seq, ts, t, live)
 
+    # -- book mode ----------------------------------------------------------
+
+    cdef int _books(self, char* p, char* end, int64_t t, bint live) except -1:
+        """Every entry of the message's "books" list."""
+        cdef char* q = _find(p, end, b'"books"', 7)
+        if q == NULL:
+            return 0
+        q += 7
+        while q < end and q[0] != b'[':
+            q += 1
+        q += 1
+        while True:
+            while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                q += 1
+            if q >= end or q[0] != b'{':
+                return 0
+            q = self._entry(q, end, t, live)
+
+    cdef char* _entry(self, char* q, char* end, int64_t t, bint live) except NULL:
+        """One book entry (q at its '{'); returns the position after it. Its
+        keys come in any order ("full" is last in fastfeed's), so the level
+        lists are only located here and applied once the entry is read."""
+        cdef int64_t idx = -1, seq = 0
+        cdef char* bids = NULL
+        cdef char* asks = NULL
+        cdef char* key
+        cdef Py_ssize_t klen
+        cdef bint full = not live
+        q += 1
+        while True:
+            while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                q += 1
+            if q >= end:
+                return end
+            if q[0] == b'}':
+                q += 1
+                break
+            if q[0] != b'"':
+                return end
+            key = q + 1
+            q = key
+            while q < end and q[0] != b'"':
+                q += 1
+            klen = q - key
+            q += 1
+            while q < end and (q[0] == b':' or q[0] == b' '):
+                q += 1
+            if q >= end:
+                return end
+            if klen == 3 and memcmp(key, b"sym", 3) == 0:
+                idx = _sym_index(q + 1, end)
+                q = _skip_value(q, end)
+            elif klen == 3 and memcmp(key, b"seq", 3) == 0:
+                q = _int(q, end, &seq)
+            elif klen == 4 and memcmp(key, b"bids", 4) == 0:
+                bids = q
+                q = _skip_value(q, end)
+            elif klen == 4 and memcmp(key, b"asks", 4) == 0:
+                asks = q
+                q = _skip_value(q, end)
+            elif klen == 4 and memcmp(key, b"full", 4) == 0:
+                full = full or q[0] == b't'
+                q = _skip_value(q, end)
+            else:
+                q = _skip_value(q, end)
+        self._apply(idx, seq, bids, asks, full, end, t, live)
+        return q
+
+    cdef void _apply(self, int64_t idx, int64_t seq, char* bids, char* asks, bint full,
+                     char* end, int64_t t, bint live) noexcept:
+        cdef Stats st = self.stats
+        cdef int s, side
+        cdef int64_t held, lat, pos
+        cdef int b
+        if idx < 0 or idx >= self.n_instr or self.slot[idx] < 0:
+            st.unexpected_rows += 1
+            return
+        s = self.slot[idx]
+        held = self.seqs[idx]
+        if live and seq <= held:
+            st.stale_rows += 1
+            return
+        if full:
+            self.nlv[2 * s] = 0
+            self.nlv[2 * s + 1] = 0
+        if bids != NULL:
+            self._levels(s, 0, bids, end)
+        if asks != NULL:
+            self._levels(s, 1, asks, end)
+        if self.truncate:
+            for side in range(2):
+                if self.nlv[2 * s + side] > self.depth:
+                    self.nlv[2 * s + side] = self.depth
+        self.seqs[idx] = seq
+        if not live:
+            st.snapshot_rows += 1
+            return
+        st.updates += 1
+        st.changes += seq - held
+        pos = (idx * (self.ring_mask + 1) + (seq & self.ring_mask)) * 2
+        if self.ring[pos] != seq:      # overwritten: older than the ring holds
+            st.untimed += 1
+            return
+        lat = t - self.ring[pos + 1]
+        if lat > st.max_lat_ns:
+            st.max_lat_ns = lat
+        b = bucket_of(lat)
+        st.hist[b] += 1
+
+    cdef void _levels(self, int s, int side, char* q, char* end) noexcept:
+        """Apply a list of [price, volume(, orders)] to one side, in order."""
+        cdef double price, vol
+        cdef char* nxt
+        q += 1
+        while True:
+            while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                q += 1
+            if q >= end or q[0] != b'[':
+                return
+            q += 1
+            price = strtod(q, &nxt)
+            q = _skip_sep(nxt, end)
+            vol = strtod(q, &nxt)
+            q = nxt
+            while q < end and q[0] != b']':
+                q += 1
+            q += 1
+            self._set(s, side, price, vol)
+            self.stats.levels += 1
+
+    cdef void _set(self, int s, int side, double price, double vol) noexcept:
+        """Set or (volume 0) remove one price, keeping the side sorted best first."""
+        cdef double* a = self.lv + (2 * s + side) * 2 * MAXLV
+        cdef int n = self.nlv[2 * s + side], i = 0
+        while i < n and a[2 * i] != price and (
+                a[2 * i] > price if side == 0 else a[2 * i] < price):
+            i += 1
+        if i < n and a[2 * i] == price:
+            if vol == 0:
+                memmove(a + 2 * i, a + 2 * i + 2, (n - i - 1) * 2 * sizeof(double))
+                self.nlv[2 * s + side] = n - 1
+            else:
+                a[2 * i + 1] = vol
+            return
+        if vol == 0 or i >= MAXLV:
+            return
+        if n == MAXLV:                  # full: the worst level goes
+            n -= 1
+        memmove(a + 2 * i + 2, a + 2 * i, (n - i) * 2 * sizeof(double))
+        a[2 * i] = price
+        a[2 * i + 1] = vol
+        self.nlv[2 * s + side] = n + 1
+
 
 cdef int _send_frame(int fd, int op, const char* payload, Py_ssize_t n) noexcept:
     """A masked client frame (zero mask key) written with one send; small
@@ -530,6 +840,48 @@ cdef inline char* _find(char* p, char* end, const char* needle, int k) noexcept:
                 return p
         p += 1
     return NULL
+
+
+cdef inline int64_t _sym_index(char* q, char* end) noexcept:
+    """`S` + digits up to the closing quote as an instrument index, else -1."""
+    cdef int64_t idx = 0
+    if q >= end or q[0] != b'S':
+        return -1
+    q += 1
+    while q < end and b'0' <= q[0] <= b'9':
+        idx = idx * 10 + (q[0] - 48)
+        q += 1
+    if q >= end or q[0] != b'"':
+        return -1
+    return idx
+
+
+cdef char* _skip_value(char* q, char* end) noexcept:
+    """Past one JSON value (string, number, literal, or nested list/object)."""
+    cdef int depth = 0
+    while q < end:
+        if q[0] == b'"':
+            q += 1
+            while q < end and q[0] != b'"':
+                if q[0] == b'\\':
+                    q += 1
+                q += 1
+            q += 1
+            if depth == 0:
+                return q
+            continue
+        if q[0] == b'[' or q[0] == b'{':
+            depth += 1
+        elif q[0] == b']' or q[0] == b'}':
+            if depth == 0:
+                return q
+            depth -= 1
+            if depth == 0:
+                return q + 1
+        elif depth == 0 and q[0] == b',':
+            return q
+        q += 1
+    return end
 
 
 cdef inline char* _skip_sep(char* q, char* end) noexcept:
@@ -687,6 +1039,217 @@ cdef class TickGen:
     def final_seqs(self):
         cdef int i
         return [self.seq[i] for i in range(self.n)]
+
+
+cdef class BookFeed:
+    """Skewed order-book changes for the book scenario, one level change per
+    ingest message (`{"type":"book",...}` as the contract's ingest says).
+
+    Each instrument has a fixed ladder of `levels` prices per side around its
+    mid (bids below, asks above: never crossed), all filled at the start.
+    A change picks an instrument by the same Zipf-like table as `TickGen`, a
+    side, and a ladder step skewed to the top (step k about 0.8^k as likely
+    as the top), then sets a new volume there or (one in seven, when it is
+    held) removes it; a removed step comes back on its next change. `seq`
+    is consecutive per book. Every change's send time goes into `ring`
+    (pairs of seq and ns, `ring_size` a power of two per instrument), which
+    the load clients read: book messages carry no source time."""
+
+    cdef:
+        int n, levels, depth
+        double* price
+        double* vol
+        int64_t* seq
+        uint32_t* table
+        uint8_t* steps
+        uint64_t rng
+        int64_t* ring
+        int64_t ring_mask
+        object ring_ref
+        char* buf
+        Py_ssize_t cap
+        public int64_t changes
+
+    def __cinit__(self, int n_instr, list table, int64_t[:] ring, int ring_size,
+                  int levels=15, int depth=10, uint64_t seed=12345):
+        cdef int i, side, k
+        cdef double mid, acc, w
+        if not 1 <= levels <= MAX_LADDER:
+            raise ValueError(f"levels must be 1..{MAX_LADDER}")
+        if len(table) != 65536:
+            raise ValueError("table must hold 65536 instrument indexes")
+        if ring_size & (ring_size - 1) or ring.shape[0] < 2 * ring_size * n_instr:
+            raise ValueError("ring_size must be a power of two and the ring hold every instrument")
+        self.n = n_instr
+        self.levels = levels
+        self.depth = depth
+        self.price = <double*>calloc(n_instr * 2 * levels, sizeof(double))
+        self.vol = <double*>calloc(n_instr * 2 * levels, sizeof(double))
+        self.seq = <int64_t*>calloc(n_instr, sizeof(int64_t))
+        self.table = <uint32_t*>calloc(65536, sizeof(uint32_t))
+        self.steps = <uint8_t*>calloc(65536, 1)
+        self.cap = 1 << 20
+        self.buf = <char*>calloc(self.cap, 1)
+        if not (self.price and self.vol and self.seq and self.table and self.steps and self.buf):
+            raise MemoryError()
+        for i in range(65536):
+            self.table[i] = table[i]
+        # ladder step k drawn with weight 0.8^k
+        acc = 0.0
+        w = 0.0
+        for k in range(levels):
+            w += 0.8 ** k
+        k = 0
+        for i in range(65536):
+            while k < levels - 1 and (i + 0.5) / 65536.0 > (acc + 0.8 ** k) / w:
+                acc += 0.8 ** k
+                k += 1
+            self.steps[i] = <uint8_t>k
+        self.rng = seed * 6364136223846793005ULL + 1442695040888963407ULL
+        if self.rng == 0:
+            self.rng = 88172645463325252ULL
+        self.ring_ref = ring
+        self.ring = &ring[0]
+        self.ring_mask = ring_size - 1
+        for i in range(n_instr):
+            mid = 1000.0 + 25.0 * (i % 97)
+            for side in range(2):
+                for k in range(levels):
+                    self.price[(i * 2 + side) * levels + k] = (
+                        mid - 5.0 * (k + 1) if side == 0 else mid + 5.0 * (k + 1))
+                    self.vol[(i * 2 + side) * levels + k] = self._lots() * 100.0
+        self.changes = 0
+
+    def __dealloc__(self):
+        free(self.price)
+        free(self.vol)
+        free(self.seq)
+        free(self.table)
+        free(self.steps)
+        free(self.buf)
+
+    cdef inline uint64_t _next(self) noexcept:
+        cdef uint64_t x = self.rng
+        x ^= x >> 12
+        x ^= x << 25
+        x ^= x >> 27
+        self.rng = x
+        return x * 2685821657736338717ULL
+
+    cdef inline int _lots(self) noexcept:
+        return <int>(self._next() % 60) + 1
+
+    cdef inline void _stamp(self, int i, int64_t ts) noexcept:
+        cdef int64_t pos = (i * (self.ring_mask + 1) + (self.seq[i] & self.ring_mask)) * 2
+        self.ring[pos + 1] = ts
+        self.ring[pos] = self.seq[i]
+
+    cdef Py_ssize_t _full(self, Py_ssize_t off, int i, int64_t ts) noexcept:
+        cdef int side, k
+        cdef double v
+        self.seq[i] += 1
+        self._stamp(i, ts)
+        off += snprintf(self.buf + off, self.cap - off,
+                        b'{"type":"book","sym":"S%04d","seq":%lld,"full":true',
+                        i, <long long>self.seq[i])
+        for side in range(2):
+            off += snprintf(self.buf + off, self.cap - off, b',"%s":[',
+                            b"bids" if side == 0 else b"asks")
+            for k in range(self.levels):
+                v = self.vol[(i * 2 + side) * self.levels + k]
+                if v > 0:
+                    off += snprintf(self.buf + off, self.cap - off, b'[%.1f,%.1f,%d],',
+                                    self.price[(i * 2 + side) * self.levels + k], v,
+                                    <int>(v / 400.0) + 1)
+            if self.buf[off - 1] == b',':
+                off -= 1
+            self.buf[off] = b']'
+            off += 1
+        self.buf[off] = b'}'
+        self.buf[off + 1] = b','
+        return off + 2
+
+    cdef Py_ssize_t _change(self, Py_ssize_t off, int64_t ts) noexcept:
+        cdef uint64_t r = self._next()
+        cdef int i = <int>self.table[r >> 48]
+        cdef int side = <int>((r >> 20) & 1)
+        cdef int k = self.steps[(r >> 24) & 0xFFFF]
+        cdef Py_ssize_t at = (i * 2 + side) * self.levels + k
+        cdef double v = self.vol[at], nv
+        if v > 0 and ((r >> 8) & 0xFF) < 37:
+            nv = 0.0
+        else:
+            nv = self._lots() * 100.0
+            if nv == v:
+                nv += 100.0
+        self.vol[at] = nv
+        self.seq[i] += 1
+        self._stamp(i, ts)
+        self.changes += 1
+        return off + snprintf(
+            self.buf + off, self.cap - off,
+            b'{"type":"book","sym":"S%04d","seq":%lld,"%s":[[%.1f,%.1f,%d]]},',
+            i, <long long>self.seq[i], b"bids" if side == 0 else b"asks", self.price[at], nv,
+            <int>(nv / 400.0) + <int>(nv > 0))
+
+    def batch(self, int count, int64_t ts):
+        """A JSON array of `count` one-level changes stamped `ts` (bytes)."""
+        cdef Py_ssize_t off = 1
+        cdef int _k
+        if count <= 0:
+            return b"[]"
+        if <Py_ssize_t>count * 120 + 16 > self.cap:
+            raise ValueError("batch too large")
+        self.buf[0] = b'['
+        for _k in range(count):
+            off = self._change(off, ts)
+        self.buf[off - 1] = b']'
+        return self.buf[:off]
+
+    def seed_all(self, int64_t ts):
+        """One full book per instrument, in arrays of a few hundred KB."""
+        cdef Py_ssize_t off = 1
+        cdef int i
+        out = []
+        self.buf[0] = b'['
+        for i in range(self.n):
+            off = self._full(off, i, ts)
+            if off > self.cap - (self.levels * 2 * 40 + 200) or i == self.n - 1:
+                self.buf[off - 1] = b']'
+                out.append(self.buf[:off])
+                off = 1
+        return out
+
+    def final(self):
+        """The last seq and the contract checksum (best `depth` levels) of every book."""
+        cdef int i, side, k, m
+        cdef double lv[2][2 * MAX_LADDER]
+        cdef int nl[2]
+        seqs, crcs = [], []
+        for i in range(self.n):
+            for side in range(2):
+                m = 0
+                for k in range(self.levels):
+                    if self.vol[(i * 2 + side) * self.levels + k] > 0:
+                        lv[side][2 * m] = self.price[(i * 2 + side) * self.levels + k]
+                        lv[side][2 * m + 1] = self.vol[(i * 2 + side) * self.levels + k]
+                        m += 1
+                nl[side] = m
+            seqs.append(self.seq[i])
+            crcs.append(_book_crc(lv[0], nl[0], lv[1], nl[1], self.depth))
+        return {"seqs": seqs, "crcs": crcs}
+
+    def book(self, int i):
+        """Instrument `i`'s true book as (seq, bids, asks), levels [price, volume]."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        out = [self.seq[i]]
+        for side in range(2):
+            out.append([[self.price[(i * 2 + side) * self.levels + k],
+                         self.vol[(i * 2 + side) * self.levels + k]]
+                        for k in range(self.levels)
+                        if self.vol[(i * 2 + side) * self.levels + k] > 0])
+        return tuple(out)
 
 
 def bucket_index(int64_t lat_ns):

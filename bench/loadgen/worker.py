@@ -8,8 +8,14 @@ answers JSON lines on stdout:
     stats            counters and latency histograms of the window since the
                      last `stats` (then resets them), with this process's CPU time
     final [seqs...]  share of clients whose every subscribed instrument reached
-                     the publisher's last seq (a JSON list, one per instrument)
+                     the publisher's last seq (a JSON list, one per instrument;
+                     in book mode {"seqs": [...], "crcs": [...]}: each book's
+                     seq and checksum must be the publisher's)
     quit             close every connection and exit
+
+With `"book": {"depth": D, "truncate": bool, "ring": path, "ring_size": N}`
+in the config every subscription is to the `book` channel and each client
+keeps its books (see `Conn.use_books`).
 
 The first line it prints is {"event": "ready", ...} once every client has its
 snapshot (or the connect timeout passed).
@@ -103,6 +109,11 @@ def run(cfg: dict) -> None:
     failures: list[str] = []
     url = cfg["url"]
     protocol = cfg.get("protocol")
+    book = cfg.get("book")
+    ring = None
+    if book:
+        ring = np.memmap(book["ring"], dtype=np.int64, mode="r",
+                         shape=(n_instr * book["ring_size"] * 2,))
 
     def hello_for(gi: int) -> tuple[list, list, bytes]:
         subs, watch = choose(cfg.get("seed", 1), gi, n_instr, cfg.get("subs", 0), 0)
@@ -110,8 +121,10 @@ def run(cfg: dict) -> None:
             watch = subs[: cfg.get("watch", 0)]
         out = b""
         if subs:
-            out += frame(json.dumps({"op": "subscribe", "id": 1,
-                                     "symbols": [sym(i) for i in subs]}).encode())
+            req = {"op": "subscribe", "id": 1, "symbols": [sym(i) for i in subs]}
+            if book:
+                req["channels"] = ["book"]
+            out += frame(json.dumps(req).encode())
         if watch:
             out += frame(json.dumps({"op": "watch", "id": 2,
                                      "symbols": [sym(i) for i in watch]}).encode())
@@ -137,6 +150,8 @@ def run(cfg: dict) -> None:
             failures.append(repr(last))
             continue
         conn = Conn(stats, sock.fileno(), n_instr, subs, watch, cfg.get("read_buffer", 65536))
+        if book:
+            conn.use_books(book["depth"], book["truncate"], ring, book["ring_size"])
         conn.feed(rest)
         loop.add(conn)
         conns.append(conn)
@@ -179,6 +194,8 @@ def run(cfg: dict) -> None:
                 emit({"event": "stats", "wall": w1 - w0, "cpu_user": u1 - u0,
                       "cpu_sys": s1 - s0, "reads": stats.reads,
                       "updates": stats.updates, "frames": stats.frames, "bytes": stats.bytes,
+                      "changes": stats.changes, "levels": stats.levels,
+                      "untimed": stats.untimed,
                       "watched_updates": stats.watched_updates, "stale_rows": stats.stale_rows,
                       "unexpected_rows": stats.unexpected_rows, "errors": stats.errors,
                       "bad_frames": stats.bad_frames, "max_lat_ms": stats.max_lat_ns / 1e6,
@@ -189,9 +206,16 @@ def run(cfg: dict) -> None:
                 stats.reset()
                 w0, u0, s0 = w1, u1, s1
             elif cmd == "final":
-                final = np.asarray(json.loads(arg), dtype=np.int64)
-                conv = sum(1 for c in conns if c.converged(final))
-                behind = sum(c.behind(final) for c in conns)
+                got = json.loads(arg)
+                if book:
+                    final = np.asarray(got["seqs"], dtype=np.int64)
+                    crcs = np.asarray(got["crcs"], dtype=np.int64)
+                    conv = sum(1 for c in conns if c.converged(final, crcs))
+                    behind = sum(c.books_behind(final, crcs) for c in conns)
+                else:
+                    final = np.asarray(got, dtype=np.int64)
+                    conv = sum(1 for c in conns if c.converged(final))
+                    behind = sum(c.behind(final) for c in conns)
                 emit({"event": "final", "clients": cfg["count"], "converged": conv,
                       "behind_rows": int(behind), "disconnected": stats.disconnected})
             else:

@@ -2,13 +2,18 @@
 // (uWebSockets underneath), default settings (cork batching on).
 // Holds the latest row per instrument, takes ticks on /ingest (JSON array of
 // tick objects), serves /ws with subscribe -> snapshot, then one update frame
-// per tick, published to the instrument's topic.
+// per tick, published to the instrument's topic. Order books (the "book"
+// channel): keeps every level of each book, takes {"type":"book",...} on
+// /ingest, answers a subscribe with channels ["book"] with the books, then
+// publishes every applied book message as its own update frame to the
+// book's topic ("book:" + sym).
 //   bun bun_server.js PORT   (or PORT env)
 const PORT = parseInt(process.argv[2] || process.env.PORT || '8082', 10);
 const FIELDS = ['sym', 'seq', 'ts', 'bid', 'ask', 'last', 'bid_size', 'ask_size', 'last_size', 'volume'];
 const SYM_RE = /^[A-Za-z0-9._\-:/]{1,32}$/;
 
 const rows = new Map();   // sym -> row array in FIELDS order
+const books = new Map();  // sym -> {seq, bids: Map price -> level, asks: Map price -> level}
 let server;
 
 function nowNs() {
@@ -34,12 +39,52 @@ function applyTick(tick, t) {
   }
 }
 
+function applyBook(msg, t) {
+  const sym = msg.sym;
+  if (typeof sym !== 'string' || !SYM_RE.test(sym) || typeof msg.seq !== 'number') return;
+  let book = books.get(sym);
+  if (book === undefined) {
+    book = { seq: 0, bids: new Map(), asks: new Map() };
+    books.set(sym, book);
+  } else if (msg.seq <= book.seq) {
+    return;                                   // stale
+  }
+  if (msg.full === true) { book.bids.clear(); book.asks.clear(); }
+  for (const side of ['bids', 'asks']) {
+    const levels = msg[side];
+    if (!Array.isArray(levels)) continue;
+    const held = book[side];
+    for (const lv of levels) {
+      if (lv[1] === 0) held.delete(lv[0]);
+      else held.set(lv[0], [lv[0], lv[1], lv[2] || 0]);
+    }
+  }
+  book.seq = msg.seq;
+  const topic = 'book:' + sym;
+  if (server.subscriberCount(topic) > 0) {
+    const entry = { sym, seq: msg.seq, bids: msg.bids || [], asks: msg.asks || [] };
+    if (msg.full === true) entry.full = true;
+    server.publish(topic, '{"type":"update","t":' + t + ',"rows":[],"books":[' + JSON.stringify(entry) + ']}');
+  }
+}
+
+function bookView(sym, book) {
+  const bids = [...book.bids.values()].sort((a, b) => b[0] - a[0]);
+  const asks = [...book.asks.values()].sort((a, b) => a[0] - b[0]);
+  return { sym, seq: book.seq, bids, asks };
+}
+
+function apply(msg, t) {
+  if (msg && msg.type === 'book') applyBook(msg, t);
+  else if (msg && typeof msg === 'object') applyTick(msg, t);
+}
+
 function ingest(text) {
   let msg;
   try { msg = JSON.parse(text); } catch (e) { return; }
   const t = nowNs();
-  if (Array.isArray(msg)) { for (const tick of msg) applyTick(tick, t); }
-  else if (msg && typeof msg === 'object') applyTick(msg, t);
+  if (Array.isArray(msg)) { for (const m of msg) apply(m, t); }
+  else apply(msg, t);
 }
 
 function onClientMessage(ws, text) {
@@ -48,7 +93,19 @@ function onClientMessage(ws, text) {
   if (!req || typeof req !== 'object') return;
   const id = req.id === undefined ? null : req.id;
   const syms = Array.isArray(req.symbols) ? req.symbols.filter((s) => typeof s === 'string') : [];
-  if (req.op === 'subscribe') {
+  const chans = Array.isArray(req.channels) ? req.channels : null;
+  if (req.op === 'subscribe' && chans && chans.includes('book')) {
+    const out = [];
+    const unknown = [];
+    for (const s of syms) {
+      const book = books.get(s);
+      if (book === undefined) { unknown.push(s); continue; }
+      if (ws.isSubscribed('book:' + s)) continue;
+      ws.subscribe('book:' + s);
+      out.push(bookView(s, book));
+    }
+    ws.send(JSON.stringify({ type: 'snapshot', id, rows: [], books: out, unknown }));
+  } else if (req.op === 'subscribe') {
     const out = [];
     const unknown = [];
     for (const s of syms) {
@@ -60,7 +117,7 @@ function onClientMessage(ws, text) {
     }
     ws.send(JSON.stringify({ type: 'snapshot', id, fields: FIELDS, rows: out, unknown }));
   } else if (req.op === 'unsubscribe') {
-    for (const s of syms) ws.unsubscribe(s);
+    for (const s of syms) { ws.unsubscribe(s); ws.unsubscribe('book:' + s); }
     ws.send(JSON.stringify({ type: 'ack', id, op: 'unsubscribe', symbols: syms }));
   } else if (req.op === 'watch' || req.op === 'unwatch') {
     ws.send(JSON.stringify({ type: 'ack', id, op: req.op, symbols: syms }));

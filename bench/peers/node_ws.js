@@ -1,7 +1,10 @@
 // Node.js `ws` peer: the architecture desks run today.
 // Holds the latest row per instrument, takes ticks on /ingest (JSON array of
 // tick objects), serves /ws with subscribe -> snapshot, then one update frame
-// per tick per subscribed client.
+// per tick per subscribed client. Order books (the "book" channel): keeps
+// every level of each book, takes {"type":"book",...} on /ingest, answers a
+// subscribe with channels ["book"] with the books, then forwards every
+// applied book message as its own update frame to the book's subscribers.
 //   node node_ws.js PORT            (or PORT env; BENCH_REDIS=redis://... to also
 //                                    take ticks from the Redis channel BENCH_REDIS_CHANNEL)
 'use strict';
@@ -14,6 +17,8 @@ const SYM_RE = /^[A-Za-z0-9._\-:/]{1,32}$/;
 
 const rows = new Map();      // sym -> row array in FIELDS order
 const subs = new Map();      // sym -> Set of client sockets
+const books = new Map();     // sym -> {seq, bids: Map price -> level, asks: Map price -> level}
+const bookSubs = new Map();  // sym -> Set of client sockets
 
 function nowNs() {
   return Math.round((performance.timeOrigin + performance.now()) * 1e6);
@@ -39,12 +44,52 @@ function applyTick(tick, t) {
   for (const ws of set) ws.send(frame, { binary: false });
 }
 
+function applyBook(msg, t) {
+  const sym = msg.sym;
+  if (typeof sym !== 'string' || !SYM_RE.test(sym) || typeof msg.seq !== 'number') return;
+  let book = books.get(sym);
+  if (book === undefined) {
+    book = { seq: 0, bids: new Map(), asks: new Map() };
+    books.set(sym, book);
+  } else if (msg.seq <= book.seq) {
+    return;                                   // stale
+  }
+  if (msg.full === true) { book.bids.clear(); book.asks.clear(); }
+  for (const side of ['bids', 'asks']) {
+    const levels = msg[side];
+    if (!Array.isArray(levels)) continue;
+    const held = book[side];
+    for (const lv of levels) {
+      if (lv[1] === 0) held.delete(lv[0]);
+      else held.set(lv[0], [lv[0], lv[1], lv[2] || 0]);
+    }
+  }
+  book.seq = msg.seq;
+  const set = bookSubs.get(sym);
+  if (set === undefined || set.size === 0) return;
+  const entry = { sym, seq: msg.seq, bids: msg.bids || [], asks: msg.asks || [] };
+  if (msg.full === true) entry.full = true;
+  const frame = Buffer.from('{"type":"update","t":' + t + ',"rows":[],"books":[' + JSON.stringify(entry) + ']}');
+  for (const ws of set) ws.send(frame, { binary: false });
+}
+
+function bookView(sym, book) {
+  const bids = [...book.bids.values()].sort((a, b) => b[0] - a[0]);
+  const asks = [...book.asks.values()].sort((a, b) => a[0] - b[0]);
+  return { sym, seq: book.seq, bids, asks };
+}
+
+function apply(msg, t) {
+  if (msg && msg.type === 'book') applyBook(msg, t);
+  else if (msg && typeof msg === 'object') applyTick(msg, t);
+}
+
 function ingest(text) {
   let msg;
   try { msg = JSON.parse(text); } catch (e) { return; }
   const t = nowNs();
-  if (Array.isArray(msg)) { for (const tick of msg) applyTick(tick, t); }
-  else if (msg && typeof msg === 'object') applyTick(msg, t);
+  if (Array.isArray(msg)) { for (const m of msg) apply(m, t); }
+  else apply(msg, t);
 }
 
 function onClientMessage(ws, text) {
@@ -53,7 +98,22 @@ function onClientMessage(ws, text) {
   if (!req || typeof req !== 'object') return;
   const id = req.id === undefined ? null : req.id;
   const syms = Array.isArray(req.symbols) ? req.symbols.filter((s) => typeof s === 'string') : [];
-  if (req.op === 'subscribe') {
+  const chans = Array.isArray(req.channels) ? req.channels : null;
+  if (req.op === 'subscribe' && chans && chans.includes('book')) {
+    const out = [];
+    const unknown = [];
+    for (const s of syms) {
+      const book = books.get(s);
+      if (book === undefined) { unknown.push(s); continue; }
+      if (ws.books.has(s)) continue;
+      ws.books.add(s);
+      let set = bookSubs.get(s);
+      if (set === undefined) { set = new Set(); bookSubs.set(s, set); }
+      set.add(ws);
+      out.push(bookView(s, book));
+    }
+    ws.send(JSON.stringify({ type: 'snapshot', id, rows: [], books: out, unknown }));
+  } else if (req.op === 'subscribe') {
     const out = [];
     const unknown = [];
     for (const s of syms) {
@@ -68,7 +128,10 @@ function onClientMessage(ws, text) {
     }
     ws.send(JSON.stringify({ type: 'snapshot', id, fields: FIELDS, rows: out, unknown }));
   } else if (req.op === 'unsubscribe') {
-    for (const s of syms) { ws.syms.delete(s); const set = subs.get(s); if (set) set.delete(ws); }
+    for (const s of syms) {
+      ws.syms.delete(s); const set = subs.get(s); if (set) set.delete(ws);
+      ws.books.delete(s); const bset = bookSubs.get(s); if (bset) bset.delete(ws);
+    }
     ws.send(JSON.stringify({ type: 'ack', id, op: 'unsubscribe', symbols: syms }));
   } else if (req.op === 'watch' || req.op === 'unwatch') {
     // every tick is pushed at once anyway
@@ -92,8 +155,12 @@ server.on('upgrade', (req, socket, head) => {
   if (path === '/ws') {
     clients.handleUpgrade(req, socket, head, (ws) => {
       ws.syms = new Set();
+      ws.books = new Set();
       ws.on('message', (data) => onClientMessage(ws, data));
-      ws.on('close', () => { for (const s of ws.syms) { const set = subs.get(s); if (set) set.delete(ws); } });
+      ws.on('close', () => {
+        for (const s of ws.syms) { const set = subs.get(s); if (set) set.delete(ws); }
+        for (const s of ws.books) { const set = bookSubs.get(s); if (set) set.delete(ws); }
+      });
       ws.on('error', () => {});
     });
   } else if (path === '/ingest') {

@@ -3,6 +3,10 @@
 Holds the latest row per instrument, takes ticks on /ingest (JSON array of
 tick objects), serves /ws with subscribe -> snapshot, then one update frame per
 tick, sent with `websockets.broadcast` to the instrument's subscribers.
+Order books (the "book" channel): keeps every level of each book, takes
+`{"type":"book",...}` on /ingest, answers a subscribe with channels
+["book"] with the books, then broadcasts every applied book message as its
+own update frame to the book's subscribers.
 
 Best settings: uvloop when installed, permessage-deflate off (the other peers
 do not compress either).
@@ -29,6 +33,9 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 rows: dict[str, list] = {}
 subs: dict[str, set[ServerConnection]] = {}
+# sym -> [seq, {price: level} bids, {price: level} asks]
+books: dict[str, list] = {}
+book_subs: dict[str, set[ServerConnection]] = {}
 
 
 def apply_tick(tick: dict, t: int) -> None:
@@ -50,6 +57,49 @@ def apply_tick(tick: dict, t: int) -> None:
         broadcast(clients, f'{{"type":"update","t":{t},"rows":[{_dumps(row)}]}}')
 
 
+def apply_book(msg: dict, t: int) -> None:
+    sym = msg.get("sym")
+    seq = msg.get("seq")
+    if not isinstance(sym, str) or not isinstance(seq, int) or not SYM_RE.match(sym):
+        return
+    book = books.get(sym)
+    if book is None:
+        book = books[sym] = [0, {}, {}]
+    elif seq <= book[0]:
+        return  # stale
+    full = msg.get("full") is True
+    if full:
+        book[1].clear()
+        book[2].clear()
+    for k, side in ((1, "bids"), (2, "asks")):
+        held = book[k]
+        for lv in msg.get(side) or ():
+            if lv[1] == 0:
+                held.pop(lv[0], None)
+            else:
+                held[lv[0]] = [lv[0], lv[1], lv[2] if len(lv) > 2 else 0]
+    book[0] = seq
+    clients = book_subs.get(sym)
+    if clients:
+        entry = {"sym": sym, "seq": seq, "bids": msg.get("bids") or [],
+                 "asks": msg.get("asks") or []}
+        if full:
+            entry["full"] = True
+        broadcast(clients, f'{{"type":"update","t":{t},"rows":[],"books":[{_dumps(entry)}]}}')
+
+
+def book_view(sym: str, book: list) -> dict:
+    return {"sym": sym, "seq": book[0], "bids": sorted(book[1].values(), key=lambda x: -x[0]),
+            "asks": sorted(book[2].values(), key=lambda x: x[0])}
+
+
+def apply(msg: dict, t: int) -> None:
+    if msg.get("type") == "book":
+        apply_book(msg, t)
+    else:
+        apply_tick(msg, t)
+
+
 def ingest(text: str | bytes) -> None:
     try:
         msg = json.loads(text)
@@ -57,15 +107,16 @@ def ingest(text: str | bytes) -> None:
         return
     t = time.time_ns()
     if isinstance(msg, list):
-        for tick in msg:
-            if isinstance(tick, dict):
-                apply_tick(tick, t)
+        for m in msg:
+            if isinstance(m, dict):
+                apply(m, t)
     elif isinstance(msg, dict):
-        apply_tick(msg, t)
+        apply(msg, t)
 
 
 async def client(ws: ServerConnection) -> None:
     mine: set[str] = set()
+    mine_books: set[str] = set()
     try:
         async for text in ws:
             try:
@@ -77,7 +128,20 @@ async def client(ws: ServerConnection) -> None:
             rid = req.get("id")
             op = req.get("op")
             syms = [s for s in req.get("symbols") or [] if isinstance(s, str)]
-            if op == "subscribe":
+            chans = req.get("channels")
+            if op == "subscribe" and isinstance(chans, list) and "book" in chans:
+                got, unknown = [], []
+                for s in syms:
+                    book = books.get(s)
+                    if book is None:
+                        unknown.append(s)
+                    elif s not in mine_books:
+                        mine_books.add(s)
+                        book_subs.setdefault(s, set()).add(ws)
+                        got.append(book_view(s, book))
+                await ws.send(_dumps({"type": "snapshot", "id": rid, "rows": [], "books": got,
+                                      "unknown": unknown}))
+            elif op == "subscribe":
                 out, unknown = [], []
                 for s in syms:
                     row = rows.get(s)
@@ -93,6 +157,8 @@ async def client(ws: ServerConnection) -> None:
                 for s in syms:
                     mine.discard(s)
                     subs.get(s, set()).discard(ws)
+                    mine_books.discard(s)
+                    book_subs.get(s, set()).discard(ws)
                 await ws.send(_dumps({"type": "ack", "id": rid, "op": op, "symbols": syms}))
             elif op in ("watch", "unwatch"):
                 await ws.send(_dumps({"type": "ack", "id": rid, "op": op, "symbols": syms}))
@@ -104,6 +170,8 @@ async def client(ws: ServerConnection) -> None:
     finally:
         for s in mine:
             subs.get(s, set()).discard(ws)
+        for s in mine_books:
+            book_subs.get(s, set()).discard(ws)
 
 
 async def publisher(ws: ServerConnection) -> None:
