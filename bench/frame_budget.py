@@ -170,6 +170,8 @@ def summarize(name: str, raw: dict, rows: int) -> dict:
 
 
 def measure(ctx, name: str, url: str, args: argparse.Namespace) -> dict:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -179,7 +181,12 @@ def measure(ctx, name: str, url: str, args: argparse.Namespace) -> dict:
         page.wait_for_function(READY[name], arg=want, timeout=60_000, polling=200)
         if name == "ladder":
             page.click(f'#rows tr[data-sym="{LADDER_SYM}"] [data-f="last"]')
-            page.wait_for_function(LADDER_OPEN, arg=LADDER_SYM, timeout=60_000, polling=200)
+            try:
+                page.wait_for_function(LADDER_OPEN, arg=LADDER_SYM, timeout=60_000, polling=200)
+            except PlaywrightTimeout:
+                note = page.text_content("#note")
+                raise SystemExit(f"the ladder on {LADDER_SYM} did not open in 60 s "
+                                 f"(board says: {note!r})") from None
         page.wait_for_timeout(args.warmup * 1000)
         rows0 = page.evaluate(ROWS_SEEN[name])
         books0 = page.evaluate(BOOK_ENTRIES) if name == "ladder" else 0

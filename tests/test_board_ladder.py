@@ -250,3 +250,32 @@ async def test_another_row_moves_the_ladder(browser, gateway, standin) -> None:
     await page.click("#ladder-close")
     await wait("() => document.querySelector('#ladder').hidden")
     await ctx.close()
+
+
+async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(browser) -> None:
+    """As many instruments as the per-connection limit (5000 pairs): the board
+    leaves one pair free, so the book of a clicked row is still served, by
+    the gateway's own simulated books, checksums verified."""
+    async with start_gateway("--simulate", "5000", "--rate", "500") as gw:
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
+        page = await ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(f"{gw.url}/")
+        wait = lambda js, arg=None: page.wait_for_function(js, arg=arg, timeout=WAIT * 3, polling=100)  # noqa: E731
+        await wait("() => window.fastfeed && fastfeed.client.subscribed.size === 4999")
+        assert await page.text_content("#note") == \
+            "showing 4999 of 5000 instruments (subscription limit)"
+        await page.click('#rows tr[data-sym="BBCA"] [data-f="last"]')
+        await wait("""() => { const b = fastfeed.client.books.get('BBCA');
+          return b && b.seq > 0 && b.bids.length === 10 && b.asks.length === 10; }""")
+        # the ladder shows the client's book (every entry's checksum checked)
+        await wait("""() => {
+          const b = fastfeed.client.books.get('BBCA');
+          const want = { bids: b.bids.map((l) => l.slice(0, 3)), asks: b.asks.map((l) => l.slice(0, 3)) };
+          return JSON.stringify((""" + LADDER + """)()) === JSON.stringify(want);
+        }""")
+        assert await page.evaluate("() => fastfeed.client.counters.bookResyncs") == 0
+        assert "too_many" not in (await page.text_content("#note") or "")
+        await ctx.close()
+        assert not errors, errors

@@ -14,6 +14,10 @@ const MIN_ROWS = 6;      // rows written per frame, at the least
 const COLS = ["star", "sym", "bid", "ask", "last", "change", "spread", "volume", "time"];
 const DEPTH_ROWS = 10;   // ladder levels per side
 const DEPTH_COLS = ["bid_orders", "bid_volume", "bid", "ask", "ask_volume", "ask_orders"];
+// (symbol, channel) pairs the board leaves free under the subscription limit:
+// the ladder's one book. Without it a gateway with as many instruments as
+// the limit refuses the book (too_many_subscriptions) and no ladder opens.
+const LADDER_PAIRS = 1;
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -730,7 +734,7 @@ function start() {
     board.setNote("");
     try {
       const symbols = await client.list();
-      const max = client.opts.maxSubscriptions;
+      const max = client.opts.maxSubscriptions - LADDER_PAIRS;
       const take = symbols.slice().sort().slice(0, max);
       board.setSymbols(take);
       if (symbols.length > max) {
