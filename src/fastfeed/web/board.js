@@ -428,7 +428,9 @@ class Board {
         break;
       }
     }
-    if (this.ladder.sym && (this.ladder.dirty || this.ladder.flashUntil)) this.ladder.paint(now);
+    const lad = this.ladder;
+    if (lad.sym && (lad.dirty || (lad.nextOff && lad.nextOff <= now))) lad.paint(now);
+    else if (lad.sym && lad.nextOff) this.schedule();
     if (this.barDirty) this.paintBar();
     this.chained = this.raf !== 0;
     const ms = performance.now() - t0;
@@ -509,7 +511,7 @@ class Ladder {
     this.board = board;
     this.sym = null;
     this.dirty = false;
-    this.flashUntil = 0;     // the latest flash still on
+    this.nextOff = 0;        // when the next flash goes off (0: none on): repainted then, not every frame
     this.el = $("ladder");
     this.symEl = $("ladder-sym");
     this.info = { el: $("ladder-info"), text: "", cls: "" };
@@ -536,7 +538,6 @@ class Ladder {
         tr.appendChild(td);
       }
       tbody.appendChild(tr);
-      // what each side of this row shows: [price, volume], flash end time
       // what each side of this row shows ([price, volume]), and its flash:
       // until when, which way, and whether the price itself is new
       this.rows.push({ tr, cells, shown: [null, null], until: [0, 0], dir: [0, 0], moved: [false, false] });
@@ -603,7 +604,7 @@ class Ladder {
     }
     let dp = 0;
     for (const side of [bids, asks]) for (let k = 0; k < side.length && k < DEPTH_ROWS; k++) dp = Math.max(dp, decimals(side[k][0]));
-    let flashUntil = 0;
+    let nextOff = 0;
     for (let k = 0; k < DEPTH_ROWS; k++) {
       const r = this.rows[k];
       for (let s = 0; s < 2; s++) {
@@ -639,11 +640,11 @@ class Ladder {
         const cls = on ? (r.dir[s] > 0 ? "up" : "dn") : "";
         this.cls(vc, cls);
         this.cls(c[pre], on && r.moved[s] ? cls : "");
-        if (on && r.until[s] > flashUntil) flashUntil = r.until[s];
+        if (on && (!nextOff || r.until[s] < nextOff)) nextOff = r.until[s];
       }
     }
-    this.flashUntil = flashUntil;
-    if (flashUntil) this.board.schedule();
+    this.nextOff = nextOff;
+    if (nextOff) this.board.schedule();
     let info = "no book yet";
     if (book) {
       const spread = bids.length && asks.length ? ` · spread ${fmt(asks[0][0] - bids[0][0], dp)}` : "";
