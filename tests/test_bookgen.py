@@ -66,7 +66,9 @@ def test_books_follow_the_quotes_on_idx_fractions_in_lots() -> None:
             b.apply(m)
         quote = {int(i): vals[k] for k, i in enumerate(ids)}  # the last tick of each wins
         for i, v in quote.items():
-            b = books[sim.symbols[i]]
+            b = books.get(sim.symbols[i])
+            if b is None:
+                continue  # not opened yet: a few hundred books open per step
             # the top of the book is the quote: best bid and ask, and their sizes
             assert (b.bids[0][0], b.asks[0][0]) == (v[0], v[1])
             assert (b.bids[0][1], b.asks[0][1]) == (v[3], v[4])
@@ -80,6 +82,32 @@ def test_books_follow_the_quotes_on_idx_fractions_in_lots() -> None:
     assert fulls == 300
     assert changes > 10 * fulls
     assert swept > 0  # sweeps: one message takes several levels off a side
+
+
+def test_books_open_a_few_per_step_each_at_its_latest_quote() -> None:
+    """The opening quotes every instrument at once; the books follow a few
+    per step, each with the top at the instrument's quote of that moment."""
+    sim = Simulator(1000, 2000, 3)
+    gen = BookGen(sim.symbols, 10, 3, open_per_step=100)
+    latest: dict[int, np.ndarray] = {}
+    opened: set[str] = set()
+    steps = 0
+    while len(opened) < 1000:
+        ids, seqs, ts, vals = sim.step(0.005)
+        for k, i in enumerate(ids.tolist()):
+            latest[i] = vals[k]
+        msgs = gen.step(ids, seqs, ts, vals)
+        fulls = [m for m in msgs if m["full"]]
+        assert len(fulls) <= 100  # the cap: never all of them in one step
+        for m in fulls:
+            assert m["sym"] not in opened
+            opened.add(m["sym"])
+            v = latest[sim.symbols.index(m["sym"])]
+            assert (m["bids"][0][0], m["asks"][0][0]) == (v[0], v[1])
+            assert (m["bids"][0][1], m["asks"][0][1]) == (v[3], v[4])
+        steps += 1
+        assert steps <= 10
+    assert steps == 10
 
 
 def test_churn_is_mostly_near_the_top() -> None:

@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing (atheris) of what clients and publishers send, for a bounded time.
 
 Each target (tests/fuzz/fuzz_*.py) runs as its own process, from its committed
-seed corpus, for FUZZ_SECONDS (default 20) each: a finding (an exception
+seed corpus, for FUZZ_SECONDS (default 10) each: a finding (an exception
 escaping a handler, the two /ingest parsers disagreeing, a reply that is not
 strict JSON, a crash) fails the test with the fuzzer's report and the input.
 Longer runs by hand: see "Fuzzing" in README.md.
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 FUZZ = pathlib.Path(__file__).resolve().parent / "fuzz"
-SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
+SECONDS = int(os.environ.get("FUZZ_SECONDS", "10"))
 
 
 @pytest.mark.timeout(SECONDS + 90)

@@ -18,7 +18,7 @@ last frame: the forming bar, and at a boundary the closed bar's final values.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 
@@ -91,12 +91,6 @@ cdef class Bars(Kind):
         free(self.enclen)
         free(self.encstamp)
         free(self.encstart)
-        free(self.chg)
-        free(self.arrived)
-        free(self.dirty)
-        free(self.watched)
-        free(self.hot_bits)
-        free(self.hot)
 
     cdef int _reserve(self, Py_ssize_t items) except -1:
         # doubling, zeroed, in whole 64-item words; only when a new item appears
@@ -106,12 +100,7 @@ cdef class Bars(Kind):
             return 0
         while cap < items:
             cap *= 2
-        self.chg = <uint64_t*>_grow(self.chg, old * 8, cap * 8, 0)
-        self.arrived = <int64_t*>_grow(self.arrived, old * 8, cap * 8, 0)
-        self.dirty = <uint64_t*>_grow(self.dirty, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot_bits = <uint64_t*>_grow(self.hot_bits, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot = <int32_t*>_grow(self.hot, old * 4, cap * 4, 0)
-        self.watched = <uint8_t*>_grow(self.watched, old, cap, 0)
+        self._grow_items(old, cap)
         self.rings = <BarRing*>_grow(self.rings, old * sizeof(BarRing), cap * sizeof(BarRing), 0)
         self.enc = <char*>_grow(self.enc, old * BAR_SLOT, cap * BAR_SLOT, 0)
         self.enclen = <int32_t*>_grow(self.enclen, old * 4, cap * 4, 0)

@@ -128,12 +128,6 @@ cdef class Books(Kind):
         for b in range(self.nbooks):
             free(self.books[b].snap)
             free(self.books[b].diff)
-        free(self.chg)
-        free(self.arrived)
-        free(self.dirty)
-        free(self.watched)
-        free(self.hot_bits)
-        free(self.hot)
         free(self.slot)
         free(self.owner)
         free(self.books)
@@ -154,12 +148,7 @@ cdef class Books(Kind):
             cap *= 2
         if cap == old:
             return
-        self.chg = <uint64_t*>_grow(self.chg, old * 8, cap * 8, 0)
-        self.arrived = <int64_t*>_grow(self.arrived, old * 8, cap * 8, 0)
-        self.dirty = <uint64_t*>_grow(self.dirty, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot_bits = <uint64_t*>_grow(self.hot_bits, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot = <int32_t*>_grow(self.hot, old * 4, cap * 4, 0)
-        self.watched = <uint8_t*>_grow(self.watched, old, cap, 0)
+        self._grow_items(old, cap)
         self.slot = <int32_t*>_grow(self.slot, old * 4, cap * 4, 0xFF)
         self.capacity = cap
 

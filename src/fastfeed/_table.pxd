@@ -33,6 +33,7 @@ cdef class Kind:
     cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                           uint32_t* count, int64_t* oldest) except NULL
     cdef int check(self) except -1
+    cdef int _grow_items(self, Py_ssize_t old, Py_ssize_t cap) except -1
 
 
 cdef class Table(Kind):

@@ -41,6 +41,26 @@ cdef class Kind:
     the update frame's envelope and each key; a kind writes only its entries.
     """
 
+    def __dealloc__(self):
+        # after the subclass's own: the arrays every kind has
+        free(self.chg)
+        free(self.arrived)
+        free(self.dirty)
+        free(self.watched)
+        free(self.hot_bits)
+        free(self.hot)
+
+    cdef int _grow_items(self, Py_ssize_t old, Py_ssize_t cap) except -1:
+        """The per-item arrays every kind has, from `old` to `cap` items
+        (multiples of 64, for the bitmaps' whole words), the new ones zeroed."""
+        self.chg = <uint64_t*>_grow(self.chg, old * 8, cap * 8, 0)
+        self.arrived = <int64_t*>_grow(self.arrived, old * 8, cap * 8, 0)
+        self.dirty = <uint64_t*>_grow(self.dirty, (old // 64) * 8, (cap // 64) * 8, 0)
+        self.hot_bits = <uint64_t*>_grow(self.hot_bits, (old // 64) * 8, (cap // 64) * 8, 0)
+        self.hot = <int32_t*>_grow(self.hot, old * 4, cap * 4, 0)
+        self.watched = <uint8_t*>_grow(self.watched, old, cap, 0)
+        return 0
+
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
         """Most bytes `encode_section` may write for `n` items."""
         return 0
@@ -102,12 +122,6 @@ cdef class Table(Kind):
         pass
 
     def __dealloc__(self):
-        free(self.chg)
-        free(self.arrived)
-        free(self.dirty)
-        free(self.watched)
-        free(self.hot_bits)
-        free(self.hot)
         free(self.syms)
         free(self.symlen)
         free(self.rowbuf)
@@ -139,12 +153,7 @@ cdef class Table(Kind):
         for k in range(NVALS):
             dv = new[VALUE_FIELDS[k]]
             self.val[k] = &dv[0]
-        self.chg = <uint64_t*>_grow(self.chg, old * 8, cap * 8, 0)
-        self.arrived = <int64_t*>_grow(self.arrived, old * 8, cap * 8, 0)
-        self.dirty = <uint64_t*>_grow(self.dirty, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot_bits = <uint64_t*>_grow(self.hot_bits, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot = <int32_t*>_grow(self.hot, old * 4, cap * 4, 0)
-        self.watched = <uint8_t*>_grow(self.watched, old, cap, 0)
+        self._grow_items(old, cap)
         self.syms = <char*>_grow(self.syms, old * SYM_MAX, cap * SYM_MAX, 0)
         self.symlen = <uint8_t*>_grow(self.symlen, old, cap, 0)
         self.rowbuf = <char*>_grow(self.rowbuf, old * ROW_SLOT, cap * ROW_SLOT, 0)

@@ -211,12 +211,7 @@ cdef class Tape(Kind):
         self.version = 0
         self.nhot = 0
         memset(&self.stats, 0, sizeof(self.stats))
-        self.chg = <uint64_t*>_grow(NULL, 0, 64 * 8, 0)
-        self.arrived = <int64_t*>_grow(NULL, 0, 64 * 8, 0)
-        self.dirty = <uint64_t*>_grow(NULL, 0, 8, 0)
-        self.hot_bits = <uint64_t*>_grow(NULL, 0, 8, 0)
-        self.hot = <int32_t*>_grow(NULL, 0, 64 * 4, 0)
-        self.watched = <uint8_t*>_grow(NULL, 0, 64, 0)
+        self._grow_items(0, 64)
         self.enc = <char*>_grow(NULL, 0, <Py_ssize_t>ring * TAPE_SLOT, 0)
         self.enclen = <int32_t*>_grow(NULL, 0, <Py_ssize_t>ring * 4, 0)
 
@@ -226,12 +221,6 @@ cdef class Tape(Kind):
     def __dealloc__(self):
         free(self.enc)
         free(self.enclen)
-        free(self.chg)
-        free(self.arrived)
-        free(self.dirty)
-        free(self.watched)
-        free(self.hot_bits)
-        free(self.hot)
 
     def reserve(self, Py_ssize_t items):
         if items > self.size:
@@ -363,12 +352,6 @@ cdef class Trades(Kind):
         free(self.last)
         free(self.ntr)
         free(self.seeded)
-        free(self.chg)
-        free(self.arrived)
-        free(self.dirty)
-        free(self.watched)
-        free(self.hot_bits)
-        free(self.hot)
 
     cdef int _reserve(self, Py_ssize_t items) except -1:
         cdef Py_ssize_t old = self.size
@@ -377,12 +360,7 @@ cdef class Trades(Kind):
             return 0
         while cap < items:
             cap *= 2
-        self.chg = <uint64_t*>_grow(self.chg, old * 8, cap * 8, 0)
-        self.arrived = <int64_t*>_grow(self.arrived, old * 8, cap * 8, 0)
-        self.dirty = <uint64_t*>_grow(self.dirty, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot_bits = <uint64_t*>_grow(self.hot_bits, (old // 64) * 8, (cap // 64) * 8, 0)
-        self.hot = <int32_t*>_grow(self.hot, old * 4, cap * 4, 0)
-        self.watched = <uint8_t*>_grow(self.watched, old, cap, 0)
+        self._grow_items(old, cap)
         self.last = <int64_t*>_grow(self.last, old * 8, cap * 8, 0xFF)
         self.ntr = <uint64_t*>_grow(self.ntr, old * 8, cap * 8, 0)
         self.seeded = <uint8_t*>_grow(self.seeded, old, cap, 0)

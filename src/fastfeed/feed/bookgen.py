@@ -16,7 +16,8 @@ come into the ladder at either end get fresh volumes, larger further out.
 
 Output is the contract's ingest book messages (docs/protocol.md, "Ingest of
 books and trades"), one per book per step: the first of a book is full
-(``"full":true``), the rest price-keyed changes (volume 0 removes a price),
+(``"full":true``; at most `open_per_step` books open in a step, see
+`BookGen`), the rest price-keyed changes (volume 0 removes a price),
 each with the book's next ``seq``. The work of a step is numpy over every book
 that ticked; only the messages themselves are Python.
 """
@@ -65,10 +66,16 @@ class BookGen:
     `step(ids, seqs, ts, vals)` takes what `Simulator.step` returned and gives
     the book messages for it. `levels` is how many prices each side holds (more
     than the gateway serves, so a level leaving its view has one behind it).
+
+    At most `open_per_step` books open (go out full) in one step; the others
+    wait for a later step and then open at their latest quote. A full book is
+    the costliest message (every level a Python list), and the simulator's
+    opening quotes every instrument at once: 100,000 full books in one step
+    held the event loop for tens of seconds before the gateway was ready.
     """
 
     def __init__(self, symbols: list[str], levels: int = 15, seed: int = 0,
-                 seq0: int = 0) -> None:
+                 seq0: int = 0, open_per_step: int = 64) -> None:
         self.symbols = symbols
         self.n = len(symbols)
         self.levels = levels
@@ -79,6 +86,10 @@ class BookGen:
         self.orders = np.zeros((n, 2, L), np.int64)
         self.seq = np.full(n, seq0, np.int64)
         self.started = np.zeros(n, bool)  # a full book has gone out
+        self.quote = np.zeros((n, 4))  # the latest bid, ask, bid_size, ask_size
+        self.quoted = np.zeros(n, bool)
+        self.waiting = 0  # quoted, not yet opened
+        self.open_per_step = open_per_step
         # how likely a held level's volume changes in a step, by distance
         # from the top: most churn is near the top
         self.churn = 0.35 * 0.8 ** np.arange(L)
@@ -101,16 +112,29 @@ class BookGen:
     def step(self, ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
              vals: np.ndarray) -> list[dict[str, Any]]:
         """Book messages for one simulator step (`Simulator.step`'s result)."""
-        if not len(ids):
+        if len(ids):
+            # the last tick of each instrument in the step is its quote now
+            rev = ids[::-1]
+            ticked, first = np.unique(rev, return_index=True)
+            q = vals[len(ids) - 1 - first]
+            self.quote[ticked] = q[:, [_COL["bid"], _COL["ask"], _COL["bid_size"],
+                                       _COL["ask_size"]]]
+            self.waiting += int((~self.quoted[ticked]).sum())
+            self.quoted[ticked] = True
+            uniq = ticked[self.started[ticked]]
+        else:
+            uniq = np.empty(0, np.int64)
+        if self.waiting:
+            # open the books still closed, the first few by id
+            opening = np.flatnonzero(self.quoted & ~self.started)[:self.open_per_step]
+            self.waiting -= len(opening)
+            uniq = np.union1d(uniq, opening)
+        if not len(uniq):
             return []
-        # the last tick of each instrument in the step is its quote now
-        rev = ids[::-1]
-        uniq, first = np.unique(rev, return_index=True)
-        last = len(ids) - 1 - first
         L = self.levels
-        q = vals[last]
-        best = np.stack([q[:, _COL["bid"]], q[:, _COL["ask"]]], axis=1)  # (m, 2)
-        top_vol = np.stack([q[:, _COL["bid_size"]], q[:, _COL["ask_size"]]], axis=1)
+        q = self.quote[uniq]
+        best = q[:, 0:2]  # (m, 2): bid, ask
+        top_vol = q[:, 2:4]
 
         old_p = self.price[uniq]
         old_v = self.vol[uniq]
