@@ -19,15 +19,6 @@ from fastfeed.feed.sink import LocalSink
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def prefix(request):
-    return "k" + str(abs(hash(request.node.name)) % 10**9)
 
 
 def worker(redis: RedisServer, prefix: str, levels: int = 8) -> tuple[RedisBus, Books]:

@@ -21,7 +21,6 @@ import pytest
 import websockets
 from books_feed import SYMS, BookFeed
 from fixtures import rss_kib
-from redis_server import RedisServer
 from support import start_gateway, until
 from wsraw import RawWS
 
@@ -261,11 +260,6 @@ async def test_a_watched_book_goes_out_at_once():
             await until(lambda: c.state.books["B03"][0] == feed.seq["B03"], timeout=20)
             assert c.state.equals(truth, ["B03"])
 
-
-@pytest.fixture
-def redis():
-    with RedisServer() as r:
-        yield r
 
 
 async def test_two_workers_and_pods_hold_the_same_books(redis):

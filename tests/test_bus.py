@@ -18,16 +18,6 @@ from fastfeed.feed.publish import RedisPublisher, read_ticks
 VALUES = FIELDS[3:]
 
 
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def prefix(request):
-    # a fresh key space per test on the shared server
-    return "t" + str(abs(hash(request.node.name)) % 10**9)
 
 
 

@@ -45,10 +45,6 @@ def cluster():
         yield c
 
 
-@pytest.fixture
-def prefix(request):
-    return "c" + str(abs(hash(request.node.name)) % 10**9)
-
 
 def by_port(cluster: RedisCluster) -> dict[int, RedisServer]:
     return {n.port: n for n in cluster.nodes}

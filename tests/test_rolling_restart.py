@@ -36,11 +36,6 @@ ALL = HOT + [s for group in COLD for s in group]
 N_CLIENTS = 12
 
 
-@pytest.fixture
-def redis():
-    with RedisServer() as r:
-        yield r
-
 
 def serve_args(redis: RedisServer, *extra: str) -> list[str]:
     return ["--redis", redis.url, "--redis-channels", str(CHANNELS), *extra]

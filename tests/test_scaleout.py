@@ -32,11 +32,6 @@ CHANNELS = "8"
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def redis():
-    with RedisServer() as r:
-        yield r
-
 
 def serve_args(redis: RedisServer, *extra: str) -> list[str]:
     return ["--redis", redis.url, "--redis-channels", CHANNELS, "--frame-ms", "16", *extra]

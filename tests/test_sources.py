@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-from redis_server import RedisServer
 from support import until
 
 from fastfeed import protocol as P
@@ -47,11 +46,6 @@ def rows(table: Table) -> dict[str, list]:
     return {s: table.row(table.lookup(s)) for s in table.symbols()
             if table.seq_of(table.lookup(s)) >= 0}
 
-
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
 
 
 def writes() -> list[tuple[str, bytes]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 from redis_server import RedisServer
 from support import until
 
@@ -20,15 +19,6 @@ S = 1_000_000_000
 T0 = 1_772_384_400 * S
 
 
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def prefix(request):
-    return "tr" + str(abs(hash(request.node.name)) % 10**9)
 
 
 def worker(ring: int = 20, tz: str = "Asia/Jakarta"):

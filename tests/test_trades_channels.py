@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import json
 
-import pytest
 import websockets
-from redis_server import RedisServer
 from support import start_gateway, until
 
 from fastfeed.reference import RefBars, RefTrades
@@ -134,11 +132,6 @@ async def test_every_trade_once_in_order_or_counted_and_bars_match():
             assert [t[0] for t in entry["recent"]] == [55, 56, 57, 58, 59]
             assert entry["lost"] == 4
 
-
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
 
 
 async def test_a_killed_gateway_s_clients_resume_on_another_with_nothing_silently_lost(redis):

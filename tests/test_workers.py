@@ -11,7 +11,6 @@ import time
 
 import pytest
 from fixtures import wait_http_ok
-from redis_server import RedisServer
 from support import Gateway, http_get, stop_process, until
 
 from fastfeed.client import Client
@@ -56,11 +55,6 @@ class Pod:
     def close(self) -> None:
         stop_process(self.proc, signal.SIGKILL)
 
-
-@pytest.fixture(scope="module")
-def redis():
-    with RedisServer() as r:
-        yield r
 
 
 def test_worker_count_and_config_errors():
