@@ -185,6 +185,8 @@ async def test_a_click_opens_the_ladder_and_it_shows_the_servers_book(browser, g
 
     await page.click('#rows tr[data-sym="BBCA"] [data-f="last"]')
     await wait("() => !document.querySelector('#ladder').hidden")
+    # its size is fixed (ten rows a side, always), whatever the book holds
+    height = await page.evaluate("() => document.querySelector('#ladder').offsetHeight")
     assert await page.text_content("#ladder-sym") == "BBCA"
     assert await page.get_attribute('#rows tr[data-sym="BBCA"]', "class") == "selected"
     sub = [r for r in s.requests if r["op"] == "subscribe" and r.get("channels")]
@@ -210,6 +212,17 @@ async def test_a_click_opens_the_ladder_and_it_shows_the_servers_book(browser, g
     got_crc = await page.evaluate("() => fastfeed.client.books.get('BBCA').checksum()")
     assert got_crc == crc(s.books["BBCA"].view("bids"), s.books["BBCA"].view("asks"))
     assert len(want["bids"]) == len(want["asks"]) == 10
+    assert await page.evaluate("() => document.querySelector('#ladder').offsetHeight") == height
+    # once the last flash is off, a ladder with nothing new is not painted again
+    await wait("() => fastfeed.board.ladder.nextOff === 0")
+    idle = await page.evaluate("""() => new Promise((done) => {
+      const stats = fastfeed.board.ladder.stats;
+      const p0 = stats.paints;
+      let n = 0;
+      const f = () => (++n < 30 ? requestAnimationFrame(f) : done(stats.paints - p0));
+      requestAnimationFrame(f);
+    })""")
+    assert idle == 0
     info = await page.text_content("#ladder-info")
     assert info is not None and f"seq {s.books['BBCA'].seq}" in info
 
@@ -250,3 +263,33 @@ async def test_another_row_moves_the_ladder(browser, gateway, standin) -> None:
     await page.click("#ladder-close")
     await wait("() => document.querySelector('#ladder').hidden")
     await ctx.close()
+
+
+async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(browser) -> None:
+    """As many instruments as the per-connection limit (5000 pairs): the board
+    leaves one pair free, so the book of a clicked row is still served, by
+    the gateway's own simulated books, checksums verified."""
+    async with start_gateway("--simulate", "5000", "--rate", "500") as gw:
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
+        page = await ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(f"{gw.url}/")
+        wait = lambda js: page.wait_for_function(js, timeout=WAIT * 3, polling=100)  # noqa: E731
+        await wait("() => window.fastfeed && fastfeed.client.subscribed.size === 4999")
+        assert await page.text_content("#note") == \
+            "showing 4999 of 5000 instruments (subscription limit)"
+        await page.click('#rows tr[data-sym="BBCA"] [data-f="last"]')
+        await wait("""() => { const b = fastfeed.client.books.get('BBCA');
+          return b && b.seq > 0 && b.bids.length === 10 && b.asks.length === 10; }""")
+        # the ladder shows the client's book (every entry's checksum checked)
+        await wait("""() => {
+          const b = fastfeed.client.books.get('BBCA');
+          const three = (side) => side.map((l) => l.slice(0, 3));
+          const want = { bids: three(b.bids), asks: three(b.asks) };
+          return JSON.stringify((""" + LADDER + """)()) === JSON.stringify(want);
+        }""")
+        assert await page.evaluate("() => fastfeed.client.counters.bookResyncs") == 0
+        assert "too_many" not in (await page.text_content("#note") or "")
+        await ctx.close()
+        assert not errors, errors

@@ -14,6 +14,10 @@ const MIN_ROWS = 6;      // rows written per frame, at the least
 const COLS = ["star", "sym", "bid", "ask", "last", "change", "spread", "volume", "time"];
 const DEPTH_ROWS = 10;   // ladder levels per side
 const DEPTH_COLS = ["bid_orders", "bid_volume", "bid", "ask", "ask_volume", "ask_orders"];
+// (symbol, channel) pairs the board leaves free under the subscription limit:
+// the ladder's one book. Without it a gateway with as many instruments as
+// the limit refuses the book (too_many_subscriptions) and no ladder opens.
+const LADDER_PAIRS = 1;
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -424,7 +428,9 @@ class Board {
         break;
       }
     }
-    if (this.ladder.sym && (this.ladder.dirty || this.ladder.flashUntil)) this.ladder.paint(now);
+    const lad = this.ladder;
+    if (lad.sym && (lad.dirty || (lad.nextOff && lad.nextOff <= now))) lad.paint(now);
+    else if (lad.sym && lad.nextOff) this.schedule();
     if (this.barDirty) this.paintBar();
     this.chained = this.raf !== 0;
     const ms = performance.now() - t0;
@@ -505,7 +511,7 @@ class Ladder {
     this.board = board;
     this.sym = null;
     this.dirty = false;
-    this.flashUntil = 0;     // the latest flash still on
+    this.nextOff = 0;        // when the next flash goes off (0: none on): repainted then, not every frame
     this.el = $("ladder");
     this.symEl = $("ladder-sym");
     this.info = { el: $("ladder-info"), text: "", cls: "" };
@@ -532,7 +538,6 @@ class Ladder {
         tr.appendChild(td);
       }
       tbody.appendChild(tr);
-      // what each side of this row shows: [price, volume], flash end time
       // what each side of this row shows ([price, volume]), and its flash:
       // until when, which way, and whether the price itself is new
       this.rows.push({ tr, cells, shown: [null, null], until: [0, 0], dir: [0, 0], moved: [false, false] });
@@ -599,7 +604,7 @@ class Ladder {
     }
     let dp = 0;
     for (const side of [bids, asks]) for (let k = 0; k < side.length && k < DEPTH_ROWS; k++) dp = Math.max(dp, decimals(side[k][0]));
-    let flashUntil = 0;
+    let nextOff = 0;
     for (let k = 0; k < DEPTH_ROWS; k++) {
       const r = this.rows[k];
       for (let s = 0; s < 2; s++) {
@@ -635,11 +640,11 @@ class Ladder {
         const cls = on ? (r.dir[s] > 0 ? "up" : "dn") : "";
         this.cls(vc, cls);
         this.cls(c[pre], on && r.moved[s] ? cls : "");
-        if (on && r.until[s] > flashUntil) flashUntil = r.until[s];
+        if (on && (!nextOff || r.until[s] < nextOff)) nextOff = r.until[s];
       }
     }
-    this.flashUntil = flashUntil;
-    if (flashUntil) this.board.schedule();
+    this.nextOff = nextOff;
+    if (nextOff) this.board.schedule();
     let info = "no book yet";
     if (book) {
       const spread = bids.length && asks.length ? ` · spread ${fmt(asks[0][0] - bids[0][0], dp)}` : "";
@@ -730,7 +735,7 @@ function start() {
     board.setNote("");
     try {
       const symbols = await client.list();
-      const max = client.opts.maxSubscriptions;
+      const max = client.opts.maxSubscriptions - LADDER_PAIRS;
       const take = symbols.slice().sort().slice(0, max);
       board.setSymbols(take);
       if (symbols.length > max) {
