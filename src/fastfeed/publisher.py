@@ -828,6 +828,7 @@ class Publisher:
         if self._task is not None and not self._stopped.is_set():
             ok = await self.sync(timeout)
         self._closing = True
+        self._wake.set()  # out of the send loop even if the cancel below is swallowed
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -867,7 +868,8 @@ class Publisher:
     async def _run(self) -> None:
         retries = Retries(self.backoff)  # the client's rule: see fastfeed.backoff
         try:
-            while True:
+            # `_closing` ends it too: a cancel can be swallowed (see bus.link's close)
+            while not self._closing:
                 try:
                     await self.transport.connect()
                 except ConnectionClosed as e:
@@ -908,7 +910,7 @@ class Publisher:
             if state:
                 log.info("fastfeed publisher: sent the latest state of %d symbols (%d books) "
                          "on connecting", len(self._state), len(self._books))
-            while not closed.done():
+            while not closed.done() and not self._closing:
                 if not self._queue:
                     self._idle.set()
                     self._wake.clear()

@@ -421,6 +421,11 @@ class Link:
 
     async def close(self) -> None:
         self._closing = True
+        if self._lost is not None:
+            # the loop also ends without the cancel: Python 3.11's wait_for can
+            # swallow a cancellation that lands as its inner call completes,
+            # and then the loop would wait on a healthy link forever
+            self._lost.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -473,6 +478,9 @@ class Link:
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
+            if self._closing:  # closed while connecting (see close)
+                self._teardown()
+                break
             attempt = 0
             self.connects += 1
             self.breaker = CLOSED
