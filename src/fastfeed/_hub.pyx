@@ -259,6 +259,11 @@ cdef class Hub:
         if len(arr) and not (0 <= arr[0] and arr[-1] < 2**31 - 1):
             raise ValueError(f"item ids are 0 .. 2**31-2, not {arr[0] if arr[0] < 0 else arr[-1]}")
         parts = self._parts(self.conns[cid].group)
+        if not len(parts[slot]):
+            # nothing of this slot was pending: its pending starts now, the
+            # moment of the snapshot the session sends, so changes made before
+            # it (trades in particular) do not come again in the next frame
+            self.conns[cid].sent_ver[slot] = (<Kind>self.kptr[slot]).version
         parts[slot] = arr.astype(np.int32)
         self._leave_group(cid)
         key = b"".join(b"%d:%d:" % (k, len(a)) + a.tobytes() for k, a in enumerate(parts)

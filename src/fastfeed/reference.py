@@ -123,7 +123,10 @@ class RefHub:
         return cid
 
     def subscribe_ids(self, cid: int, ids, slot: int = 0) -> None:
-        self.conns[cid].subs_by[slot] = set(ids)
+        c = self.conns[cid]
+        if not c.subs_by[slot]:  # nothing of the slot was pending: it starts now
+            c.sent[slot] = self.kinds[slot].version
+        c.subs_by[slot] = set(ids)
 
     def watch_ids(self, cid: int, ids, on: bool, slot: int = 0) -> None:
         c = self.conns[cid]

@@ -392,9 +392,14 @@ class ClusterLink(Link):
             if kind == "ASK":
                 conn.write((b"ASKING",), callback=lambda _r: None)
             conn.write(args, callback=self._reply_to(conn, n, args, fin, hops))
-        except (OSError, TimeoutError, BusDown, RedisError) as e:
-            fin(BusDown(f"redis cluster: {kind} to {where} could not be followed: {e}"))
+        except Exception as e:
+            fin(BusDown(f"redis cluster: {kind} to {where} could not be followed: "
+                        f"{e or type(e).__name__}"))
             return
+        except BaseException:
+            # cancelled: answer anyway, or the count barrier() waits on never drops
+            fin(BusDown(f"redis cluster: {kind} to {where} abandoned"))
+            raise
         if kind == "MOVED":
             if self.part_node[n] != addr:
                 log.warning("bus: partition %d (slot %s) moved to %s; re-reading the slot map",
@@ -435,7 +440,13 @@ class ClusterLink(Link):
         await super().barrier()
         # a redirected command is answered by its new node, maybe after our
         # PING of it: wait for those too
-        while self._redirecting:
+        # (bounded, as the PINGs are: a reply that never comes is a timeout,
+        # not a publisher stuck for good)
+        deadline = asyncio.get_running_loop().time() + self.ping_timeout + 30
+        while self._redirecting > 0:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"redis cluster: {self._redirecting} redirected commands "
+                                   "not answered")
             await asyncio.sleep(0.005)
             self.check_up()
 
