@@ -269,6 +269,10 @@ class _Conn(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self.paused:
+            if self.closed:
+                # lost while paused: nothing will resume writing, so waiting
+                # would hang the caller (a publisher after a master was killed)
+                raise BusDown(f"redis {self.name} connection is closed")
             if self._drain is None:
                 self._drain = asyncio.get_running_loop().create_future()
             await self._drain
