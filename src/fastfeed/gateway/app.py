@@ -33,7 +33,14 @@ from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Channels, Limits, Registry, quote_channel, trade_channels
+from .registry import (
+    Channels,
+    Limits,
+    Registry,
+    quote_channel,
+    tape_channel,
+    trade_channels,
+)
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -66,6 +73,10 @@ class Gateway:
         for ch in trade_channels(self.trades, self.hub.add_kind(self.trades),
                                  self.bars, self.hub.add_kind(self.bars)):
             self.channels.register(ch)
+        # the tape (`*` on trades) in a slot of its own: a connection holds it
+        # whole or not at all, so its snapshot can catch the slot up (Hub.caught_up)
+        self.channels.register_tape(tape_channel(self.trades.tape,
+                                                 self.hub.add_kind(self.trades.tape)))
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)

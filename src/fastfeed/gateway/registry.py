@@ -71,15 +71,23 @@ class Channel:
 
 class Channels:
     """Channel name -> Channel. Quotes are registered by the app; books,
-    trades and bars register theirs the same way."""
+    trades and bars register theirs the same way. `tape` serves the symbol
+    `*` of the trades channel (the market-wide tape): a channel of its own
+    (hub slot, one item) that no request names."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, Channel] = {}
+        self.tape: Channel | None = None
 
     def register(self, ch: Channel) -> None:
         if ch.name in self.by_name:
             raise ValueError(f"channel {ch.name!r} is registered twice")
         self.by_name[ch.name] = ch
+
+    def register_tape(self, ch: Channel) -> None:
+        if self.tape is not None or ch.name in self.by_name:
+            raise ValueError("the tape's channel is registered twice")
+        self.tape = ch
 
     def get(self, name: str) -> Channel | None:
         return self.by_name.get(name)
@@ -88,7 +96,10 @@ class Channels:
         return list(self.by_name)
 
     def in_slot(self, slot: int) -> list[Channel]:
-        return [c for c in self.by_name.values() if c.slot == slot]
+        out = [c for c in self.by_name.values() if c.slot == slot]
+        if self.tape is not None and self.tape.slot == slot:
+            out.append(self.tape)
+        return out
 
 
 def quote_channel(table: Any) -> Channel:
@@ -121,6 +132,15 @@ def trade_channels(trades: Any, trade_slot: int, bars: Any, bar_slot: int) -> li
         out.append(Channel(name=name, slot=bar_slot, key="bars", item=bar_item,
                            snapshot=lambda items, since: bars.snapshot_json(items)))
     return out
+
+
+def tape_channel(tape: Any, slot: int) -> Channel:
+    """The market-wide tape (`*` on trades): a `fastfeed._core.Tape` in its
+    own hub slot, one item (id 0), its entries under the trades key. Its name
+    is internal (a session's key for it); requests say `*` on `trades`."""
+    return Channel(name=f"{P.TRADES_CHANNEL} {P.TAPE_SYMBOL}", slot=slot, key="trades",
+                   item=lambda iid: 0,
+                   snapshot=lambda items, since: tape.snapshot_json() if items else b"")
 
 
 class Member(Protocol):
