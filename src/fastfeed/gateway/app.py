@@ -153,7 +153,12 @@ class Gateway:
                                                  cfg.max_ingest_bytes, cfg.ingest_rate))
         self.sources.append(self.ingest)
         if cfg.simulate:
-            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
+            # trades only into a sink that takes them (the local table with
+            # its trades kind, or a bus that carries them)
+            takes = bool(getattr(self.sink, "takes_trades", False))
+            self.sources.append(SimulatorSource(
+                self.sink, cfg.simulate, cfg.rate, cfg.seed,
+                trade_rate=cfg.rate * cfg.trades_per_tick if takes else 0.0))
         if cfg.replay:
             self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
         if cfg.max_delay_s:
