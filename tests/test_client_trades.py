@@ -58,12 +58,15 @@ def test_the_tape_takes_each_trade_once_in_order_and_counts_lost() -> None:
 
 def test_the_market_tape_keeps_every_symbol_in_arrival_order() -> None:
     tape = Tape(10)
-    tape.market = True
-    tape.apply([{"sym": "BBCA", "items": [trade_item(1)]},
-                {"sym": "TLKM", "items": [trade_item(7)]}], "items", lambda s: s == "BBCA")
-    assert [(t.sym, t.tseq) for t in tape.trades[MARKET]] == [("BBCA", 1), ("TLKM", 7)]
-    assert [t.tseq for t in tape.trades["BBCA"]] == [1]
+    own = {"BBCA", MARKET}.__contains__
+    tape.apply([{"sym": MARKET, "items": [["BBCA", *trade_item(1)], ["TLKM", *trade_item(7)]]},
+                {"sym": "BBCA", "items": [trade_item(1)]}], "items", own)
+    tape.apply([{"sym": MARKET, "lost": 5, "items": [["ASII", *trade_item(3)]]}], "items", own)
+    assert [(t.sym, t.tseq) for t in tape.trades[MARKET]] == [
+        ("BBCA", 1), ("TLKM", 7), ("ASII", 3)]
+    assert [t.tseq for t in tape.trades["BBCA"]] == [1]  # its own tape as well
     assert "TLKM" not in tape.trades  # on the market tape only
+    assert tape.lost == {MARKET: 5}
 
 
 def test_bars_replace_the_forming_bar_insert_late_ones_and_stay_bounded() -> None:

@@ -6,12 +6,14 @@ contract's shapes, docs/protocol.md "Trades" and "Bars"), usable on their
 own by anyone who decodes the messages themselves.
 
 A `Tape` holds the last trades of every symbol (a bounded `deque` each),
-oldest first. It takes each trade once: a trade whose `tseq` is not above
-the last one held for its symbol (a resume's snapshot overlapping what was
-already held) is skipped. Trades the gateway had to drop for this client (a
-slow reader's backlog, or a resume past what the gateway's ring holds)
-arrive as a count, ``"lost":N``; the tape adds them to `lost` per symbol and
-calls ``on_lost(sym, n)``, so nothing is missed without saying so.
+oldest first, and the market-wide tape under `MARKET` (``"*"``: every
+instrument's trades in the order the gateway applied them; its entries carry
+the symbol in front of each trade). It takes each trade once: a trade whose
+`tseq` is not above the last one held for its symbol (a resume's snapshot
+overlapping what was already held) is skipped. Trades the gateway had to drop
+for this client (a slow reader's backlog, or a resume past what the gateway's
+ring holds) arrive as a count, ``"lost":N``; the tape adds them to `lost` per
+symbol and calls ``on_lost(sym, n)``, so nothing is missed without saying so.
 
 A `BarStore` holds the bars of every (symbol, interval), oldest first, each
 bar replaced by the newer values of the same `start` (the forming bar
@@ -86,7 +88,6 @@ class Tape:
         self.lost: dict[str, int] = {}
         #: symbol -> the highest tseq taken
         self.last: dict[str, int] = {}
-        self.market = False  # keep the market-wide tape too
 
     def since(self, symbols: Iterable[str]) -> dict[str, int]:
         """``since_trades`` for a resume: the last tseq held of each of `symbols`."""
@@ -95,24 +96,19 @@ class Tape:
 
     def forget(self, symbols: Iterable[str]) -> None:
         for s in symbols:
-            if s == MARKET:
-                self.market = False
             self.trades.pop(s, None)
             self.last.pop(s, None)
 
     def apply(self, entries: Iterable[Mapping[str, Any]], key: str,
               own: Callable[[str], bool]) -> list[Trade]:
         """Take the entries of a snapshot (`key` ``"recent"``) or an update
-        (``"items"``). A symbol `own` says yes to gets its own tape; the
-        others' trades go only to the market-wide one (if kept), or nowhere.
+        (``"items"``) for the symbols `own` says yes to (`MARKET` included).
         Returns the new trades, oldest first."""
         new: list[Trade] = []
         lost_now: list[tuple[str, int]] = []
-        market = self.market
         for e in entries:
             sym = e["sym"]
-            mine = own(sym)
-            if not mine and not market:
+            if not own(sym):
                 continue
             n = e.get("lost")
             if n:
@@ -121,25 +117,25 @@ class Tape:
             items = e.get(key) or ()
             if not items:
                 continue
-            held = self.last.get(sym, -1)
-            tape = self.trades.get(sym) if mine else None
-            if mine and tape is None:
+            tape = self.trades.get(sym)
+            if tape is None:
                 tape = self.trades[sym] = deque(maxlen=self.maxlen)
+            if sym == MARKET:  # ["SYM", tseq, ...]: one stream, each trade once
+                for it in items:
+                    t = Trade(*it[:6])
+                    tape.append(t)
+                    new.append(t)
+                continue
+            held = self.last.get(sym, -1)
             for it in items:
                 tseq = it[0]
                 if tseq <= held:
                     continue  # already taken (a resume's snapshot overlaps)
                 held = tseq
                 t = Trade(sym, tseq, it[1], it[2], it[3], it[4])
-                if tape is not None:
-                    tape.append(t)
+                tape.append(t)
                 new.append(t)
             self.last[sym] = held
-        if new and market:
-            tape = self.trades.get(MARKET)
-            if tape is None:
-                tape = self.trades[MARKET] = deque(maxlen=self.maxlen)
-            tape.extend(new)
         for sym, n in lost_now:
             if self.on_lost is not None:
                 self.on_lost(sym, n)
