@@ -67,6 +67,12 @@ def test_the_market_tape_keeps_every_symbol_in_arrival_order() -> None:
     assert [t.tseq for t in tape.trades["BBCA"]] == [1]  # its own tape as well
     assert "TLKM" not in tape.trades  # on the market tape only
     assert tape.lost == {MARKET: 5}
+    # a resubscribe gets the gateway's ring again: what is held is skipped,
+    # and a symbol whose trades jump (TLKM 7 -> 10) lost the ones between
+    tape.apply([{"sym": MARKET, "recent": [["TLKM", *trade_item(7)], ["ASII", *trade_item(3)],
+                                           ["TLKM", *trade_item(10)]]}], "recent", own)
+    assert [(t.sym, t.tseq) for t in tape.trades[MARKET]][-1:] == [("TLKM", 10)]
+    assert tape.lost == {MARKET: 7}
 
 
 def test_bars_replace_the_forming_bar_insert_late_ones_and_stay_bounded() -> None:

@@ -88,14 +88,41 @@ class Tape:
         self.lost: dict[str, int] = {}
         #: symbol -> the highest tseq taken
         self.last: dict[str, int] = {}
+        self._market_last: dict[str, int] = {}  # the same, on the market-wide tape
 
     def since(self, symbols: Iterable[str]) -> dict[str, int]:
         """``since_trades`` for a resume: the last tseq held of each of `symbols`."""
         last = self.last
         return {s: last[s] for s in symbols if s in last and s != MARKET}
 
+    def _market(self, items: Iterable[Any], resumed: bool, tape: deque[Trade],
+                new: list[Trade]) -> int:
+        """The market-wide tape's ``["SYM", tseq, ...]`` trades. It has no
+        `since_trades`: a resubscribe (a reconnection) gets the gateway's
+        tape ring again, so trades already held are skipped by symbol and
+        tseq, and a symbol whose first trade there is past the one held + 1
+        had trades that neither held: their count (consecutive numbering)."""
+        last = self._market_last
+        gap = 0
+        firsts: set[str] = set()
+        for it in items:
+            sym, tseq = it[0], it[1]
+            held = last.get(sym)
+            if held is not None and tseq <= held:
+                continue
+            if resumed and held is not None and sym not in firsts and tseq > held + 1:
+                gap += tseq - held - 1
+            firsts.add(sym)
+            last[sym] = tseq
+            t = Trade(*it[:6])
+            tape.append(t)
+            new.append(t)
+        return gap
+
     def forget(self, symbols: Iterable[str]) -> None:
         for s in symbols:
+            if s == MARKET:
+                self._market_last.clear()
             self.trades.pop(s, None)
             self.last.pop(s, None)
 
@@ -120,11 +147,11 @@ class Tape:
             tape = self.trades.get(sym)
             if tape is None:
                 tape = self.trades[sym] = deque(maxlen=self.maxlen)
-            if sym == MARKET:  # ["SYM", tseq, ...]: one stream, each trade once
-                for it in items:
-                    t = Trade(*it[:6])
-                    tape.append(t)
-                    new.append(t)
+            if sym == MARKET:
+                gap = self._market(items, key == "recent", tape, new)
+                if gap:
+                    self.lost[sym] = self.lost.get(sym, 0) + gap
+                    lost_now.append((sym, gap))
                 continue
             held = self.last.get(sym, -1)
             for it in items:
