@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from fastfeed.feed.simulator import Simulator, tick_size
+from fastfeed.feed.simulator import Simulator, SimulatorSource, tick_size
 from fastfeed.feed.tradegen import LOT, SIDES, TradeBatch, TradeGen, idx_tick, trades_to_messages
 from fastfeed.protocol import VALUE_FIELDS
 
@@ -190,3 +190,47 @@ def test_without_a_trade_rate_the_quotes_are_unchanged():
         assert np.array_equal(a[1] - plain.seq.min(), b[1] - with_trades.seq.min())
         for f in ("bid", "ask", "bid_size", "ask_size"):
             assert np.array_equal(a[3][:, COL[f]], b[3][:, COL[f]])
+
+
+async def test_the_simulator_source_writes_trades_before_the_quotes_they_moved():
+    """SimulatorSource's trades go to the sink's `ticks` (contract ingest
+    trade messages, the entry point /ingest uses too), each step's before
+    the quotes that carry their last and volume."""
+
+    class Collect:
+        name = "collect"
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def symbols(self, names):
+            return list(names)
+
+        def arrays(self, numbering, ids, seqs, ts, vals, source=0):
+            self.calls.append(("quotes", [(numbering[i], v[COL["last"]], v[COL["volume"]])
+                                          for i, v in zip(ids.tolist(), vals, strict=True)]))
+
+        def ticks(self, ticks, source, reply):
+            self.calls.append(("trades", ticks))
+
+        async def drain(self):
+            return None
+
+    sink = Collect()
+    src = SimulatorSource(sink, 20, 2000, seed=3, duration=0.5, step=0.005,  # type: ignore[arg-type]
+                          trade_rate=2000)
+    await src.run()
+    assert src.trades_sent > 100
+    volume: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for kind, what in sink.calls:
+        if kind == "trades":
+            for t in what:  # type: ignore[attr-defined]
+                assert t["type"] == "trade"
+                volume[t["sym"]] = volume.get(t["sym"], 0.0) + t["size"]
+                last[t["sym"]] = t["price"]
+        else:
+            for sym, px, vol in what:  # type: ignore[attr-defined]
+                assert vol == volume.get(sym, 0.0), "a quote's volume is its trades' sum so far"
+                if sym in last:
+                    assert px == last[sym], "a quote's last is its last trade's price"

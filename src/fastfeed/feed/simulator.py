@@ -215,6 +215,10 @@ class SimulatorSource(TaskSource):
         self.trades_sent = 0  # trades written to the sink
         self.reply = LogReply("the simulator's trades")
         self.book_reply = LogReply("the simulator's books")
+        # trades go out every `trade_step` seconds (their ts spread over it):
+        # a few trades a step cost mostly NumPy's per-call overhead
+        self.trade_step = max(step, 0.02)
+        self._trade_dt = 0.0
 
     async def run(self) -> int:
         """Write to the sink until `duration` has passed (0: forever); the ticks sent."""
@@ -232,7 +236,10 @@ class SimulatorSource(TaskSource):
                 self.sent += len(ids)
                 self._books(ids, seqs, ts, vals)
             if sim.tape is not None:
-                self._trades(numbering, dt)
+                self._trade_dt += dt
+                if self._trade_dt >= self.trade_step:
+                    self._trades(numbering, min(self._trade_dt, 0.1))
+                    self._trade_dt = 0.0
             await sink.drain()
         return self.sent
 
