@@ -16,6 +16,7 @@ import pytest
 
 from fastfeed.feed.simulator import Simulator, SimulatorSource, tick_size
 from fastfeed.feed.tradegen import LOT, SIDES, TradeBatch, TradeGen, idx_tick, trades_to_messages
+from fastfeed.orderbook import OrderBook
 from fastfeed.protocol import VALUE_FIELDS
 
 COL = {name: k for k, name in enumerate(VALUE_FIELDS)}
@@ -83,7 +84,8 @@ def test_every_trade_meets_the_quoted_top_of_book_and_moves_last_and_volume():
                 top[i][lv] -= size  # type: ignore[operator]
             elif top[i][lv] is not None:  # taken out: the next level, a tick further
                 tick = float(tick_size(np.array([price]))[0])
-                top[i][p] = price + tick if side == 1 else max(price - tick, 1.0)
+                down = float(tick_size(np.array([price - 0.5]))[0])  # the band below
+                top[i][p] = price + tick if side == 1 else max(price - down, 1.0)
                 top[i][lv] = None
             else:
                 top[i][p] = top[i][lv] = None
@@ -113,7 +115,8 @@ def test_the_quotes_after_trades_hold_the_consumed_levels():
                 lv[i] -= size
             elif not math.isnan(lv[i]):  # taken out: the next level, a tick further
                 tick = tick_size(np.array([price]))[0]
-                px[i] = price + tick if side == 1 else max(price - tick, 1.0)
+                down = tick_size(np.array([price - 0.5]))[0]  # the band below
+                px[i] = price + tick if side == 1 else max(price - down, 1.0)
                 lv[i] = math.nan  # refilled: any size
             else:
                 px[i] = math.nan
@@ -234,3 +237,70 @@ async def test_the_simulator_source_writes_trades_before_the_quotes_they_moved()
                 assert vol == volume.get(sym, 0.0), "a quote's volume is its trades' sum so far"
                 if sym in last:
                     assert px == last[sym], "a quote's last is its last trade's price"
+
+
+async def test_with_books_every_trade_prints_at_the_books_best_and_takes_from_it():
+    """The gateway's simulator sends books and trades together: every trade
+    prints at the best bid or ask of the book as a client holds it, for no
+    more than that level shows; the books after the step show each traded
+    level shrunk by what traded, or gone and the next one uncovered with the
+    volume the book held there."""
+
+    class Collect:
+        name = "collect"
+        takes_books = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, list[dict]]] = []
+
+        def symbols(self, names):
+            return list(names)
+
+        def arrays(self, numbering, ids, seqs, ts, vals, source=0):
+            return None
+
+        def ticks(self, msgs, source, reply):
+            if msgs:
+                self.calls.append((msgs[0]["type"], msgs))
+
+        async def drain(self):
+            return None
+
+    sink = Collect()
+    src = SimulatorSource(sink, 30, 3000, seed=6, duration=0.6, step=0.005,  # type: ignore[arg-type]
+                          trade_rate=3000)
+    await src.run()
+    books: dict[str, OrderBook] = {}
+    expect: dict[str, dict[str, list[list[float]]]] = {}
+    checked = taken_out = 0
+    for kind, msgs in sink.calls:
+        if kind == "book":
+            for m in msgs:
+                b = books.get(m["sym"])
+                if b is None:
+                    b = books[m["sym"]] = OrderBook(m["sym"], depth=20)
+                b.apply(m)
+                want = expect.pop(m["sym"], None)
+                if want is not None:  # the top the trades left
+                    assert [lv[:2] for lv in b.asks[:1]] == want["b"][:1]
+                    assert [lv[:2] for lv in b.bids[:1]] == want["s"][:1]
+            assert not expect, "the books of the traded instruments follow their trades"
+            continue
+        assert kind == "trade"
+        local: dict[str, dict[str, list[list[float]]]] = {}
+        for t in msgs:
+            b = books.get(t["sym"])
+            if b is None:
+                continue  # its book has not opened yet
+            held = local.setdefault(t["sym"], {"b": [lv[:2] for lv in b.asks],
+                                               "s": [lv[:2] for lv in b.bids]})
+            level = held[t["side"]][0]  # a buyer takes the best ask, a seller the best bid
+            assert t["price"] == level[0]
+            assert 0 < t["size"] <= level[1]
+            level[1] -= t["size"]
+            if level[1] == 0:
+                held[t["side"]].pop(0)  # taken out: the next level comes into view
+                taken_out += 1
+            checked += 1
+        expect.update(local)
+    assert checked > 300 and taken_out > 0

@@ -212,6 +212,9 @@ class SimulatorSource(TaskSource):
         self.bookgen = (BookGen(self.sim.symbols, book_levels, seed,
                                 seq0=wall_ns() // 1000) if books else None)
         self.books_sent = 0  # book messages written to the sink
+        if self.bookgen is not None and self.sim.tape is not None:
+            # a level a trade takes out uncovers the book's next one, as it is
+            self.sim.tape.book_volume = self.bookgen.volume_at
         self.trades_sent = 0  # trades written to the sink
         self.reply = LogReply("the simulator's trades")
         self.book_reply = LogReply("the simulator's books")

@@ -5,7 +5,8 @@ bid and ask; this module makes the prints that happen against them. A trade
 takes the best ask (buyer aggressed, side ``"b"``) or the best bid (seller,
 ``"s"``), for a whole number of IDX lots (100 shares) no larger than what
 that level shows, and consumes it: the level's size shrinks, and a level
-taken out moves the price one tick away (the next level comes into view).
+taken out moves the price one tick away (the next level comes into view, as
+in the book's ladder: the tick below a bid is that of the band under it).
 Each trade moves the instrument's ``last``, ``last_size`` and ``volume``, and
 the quotes the simulator sends afterwards carry them, so a client's row, its
 tape and its bars all tell the same story.
@@ -22,10 +23,12 @@ weighted like the quotes; the market's opening (the first `open_s` seconds)
 runs up to `open_burst` times faster, and the quote simulator's bursts carry
 over (`step(dt, mult)`).
 
-A books simulator shares the same top of book: it may hand its own best
-levels in through `set_top` and take each step's consumption back from the
-returned `TradeBatch` (ids, side, price, size), so a book level shrinks by
-exactly what traded at it.
+A books simulator shares the same top of book: the quotes it follows are
+the ones the trades meet (`on_quotes`), and the quotes the trades leave are
+the new top it follows, so a book level shrinks by exactly what traded at it.
+With `book_volume` set (`fastfeed.feed.bookgen.BookGen.volume_at`), the level
+that comes into view when one is taken out shows the volume the book holds
+at that price, not a fresh one.
 """
 
 from __future__ import annotations
@@ -121,6 +124,9 @@ class TradeGen:
         self.tseq = np.full(n, start_tseq, dtype=np.int64)
         self.last_ts = np.zeros(n, dtype=np.int64)
         self.trades = 0  # made so far
+        # book_volume(ids, side, price) -> the volume a book shows there (0:
+        # none): the next level's size when one is taken out (side 0 bid, 1 ask)
+        self.book_volume: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def set_top(self, ids: np.ndarray, bid: np.ndarray, ask: np.ndarray,
                 bid_size: np.ndarray, ask_size: np.ndarray) -> None:
@@ -200,10 +206,18 @@ class TradeGen:
         refill = LOT * self.rng.integers(1, 5000, len(ids)).astype(np.float64)
         b, s = ids[buy], ids[~buy]
         # a level taken out: the next one, one tick further, comes into view
-        self.ask[b] = np.where(gone[buy], self.ask[b] + self.tick(self.ask[b]), self.ask[b])
+        # (below a bid, the tick of the band under it: 200 -> 199, as the book's ladder)
+        ask_b, bid_s = self.ask[b], self.bid[s]
+        nxt = np.empty(len(ids))
+        nxt[buy] = ask_b + self.tick(ask_b)
+        nxt[~buy] = np.maximum(bid_s - self.tick(bid_s - 0.5), 1.0)
+        if self.book_volume is not None and gone.any():
+            # with what the book holds there, when it holds that price
+            held = self.book_volume(ids, buy.astype(np.int64), nxt)
+            refill = np.where(held > 0, held, refill)
+        self.ask[b] = np.where(gone[buy], nxt[buy], ask_b)
         self.ask_size[b] = np.where(gone[buy], refill[buy], left[buy])
-        bid_s = self.bid[s]
-        self.bid[s] = np.where(gone[~buy], np.maximum(bid_s - self.tick(bid_s), 1.0), bid_s)
+        self.bid[s] = np.where(gone[~buy], nxt[~buy], bid_s)
         self.bid_size[s] = np.where(gone[~buy], refill[~buy], left[~buy])
         self.last[ids] = price
         self.last_size[ids] = size
