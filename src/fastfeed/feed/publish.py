@@ -195,15 +195,17 @@ async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,
-                  prefix: str = "fastfeed", duration: float = 0.0, book_levels: int = 50) -> int:
+                  prefix: str = "fastfeed", duration: float = 0.0, book_levels: int = 50,
+                  trade_rate: float = 0.0) -> int:
     """The pod's simulated feed process (`fastfeed serve --simulate` with workers):
-    its quotes and books onto the bus (`book_levels` is the pod's ``--book-levels``)."""
+    its quotes, books and trades onto the bus (`book_levels` is the pod's
+    ``--book-levels``; `trade_rate` trades per second, 0: none)."""
     import uvloop
 
     async def main() -> int:
         async with RedisPublisher(url, channels=channels, prefix=prefix,
                                   book_levels=book_levels) as pub:
-            await simulate(pub, n, rate, seed, duration)
+            await simulate(pub, n, rate, seed, duration, trade_rate=trade_rate)
         return 0
 
     return uvloop.run(main())
