@@ -379,13 +379,6 @@ class Client:
       on_book_status: ``callback(sym, ok: bool)`` on a book ``status``
         (``"stale"``: its source skipped a ``seq`` or sent a crossed change,
         no changes follow until a full book, announced by ``"ok"``).
-
-    Books (``subscribe(..., channels=["book"])``) are kept in `books`
-    (``books[sym].bids`` / ``.asks``: ``[price, volume, orders]``, best
-    first; ``.seq``; ``.stale``). Every entry's checksum is verified; on a
-    mismatch the client resubscribes that book (unsubscribe, then
-    subscribe: a full snapshot) and counts it in `book_resyncs`.
-
       on_trades: ``callback(trades)`` with every batch of new `Trade` objects
         (snapshots and updates of the ``trades`` channel), oldest first.
       on_lost: ``callback(sym, n)`` when the gateway says it dropped `n`
@@ -395,6 +388,14 @@ class Client:
         every batch of changed bars.
       tape_size: trades kept per symbol in `trades`; bars_size: bars kept per
         (symbol, interval) in `bars`.
+
+    Books (``subscribe(..., channels=["book"])``) are kept in `books`
+    (``books[sym].bids`` / ``.asks``: ``[price, volume, orders]``, best
+    first; ``.seq``; ``.stale``). Every entry's checksum is verified; on a
+    mismatch the client resubscribes that book (unsubscribe, then
+    subscribe: a full snapshot) and counts it in `book_resyncs`. Trades
+    (``channels=["trades"]``) and bars (``"bars:1m"`` etc.) are kept in
+    `trades` and `bars` (`fastfeed.tape`).
 
     Counters: `reconnects`, `frames` (update frames), `messages`,
     `trades_lost` (symbol -> trades the gateway dropped for this client),
