@@ -1038,7 +1038,8 @@ class Publisher:
             if state:
                 log.info("fastfeed publisher: sent the latest state of %d symbols (%d books) "
                          "on connecting", len(self._state), len(self._books))
-            trades = list(self._trades)  # whatever the last connection may not have delivered
+            # whatever the last connection may not have delivered
+            trades: list[Tick | bytes] = list(self._trades)
             for i in range(0, len(trades), self.max_batch):
                 batch = trades[i : i + self.max_batch]
                 await self._send(batch)
