@@ -46,6 +46,7 @@ function state() {
   return {
     books, rows: Object.fromEntries(client.rows), counters: client.counters, state: client.state,
     connects: client.connects, trades, lost: Object.fromEntries(client.tradesLost), bars,
+    wanted: [...client.wanted],
   };
 }
 
