@@ -6,7 +6,7 @@
 // opens its depth ladder (the "book" channel), painted in the same frame, and
 // shows its trades and bars in the side panel (trades-panel.js).
 
-import { BOOK_CHANNEL, F, FastfeedClient, defaultUrl } from "./fastfeed.js";
+import { BOOK_CHANNEL, F, FastfeedClient, MARKET, defaultUrl } from "./fastfeed.js";
 import { mountTradesPanel } from "./trades-panel.js";
 
 const ROW_H = 24;        // px, matches --row in style.css
@@ -784,6 +784,8 @@ function start() {
     for (let i = 0; i < rows.length && i < 8; i++) win.age.push(nowMs - rows[i][F.TS] / 1e6);
   });
   client.on("error", (m) => {
+    // a refused market-wide tape is the side panel's to say (it falls back)
+    if (m.symbols?.length === 1 && m.symbols[0] === MARKET) return;
     if (m.code && m.code !== "socket" && m.code !== "closed") board.setNote(`${m.code}: ${m.message || ""}`);
   });
 

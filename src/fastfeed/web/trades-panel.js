@@ -49,6 +49,10 @@ export class TradesPanel {
     // then nothing is sent that a version 1 gateway would take for a quote
     // request (an unsubscribe) or refuse (the symbol "*").
     this.channels = false;
+    // Whether the gateway serves the market-wide tape ("*" on trades): a
+    // gateway that refuses it (it keeps the tape but does not serve it yet)
+    // leaves the selected symbol's tape, and "*" is not asked for again.
+    this.marketServed = true;
     // (symbol, channel) pairs it may hold (the market tape, the selected
     // symbol's trades and bars), left free by the grid under the limit
     this.reserve = 4;
@@ -69,7 +73,7 @@ export class TradesPanel {
     client.on("snapshot", (m) => {
       if (this.channels || !("trades" in m || "bars" in m)) return;
       this.channels = true;
-      client.subscribe([MARKET], ["trades"]).catch(() => {});
+      this.subscribeMarket();
     });
     // Sizes come from the observer, never read in a paint: a read after the
     // grid's writes in the same frame would force a layout of the page.
@@ -124,7 +128,7 @@ export class TradesPanel {
   }
 
   tapeKey() {
-    return this.scope === "market" ? MARKET : this.sym;
+    return this.scope === "market" && this.marketServed ? MARKET : this.sym;
   }
 
   // -- subscriptions --------------------------------------------------------
@@ -132,9 +136,27 @@ export class TradesPanel {
   subscribeAll() {
     const c = this.client;
     const jobs = [];
-    if (this.channels) jobs.push(c.subscribe([MARKET], ["trades"]));
-    if (this.sym) jobs.push(c.subscribe([this.sym], ["trades", `bars:${this.interval}`]));
-    return Promise.all(jobs).then((rs) => rs.forEach((r) => this.refused(r))).catch(() => {});
+    if (this.channels) jobs.push(this.subscribeMarket());
+    if (this.sym) {
+      jobs.push(c.subscribe([this.sym], ["trades", `bars:${this.interval}`]).then((r) => this.refused(r)));
+    }
+    return Promise.all(jobs).catch(() => {});
+  }
+
+  // The market-wide tape; refused (the client then forgets it), the panel
+  // shows the selected symbol's tape instead and says why.
+  async subscribeMarket() {
+    if (!this.marketServed) return;
+    const res = await this.client.subscribe([MARKET], ["trades"]).catch(() => null);
+    if (!res || !(res.errors.length || res.forbidden.length || res.unknown.length)) return;
+    if (res.errors.some((e) => e.code === "closed" || e.code === "not_connected")) return;
+    this.marketServed = false;
+    const opt = this.scopeSel.querySelector('option[value="market"]');
+    if (opt) {
+      opt.disabled = true;
+      opt.textContent = "market (not served)";
+    }
+    if (this.scope === "market") this.setScope("symbol");
   }
 
   async select(sym) {
