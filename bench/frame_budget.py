@@ -24,9 +24,9 @@ book generator; the plain board then goes through the stand-in as well, so
 the two differ by the ladder alone.
 
 With `--tape`, the board is measured with its side panel open too: the
-running trade (the whole market's; `--tape-of symbol`: BBCA's) and the
-candlestick chart of BBCA at 1 s bars, both live, the pointer on the same
-row. The gateway must serve the trades and bars channels (`fastfeed serve
+running trade of BBCA (`--tape-of market`: the whole market's, where the
+gateway serves that tape) and the candlestick chart of BBCA at 1 s bars,
+both live, the pointer on the same row. The gateway must serve the trades and bars channels (`fastfeed serve
 --simulate` does, with its simulated trades).
 
     python -m bench.frame_budget              # 30 s per page
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tape", action="store_true",
                     help="also measure the board with the side panel (running trade, chart) open")
     ap.add_argument("--sym", default="BBCA", help="with --tape: the symbol the chart shows")
-    ap.add_argument("--tape-of", choices=("market", "symbol"), default="market",
-                    help="with --tape: the running trade of the whole market, or of --sym")
+    ap.add_argument("--tape-of", choices=("symbol", "market"), default="symbol",
+                    help="with --tape: the running trade of --sym, or of the whole market "
+                         "(where the gateway serves it)")
     ap.add_argument(
         "--chromium",
         default=CHROMIUM,

@@ -147,24 +147,30 @@ async def shown_tape_matches(page: Any, wire: Wire, market: bool) -> list[dict]:
         await asyncio.sleep(0.1)
 
 
-async def test_the_running_trade_shows_the_selected_symbol_when_the_market_tape_is_refused(
+async def test_the_running_trade_shows_the_selected_symbol_and_falls_back_from_the_market(
         page) -> None:
-    """The gateway keeps the market-wide tape but does not serve it yet
-    (docs/protocol.md): the panel asks for "*" once, then shows the selected
-    symbol's tape and says the market's is not served."""
+    """The tape shows the selected symbol's trades. The market-wide tape is
+    kept by the gateway but not served yet (docs/protocol.md): chosen, it is
+    asked for once, refused, and the panel goes back to the symbol's tape and
+    says the market's is not served."""
     page, wire = page
-    await wait(page, "() => window.fastfeed && fastfeed.side && !fastfeed.side.marketServed"
+    await wait(page, "() => window.fastfeed && fastfeed.side"
                      " && fastfeed.client.trades.get('BBCA')?.length > 5")
-    star = [m for m in wire.sent if m.get("op") == "subscribe" and m.get("symbols") == ["*"]]
-    assert [m["channels"] for m in star] == [["trades"]]
-    assert await page.evaluate("() => document.querySelector('[data-testid=tape-scope]').value"
-                               ) == "symbol"
-    assert await page.evaluate("() => document.querySelector('#tape-scope option[value=market]')"
-                               ".disabled")
-    assert not await page.evaluate("() => fastfeed.client.wanted.has('*')")
+    assert not [m for m in wire.sent if m.get("symbols") == ["*"]], "not asked unless chosen"
     rows = await shown_tape_matches(page, wire, market=False)
     assert {r["sym"] for r in rows} == {SYM}
     assert {r["side"] for r in rows} <= {"b", "s"}
+    await page.select_option("[data-testid=tape-scope]", "market")
+    await wait(page, "() => !fastfeed.side.marketServed"
+                     " && document.querySelector('[data-testid=tape-scope]').value === 'symbol'")
+    star = [m for m in wire.sent if m.get("op") == "subscribe" and m.get("symbols") == ["*"]]
+    assert [m["channels"] for m in star] == [["trades"]]
+    assert await page.evaluate("() => document.querySelector('#tape-scope option[value=market]')"
+                               ".disabled")
+    assert not await page.evaluate("() => fastfeed.client.wanted.has('*')")
+    assert "bad_request" not in (await page.text_content("#note") or "")
+    rows = await shown_tape_matches(page, wire, market=False)
+    assert {r["sym"] for r in rows} == {SYM}
 
 
 CANDLES = """() => { const d = fastfeed.side.drawn; if (!d) return null;

@@ -1,7 +1,9 @@
 // The board's side panel: the running trade and a candlestick chart.
 //
-// The tape shows the market-wide trades (the `trades` channel's "*") or the
-// selected symbol's, newest on top, green for buyer-aggressed prints and red
+// The tape shows the selected symbol's trades or, when chosen (`?tape=market`
+// or the selector), the market-wide ones (the `trades` channel's "*": a
+// gateway that does not serve it yet refuses it, and the panel goes back to
+// the symbol's), newest on top, green for buyer-aggressed prints and red
 // for seller-aggressed ones, sizes in IDX lots. The chart draws the selected
 // symbol's bars (`bars:<interval>`, interval chosen in the panel) on a
 // canvas, the forming bar included and redrawn as it changes.
@@ -34,7 +36,7 @@ function el(tag, attrs = {}, text = "") {
 }
 
 export class TradesPanel {
-  constructor(client, root, { sym = null, interval = "1m", scope = "market" } = {}) {
+  constructor(client, root, { sym = null, interval = "1m", scope = "symbol" } = {}) {
     this.client = client;
     this.sym = sym;               // the selected symbol (chart, and the tape's "selected" scope)
     this.interval = interval;
@@ -73,7 +75,7 @@ export class TradesPanel {
     client.on("snapshot", (m) => {
       if (this.channels || !("trades" in m || "bars" in m)) return;
       this.channels = true;
-      this.subscribeMarket();
+      if (this.scope === "market") this.subscribeMarket();
     });
     // Sizes come from the observer, never read in a paint: a read after the
     // grid's writes in the same frame would force a layout of the page.
@@ -103,7 +105,7 @@ export class TradesPanel {
     const th = el("header");
     th.append(el("b", {}, "Running trade"));
     this.scopeSel = el("select", { id: "tape-scope", "data-testid": "tape-scope", "aria-label": "tape" });
-    this.scopeSel.append(new Option("market", "market"), new Option("selected", "symbol"));
+    this.scopeSel.append(new Option("selected", "symbol"), new Option("market", "market"));
     this.scopeSel.value = this.scope;
     this.scopeSel.addEventListener("change", () => this.setScope(this.scopeSel.value));
     this.lostEl = el("span", { class: "lost", "data-testid": "tape-lost" });
@@ -136,7 +138,7 @@ export class TradesPanel {
   subscribeAll() {
     const c = this.client;
     const jobs = [];
-    if (this.channels) jobs.push(this.subscribeMarket());
+    if (this.channels && this.scope === "market") jobs.push(this.subscribeMarket());
     if (this.sym) {
       jobs.push(c.subscribe([this.sym], ["trades", `bars:${this.interval}`]).then((r) => this.refused(r)));
     }
@@ -194,8 +196,10 @@ export class TradesPanel {
   }
 
   setScope(scope) {
+    if (scope === "market" && !this.marketServed) scope = "symbol";
     this.scope = scope;
     this.scopeSel.value = scope;
+    if (scope === "market" && this.channels) this.subscribeMarket();
     this.dirty("tape");
   }
 
@@ -397,7 +401,7 @@ export function mountTradesPanel(client, params) {
   const panel = new TradesPanel(client, aside, {
     sym: params.get("sym") || null,
     interval: INTERVALS.includes(iv) ? iv : "1m",
-    scope: params.get("tape") === "symbol" ? "symbol" : "market",
+    scope: params.get("tape") === "market" ? "market" : "symbol",
   });
   if (panel.sym) panel.symEl.textContent = panel.sym;
   return panel;
