@@ -299,9 +299,10 @@ async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(brow
         }""")
         assert await page.evaluate("() => fastfeed.client.counters.bookResyncs") == 0
         assert "too_many" not in (await page.text_content("#note") or "")
-        # the side panel beside it, on BBCA too (a click selects it for both): its
-        # trades and bars (the market-wide tape is refused: not served yet)
-        await wait("() => fastfeed.side.sym === 'BBCA' && fastfeed.client.trades.get('BBCA')?.length"
+        # the side panel beside it, on BBCA too (a click selects it for both):
+        # its trades and bars
+        await wait("() => fastfeed.side.sym === 'BBCA'"
+                   " && fastfeed.client.trades.get('BBCA')?.length"
                    " && fastfeed.side.drawn?.bars.length > 0")
         assert not await page.evaluate("() => fastfeed.side.unsupported || false")
         await ctx.close()
