@@ -46,5 +46,6 @@ cdef class Trades(Kind):
     cdef int _reserve(self, Py_ssize_t items) except -1
     cdef int apply(self, int32_t iid, int64_t tseq, int64_t ts, double price, double size,
                    int side, int64_t now) except -1
+    cdef tuple _apply_batch(self, const unsigned char[::1] data, int source, bint seed)
     cdef int _one(self, object t, int source, int64_t now, list errors,
                   Py_ssize_t idx) except -1
