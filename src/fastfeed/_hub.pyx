@@ -290,15 +290,6 @@ cdef class Hub:
                                                         (G.off[s + 1] - G.off[s]) * 4),
                               dtype=np.int32) for s in range(self.nslots)]
 
-    def caught_up(self, int32_t cid, Py_ssize_t slot):
-        """The connection holds `slot`'s kind as of its current version: a
-        snapshot just carried every item it has there (the tape: its one item).
-        Its next frame carries only later changes of that slot, so nothing the
-        snapshot held comes again; its other slots keep their stamps."""
-        if not 0 <= slot < self.nslots:
-            raise ValueError(f"no slot {slot}: this hub has {self.nslots}")
-        self.conns[cid].sent_ver[slot] = (<Kind>self.kptr[slot]).version
-
     def subscribed_ids(self, int32_t cid, Py_ssize_t slot=0):
         """The item ids of `slot` this connection is subscribed to (sorted)."""
         return [int(x) for x in self._parts(self.conns[cid].group)[slot]]

@@ -74,7 +74,7 @@ class Gateway:
                                  self.bars, self.hub.add_kind(self.bars)):
             self.channels.register(ch)
         # the tape (`*` on trades) in a slot of its own: a connection holds it
-        # whole or not at all, so its snapshot can catch the slot up (Hub.caught_up)
+        # whole or not at all, so its pending starts at its snapshot (Hub.subscribe_ids)
         self.channels.register_tape(tape_channel(self.trades.tape,
                                                  self.hub.add_kind(self.trades.tape)))
         self.metrics = metrics.Metrics()

@@ -446,10 +446,6 @@ class Session(MessageListener):
             self._push({ch.slot for ch in targets.values() if new[ch.name]})
             self.nsubs += added
             self.ctx.registry.subscriptions_changed(added)
-            if tape is not None and new.get(tape.name):
-                # the snapshot below carries the whole tape ring: the next frame
-                # starts after it, so no trade comes twice
-                self.hub.caught_up(self.cid, tape.slot)
         # one snapshot holds every requested channel; `rows` always (as in
         # update frames), the other keys when requested. Known symbols with
         # no state in a channel yet are left out of it: it comes as an update.
