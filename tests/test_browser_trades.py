@@ -5,9 +5,8 @@ best bid or ask).
 What the page shows is checked against what the gateway sent it: every
 WebSocket frame the page received is captured (Playwright's `framereceived`)
 and its `trades` and `bars` entries replayed here the way the contract says.
-The tape's rows must be the newest trades of the selected symbol (the
-gateway does not serve the market-wide tape yet: the panel falls back),
-newest on top, green for a buyer and red for a seller; the chart
+The tape's rows must be the newest trades of the selected symbol, or of
+the whole market when the market-wide tape is chosen, newest on top, green for a buyer and red for a seller; the chart
 must have drawn the bars of the selected symbol and interval, the colour of
 each candle on the canvas by its direction. Waits are for conditions.
 """
@@ -147,12 +146,10 @@ async def shown_tape_matches(page: Any, wire: Wire, market: bool) -> list[dict]:
         await asyncio.sleep(0.1)
 
 
-async def test_the_running_trade_shows_the_selected_symbol_and_falls_back_from_the_market(
-        page) -> None:
-    """The tape shows the selected symbol's trades. The market-wide tape is
-    kept by the gateway but not served yet (docs/protocol.md): chosen, it is
-    asked for once, refused, and the panel goes back to the symbol's tape and
-    says the market's is not served."""
+async def test_the_running_trade_shows_the_selected_symbol_or_the_whole_market(page) -> None:
+    """The tape shows the selected symbol's trades; the market-wide tape is
+    asked for only once it is chosen, then shows every symbol's trades in the
+    order the gateway sent them; choosing the symbol again gives it up."""
     page, wire = page
     await wait(page, "() => window.fastfeed && fastfeed.side"
                      " && fastfeed.client.trades.get('BBCA')?.length > 5")
@@ -161,16 +158,17 @@ async def test_the_running_trade_shows_the_selected_symbol_and_falls_back_from_t
     assert {r["sym"] for r in rows} == {SYM}
     assert {r["side"] for r in rows} <= {"b", "s"}
     await page.select_option("[data-testid=tape-scope]", "market")
-    await wait(page, "() => !fastfeed.side.marketServed"
-                     " && document.querySelector('[data-testid=tape-scope]').value === 'symbol'")
+    await wait(page, "() => fastfeed.side.marketServed && fastfeed.client.wanted.has('*')"
+                     " && fastfeed.client.trades.get('*')?.length > 20")
     star = [m for m in wire.sent if m.get("op") == "subscribe" and m.get("symbols") == ["*"]]
     assert [m["channels"] for m in star] == [["trades"]]
-    assert await page.evaluate("() => document.querySelector('#tape-scope option[value=market]')"
-                               ".disabled")
-    assert not await page.evaluate("() => fastfeed.client.wanted.has('*')")
-    assert "bad_request" not in (await page.text_content("#note") or "")
+    rows = await shown_tape_matches(page, wire, market=True)
+    assert len({r["sym"] for r in rows}) > 1, "the market's tape holds more than one symbol"
+    await page.select_option("[data-testid=tape-scope]", "symbol")
+    await wait(page, "() => !fastfeed.client.wanted.has('*')")
     rows = await shown_tape_matches(page, wire, market=False)
     assert {r["sym"] for r in rows} == {SYM}
+    assert "error" not in (await page.text_content("#note") or "").lower()
 
 
 CANDLES = """() => { const d = fastfeed.side.drawn; if (!d) return null;

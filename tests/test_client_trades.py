@@ -208,6 +208,7 @@ class Trades:
         self.rng = random.Random(5)
         self.tseq = dict.fromkeys(syms, 0)
         self.sent: dict[str, list[dict[str, Any]]] = {s: [] for s in syms}
+        self.order: list[dict[str, Any]] = []  # every symbol's, in publish order
 
     def make(self, n: int) -> list[dict[str, Any]]:
         out = []
@@ -218,6 +219,7 @@ class Trades:
                  "price": float(self.rng.randrange(900, 1100) * 5),
                  "size": 100.0 * self.rng.randrange(1, 50), "side": self.rng.choice("bs")}
             self.sent[s].append(t)
+            self.order.append(t)
             out.append(t)
         return out
 

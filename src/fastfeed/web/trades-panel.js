@@ -1,9 +1,9 @@
 // The board's side panel: the running trade and a candlestick chart.
 //
 // The tape shows the selected symbol's trades or, when chosen (`?tape=market`
-// or the selector), the market-wide ones (the `trades` channel's "*": a
-// gateway that does not serve it yet refuses it, and the panel goes back to
-// the symbol's), newest on top, green for buyer-aggressed prints and red
+// or the selector), the market-wide ones (the `trades` channel's "*",
+// subscribed only while shown; a gateway or token that refuses it sends the
+// panel back to the symbol's), newest on top, green for buyer-aggressed prints and red
 // for seller-aggressed ones, sizes in IDX lots. The chart draws the selected
 // symbol's bars (`bars:<interval>`, interval chosen in the panel) on a
 // canvas, the forming bar included and redrawn as it changes.
@@ -52,7 +52,7 @@ export class TradesPanel {
     // request (an unsubscribe) or refuse (the symbol "*").
     this.channels = false;
     // Whether the gateway serves the market-wide tape ("*" on trades): a
-    // gateway that refuses it (it keeps the tape but does not serve it yet)
+    // refusal (an older gateway, or a token that does not see every symbol)
     // leaves the selected symbol's tape, and "*" is not asked for again.
     this.marketServed = true;
     // (symbol, channel) pairs it may hold (the market tape, the selected
@@ -200,6 +200,10 @@ export class TradesPanel {
     this.scope = scope;
     this.scopeSel.value = scope;
     if (scope === "market" && this.channels) this.subscribeMarket();
+    // the market's tape is the busiest stream there is: not kept when not shown
+    else if (scope !== "market" && this.client.wanted.has(MARKET)) {
+      this.client.unsubscribe([MARKET], ["trades"]).catch(() => {});
+    }
     this.dirty("tape");
   }
 
