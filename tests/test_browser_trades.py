@@ -6,9 +6,10 @@ What the page shows is checked against what the gateway sent it: every
 WebSocket frame the page received is captured (Playwright's `framereceived`)
 and its `trades` and `bars` entries replayed here the way the contract says.
 The tape's rows must be the newest trades of the selected symbol, or of
-the whole market when the market-wide tape is chosen, newest on top, green for a buyer and red for a seller; the chart
-must have drawn the bars of the selected symbol and interval, the colour of
-each candle on the canvas by its direction. Waits are for conditions.
+the whole market when the market-wide tape is chosen, newest on top, green
+for a buyer and red for a seller; the chart must have drawn the bars of
+the selected symbol and interval, the colour of each candle on the canvas
+by its direction. Waits are for conditions.
 """
 
 from __future__ import annotations
