@@ -64,6 +64,8 @@ def _compare(table, trades, bars, rtrades, rbars):
     for since in range(bars.version + 1):
         assert bars._encode_section_py(items, since) == rbars.section(items, since), since
     assert trades.snapshot_json(ids) == rtrades.snapshot(ids)
+    for upto in range(trades.version + 1):
+        assert trades.snapshot_json(ids, None, upto) == rtrades.snapshot(ids, None, upto), upto
     for since in range(-1, 42, 3):
         st_ = {i: since for i in ids}
         assert trades.snapshot_json(ids, st_) == rtrades.snapshot(ids, st_), since
@@ -152,3 +154,33 @@ def test_seeded_ring_resumes_with_lost():
     assert snap == {"sym": "BBCA", "lost": 4, "recent": [[10, 1, 1.0, 1.0, "b"],
                                                          [11, 2, 1.0, 1.0, "s"]]}
     assert json.loads(trades.snapshot_json([0], {0: 10}))["recent"] == [[11, 2, 1.0, 1.0, "s"]]
+
+
+def test_a_symbol_added_to_a_connection_s_trades_gets_each_trade_once():
+    """A connection already on BBCA's trades adds TLKM while TLKM's trades
+    wait for its next frame: the snapshot, cut where that frame starts
+    (`Hub.sent_version`), and the frame together hold each trade once."""
+    table = _core.Table(capacity=64)
+    trades = _core.Trades(table, ring=50, backlog=100)
+    hub = _core.Hub(table)
+    slot = hub.add_kind(trades)
+    hub.capture = []
+    cid = hub.add(None, 0, False, 1)
+    for sym in ("BBCA", "TLKM"):
+        trades.apply_trade(sym, 1, 1, 100.0, 1.0)
+    bbca, tlkm = table.lookup("BBCA"), table.lookup("TLKM")
+    hub.subscribe_ids(cid, [bbca], slot)
+    hub.pump(wall=1, mono=2)
+    for tseq in range(2, 6):
+        trades.apply_trade("TLKM", tseq, tseq, 100.0, 1.0)
+    trades.apply_trade("BBCA", 2, 2, 100.0, 1.0)
+    hub.subscribe_ids(cid, [bbca, tlkm], slot)
+    snap = json.loads(b"[" + trades.snapshot_json([tlkm], {}, hub.sent_version(cid, slot)) + b"]")
+    hub.capture.clear()
+    hub.pump(wall=2, mono=30_000_000)
+    got = [t[0] for t in snap[0]["recent"]]
+    for _, data in hub.capture:
+        for e in json.loads(data).get("trades", []):
+            if e["sym"] == "TLKM":
+                got += [t[0] for t in e["items"]]
+    assert got == [1, 2, 3, 4, 5]

@@ -569,16 +569,20 @@ cdef class Trades(Kind):
         return [PyBytes_FromStringAndSize(g.enc + <Py_ssize_t>(o % self.ring) * TRADE_SLOT,
                                           g.enclen[o % self.ring]) for o in range(lo, end)]
 
-    def snapshot_json(self, ids, since_trades=None):
+    def snapshot_json(self, ids, since_trades=None, upto=None):
         """Comma-joined snapshot entries `{"sym":..,"recent":[...]}` of `ids`.
 
         `since_trades` maps an id to the last tseq the client holds: `recent`
         then holds only later trades, with `"lost":N` (N = first held tseq -
         since - 1) when the gateway held trades after `since` that its ring
         no longer holds (or it started from a loaded ring after them).
+        `upto` (a version of this kind) leaves out trades stamped after it: a
+        connection whose next frame starts there gets those in that frame,
+        so none comes twice.
         """
         cdef TradeLog* g
         cdef uint64_t o, end, lo, R = self.ring, L = self.backlog
+        cdef uint64_t cut = self.version if upto is None else <uint64_t>upto
         cdef int64_t since, first
         out = []
         for iid in ids:
@@ -590,6 +594,8 @@ cdef class Trades(Kind):
             end = self.ntr[iid]
             lo = end - R if end > R else 0
             g = &self.logs[iid]
+            while end > lo and g.stamp[(end - 1) % L] > cut:
+                end -= 1
             since = -1
             if since_trades is not None and iid in since_trades:
                 since = since_trades[iid]

@@ -156,7 +156,7 @@ def delayed_quote_channel(dtable: Any, slot: int, delay_s: int) -> Channel:
     """Quotes as of `delay_s` ago: the delayed table in its hub slot, under the
     same key. A symbol with no delayed state yet is left out of snapshots (it is
     subscribed; its first delayed state comes as an update)."""
-    def snapshot(items: list[int], since: dict[int, int]) -> bytes:
+    def snapshot(items: list[int], since: dict[int, int], _upto: int) -> bytes:
         return dtable.rows_json([i for i in items if dtable.seq_of(i) >= 0], since)
 
     return Channel(name=f"{P.QUOTE_CHANNEL}@{delay_s}", slot=slot, key="rows", item=int,
@@ -452,7 +452,8 @@ class Session(MessageListener):
         parts: dict[str, list[bytes]] = {"rows": []}
         for ch in targets.values():
             since = since_of.get(ch.since_key, {}) if ch.since_key else {}
-            body = ch.snapshot([ch.item(i) for i in new[ch.name]], since)
+            body = ch.snapshot([ch.item(i) for i in new[ch.name]], since,
+                               self.hub.sent_version(self.cid, ch.slot))
             if body:
                 parts.setdefault(ch.key, []).append(body)
             else:
