@@ -165,6 +165,7 @@ cdef class Bars(Kind):
         """Cover item ids 0 .. items-1 (the hub reads `chg`/`watched` of every id it is given)."""
         self._reserve(items)
 
+    @cython.cdivision(True)  # ring positions are >= 0 and the history >= 1
     cdef int add(self, int32_t iid, int64_t ts, double price, double size,
                  int64_t now) except -1:
         """Put one applied trade into the bars of its instrument."""
