@@ -326,6 +326,8 @@ async def test_contract_clients_see_every_trade_once_or_counted_through_every_fa
             bus.start(size, pause)
             ingest.start(max(4, size // 2), pause)
 
+        phases: dict[str, int] = {}  # lost counted by every client, per phase
+
         async def settle(what: str) -> None:
             for st in streams:
                 await st.stop()
@@ -338,6 +340,7 @@ async def test_contract_clients_see_every_trade_once_or_counted_through_every_fa
                 raise AssertionError(f"{what}: {behind(clients, want)}") from None
             assert all(c.violations == [] for c in clients), \
                 (what, [c.violations[:4] for c in clients])
+            phases[what] = sum(sum(c.lost.values()) for c in clients) - sum(phases.values())
 
         try:
             await until(lambda: all(c.ready for c in clients), 20, what="clients subscribed")
@@ -422,7 +425,7 @@ async def test_contract_clients_see_every_trade_once_or_counted_through_every_fa
                   f"{sum(want[s] for c in clients for s in c.syms)} checked, "
                   f"{sum(c.reconnects for c in clients)} reconnects "
                   f"({[c.reconnects for c in clients]}), {len(on_victim)} clients on the "
-                  f"killed worker, {time.monotonic() - t0:.1f}s")
+                  f"killed worker, lost per phase {phases}, {time.monotonic() - t0:.1f}s")
             for c in clients:
                 for s in c.syms:
                     assert c.received[s] + c.lost[s] == want[s], (s, c.received[s], c.lost[s])
