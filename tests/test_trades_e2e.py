@@ -198,9 +198,12 @@ class ContractClient:
         for k, item in enumerate(items):
             tseq, ts, price, size, side = item
             if tseq != expect:
+                # tseq <= held: sent twice (e.g. a resume on a worker behind the
+                # since_trades it was given); above: a gap no `lost` covers
                 self.violations.append(
                     f"{where} {sym}: tseq {tseq} where {expect} was due (held {self.last[sym]}, "
-                    f"lost {lost if k == 0 else 0}, item {k} of {[i[0] for i in items][:6]})")
+                    f"lost {lost if k == 0 else 0}, item {k} of {[i[0] for i in items][:6]}, "
+                    f"connection {self.connections})")
             if (not isinstance(ts, int) or not isinstance(price, float)
                     or not isinstance(size, float) or side not in ("b", "s", "")):
                 self.violations.append(f"{where} {sym}: bad trade {item}")
