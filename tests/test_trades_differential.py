@@ -184,3 +184,35 @@ def test_a_symbol_added_to_a_connection_s_trades_gets_each_trade_once():
             if e["sym"] == "TLKM":
                 got += [t[0] for t in e["items"]]
     assert got == [1, 2, 3, 4, 5]
+
+
+def test_a_loaded_ring_past_a_gap_counts_the_missing_trades_as_lost():
+    """A worker that reconnects to a store whose ring moved past what it
+    holds (trades published before it subscribed again) loads trades with a
+    jump in `tseq`: a connection that has not had the ones between gets them
+    in its update's `lost`, not a silent jump inside `items`."""
+    table = _core.Table()
+    trades = _core.Trades(table, ring=4, backlog=16)
+
+    def batch(tseqs: range) -> bytes:
+        return _core.encode_trade_batch([{"sym": "BBCA", "tseq": t, "ts": t, "price": 1.0,
+                                          "size": 1.0, "side": "b"} for t in tseqs])[0]
+
+    trades.apply_batch(batch(range(1, 4)))
+    had_2, had_3 = trades.version - 1, trades.version  # two connections' last frames
+    trades.apply_batch(batch(range(8, 11)), seed=True)  # 4..7 never came here
+    trades._check()
+
+    def update(since: int) -> dict:
+        return json.loads(trades._encode_section_py([0], since))
+
+    items = [[t, t, 1.0, 1.0, "b"] for t in range(8, 11)]
+    assert update(had_3) == {"sym": "BBCA", "lost": 4, "items": items}
+    # trade 3 is held but the entry cannot skip 4..7 inside its items: it is lost too
+    assert update(had_2) == {"sym": "BBCA", "lost": 5, "items": items}
+    assert [json.loads(t)[0] for t in trades.recent(0)] == [8, 9, 10]
+    assert json.loads(trades.snapshot_json([0], {0: 3})) == {"sym": "BBCA", "lost": 4,
+                                                             "recent": items}
+    trades.apply_batch(batch(range(11, 13)))
+    assert [json.loads(t)[0] for t in trades.recent(0)] == [9, 10, 11, 12]
+    trades._check()

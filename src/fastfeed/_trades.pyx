@@ -382,6 +382,7 @@ cdef class Trades(Kind):
         free(self.last)
         free(self.ntr)
         free(self.seeded)
+        free(self.heldfrom)
 
     cdef int _reserve(self, Py_ssize_t items) except -1:
         cdef Py_ssize_t old = self.size
@@ -394,9 +395,42 @@ cdef class Trades(Kind):
         self.last = <int64_t*>_grow(self.last, old * 8, cap * 8, 0xFF)
         self.ntr = <uint64_t*>_grow(self.ntr, old * 8, cap * 8, 0)
         self.seeded = <uint8_t*>_grow(self.seeded, old, cap, 0)
+        self.heldfrom = <uint64_t*>_grow(self.heldfrom, old * 8, cap * 8, 0)
         self.logs = <TradeLog*>_grow(self.logs, old * sizeof(TradeLog),
                                      cap * sizeof(TradeLog), 0)
         self.size = cap
+        return 0
+
+    cdef int _gap(self, int32_t iid, int64_t tseq) except -1:
+        """Before the oldest trade of a loaded ring: if it is not the next after
+        the held one, the store lost the trades between (published while this
+        worker was not subscribed, and the store's ring moved past them). They take
+        ordinals and stamps, with no place in the ring, so a connection that
+        has not had them gets them in its `lost`, as trades the ring dropped."""
+        cdef TradeLog* g
+        cdef uint64_t o, k, L = self.backlog, R = self.ring
+        cdef int64_t n, t
+        if iid >= self.size:
+            self._reserve(iid + 1)
+        if self.last[iid] < 0 or tseq <= self.last[iid] + 1:
+            return 0
+        g = &self.logs[iid]
+        n = tseq - self.last[iid] - 1
+        o = self.ntr[iid]
+        # only the last `backlog` of them fit the stamps (further behind: a lower bound)
+        k = <uint64_t>n if <uint64_t>n < L else L
+        self.held += <Py_ssize_t>(min(o + <uint64_t>n, R) - min(o, R))
+        o += <uint64_t>n - k
+        t = tseq - <int64_t>k
+        while k:
+            self.version += 1
+            g.stamp[o % L] = self.version
+            g.tseq[o % L] = t
+            o += 1
+            t += 1
+            k -= 1
+        self.ntr[iid] = o
+        self.heldfrom[iid] = o
         return 0
 
     def reserve(self, Py_ssize_t items):
@@ -468,6 +502,8 @@ cdef class Trades(Kind):
             g = &self.logs[iid]
             end = self.ntr[iid]
             lo_held = end - R if end > R else 0
+            if lo_held < self.heldfrom[iid]:
+                lo_held = self.heldfrom[iid]
             lo_idx = end - L if end > L else 0
             # f: the first trade stamped after `since` (the newest one is)
             if g.stamp[lo_idx % L] > since:
@@ -566,6 +602,8 @@ cdef class Trades(Kind):
         g = &self.logs[iid]
         end = self.ntr[iid]
         lo = end - self.ring if end > <uint64_t>self.ring else 0
+        if lo < self.heldfrom[iid]:
+            lo = self.heldfrom[iid]
         return [PyBytes_FromStringAndSize(g.enc + <Py_ssize_t>(o % self.ring) * TRADE_SLOT,
                                           g.enclen[o % self.ring]) for o in range(lo, end)]
 
@@ -593,6 +631,8 @@ cdef class Trades(Kind):
             head = b'{"sym":"' + sym + b'",'
             end = self.ntr[iid]
             lo = end - R if end > R else 0
+            if lo < self.heldfrom[iid]:
+                lo = self.heldfrom[iid]
             g = &self.logs[iid]
             while end > lo and g.stamp[(end - 1) % L] > cut:
                 end -= 1
@@ -702,6 +742,7 @@ cdef class Trades(Kind):
         cdef double price, size
         cdef int res[3]
         res[0] = res[1] = res[2] = 0
+        loaded = set()
         if n:
             p = <const char*>&data[0]
         if n < 8 or memcmp(p, b"FTR1", 4) != 0:
@@ -724,6 +765,11 @@ cdef class Trades(Kind):
                     and sd < 3):
                 iid = self.table.intern(p + pos + 1, slen)
                 if iid >= 0:
+                    if seed and iid not in loaded:
+                        # a ring's oldest trade against what was held: holes
+                        # within the ring are the store's own
+                        loaded.add(iid)
+                        self._gap(iid, tseq)
                     out = self.apply(iid, tseq, ts, price, size, sd, now)
                     if seed:
                         self.seeded[iid] = 1
@@ -746,6 +792,8 @@ cdef class Trades(Kind):
         if iid < 0:
             raise ValueError(f"bad symbol or full table: {sym!r}")
         self._reserve(iid + 1)
+        if trades and type(trades[0][0]) is int:
+            self._gap(iid, trades[0][0])
         for tr in trades:
             t = {"sym": sym, "tseq": tr[0], "ts": tr[1], "price": tr[2], "size": tr[3],
                  "side": tr[4]}
