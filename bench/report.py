@@ -276,8 +276,9 @@ def markdown(res: dict[str, Any]) -> str:
                              "server CPU / its core busy", "server µs per trade delivered",
                              "load client CPU", "delivered: this ÷ fastfeed",
                              "p99: this ÷ fastfeed"], rows))
-        firsts = [f"{s}: {f(r.get('first_loss_rate'))}" for s, r in rowsof("trades")
-                  if not problem(r)]
+        last = f"none up to {p['rates'][-1]:,}/s"
+        firsts = [f"{s}: {f(r.get('first_loss_rate')) if r.get('first_loss_rate') else last}"
+                  for s, r in rowsof("trades") if not problem(r)]
         lines += ["", "First rate with loss: " + ", ".join(firsts)]
     lines.append("")
     return "\n".join(lines)
