@@ -268,6 +268,10 @@ class _Conn(asyncio.Protocol):
         return await asyncio.wait_for(fut, timeout)
 
     async def drain(self) -> None:
+        if self.closed:
+            # lost while paused: nothing will resume writing, so waiting would
+            # hang the caller (a publisher stuck after a master was killed)
+            raise BusDown(f"redis {self.name} connection is closed")
         if self.paused:
             if self._drain is None:
                 self._drain = asyncio.get_running_loop().create_future()
