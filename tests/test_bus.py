@@ -13,6 +13,7 @@ from support import merge, until
 
 from fastfeed._core import FIELDS, Table, decode_batch, encode_batch, partition
 from fastfeed.bus import CLOSED, BusConfigError, BusDown, RedisBus, parse_url
+from fastfeed.bus.link import _Conn
 from fastfeed.feed.publish import RedisPublisher, read_ticks
 
 VALUES = FIELDS[3:]
@@ -355,19 +356,16 @@ async def test_a_connection_lost_while_paused_fails_drain_instead_of_hanging():
     """The transport paused writing (its buffer was full) and then the server
     went away: a later drain() must fail at once, as the publisher's next send
     would otherwise wait for a resume that never comes."""
-    from fastfeed.bus.link import _Conn
 
     async def hang_up(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.close()
 
-    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(lambda: _Conn("t", lambda _c, _e: None),
-                                           "127.0.0.1", port)
-    conn.pause_writing()  # as the transport does above its high-water mark
-    await until(lambda: conn.closed, 10, what="the server's hang-up")
-    with pytest.raises(BusDown):
-        await asyncio.wait_for(conn.drain(), 10)
-    server.close()
-    await server.wait_closed()
+    async with await asyncio.start_server(hang_up, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: _Conn("t", lambda _c, _e: None),
+                                               "127.0.0.1", port)
+        conn.pause_writing()  # as the transport does above its high-water mark
+        await until(lambda: conn.closed, 10, what="the server's hang-up")
+        with pytest.raises(BusDown):
+            await asyncio.wait_for(conn.drain(), 10)
