@@ -26,7 +26,7 @@ def test_quick_bench_runs_every_scenario_for_fastfeed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert set(res["scenarios"]) == {"capacity", "throughput", "watched", "ingest", "spike",
-                                     "idle", "workers", "book"}
+                                     "idle", "workers", "book", "trades"}
     for name, by_server in res["scenarios"].items():
         out = by_server["fastfeed"]
         assert "error" not in out and "skipped" not in out, (name, out)
@@ -34,5 +34,7 @@ def test_quick_bench_runs_every_scenario_for_fastfeed(tmp_path):
     assert res["scenarios"]["ingest"]["fastfeed"]["json_errors"] == 0
     book = res["scenarios"]["book"]["fastfeed"]
     assert book["converged"] == book["clients"] and book["ingest_errors"] == 0
+    trades = res["scenarios"]["trades"]["fastfeed"]
+    assert trades["complete"] == trades["clients"] and trades["lost"] == 0
     assert (tmp_path / "results.md").read_text().startswith("# bench results")
     assert (tmp_path / "capacity.png").exists() and (tmp_path / "latency_cdf.png").exists()
