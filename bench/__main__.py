@@ -36,7 +36,8 @@ from bench.runner import (
     server_command,
 )
 
-SCENARIOS = ("capacity", "throughput", "watched", "ingest", "spike", "idle", "workers", "book")
+SCENARIOS = ("capacity", "throughput", "watched", "ingest", "spike", "idle", "workers", "book",
+             "trades")
 
 # full / quick parameters of every scenario
 PARAMS: dict[str, dict[str, dict[str, Any]]] = {
@@ -77,6 +78,15 @@ PARAMS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"clients": 1000, "books": 20, "instruments": 500, "rate": 50_000,
                  "warmup": 2, "measure": 5},
         "quick": {"clients": 50, "books": 20, "instruments": 500, "rate": 5_000,
+                  "warmup": 1, "measure": 1},
+    },
+    # rates: trades/s over `instruments`, a ladder tried in order up to the
+    # first rate where a client's tseq sequence has a gap; each client on
+    # `subs` instruments' trades
+    "trades": {
+        "full": {"clients": 1000, "subs": 50, "instruments": 500, "rates": [20_000],
+                 "warmup": 2, "measure": 5},
+        "quick": {"clients": 50, "subs": 50, "instruments": 500, "rates": [2_000],
                   "warmup": 1, "measure": 1},
     },
 }
@@ -312,9 +322,58 @@ def sc_book(server, p, pins, extra):
     return out
 
 
+def _trades_at(server, p, rate, pins, extra):
+    res = load_run(server, Load(clients=p["clients"], subs=p["subs"],
+                                instruments=p["instruments"], kind="trades",
+                                phases=[("warmup", p["warmup"], rate),
+                                        ("measure", p["measure"], rate)]),
+                   pins, extra, progress=f"  trades {server} {rate:,}/s")
+    m = res["phases"]["measure"]
+    out = _brief(res, m)
+    delivered = m["updates_per_s"]
+    out.update(rate=rate, trades_per_s=delivered, hist=m["hist"],
+               complete=res["converged"], clients=p["clients"], gapped=res["gapped"],
+               lost=res["lost"], gw_lost=res["gw_lost"], behind_trades=res["behind_trades"],
+               ticks_sent=res["ticks_sent"], ingest_errors=res["ingest_errors"],
+               ingest_first_error=res["ingest_first_error"],
+               # server CPU per trade delivered to a client (one message per
+               # trade for a peer; fastfeed batches a frame's trades)
+               server_us_per_trade=(m["server_cpu"] / delivered * 1e6
+                                    if m["server_cpu"] and delivered else None),
+               loader_bound=bool(m["load_cpu_max"] and m["load_cpu_max"] > 0.9))
+    log(f"  trades {server} {rate:,}/s: {fmt(delivered)} trades/s delivered in "
+        f"{fmt(m['frames_per_s'])} msgs/s, p50/p99 {fmt(m['p50_ms'])}/{fmt(m['p99_ms'])} ms, "
+        f"complete {res['converged']}/{p['clients']}, lost {res['lost']}"
+        f" (gateway-reported {res['gw_lost']}), not received by the end {res['behind_trades']}, "
+        f"server cpu {fmt(m['server_cpu'])} (its core busy {fmt(m['server_core_busy'])}), "
+        f"load client cpu {fmt(m['load_cpu_max'])}"
+        + (" -- the load client was the limit" if out["loader_bound"] else "")
+        + (f", {res['ingest_errors']} ingest errors: {res['ingest_first_error']}"
+           if res["ingest_errors"] else ""))
+    return out
+
+
+def sc_trades(server, p, pins, extra):
+    if server in ("fastfeed_bin", "fastfeed_delayed"):
+        raise Skip("trades go as JSON for every subprotocol and delayed tokens get no trades: "
+                   "see fastfeed")
+    ladder: dict[str, Any] = {}
+    first_loss = None
+    for rate in p["rates"]:
+        r = _trades_at(server, p, rate, pins, extra)
+        ladder[str(rate)] = r
+        if r["lost"] or r["gapped"]:
+            first_loss = rate
+            break
+    # the figures of the ladder's first rate, then every rate's
+    out = dict(ladder[str(p["rates"][0])])
+    out.update(ladder=ladder, first_loss_rate=first_loss)
+    return out
+
+
 RUNNERS = {"capacity": sc_capacity, "throughput": sc_throughput, "watched": sc_watched,
            "ingest": sc_ingest, "spike": sc_spike, "idle": sc_idle, "workers": sc_workers,
-           "book": sc_book}
+           "book": sc_book, "trades": sc_trades}
 
 
 # ------------------------------------------------------------------- repeats

@@ -13,6 +13,12 @@ and fan-out capacity with 1 vs 2 workers, in one run.
 3. fan-out: `fastfeed serve --workers 1` and `--workers 2` on the same Redis,
    the same load clients (bench.loadgen) and the same tick stream; rows and
    frames delivered per second, and the ratio 2/1.
+4. trades: trades/s through the trade script (`fastfeed.bus.trades`), with
+   the bars kept in Redis and, in the same run, with rings only (the script
+   before bars were kept there), and Redis CPU per million trades of each.
+   ``--trades-only`` runs just this part.
+
+    python -m bench.bench_bus --trades-only
 """
 
 from __future__ import annotations
@@ -75,6 +81,54 @@ async def flood(url: str, prefix: str, seconds: float, batch: int, n_syms: int,
     return {"ticks": sent, "seconds": dt, "ticks_per_s": sent / dt, "stale_at_store": stale,
             "redis_cpu_s": cpu, "redis_cpu_s_per_million": cpu / sent * 1e6,
             "redis_ceiling_ticks_per_s": sent / cpu if cpu else None}
+
+
+async def trade_flood(url: str, prefix: str, seconds: float, batch: int, n_syms: int,
+                      channels: int, keep_bars: bool) -> dict:
+    """Trades through the trade script, nobody listening: each symbol trades
+    every 0.5 s of market time, so its 1s bar closes every second trade (the
+    dear case: the closed bar joins the stored older bars)."""
+    from fastfeed.bus import RedisBus
+
+    async with RedisBus(url, None, prefix=prefix, channels=channels) as pub:
+        await pub.wait_ready(10)
+        pub.trade_store.keep_bars = keep_bars
+        t_base = 1_772_384_400 * 10**9
+        tseq = 0
+        c0 = await redis_cpu(pub)
+        t0 = time.perf_counter()
+        sent = 0
+        while time.perf_counter() - t0 < seconds:
+            trades = []
+            for k in range(batch):
+                if k % n_syms == 0:
+                    tseq += 1
+                trades.append({"sym": f"T{k % n_syms:04d}", "tseq": tseq,
+                               "ts": t_base + tseq * 500_000_000 + k,
+                               "price": 100.0 + (tseq + k) % 13, "size": 1.0 + k % 5,
+                               "side": "b"})
+            await pub.publish_trades(trades)
+            sent += batch
+        dt = time.perf_counter() - t0
+        cpu = await redis_cpu(pub) - c0
+    return {"trades": sent, "seconds": dt, "trades_per_s": sent / dt, "redis_cpu_s": cpu,
+            "redis_cpu_s_per_million": cpu / sent * 1e6, "bars": keep_bars}
+
+
+def trades_compare(url: str, prefix: str, seconds: float, batch: int, n_syms: int,
+                   channels: int, rounds: int = 3) -> dict:
+    """Rings only and rings with bars, alternating, each on a fresh prefix; the best round."""
+    import uvloop
+
+    best: dict[str, dict] = {}
+    for r in range(rounds):
+        for name, keep in (("rings_only", False), ("with_bars", True)):
+            got = uvloop.run(trade_flood(url, f"{prefix}{name}{r}", seconds, batch, n_syms,
+                                         channels, keep))
+            if name not in best or got["trades_per_s"] > best[name]["trades_per_s"]:
+                best[name] = got
+    best["cost"] = 1 - best["with_bars"]["trades_per_s"] / best["rings_only"]["trades_per_s"]
+    return best
 
 
 def _subscriber(url: str, prefix: str, channels: int, seconds: float, q) -> None:
@@ -208,6 +262,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=400)
     ap.add_argument("--subs", type=int, default=50)
     ap.add_argument("--rate", type=float, default=20000.0, help="fan-out tick rate")
+    ap.add_argument("--trades-only", action="store_true",
+                    help="only the trade script, with and without bars (part 4)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     server = None
@@ -220,6 +276,10 @@ def main() -> int:
     try:
         out: dict = {"cpus": len(os.sched_getaffinity(0)), "batch": args.batch,
                      "symbols": args.symbols, "channels": args.channels}
+        out["trades"] = trades_compare(url, run + "t", min(args.seconds, 3.0), args.batch,
+                                       args.symbols, args.channels)
+        if args.trades_only:
+            return _report_trades(out, args.json)
         out["store_publish"] = __import__("uvloop").run(
             flood(url, run + "a", args.seconds, args.batch, args.symbols, args.channels))
         out["into_one_worker"] = into_one_worker(url, run + "b", args.seconds, args.batch,
@@ -237,6 +297,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    _report_trades(out, False)
     sp = out["store_publish"]
     ow = out["into_one_worker"]
     print(f"store+publish (no subscriber): {sp['ticks_per_s']:,.0f} ticks/s, batch {args.batch}; "
@@ -252,6 +313,20 @@ def main() -> int:
               f"{f['frames_per_s']:,.0f} frames/s, max latency {f['max_latency_ms']:.1f} ms")
     if out["fanout"]["ratio_rows"]:
         print(f"fan-out ratio 2 workers / 1 worker: {out['fanout']['ratio_rows']:.2f}x")
+    return 0
+
+
+def _report_trades(out: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return 0
+    t = out["trades"]
+    for name in ("rings_only", "with_bars"):
+        x = t[name]
+        print(f"trades, {name.replace('_', ' ')}: {x['trades_per_s']:,.0f} trades/s, batch "
+              f"{out['batch']} over {out['symbols']} symbols; Redis CPU "
+              f"{x['redis_cpu_s_per_million']:.2f} s per million trades")
+    print(f"keeping the bars in Redis costs {t['cost']:.0%} of the trade publish rate")
     return 0
 
 

@@ -1,15 +1,16 @@
 """Frame budget of the live board, measured in headless Chromium.
 
 Starts `fastfeed serve --simulate 5000 --rate 10000` (or uses `--url` of a
-running gateway), opens the board at `/` and, in the same run, the naive page
-in `bench/naive_page/` (every message rendered the moment it arrives), and
-records for each, over the same window:
+running gateway), opens the board at `/` (the grid alone, `?side=off`) and,
+in the same run, the naive page in `bench/naive_page/` (every message rendered
+the moment it arrives), and records for each, over the same window:
 
 - the interval between consecutive requestAnimationFrame callbacks (the
   frame timestamps Chromium hands to rAF), with the share of frames over
   16.7 ms and the worst frame;
 - long tasks (PerformanceObserver 'longtask': main-thread work over 50 ms);
-- rows received per second, so both pages are seen to get the same feed.
+- rows (and trades) received per second, so the pages are seen to get the
+  same feed.
 
 With `--ladder`, the board is measured a second time with the depth ladder
 open on BBCA (the busiest simulated name): a click on its row, then the same
@@ -22,11 +23,18 @@ the book channel from the gateway's own quote rows through the simulator's
 book generator; the plain board then goes through the stand-in as well, so
 the two differ by the ladder alone.
 
+With `--tape`, the board is measured with its side panel open too: the
+running trade of BBCA (`--tape-of market`: the whole market's, where the
+gateway serves that tape) and the candlestick chart of BBCA at 1 s bars,
+both live, the pointer on the same row. The gateway must serve the trades and bars channels (`fastfeed serve
+--simulate` does, with its simulated trades).
+
     python -m bench.frame_budget              # 30 s per page
     python -m bench.frame_budget --quick      # 5 s per page
     python -m bench.frame_budget --runs 3     # median over 3 runs
     python -m bench.frame_budget --json       # JSON on stdout instead of markdown
     python -m bench.frame_budget --ladder     # and the board with the depth ladder open
+    python -m bench.frame_budget --tape       # and the board with the running trade and chart
 
 Needs Chromium (Debian: `apt-get install chromium`, found at /usr/bin/chromium,
 or `--chromium PATH`) and Playwright for Python; no browser is downloaded.
@@ -84,12 +92,18 @@ PROBE = """
 ROWS_SEEN = {
     "board": "() => fastfeed.client.counters.rows",
     "ladder": "() => fastfeed.client.counters.rows",
+    "side": "() => fastfeed.client.counters.rows",
     "naive": "() => naive.stats.rows",
     "idle": "() => 0",
 }
+TRADES_SEEN = "() => window.fastfeed ? fastfeed.client.counters.trades : 0"
 READY = {
     "board": "(n) => window.fastfeed && fastfeed.client.rows.size >= n",
     "ladder": "(n) => window.fastfeed && fastfeed.client.rows.size >= n",
+    # the grid filled, the tape running and the chart drawing bars
+    "side": "(n) => window.fastfeed && fastfeed.client.rows.size >= n && fastfeed.side"
+            " && fastfeed.client.trades.get(fastfeed.side.tapeKey())?.length > 0"
+            " && fastfeed.side.drawn?.bars.length > 0",
     "naive": "(n) => window.naive && naive.rows.size >= n",
     "idle": "() => true",
 }
@@ -151,7 +165,7 @@ def naive_server():
         srv.server_close()
 
 
-def summarize(name: str, raw: dict, rows: int) -> dict:
+def summarize(name: str, raw: dict, rows: int, trades: int = 0) -> dict:
     frames = raw["frames"]
     secs = raw["ms"] / 1000
     over = sum(1 for f in frames if f > BUDGET_MS + JITTER_MS)
@@ -168,6 +182,7 @@ def summarize(name: str, raw: dict, rows: int) -> dict:
         "long_tasks": len(raw["long"]),
         "long_task_ms": round(sum(raw["long"]), 1),
         "rows_per_s": round(rows / secs) if secs else 0,
+        "trades_per_s": round(trades / secs) if secs else 0,
     }
 
 
@@ -181,7 +196,7 @@ def measure(ctx, name: str, url: str, args: argparse.Namespace) -> dict:
         page.goto(url)
         want = int(args.simulate * 0.95) if not args.url else 1
         page.wait_for_function(READY[name], arg=want, timeout=60_000, polling=200)
-        if name in ("board", "ladder"):
+        if name in ("board", "ladder", "side"):
             # the pointer rests on the same row in both: a pointer over the
             # page costs a hover hit test in every frame that lays out, and
             # the ladder is opened by a click, so without this the two would
@@ -198,16 +213,22 @@ def measure(ctx, name: str, url: str, args: argparse.Namespace) -> dict:
         page.wait_for_timeout(args.warmup * 1000)
         rows0 = page.evaluate(ROWS_SEEN[name])
         books0 = page.evaluate(BOOK_ENTRIES) if name == "ladder" else 0
+        trades0 = page.evaluate(TRADES_SEEN)
         page.evaluate("() => __fb.start()")
         page.wait_for_timeout(args.seconds * 1000)
         raw = page.evaluate("() => __fb.stop()")
         rows = page.evaluate(ROWS_SEEN[name]) - rows0
-        out = summarize(name, raw, rows)
+        trades = page.evaluate(TRADES_SEEN) - trades0
+        out = summarize(name, raw, rows, trades)
         if name == "ladder":
             secs = raw["ms"] / 1000
             out["book_entries_per_s"] = round((page.evaluate(BOOK_ENTRIES) - books0) / secs)
             out["book_resyncs"] = page.evaluate("() => fastfeed.client.counters.bookResyncs")
             out["ladder_paints"] = page.evaluate("() => fastfeed.board.ladder.stats.paints")
+        if name == "side":
+            out["side_paints"] = page.evaluate("() => fastfeed.side.stats.paints")
+            out["side_max_paint_ms"] = round(
+                page.evaluate("() => fastfeed.side.stats.maxPaintMs"), 2)
         if errors:
             print(f"{name}: page errors: {errors[:3]}", file=sys.stderr)
         return out
@@ -232,11 +253,16 @@ def one_run(args: argparse.Namespace, base: str, naive_url: str,
         try:
             ctx.add_init_script(PROBE)
             # with the stand-in, the board goes through it too: both pages
-            # then pay for the same path, and differ by the ladder alone
-            url = base + "/" + (f"?ws={ladder_ws}" if ladder_ws else "")
+            # then pay for the same path, and differ by the ladder alone; the
+            # grid alone (the side panel off) unless --tape measures it too
+            ws_q = f"&ws={ladder_ws}" if ladder_ws else ""
+            url = base + "/?side=off" + ws_q
             out["board"] = measure(ctx, "board", url, args)
             if args.ladder:
                 out["ladder"] = measure(ctx, "ladder", url, args)
+            if args.tape:  # from the gateway itself: the stand-in serves no trades
+                out["side"] = measure(ctx, "side", base + f"/?sym={args.sym}&interval=1s"
+                                      f"&tape={args.tape_of}", args)
             out["naive"] = measure(ctx, "naive", f"{naive_url}?ws={ws}", args)
             if args.idle:
                 out["idle"] = measure(ctx, "idle", IDLE_PAGE, args)
@@ -268,16 +294,19 @@ def markdown(res: dict[str, dict], args: argparse.Namespace, nruns: int) -> str:
         f"{args.seconds:g} s per page" + (f", median of {nruns} runs" if nruns > 1 else "") + "\n\n"
     )
     lines = [
-        "| page | frames | fps | frames over 16.7 ms | p50 | p99 | worst frame | long tasks (total) | rows/s received |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| page | frames | fps | frames over 16.7 ms | p50 | p99 | worst frame | long tasks (total) | rows/s received | trades/s received |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    names = {"board": "board (`/`)", "ladder": f"board, depth ladder open on {LADDER_SYM}",
+    names = {"board": "board (`/`, grid only)",
+             "ladder": f"board, depth ladder open on {LADDER_SYM}",
+             "side": "board + running trade + chart",
              "naive": "naive page", "idle": "idle page (baseline)"}
     for k, r in res.items():
         lines.append(
             f"| {names[k]} | {r['frames']:.0f} | {r['fps']:.1f} | {r['over_budget_pct']:.2f} % "
             f"| {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['worst_ms']:.1f} ms "
-            f"| {r['long_tasks']:.0f} ({r['long_task_ms']:.0f} ms) | {r['rows_per_s']:,.0f} |"
+            f"| {r['long_tasks']:.0f} ({r['long_task_ms']:.0f} ms) | {r['rows_per_s']:,.0f} "
+            f"| {r['trades_per_s']:,.0f} |"
         )
     b = res["board"]
     verdict = "meets" if b["over_budget_pct"] <= 1.0 else "misses"
@@ -290,6 +319,11 @@ def markdown(res: dict[str, dict], args: argparse.Namespace, nruns: int) -> str:
                 f"({lad['book_resyncs']:.0f} checksum resyncs)"
                 + (" from the book stand-in (bench/book_standin.py)" if args.book_standin
                    else "") + ".")
+    if "side" in res:
+        side = res["side"]
+        tail += (f" With the running trade and the chart open it "
+                 f"{'meets' if side['over_budget_pct'] <= 1.0 else 'misses'} it "
+                 f"(the panel's slowest paint {side['side_max_paint_ms']:.1f} ms).")
     return (
         head
         + "\n".join(lines)
@@ -310,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--simulate", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=10000.0)
     ap.add_argument("--url", default="", help="use this running gateway (http://host:port)")
+    ap.add_argument("--tape", action="store_true",
+                    help="also measure the board with the side panel (running trade, chart) open")
+    ap.add_argument("--sym", default="BBCA", help="with --tape: the symbol the chart shows")
+    ap.add_argument("--tape-of", choices=("symbol", "market"), default="symbol",
+                    help="with --tape: the running trade of --sym, or of the whole market "
+                         "(where the gateway serves it)")
     ap.add_argument(
         "--chromium",
         default=CHROMIUM,

@@ -100,7 +100,8 @@ def analyse(events: list[dict]) -> dict:
 def trace_page(browser, base: str, name: str, args: argparse.Namespace) -> dict:
     page = browser.new_page(viewport={"width": args.width, "height": args.height})
     try:
-        page.goto(base + "/")
+        # the grid and the ladder alone, as frame_budget's board (the side panel off)
+        page.goto(base + "/?side=off")
         want = int(args.simulate * 0.95) if not args.url else 1
         page.wait_for_function(READY["board"], arg=want, timeout=60_000, polling=200)
         row = f'#rows tr[data-sym="{LADDER_SYM}"] [data-f="last"]'

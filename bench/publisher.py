@@ -23,6 +23,11 @@ book), after one full book per instrument; their send times go into the
 shared `--ring` file the load clients read, and `done` carries every book's
 last seq and checksum.
 
+With `--kind trades` it seeds one quote per instrument (so every symbol is
+known), then streams contract trades (`{"type":"trade",...}`, `TickGen.trades`:
+`tseq` consecutive per instrument from 1, `ts` the send time) by the same
+activity; `done` carries every instrument's last `tseq`.
+
 It exits on `quit` or end of stdin.
 """
 
@@ -182,7 +187,7 @@ async def run(a: argparse.Namespace) -> None:
     # A watcher client on the last instrument: ready check and ingest marker.
     for _ in range(200):
         _wtr, watcher = await ws_connect(
-            lambda: MarkerWatcher(f"S{marker:04d}", a.kind),
+            lambda: MarkerWatcher(f"S{marker:04d}", "book" if a.kind == "book" else "quote"),
             a.url.rstrip("/") + "/ws" + (f"?token={a.token}" if a.token else ""))
         for _ in range(100):
             if watcher.got_snapshot:
@@ -247,14 +252,16 @@ async def run(a: argparse.Namespace) -> None:
                 ts = time.time_ns()
                 while due > 0:
                     c = min(due, a.max_batch)
-                    tr.send(WSMsgType.TEXT, gen.batch(c, ts))
+                    tr.send(WSMsgType.TEXT, gen.trades(c, ts) if a.kind == "trades"
+                            else gen.batch(c, ts))
                     due -= c
                     sent += c
                 await asyncio.sleep(interval)
             total += sent
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.sleep(0.05)
-        final = gen.final() if isinstance(gen, BookFeed) else gen.final_seqs()
+        final = (gen.final() if isinstance(gen, BookFeed)
+                 else gen.final_tseqs() if a.kind == "trades" else gen.final_seqs())
         emit({"event": "done", "sent": total, "final": final, "errors": lis.errors,
               "first_error": lis.first_error,
               "cpu": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime})
@@ -273,8 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 "client auth)")
     p.add_argument("--instruments", type=int, default=500)
     p.add_argument("--mode", choices=["stream", "ingest"], default="stream")
-    p.add_argument("--kind", choices=["quote", "book"], default="quote",
-                   help="stream quote ticks, or order-book level changes")
+    p.add_argument("--kind", choices=["quote", "book", "trades"], default="quote",
+                   help="stream quote ticks, order-book level changes, or trades")
     p.add_argument("--ring", default="", help="book: the shared send-time file (see BookFeed)")
     p.add_argument("--ring-size", type=int, default=65536, help="book: ring slots per instrument")
     p.add_argument("--book-levels", type=int, default=15, help="book: ladder steps per side")

@@ -245,6 +245,41 @@ def markdown(res: dict[str, Any]) -> str:
                              "server CPU / its core busy", "server µs per change",
                              "load client CPU",
                              "p99: this ÷ fastfeed", "server CPU: this ÷ fastfeed"], rows))
+    if "trades" in sc:
+        p = res["params"]["trades"]
+        lines += ["", f"## Trades ({p['clients']:,} clients x {p['subs']} of "
+                  f"{p['instruments']} instruments' trades, rates {p['rates']} trades/s, "
+                  "up to the first with loss; latency is trade send time → client receive "
+                  "time; complete: every tseq sequence without a gap and at the source's "
+                  "last tseq; lost: trades missing in gaps)", ""]
+        rows = []
+        for s, r in rowsof("trades"):
+            if problem(r):
+                rows.append([s, problem(r)] + [""] * 12)
+                continue
+            base_l = sc["trades"].get(ref, {}).get("ladder", {})
+            for rate, x in r.get("ladder", {}).items():
+                base = base_l.get(rate, {})
+                rows.append([s, f(int(rate)), f(x["trades_per_s"]), f(x["frames_per_s"]),
+                             f(x["p50_ms"]), f(x["p99_ms"]),
+                             f"{f(x['complete'])} / {f(x['clients'])}",
+                             f"{f(x['lost'])} ({f(x['gw_lost'])})", f(x["behind_trades"]),
+                             f"{f(x['server_cpu'])} / {f(x.get('server_core_busy'))}",
+                             f(x["server_us_per_trade"]),
+                             f(x["load_cpu_max"]) + (" (the limit)" if x.get("loader_bound")
+                                                     else ""),
+                             _ratio(x["trades_per_s"], base.get("trades_per_s")),
+                             _ratio(x["p99_ms"], base.get("p99_ms"))])
+        lines.append(_table(["server", "trades/s sent", "trades/s delivered", "messages/s",
+                             "p50 ms", "p99 ms", "complete clients",
+                             "lost (gateway-reported)", "not received by the end",
+                             "server CPU / its core busy", "server µs per trade delivered",
+                             "load client CPU", "delivered: this ÷ fastfeed",
+                             "p99: this ÷ fastfeed"], rows))
+        last = f"none up to {p['rates'][-1]:,}/s"
+        firsts = [f"{s}: {f(r.get('first_loss_rate')) if r.get('first_loss_rate') else last}"
+                  for s, r in rowsof("trades") if not problem(r)]
+        lines += ["", "First rate with loss: " + ", ".join(firsts)]
     lines.append("")
     return "\n".join(lines)
 

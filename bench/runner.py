@@ -337,6 +337,8 @@ class Load:
     # pages written cost memory, and 65,536 cover ~9 s of the hottest book
     # at 50k changes/s
     ring: int = 65536
+    # "trades": `subs` instruments per client on the trades channel, the
+    # rates are trades/s (publisher --kind trades); see sc_trades in __main__
 
 
 @dataclass
@@ -366,6 +368,10 @@ def summarize(stats: list[dict[str, Any]], wall: float, cpu: tuple[float, float]
         "changes_per_s": rate("changes"),
         "levels_per_s": rate("levels"),
         "untimed": sum(s.get("untimed", 0) for s in stats),
+        # trades: trades missing in clients' tseq sequences, and the lost
+        # counts the gateway itself reported
+        "lost": sum(s.get("lost", 0) for s in stats),
+        "gw_lost": sum(s.get("gw_lost", 0) for s in stats),
         "rows_per_frame": upd / frames if frames else None,
         "p50_ms": hist.percentile(h, 0.50),
         "p99_ms": hist.percentile(h, 0.99),
@@ -450,6 +456,7 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
         pub = Child(["-m", "bench.publisher", "--url", url, "--instruments", str(load.instruments),
                      "--schedule", schedule, "--interval-ms", str(load.interval_ms),
                      "--seed", str(load.seed), *book_args,
+                     *(["--kind", "trades"] if load.kind == "trades" else []),
                      *(["--token", bench_token(0)] if server_name == "fastfeed_delayed" else [])],
                     pins.load)
         pub.expect("seeded", 60)
@@ -468,7 +475,8 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
             cfg = {"url": url + path, "instruments": load.instruments, "first": first, "count": n,
                    "subs": load.subs, "watch_clients": load.watch_clients, "watch": load.watch,
                    "seed": load.seed, "protocol": CLIENT_PROTOCOLS.get(server_name),
-                   "snapshot_timeout": 30 + n / 100, "book": book_cfg}
+                   "snapshot_timeout": 30 + n / 100, "book": book_cfg,
+                   "trades": load.kind == "trades"}
             workers.append(Child(["-m", "bench.loadgen.worker", json.dumps(cfg)], pins.load))
             first += n
         ready = [w.expect("ready", 90 + load.clients / 50) for w in workers]
@@ -526,6 +534,11 @@ def load_run(server_name: str, load: Load, pins: Pins, extra: Sequence[str] = ()
             "converged_share": converged / load.clients if load.clients else 1.0,
             "behind_rows": sum(f["behind_rows"] for f in fin),
             "disconnected": sum(f["disconnected"] for f in fin),
+            # trades: over the whole run (snapshot to the end)
+            "gapped": sum(f.get("gapped", 0) for f in fin),
+            "lost": sum(f.get("lost", 0) for f in fin),
+            "gw_lost": sum(f.get("gw_lost", 0) for f in fin),
+            "behind_trades": sum(f.get("behind_trades", 0) for f in fin),
             "ticks_sent": done["sent"], "publisher_cpu": done.get("cpu"),
             "ingest_errors": done.get("errors", 0),
             "ingest_first_error": done.get("first_error", ""),

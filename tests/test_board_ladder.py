@@ -48,6 +48,11 @@ def quote(sym: str, seq: int) -> list[Any]:
             100.0, 1e6 + seq]
 
 
+def book_requests(s: StandIn) -> list[dict[str, Any]]:
+    """The page's requests that name the book channel (the ladder's)."""
+    return [r for r in s.requests if "book" in (r.get("channels") or ())]
+
+
 class StandIn:
     """The contract's side of the socket: quotes for SYMS, the book of
     whichever symbol the page subscribes with the book channel."""
@@ -189,7 +194,8 @@ async def test_a_click_opens_the_ladder_and_it_shows_the_servers_book(browser, g
     height = await page.evaluate("() => document.querySelector('#ladder').offsetHeight")
     assert await page.text_content("#ladder-sym") == "BBCA"
     assert await page.get_attribute('#rows tr[data-sym="BBCA"]', "class") == "selected"
-    sub = [r for r in s.requests if r["op"] == "subscribe" and r.get("channels")]
+    # (the side panel asks for the clicked symbol's trades and bars beside it)
+    sub = [r for r in book_requests(s) if r["op"] == "subscribe"]
     assert sub[-1]["symbols"] == ["BBCA"] and sub[-1]["channels"] == ["book"]
 
     # live: the changes flash as they come (a cell lit up or down)
@@ -198,8 +204,8 @@ async def test_a_click_opens_the_ladder_and_it_shows_the_servers_book(browser, g
     s.bad_checksum.set()
     await wait("() => fastfeed.client.counters.bookResyncs === 1")
     await wait("() => fastfeed.client.books.get('BBCA') && !fastfeed.client._resyncing.size")
-    ops = [(r["op"], r.get("channels")) for r in s.requests[-3:]]
-    assert ("unsubscribe", ["book"]) in ops and ("subscribe", ["book"]) in ops
+    ops = [(r["op"], r.get("channels")) for r in book_requests(s)[-2:]]
+    assert ops == [("unsubscribe", ["book"]), ("subscribe", ["book"])]
 
     # stop the feed and compare: the ladder shows exactly the server's book
     s.book_subs.clear()
@@ -240,7 +246,7 @@ async def test_a_click_opens_the_ladder_and_it_shows_the_servers_book(browser, g
     await page.keyboard.press("Escape")
     await wait("() => document.querySelector('#ladder').hidden")
     await wait("() => !fastfeed.client.books.has('BBCA')")
-    last = s.requests[-1]
+    last = book_requests(s)[-1]
     assert (last["op"], last["symbols"], last["channels"]) == ("unsubscribe", ["BBCA"], ["book"])
     assert await page.evaluate("() => fastfeed.client.rows.has('BBCA')")
     await ctx.close()
@@ -267,8 +273,10 @@ async def test_another_row_moves_the_ladder(browser, gateway, standin) -> None:
 
 async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(browser) -> None:
     """As many instruments as the per-connection limit (5000 pairs): the board
-    leaves one pair free, so the book of a clicked row is still served, by
-    the gateway's own simulated books, checksums verified."""
+    leaves one pair free for the ladder and four for the side panel (the
+    market's tape, the selected symbol's trades and bars), so the book of a
+    clicked row is still served, by the gateway's own simulated books,
+    checksums verified, and the panel's trades with it."""
     async with start_gateway("--simulate", "5000", "--rate", "500") as gw:
         ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
         page = await ctx.new_page()
@@ -276,9 +284,9 @@ async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(brow
         page.on("pageerror", lambda e: errors.append(str(e)))
         await page.goto(f"{gw.url}/")
         wait = lambda js: page.wait_for_function(js, timeout=WAIT * 3, polling=100)  # noqa: E731
-        await wait("() => window.fastfeed && fastfeed.client.subscribed.size === 4999")
+        await wait("() => window.fastfeed && fastfeed.client.subscribed.size === 4995")
         assert await page.text_content("#note") == \
-            "showing 4999 of 5000 instruments (subscription limit)"
+            "showing 4995 of 5000 instruments (subscription limit)"
         await page.click('#rows tr[data-sym="BBCA"] [data-f="last"]')
         await wait("""() => { const b = fastfeed.client.books.get('BBCA');
           return b && b.seq > 0 && b.bids.length === 10 && b.asks.length === 10; }""")
@@ -291,5 +299,11 @@ async def test_the_ladder_opens_at_the_subscription_limit_on_a_real_gateway(brow
         }""")
         assert await page.evaluate("() => fastfeed.client.counters.bookResyncs") == 0
         assert "too_many" not in (await page.text_content("#note") or "")
+        # the side panel beside it, on BBCA too (a click selects it for both):
+        # its trades and bars
+        await wait("() => fastfeed.side.sym === 'BBCA'"
+                   " && fastfeed.client.trades.get('BBCA')?.length"
+                   " && fastfeed.side.drawn?.bars.length > 0")
+        assert not await page.evaluate("() => fastfeed.side.unsupported || false")
         await ctx.close()
         assert not errors, errors

@@ -1,11 +1,16 @@
 """fastfeed.js, the module the board ships, run in Node.js on `ws`: order
 books kept as the contract says (changes, full entries, CRC-32 checksum from
 float64 little-endian bytes, resubscribe on a mismatch, stale/ok), and
-`list` across pages.
+`list` across pages; the tape and the bars: trades published through
+/ingest all reach its tape, once each and in order, across a connection that
+dies (it resumes with `since_trades`), and its bars equal bars computed here
+from the published trades; the market-wide tape (`*`) holds every trade once,
+in the order the gateway applied them, across the same drop.
 
 Books come from the scripted contract server of test_client_books (the
-checksums there are computed with `zlib.crc32` and `struct`); `list` from a
-real gateway process. tests/node/fastfeed_js_client.mjs is the driver.
+checksums there are computed with `zlib.crc32` and `struct`); `list`, trades
+and bars from a real gateway process. tests/node/fastfeed_js_client.mjs is the
+driver.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import pytest
 from support import start_gateway, until
 from test_client_books import ServerBook, crc, scripted, seeded_book, serve_requests, update
+from test_client_trades import FAST, Trades, bars_of
 from websockets.asyncio.server import ServerConnection
 
 from fastfeed.publisher import Publisher
@@ -236,3 +242,62 @@ async def test_list_follows_every_page(js: JS) -> None:
         await js.cmd("connect", url=gw.ws_url)
         assert await js.cmd("list") == sorted(syms)
         assert await js.cmd("list", match="PG*") == sorted(s for s in syms if s[:2] == "PG")
+
+
+async def state_until(js: JS, ok: Callable[[dict[str, Any]], bool], what: str,
+                      timeout: float = 30.0) -> dict[str, Any]:
+    """The driver's state, asked again until `ok` says yes."""
+    st: dict[str, Any] = {}
+
+    async def check() -> bool:
+        nonlocal st
+        st = await js.cmd("state")
+        return ok(st)
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await check():
+        assert loop.time() < end, f"{what}: not within {timeout}s; last state {st}"
+        await asyncio.sleep(0.2)
+    return st
+
+
+async def test_the_tape_and_bars_hold_every_trade_once_across_a_dropped_connection(
+        js: JS) -> None:
+    syms = ["BBCA", "BBRI", "TLKM"]
+    feed = Trades(syms)
+    async with (
+        start_gateway() as gw,
+        Publisher(gw.ingest_url, backoff=FAST) as pub,
+    ):
+        await pub.publish([{"sym": s, "seq": 1, "bid": 1.0, "ask": 2.0} for s in syms])
+        await pub.publish_trades(feed.make(30))
+        assert await pub.sync(10)
+        await js.cmd("connect", url=gw.ws_url)
+        sub = await js.cmd("subscribe", symbols=syms, channels=["trades", "bars:1s"])
+        assert sub == {"unknown": [], "forbidden": [], "errors": []}
+        sub = await js.cmd("subscribe", symbols=["*"], channels=["trades"])
+        assert sub == {"unknown": [], "forbidden": [], "errors": []}
+        order: list[list[Any]] = []  # [sym, tseq] in publish order: one publisher, one worker
+
+        def complete(st: dict[str, Any]) -> bool:
+            order[:] = [[t["sym"], t["tseq"]] for t in feed.order]
+            return (all(st["trades"].get(s) == list(range(1, feed.tseq[s] + 1)) for s in syms)
+                    and st["trades"].get("*") == order)
+
+        await state_until(js, complete, "the snapshot's trades")
+        for _ in range(4):
+            await pub.publish_trades(feed.make(40))
+        await js.cmd("drop")  # no close frame: 1006, and fastfeed.js reconnects
+        await pub.publish_trades(feed.make(40))
+        assert await pub.sync(10)
+        st = await state_until(js, lambda st: st["connects"] >= 2 and complete(st),
+                               "every trade once, in order, after the resume")
+        assert st["lost"] == {}
+        assert sorted(st["wanted"]) == ["*", *syms]
+
+        def bars_match(st: dict[str, Any]) -> bool:
+            return all(st["bars"].get(f"1s {s}") ==
+                       [list(b) for b in bars_of(feed.sent[s], 1_000_000_000)] for s in syms)
+
+        await state_until(js, bars_match, "bars equal to those of the published trades")

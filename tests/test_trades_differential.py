@@ -64,6 +64,8 @@ def _compare(table, trades, bars, rtrades, rbars):
     for since in range(bars.version + 1):
         assert bars._encode_section_py(items, since) == rbars.section(items, since), since
     assert trades.snapshot_json(ids) == rtrades.snapshot(ids)
+    for upto in range(trades.version + 1):
+        assert trades.snapshot_json(ids, None, upto) == rtrades.snapshot(ids, None, upto), upto
     for since in range(-1, 42, 3):
         st_ = {i: since for i in ids}
         assert trades.snapshot_json(ids, st_) == rtrades.snapshot(ids, st_), since
@@ -152,3 +154,65 @@ def test_seeded_ring_resumes_with_lost():
     assert snap == {"sym": "BBCA", "lost": 4, "recent": [[10, 1, 1.0, 1.0, "b"],
                                                          [11, 2, 1.0, 1.0, "s"]]}
     assert json.loads(trades.snapshot_json([0], {0: 10}))["recent"] == [[11, 2, 1.0, 1.0, "s"]]
+
+
+def test_a_symbol_added_to_a_connection_s_trades_gets_each_trade_once():
+    """A connection already on BBCA's trades adds TLKM while TLKM's trades
+    wait for its next frame: the snapshot, cut where that frame starts
+    (`Hub.sent_version`), and the frame together hold each trade once."""
+    table = _core.Table(capacity=64)
+    trades = _core.Trades(table, ring=50, backlog=100)
+    hub = _core.Hub(table)
+    slot = hub.add_kind(trades)
+    hub.capture = []
+    cid = hub.add(None, 0, False, 1)
+    for sym in ("BBCA", "TLKM"):
+        trades.apply_trade(sym, 1, 1, 100.0, 1.0)
+    bbca, tlkm = table.lookup("BBCA"), table.lookup("TLKM")
+    hub.subscribe_ids(cid, [bbca], slot)
+    hub.pump(wall=1, mono=2)
+    for tseq in range(2, 6):
+        trades.apply_trade("TLKM", tseq, tseq, 100.0, 1.0)
+    trades.apply_trade("BBCA", 2, 2, 100.0, 1.0)
+    hub.subscribe_ids(cid, [bbca, tlkm], slot)
+    snap = json.loads(b"[" + trades.snapshot_json([tlkm], {}, hub.sent_version(cid, slot)) + b"]")
+    hub.capture.clear()
+    hub.pump(wall=2, mono=30_000_000)
+    got = [t[0] for t in snap[0]["recent"]]
+    for _, data in hub.capture:
+        for e in json.loads(data).get("trades", []):
+            if e["sym"] == "TLKM":
+                got += [t[0] for t in e["items"]]
+    assert got == [1, 2, 3, 4, 5]
+
+
+def test_a_loaded_ring_past_a_gap_counts_the_missing_trades_as_lost():
+    """A worker that reconnects to a store whose ring moved past what it
+    holds (trades published before it subscribed again) loads trades with a
+    jump in `tseq`: a connection that has not had the ones between gets them
+    in its update's `lost`, not a silent jump inside `items`."""
+    table = _core.Table()
+    trades = _core.Trades(table, ring=4, backlog=16)
+
+    def batch(tseqs: range) -> bytes:
+        return _core.encode_trade_batch([{"sym": "BBCA", "tseq": t, "ts": t, "price": 1.0,
+                                          "size": 1.0, "side": "b"} for t in tseqs])[0]
+
+    trades.apply_batch(batch(range(1, 4)))
+    had_2, had_3 = trades.version - 1, trades.version  # two connections' last frames
+    trades.apply_batch(batch(range(8, 11)), seed=True)  # 4..7 never came here
+    trades._check()
+
+    def update(since: int) -> dict:
+        return json.loads(trades._encode_section_py([0], since))
+
+    items = [[t, t, 1.0, 1.0, "b"] for t in range(8, 11)]
+    assert update(had_3) == {"sym": "BBCA", "lost": 4, "items": items}
+    # trade 3 is held but the entry cannot skip 4..7 inside its items: it is lost too
+    assert update(had_2) == {"sym": "BBCA", "lost": 5, "items": items}
+    assert [json.loads(t)[0] for t in trades.recent(0)] == [8, 9, 10]
+    assert json.loads(trades.snapshot_json([0], {0: 3})) == {"sym": "BBCA", "lost": 4,
+                                                             "recent": items}
+    trades.apply_batch(batch(range(11, 13)))
+    assert [json.loads(t)[0] for t in trades.recent(0)] == [9, 10, 11, 12]
+    trades._check()

@@ -18,6 +18,11 @@ The book scenario uses the same loop: a connection in book mode
 the "books" entries of snapshots and updates (price-keyed changes, volume 0
 removes, `"full":true` replaces), and times each entry by its `seq` in a ring
 the publisher writes (`BookFeed`): book messages carry no source time.
+
+The trades scenario too: a connection in trades mode (`Conn.use_trades`)
+takes the "trades" entries of snapshots and updates, keeps the last `tseq`
+of each instrument, counts every gap in the sequence as lost (and the
+gateway's own `lost` apart), and times each trade by its `ts`.
 """
 
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
@@ -160,6 +165,8 @@ cdef class Stats:
         # book mode: source changes brought (seq advance), levels applied,
         # entries whose seq fell out of the publisher's ring (not timed)
         public int64_t changes, levels, untimed
+        # trades mode: tseq gaps (lost trades) and the gateway's `lost` counts
+        public int64_t lost, gw_lost
         public dict close_codes
 
     def __cinit__(self):
@@ -189,6 +196,8 @@ cdef class Stats:
         self.changes = 0
         self.levels = 0
         self.untimed = 0
+        self.lost = 0
+        self.gw_lost = 0
 
     def histogram(self, bint watched=False):
         """Non-empty buckets as {index: count}."""
@@ -231,6 +240,9 @@ cdef class Conn:
         const int64_t* ring
         int64_t ring_mask
         object ring_ref
+        # trades mode (use_trades): `seqs` holds each instrument's last tseq
+        bint trades
+        public int64_t lost, gw_lost
 
     def __cinit__(self, Stats stats, int fd, int n_instr, list subscribe, list watch,
                   Py_ssize_t read_buffer=65536):
@@ -257,6 +269,9 @@ cdef class Conn:
         self.lv = NULL
         self.nlv = NULL
         self.ring = NULL
+        self.trades = False
+        self.lost = 0
+        self.gw_lost = 0
         stats.connected += 1
 
     def __dealloc__(self):
@@ -296,6 +311,24 @@ cdef class Conn:
         self.ring = &ring[0]
         self.ring_mask = ring_size - 1
         self.books = True
+
+    def use_trades(self):
+        """Trades mode: every subscription is to the trades channel; each
+        trade's `tseq` must be the instrument's previous + 1 (a gap is lost)."""
+        self.trades = True
+
+    def trades_behind(self, const int64_t[:] final):
+        """Trades of the subscribed instruments not received by the end: the
+        publisher's last tseq minus the last one held."""
+        cdef int i
+        cdef int64_t n = 0
+        for i in range(self.n_instr):
+            if (self.flags[i] & F_SUB) and self.seqs[i] < final[i]:
+                n += final[i] - self.seqs[i]
+        return n
+
+    def last_tseq(self, int i):
+        return self.seqs[i]
 
     def books_behind(self, const int64_t[:] seqs, const int64_t[:] crcs):
         """Subscribed books whose seq or checksum differ from the publisher's."""
@@ -436,6 +469,8 @@ cdef class Conn:
             return False
         if self.books:
             return self.books_behind(final, crcs) == 0
+        if self.trades and self.lost:
+            return False      # a gap: the sequence is not complete
         for i in range(self.n_instr):
             if (self.flags[i] & F_SUB) and self.seqs[i] < final[i]:
                 return False
@@ -465,13 +500,17 @@ cdef class Conn:
             return 0
         c = q[0]
         if c == b'u':                                   # update
-            if self.books:
+            if self.trades:
+                self._trades(q, end, t, True)
+            elif self.books:
                 self._books(q, end, t, True)
             else:
                 self._rows(q, end, t, True)
         elif c == b's' and q[1] == b'n':               # snapshot
             self.stats.snapshots += 1
-            if self.books:
+            if self.trades:
+                self._trades(q, end, t, False)
+            elif self.books:
                 self._books(q, end, t, False)
             else:
                 self._rows(q, end, t, False)
@@ -581,6 +620,109 @@ cdef class Conn:
                 q += 1
             q += 1
             self._row(idx, seq, ts, t, live)
+
+    # -- trades mode --------------------------------------------------------
+
+    cdef int _trades(self, char* p, char* end, int64_t t, bint live) except -1:
+        """Every entry of the message's "trades" list: {"sym", "lost"?,
+        "items" (update) or "recent" (snapshot): [[tseq, ts, ...], ...]}."""
+        cdef char* q = _find(p, end, b'"trades"', 8)
+        cdef char* key
+        cdef char* items
+        cdef Py_ssize_t klen
+        cdef int64_t idx, n
+        if q == NULL:
+            return 0
+        q += 8
+        while q < end and q[0] != b'[':
+            q += 1
+        q += 1
+        while True:
+            while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                q += 1
+            if q >= end or q[0] != b'{':
+                return 0
+            q += 1
+            idx = -1
+            items = NULL
+            while True:
+                while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                    q += 1
+                if q >= end:
+                    return 0
+                if q[0] == b'}':
+                    q += 1
+                    break
+                if q[0] != b'"':
+                    return 0
+                key = q + 1
+                q = key
+                while q < end and q[0] != b'"':
+                    q += 1
+                klen = q - key
+                q += 1
+                while q < end and (q[0] == b':' or q[0] == b' '):
+                    q += 1
+                if q >= end:
+                    return 0
+                if klen == 3 and memcmp(key, b"sym", 3) == 0:
+                    idx = _sym_index(q + 1, end)
+                    q = _skip_value(q, end)
+                elif klen == 4 and memcmp(key, b"lost", 4) == 0:
+                    q = _int(q, end, &n)
+                    self.gw_lost += n
+                    self.stats.gw_lost += n
+                elif (klen == 5 and memcmp(key, b"items", 5) == 0) or (
+                        klen == 6 and memcmp(key, b"recent", 6) == 0):
+                    items = q
+                    q = _skip_value(q, end)
+                else:
+                    q = _skip_value(q, end)
+            if items != NULL:
+                self._items(idx, items, end, t, live)
+
+    cdef void _items(self, int64_t idx, char* q, char* end, int64_t t, bint live) noexcept:
+        cdef Stats st = self.stats
+        cdef int64_t tseq, ts, lat, held
+        cdef int b
+        cdef bint ok = 0 <= idx < self.n_instr and (self.flags[idx] & F_SUB)
+        q += 1
+        while True:
+            while q < end and (q[0] == b' ' or q[0] == b',' or q[0] == b'\n'):
+                q += 1
+            if q >= end or q[0] != b'[':
+                return
+            q += 1
+            while q < end and q[0] == b' ':
+                q += 1
+            q = _int(q, end, &tseq)
+            q = _skip_sep(q, end)
+            q = _int(q, end, &ts)
+            while q < end and q[0] != b']':
+                q += 1
+            q += 1
+            if not ok:
+                st.unexpected_rows += 1
+                continue
+            held = self.seqs[idx]
+            if not live:
+                if tseq > held:
+                    self.seqs[idx] = tseq
+                st.snapshot_rows += 1
+                continue
+            if tseq <= held:
+                st.stale_rows += 1
+                continue
+            if tseq > held + 1:
+                self.lost += tseq - held - 1
+                st.lost += tseq - held - 1
+            self.seqs[idx] = tseq
+            st.updates += 1
+            lat = t - ts
+            if lat > st.max_lat_ns:
+                st.max_lat_ns = lat
+            b = bucket_of(lat)
+            st.hist[b] += 1
 
     # -- book mode ----------------------------------------------------------
 
@@ -932,6 +1074,7 @@ cdef class TickGen:
     cdef:
         int n
         int64_t* seq
+        int64_t* tseq
         double* px
         int64_t* vol
         uint32_t* table
@@ -944,12 +1087,13 @@ cdef class TickGen:
         cdef int i
         self.n = n_instr
         self.seq = <int64_t*>calloc(n_instr, sizeof(int64_t))
+        self.tseq = <int64_t*>calloc(n_instr, sizeof(int64_t))
         self.px = <double*>calloc(n_instr, sizeof(double))
         self.vol = <int64_t*>calloc(n_instr, sizeof(int64_t))
         self.table = <uint32_t*>calloc(65536, sizeof(uint32_t))
         self.cap = 1 << 20
         self.buf = <char*>calloc(self.cap, 1)
-        if not (self.seq and self.px and self.vol and self.table and self.buf):
+        if not (self.seq and self.tseq and self.px and self.vol and self.table and self.buf):
             raise MemoryError()
         if len(table) != 65536:
             raise ValueError("table must hold 65536 instrument indexes")
@@ -964,6 +1108,7 @@ cdef class TickGen:
 
     def __dealloc__(self):
         free(self.seq)
+        free(self.tseq)
         free(self.px)
         free(self.vol)
         free(self.table)
@@ -1039,6 +1184,35 @@ cdef class TickGen:
     def final_seqs(self):
         cdef int i
         return [self.seq[i] for i in range(self.n)]
+
+    def trades(self, int count, int64_t ts):
+        """A JSON array of `count` contract trades (`{"type":"trade",...}`)
+        stamped `ts`, by the same activity as the ticks; `tseq` consecutive
+        per instrument from 1."""
+        cdef Py_ssize_t off = 1
+        cdef int _k, i
+        cdef uint64_t r
+        if count <= 0:
+            return b"[]"
+        if <Py_ssize_t>count * 120 + 16 > self.cap:
+            raise ValueError("batch too large")
+        self.buf[0] = b'['
+        for _k in range(count):
+            r = self._next()
+            i = <int>self.table[r >> 48]
+            self.tseq[i] += 1
+            off += snprintf(
+                self.buf + off, self.cap - off,
+                b'{"type":"trade","sym":"S%04d","tseq":%lld,"ts":%lld,"price":%.2f,'
+                b'"size":%d,"side":"%s"},',
+                i, <long long>self.tseq[i], <long long>ts, self.px[i],
+                <int>((r >> 16) % 500) + 1, b"b" if r & 1 else b"s")
+        self.buf[off - 1] = b']'
+        return self.buf[:off]
+
+    def final_tseqs(self):
+        cdef int i
+        return [self.tseq[i] for i in range(self.n)]
 
 
 cdef class BookFeed:

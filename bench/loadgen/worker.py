@@ -15,7 +15,12 @@ answers JSON lines on stdout:
 
 With `"book": {"depth": D, "truncate": bool, "ring": path, "ring_size": N}`
 in the config every subscription is to the `book` channel and each client
-keeps its books (see `Conn.use_books`).
+keeps its books (see `Conn.use_books`). With `"trades": true` every
+subscription is to the `trades` channel and each client checks its `tseq`
+sequences (see `Conn.use_trades`); `final` then takes the last `tseq` per
+instrument and also reports the clients with a gap (`gapped`), the trades
+lost in gaps (`lost`), the gateway's `lost` counts and the trades not
+received by the end (`behind_trades`).
 
 The first line it prints is {"event": "ready", ...} once every client has its
 snapshot (or the connect timeout passed).
@@ -110,6 +115,7 @@ def run(cfg: dict) -> None:
     url = cfg["url"]
     protocol = cfg.get("protocol")
     book = cfg.get("book")
+    trades = bool(cfg.get("trades"))
     ring = None
     if book:
         ring = np.memmap(book["ring"], dtype=np.int64, mode="r",
@@ -124,6 +130,8 @@ def run(cfg: dict) -> None:
             req = {"op": "subscribe", "id": 1, "symbols": [sym(i) for i in subs]}
             if book:
                 req["channels"] = ["book"]
+            elif trades:
+                req["channels"] = ["trades"]
             out += frame(json.dumps(req).encode())
         if watch:
             out += frame(json.dumps({"op": "watch", "id": 2,
@@ -152,6 +160,8 @@ def run(cfg: dict) -> None:
         conn = Conn(stats, sock.fileno(), n_instr, subs, watch, cfg.get("read_buffer", 65536))
         if book:
             conn.use_books(book["depth"], book["truncate"], ring, book["ring_size"])
+        elif trades:
+            conn.use_trades()
         conn.feed(rest)
         loop.add(conn)
         conns.append(conn)
@@ -195,7 +205,7 @@ def run(cfg: dict) -> None:
                       "cpu_sys": s1 - s0, "reads": stats.reads,
                       "updates": stats.updates, "frames": stats.frames, "bytes": stats.bytes,
                       "changes": stats.changes, "levels": stats.levels,
-                      "untimed": stats.untimed,
+                      "untimed": stats.untimed, "lost": stats.lost, "gw_lost": stats.gw_lost,
                       "watched_updates": stats.watched_updates, "stale_rows": stats.stale_rows,
                       "unexpected_rows": stats.unexpected_rows, "errors": stats.errors,
                       "bad_frames": stats.bad_frames, "max_lat_ms": stats.max_lat_ns / 1e6,
@@ -216,8 +226,14 @@ def run(cfg: dict) -> None:
                     final = np.asarray(got, dtype=np.int64)
                     conv = sum(1 for c in conns if c.converged(final))
                     behind = sum(c.behind(final) for c in conns)
-                emit({"event": "final", "clients": cfg["count"], "converged": conv,
-                      "behind_rows": int(behind), "disconnected": stats.disconnected})
+                out = {"event": "final", "clients": cfg["count"], "converged": conv,
+                       "behind_rows": int(behind), "disconnected": stats.disconnected}
+                if trades:
+                    out.update(gapped=sum(1 for c in conns if c.lost),
+                               lost=sum(c.lost for c in conns),
+                               gw_lost=sum(c.gw_lost for c in conns),
+                               behind_trades=sum(c.trades_behind(final) for c in conns))
+                emit(out)
             else:
                 emit({"event": "error", "message": f"unknown command {cmd!r}"})
     for c in conns:

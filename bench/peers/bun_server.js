@@ -6,7 +6,10 @@
 // channel): keeps every level of each book, takes {"type":"book",...} on
 // /ingest, answers a subscribe with channels ["book"] with the books, then
 // publishes every applied book message as its own update frame to the
-// book's topic ("book:" + sym).
+// book's topic ("book:" + sym). Trades (the "trades" channel): takes
+// {"type":"trade",...} on /ingest (a tseq not above the last dropped), keeps
+// the last 100 per instrument for the snapshot's "recent", and publishes every
+// trade as its own update frame to the topic "trades:" + sym.
 //   bun bun_server.js PORT   (or PORT env)
 const PORT = parseInt(process.argv[2] || process.env.PORT || '8082', 10);
 const FIELDS = ['sym', 'seq', 'ts', 'bid', 'ask', 'last', 'bid_size', 'ask_size', 'last_size', 'volume'];
@@ -14,6 +17,8 @@ const SYM_RE = /^[A-Za-z0-9._\-:/]{1,32}$/;
 
 const rows = new Map();   // sym -> row array in FIELDS order
 const books = new Map();  // sym -> {seq, bids: Map price -> level, asks: Map price -> level}
+const trades = new Map(); // sym -> {tseq, recent: [[tseq, ts, price, size, side], ...]}
+const TRADE_RING = 100;
 let server;
 
 function nowNs() {
@@ -74,8 +79,30 @@ function bookView(sym, book) {
   return { sym, seq: book.seq, bids, asks };
 }
 
+function applyTrade(msg, t) {
+  const sym = msg.sym;
+  if (typeof sym !== 'string' || !SYM_RE.test(sym) || typeof msg.tseq !== 'number') return;
+  let held = trades.get(sym);
+  if (held === undefined) {
+    held = { tseq: 0, recent: [] };
+    trades.set(sym, held);
+  } else if (msg.tseq <= held.tseq) {
+    return;                                   // stale
+  }
+  const item = [msg.tseq, msg.ts, msg.price, msg.size, msg.side || ''];
+  held.tseq = msg.tseq;
+  held.recent.push(item);
+  if (held.recent.length > TRADE_RING) held.recent.shift();
+  const topic = 'trades:' + sym;
+  if (server.subscriberCount(topic) > 0) {
+    server.publish(topic, '{"type":"update","t":' + t + ',"rows":[],"trades":[{"sym":' +
+                   JSON.stringify(sym) + ',"items":[' + JSON.stringify(item) + ']}]}');
+  }
+}
+
 function apply(msg, t) {
   if (msg && msg.type === 'book') applyBook(msg, t);
+  else if (msg && msg.type === 'trade') applyTrade(msg, t);
   else if (msg && typeof msg === 'object') applyTick(msg, t);
 }
 
@@ -94,7 +121,18 @@ function onClientMessage(ws, text) {
   const id = req.id === undefined ? null : req.id;
   const syms = Array.isArray(req.symbols) ? req.symbols.filter((s) => typeof s === 'string') : [];
   const chans = Array.isArray(req.channels) ? req.channels : null;
-  if (req.op === 'subscribe' && chans && chans.includes('book')) {
+  if (req.op === 'subscribe' && chans && chans.includes('trades')) {
+    const out = [];
+    const unknown = [];
+    for (const s of syms) {
+      const held = trades.get(s);
+      if (held === undefined && !rows.has(s)) { unknown.push(s); continue; }
+      if (ws.isSubscribed('trades:' + s)) continue;
+      ws.subscribe('trades:' + s);
+      out.push({ sym: s, recent: held === undefined ? [] : held.recent });
+    }
+    ws.send(JSON.stringify({ type: 'snapshot', id, rows: [], trades: out, unknown }));
+  } else if (req.op === 'subscribe' && chans && chans.includes('book')) {
     const out = [];
     const unknown = [];
     for (const s of syms) {
@@ -117,7 +155,7 @@ function onClientMessage(ws, text) {
     }
     ws.send(JSON.stringify({ type: 'snapshot', id, fields: FIELDS, rows: out, unknown }));
   } else if (req.op === 'unsubscribe') {
-    for (const s of syms) { ws.unsubscribe(s); ws.unsubscribe('book:' + s); }
+    for (const s of syms) { ws.unsubscribe(s); ws.unsubscribe('book:' + s); ws.unsubscribe('trades:' + s); }
     ws.send(JSON.stringify({ type: 'ack', id, op: 'unsubscribe', symbols: syms }));
   } else if (req.op === 'watch' || req.op === 'unwatch') {
     ws.send(JSON.stringify({ type: 'ack', id, op: req.op, symbols: syms }));

@@ -5,6 +5,9 @@
 // every level of each book, takes {"type":"book",...} on /ingest, answers a
 // subscribe with channels ["book"] with the books, then forwards every
 // applied book message as its own update frame to the book's subscribers.
+// Trades (the "trades" channel): takes {"type":"trade",...} on /ingest (a
+// tseq not above the last dropped), keeps the last 100 per instrument for
+// the snapshot's "recent", and forwards every trade as its own update frame.
 //   node node_ws.js PORT            (or PORT env; BENCH_REDIS=redis://... to also
 //                                    take ticks from the Redis channel BENCH_REDIS_CHANNEL)
 'use strict';
@@ -19,6 +22,9 @@ const rows = new Map();      // sym -> row array in FIELDS order
 const subs = new Map();      // sym -> Set of client sockets
 const books = new Map();     // sym -> {seq, bids: Map price -> level, asks: Map price -> level}
 const bookSubs = new Map();  // sym -> Set of client sockets
+const trades = new Map();    // sym -> {tseq, recent: [[tseq, ts, price, size, side], ...]}
+const tradeSubs = new Map(); // sym -> Set of client sockets
+const TRADE_RING = 100;
 
 function nowNs() {
   return Math.round((performance.timeOrigin + performance.now()) * 1e6);
@@ -79,8 +85,30 @@ function bookView(sym, book) {
   return { sym, seq: book.seq, bids, asks };
 }
 
+function applyTrade(msg, t) {
+  const sym = msg.sym;
+  if (typeof sym !== 'string' || !SYM_RE.test(sym) || typeof msg.tseq !== 'number') return;
+  let held = trades.get(sym);
+  if (held === undefined) {
+    held = { tseq: 0, recent: [] };
+    trades.set(sym, held);
+  } else if (msg.tseq <= held.tseq) {
+    return;                                   // stale
+  }
+  const item = [msg.tseq, msg.ts, msg.price, msg.size, msg.side || ''];
+  held.tseq = msg.tseq;
+  held.recent.push(item);
+  if (held.recent.length > TRADE_RING) held.recent.shift();
+  const set = tradeSubs.get(sym);
+  if (set === undefined || set.size === 0) return;
+  const frame = Buffer.from('{"type":"update","t":' + t + ',"rows":[],"trades":[{"sym":' +
+                            JSON.stringify(sym) + ',"items":[' + JSON.stringify(item) + ']}]}');
+  for (const ws of set) ws.send(frame, { binary: false });
+}
+
 function apply(msg, t) {
   if (msg && msg.type === 'book') applyBook(msg, t);
+  else if (msg && msg.type === 'trade') applyTrade(msg, t);
   else if (msg && typeof msg === 'object') applyTick(msg, t);
 }
 
@@ -99,7 +127,21 @@ function onClientMessage(ws, text) {
   const id = req.id === undefined ? null : req.id;
   const syms = Array.isArray(req.symbols) ? req.symbols.filter((s) => typeof s === 'string') : [];
   const chans = Array.isArray(req.channels) ? req.channels : null;
-  if (req.op === 'subscribe' && chans && chans.includes('book')) {
+  if (req.op === 'subscribe' && chans && chans.includes('trades')) {
+    const out = [];
+    const unknown = [];
+    for (const s of syms) {
+      const held = trades.get(s);
+      if (held === undefined && !rows.has(s)) { unknown.push(s); continue; }
+      if (ws.trades.has(s)) continue;
+      ws.trades.add(s);
+      let set = tradeSubs.get(s);
+      if (set === undefined) { set = new Set(); tradeSubs.set(s, set); }
+      set.add(ws);
+      out.push({ sym: s, recent: held === undefined ? [] : held.recent });
+    }
+    ws.send(JSON.stringify({ type: 'snapshot', id, rows: [], trades: out, unknown }));
+  } else if (req.op === 'subscribe' && chans && chans.includes('book')) {
     const out = [];
     const unknown = [];
     for (const s of syms) {
@@ -131,6 +173,7 @@ function onClientMessage(ws, text) {
     for (const s of syms) {
       ws.syms.delete(s); const set = subs.get(s); if (set) set.delete(ws);
       ws.books.delete(s); const bset = bookSubs.get(s); if (bset) bset.delete(ws);
+      ws.trades.delete(s); const tset = tradeSubs.get(s); if (tset) tset.delete(ws);
     }
     ws.send(JSON.stringify({ type: 'ack', id, op: 'unsubscribe', symbols: syms }));
   } else if (req.op === 'watch' || req.op === 'unwatch') {
@@ -156,10 +199,12 @@ server.on('upgrade', (req, socket, head) => {
     clients.handleUpgrade(req, socket, head, (ws) => {
       ws.syms = new Set();
       ws.books = new Set();
+      ws.trades = new Set();
       ws.on('message', (data) => onClientMessage(ws, data));
       ws.on('close', () => {
         for (const s of ws.syms) { const set = subs.get(s); if (set) set.delete(ws); }
         for (const s of ws.books) { const set = bookSubs.get(s); if (set) set.delete(ws); }
+        for (const s of ws.trades) { const set = tradeSubs.get(s); if (set) set.delete(ws); }
       });
       ws.on('error', () => {});
     });

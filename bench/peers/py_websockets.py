@@ -6,7 +6,10 @@ tick, sent with `websockets.broadcast` to the instrument's subscribers.
 Order books (the "book" channel): keeps every level of each book, takes
 `{"type":"book",...}` on /ingest, answers a subscribe with channels
 ["book"] with the books, then broadcasts every applied book message as its
-own update frame to the book's subscribers.
+own update frame to the book's subscribers. Trades (the "trades" channel):
+takes `{"type":"trade",...}` on /ingest (a `tseq` not above the last
+dropped), keeps the last 100 per instrument for the snapshot's "recent", and
+broadcasts every trade as its own update frame.
 
 Best settings: uvloop when installed, permessage-deflate off (the other peers
 do not compress either).
@@ -23,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 
 from websockets import broadcast
 from websockets.asyncio.server import ServerConnection, serve
@@ -36,6 +40,10 @@ subs: dict[str, set[ServerConnection]] = {}
 # sym -> [seq, {price: level} bids, {price: level} asks]
 books: dict[str, list] = {}
 book_subs: dict[str, set[ServerConnection]] = {}
+# sym -> [last tseq, deque of [tseq, ts, price, size, side]]
+trades: dict[str, list] = {}
+trade_subs: dict[str, set[ServerConnection]] = {}
+TRADE_RING = 100
 
 
 def apply_tick(tick: dict, t: int) -> None:
@@ -93,9 +101,30 @@ def book_view(sym: str, book: list) -> dict:
             "asks": sorted(book[2].values(), key=lambda x: x[0])}
 
 
+def apply_trade(msg: dict, t: int) -> None:
+    sym = msg.get("sym")
+    tseq = msg.get("tseq")
+    if not isinstance(sym, str) or not isinstance(tseq, int) or not SYM_RE.match(sym):
+        return
+    held = trades.get(sym)
+    if held is None:
+        held = trades[sym] = [0, deque(maxlen=TRADE_RING)]
+    elif tseq <= held[0]:
+        return  # stale
+    item = [tseq, msg.get("ts"), msg.get("price"), msg.get("size"), msg.get("side") or ""]
+    held[0] = tseq
+    held[1].append(item)
+    clients = trade_subs.get(sym)
+    if clients:
+        broadcast(clients, f'{{"type":"update","t":{t},"rows":[],"trades":[{{"sym":'
+                           f'{_dumps(sym)},"items":[{_dumps(item)}]}}]}}')
+
+
 def apply(msg: dict, t: int) -> None:
     if msg.get("type") == "book":
         apply_book(msg, t)
+    elif msg.get("type") == "trade":
+        apply_trade(msg, t)
     else:
         apply_tick(msg, t)
 
@@ -117,6 +146,7 @@ def ingest(text: str | bytes) -> None:
 async def client(ws: ServerConnection) -> None:
     mine: set[str] = set()
     mine_books: set[str] = set()
+    mine_trades: set[str] = set()
     try:
         async for text in ws:
             try:
@@ -129,7 +159,19 @@ async def client(ws: ServerConnection) -> None:
             op = req.get("op")
             syms = [s for s in req.get("symbols") or [] if isinstance(s, str)]
             chans = req.get("channels")
-            if op == "subscribe" and isinstance(chans, list) and "book" in chans:
+            if op == "subscribe" and isinstance(chans, list) and "trades" in chans:
+                entries, unknown = [], []
+                for s in syms:
+                    held = trades.get(s)
+                    if held is None and s not in rows:
+                        unknown.append(s)
+                    elif s not in mine_trades:
+                        mine_trades.add(s)
+                        trade_subs.setdefault(s, set()).add(ws)
+                        entries.append({"sym": s, "recent": list(held[1]) if held else []})
+                await ws.send(_dumps({"type": "snapshot", "id": rid, "rows": [],
+                                      "trades": entries, "unknown": unknown}))
+            elif op == "subscribe" and isinstance(chans, list) and "book" in chans:
                 got, unknown = [], []
                 for s in syms:
                     book = books.get(s)
@@ -159,6 +201,8 @@ async def client(ws: ServerConnection) -> None:
                     subs.get(s, set()).discard(ws)
                     mine_books.discard(s)
                     book_subs.get(s, set()).discard(ws)
+                    mine_trades.discard(s)
+                    trade_subs.get(s, set()).discard(ws)
                 await ws.send(_dumps({"type": "ack", "id": rid, "op": op, "symbols": syms}))
             elif op in ("watch", "unwatch"):
                 await ws.send(_dumps({"type": "ack", "id": rid, "op": op, "symbols": syms}))
@@ -172,6 +216,8 @@ async def client(ws: ServerConnection) -> None:
             subs.get(s, set()).discard(ws)
         for s in mine_books:
             book_subs.get(s, set()).discard(ws)
+        for s in mine_trades:
+            trade_subs.get(s, set()).discard(ws)
 
 
 async def publisher(ws: ServerConnection) -> None:

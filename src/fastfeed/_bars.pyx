@@ -15,6 +15,10 @@ trade whose bar is held updates it; one between held bars creates its bar
 there; one older than every held bar changes no bar (the tape still has it).
 The update entries of an item are its bars changed since the connection's
 last frame: the forming bar, and at a boundary the closed bar's final values.
+
+On the Redis bus the store keeps the same bars (fastfeed.bus.trades): its
+script is given each trade's starts by `BarClock` (the code `add` uses) and
+applies the rules above; `packed` and `load_packed` are that store's form.
 """
 
 cimport cython
@@ -24,7 +28,7 @@ from libc.string cimport memcpy, memset
 
 from fastfeed._defs cimport CLOCK_REALTIME, FF_DEBUG, SYM_MAX, _clock, _grow
 from fastfeed._table cimport Kind, Table
-from fastfeed._wire cimport _put_f64, _put_i64
+from fastfeed._wire cimport _put_f64, _put_i64, _rd_f64, _rd_i64
 
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -56,6 +60,56 @@ cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
     raise AssertionError(f"{what} of {n} bytes overran its bound of {bound}")
 
 
+cdef bytes _pack_bar(const Bar* b):
+    # the bus's form of a bar (Bars.packed)
+    cdef char out[BUS_BAR]
+    cdef double x[6]
+    x[0] = b.open
+    x[1] = b.high
+    x[2] = b.low
+    x[3] = b.close
+    x[4] = b.volume
+    x[5] = <double>b.n
+    memcpy(out, &b.start, 8)
+    memcpy(out + 8, x, 48)
+    return out[:BUS_BAR]
+
+
+@cython.final
+cdef class BarClock:
+    """The start (ns) of the bar holding a trade's `ts`, per interval, in the
+    zone `tz`: what `Bars` files a trade under, and what the bus's trade
+    script is given with every trade (`bar_starts`), so that both agree."""
+
+    def __cinit__(self, str tz="UTC"):
+        self.tz = tz
+        self.zone = ZoneInfo(tz)  # raises for an unknown zone: a config error at start
+        self.day_lo[0] = self.day_lo[1] = 1
+        self.day_hi[0] = self.day_hi[1] = 0
+
+    def __init__(self, str tz="UTC"):
+        pass
+
+    cdef int64_t start(self, int64_t ts, int k) except? -1:
+        if k < 5:
+            return ts - ts % IV_NS[k]
+        if self.day_lo[0] <= ts < self.day_hi[0]:
+            return self.day_lo[0]
+        if self.day_lo[1] <= ts < self.day_hi[1]:
+            return self.day_lo[1]
+        # a new day (or a late trade from another): Python, once per day
+        lo, hi = day_bounds(self.zone, ts)
+        self.day_lo[1] = self.day_lo[0]
+        self.day_hi[1] = self.day_hi[0]
+        self.day_lo[0] = lo
+        self.day_hi[0] = hi
+        return lo
+
+    def starts(self, int64_t ts):
+        """The six starts of `ts` (1s .. 1d)."""
+        return [self.start(ts, k) for k in range(NBARIV)]
+
+
 @cython.final
 cdef class Bars(Kind):
     """OHLCV bars of every instrument of `table` (see the module)."""
@@ -66,7 +120,7 @@ cdef class Bars(Kind):
         self.table = table
         self.history = history
         self.tz = tz
-        self.zone = ZoneInfo(tz)  # raises for an unknown zone: a config error at start
+        self.clock = BarClock(tz)
         self.key = "bars"
         self.has_binary = False
         self.held = 0
@@ -74,8 +128,6 @@ cdef class Bars(Kind):
         self.version = 0
         self.nhot = 0
         memset(&self.stats, 0, sizeof(self.stats))
-        self.day_lo[0] = self.day_lo[1] = 1
-        self.day_hi[0] = self.day_hi[1] = 0
         self._reserve(table.capacity * NBARIV)
 
     def __init__(self, Table table, int32_t history=200, str tz="UTC"):
@@ -113,21 +165,7 @@ cdef class Bars(Kind):
         """Cover item ids 0 .. items-1 (the hub reads `chg`/`watched` of every id it is given)."""
         self._reserve(items)
 
-    cdef int64_t _start(self, int64_t ts, int k) except? -1:
-        if k < 5:
-            return ts - ts % IV_NS[k]
-        if self.day_lo[0] <= ts < self.day_hi[0]:
-            return self.day_lo[0]
-        if self.day_lo[1] <= ts < self.day_hi[1]:
-            return self.day_lo[1]
-        # a new day (or a late trade from another): Python, once per day
-        lo, hi = day_bounds(self.zone, ts)
-        self.day_lo[1] = self.day_lo[0]
-        self.day_hi[1] = self.day_hi[0]
-        self.day_lo[0] = lo
-        self.day_hi[0] = hi
-        return lo
-
+    @cython.cdivision(True)  # ring positions are >= 0 and the history >= 1
     cdef int add(self, int32_t iid, int64_t ts, double price, double size,
                  int64_t now) except -1:
         """Put one applied trade into the bars of its instrument."""
@@ -142,7 +180,7 @@ cdef class Bars(Kind):
             self._reserve((iid + 1) * NBARIV)
         for k in range(NBARIV):
             item = iid * NBARIV + k
-            start = self._start(ts, k)
+            start = self.clock.start(ts, k)
             r = &self.rings[item]
             if r.b == NULL:
                 r.b = <Bar*>_grow(NULL, 0, H * sizeof(Bar), 0)
@@ -204,16 +242,19 @@ cdef class Bars(Kind):
                 b.n += 1
             b.stamp = ver
             changed = True
-            self.chg[item] = ver
-            self.arrived[item] = now
-            self.dirty[item >> 6] |= 1ULL << (item & 63)
-            if self.watched[item] and not (self.hot_bits[item >> 6] & (1ULL << (item & 63))):
-                self.hot_bits[item >> 6] |= 1ULL << (item & 63)
-                self.hot[self.nhot] = item
-                self.nhot += 1
+            self._touch(item, ver, now)
         if changed:
             self.version = ver
         return 0
+
+    cdef void _touch(self, int32_t item, uint64_t ver, int64_t now) noexcept:
+        self.chg[item] = ver
+        self.arrived[item] = now
+        self.dirty[item >> 6] |= 1ULL << (item & 63)
+        if self.watched[item] and not (self.hot_bits[item >> 6] & (1ULL << (item & 63))):
+            self.hot_bits[item >> 6] |= 1ULL << (item & 63)
+            self.hot[self.nhot] = item
+            self.nhot += 1
 
     cdef char* _bar(self, char* p, int32_t item, const Bar* b) except NULL:
         # the newest bar of an item is cached by its stamp: many groups, one encoding
@@ -358,6 +399,86 @@ cdef class Bars(Kind):
             b = &r.b[(r.head + j) % self.history]
             out.append([b.start, b.open, b.high, b.low, b.close, b.volume, b.n])
         return out
+
+    # ---- the bus's form (fastfeed.bus.trades): 56 bytes a bar --------
+
+    def packed(self, int32_t iid):
+        """The instrument's bars as the bus stores them: (the newest bar of
+        each interval, 1s first, BUS_BAR bytes each; the older held bars of
+        each interval, oldest first, one bytes per interval), or None before
+        its first trade. A bar: i64 start, f64 open, high, low, close,
+        volume and count (a double: Lua's only number)."""
+        cdef int k
+        cdef int32_t j, H = self.history
+        cdef BarRing* r
+        if iid < 0 or (iid + 1) * NBARIV > self.size:
+            return None
+        for k in range(NBARIV):
+            if self.rings[iid * NBARIV + k].cnt == 0:
+                return None
+        newest = []
+        older = []
+        for k in range(NBARIV):
+            r = &self.rings[iid * NBARIV + k]
+            # (no negative indices: the core is built without wraparound)
+            older.append(b"".join([_pack_bar(&r.b[(r.head + j) % H])
+                                   for j in range(r.cnt - 1)]))
+            newest.append(_pack_bar(&r.b[(r.head + r.cnt - 1) % H]))
+        return b"".join(newest), older
+
+    def load_packed(self, int32_t iid, bytes newest, list older):
+        """Make the instrument's bars those of `packed`'s form (a late worker
+        loading the bus's bars). An interval whose bars differ from the held
+        ones gets them all, each stamped as changed; the same bars change
+        nothing. Returns the intervals replaced."""
+        cdef int k, replaced = 0
+        cdef int32_t j, n, item, H = self.history
+        cdef BarRing* r
+        cdef Bar* b
+        cdef const char* q
+        cdef uint64_t ver = self.version + 1
+        cdef int64_t now = _clock(CLOCK_REALTIME)
+        if iid < 0:
+            raise ValueError("bad instrument id")
+        if len(newest) != NBARIV * BUS_BAR or len(older) != NBARIV:
+            raise ValueError("not the bus's bars of an instrument")
+        self._reserve((iid + 1) * NBARIV)
+        for k in range(NBARIV):
+            data = bytes(older[k]) + newest[k * BUS_BAR:(k + 1) * BUS_BAR]
+            if len(data) % BUS_BAR:
+                raise ValueError("not the bus's bars of an instrument")
+            n = <int32_t>(len(data) // BUS_BAR)
+            if n > H:  # the store keeps as many (the prefix's bars_history): never, but bound it
+                data = data[(n - H) * BUS_BAR:]
+                n = H
+            item = iid * NBARIV + k
+            r = &self.rings[item]
+            if r.cnt == n and b"".join(
+                    [_pack_bar(&r.b[(r.head + j) % H]) for j in range(r.cnt)]) == data:
+                continue
+            if r.b == NULL:
+                r.b = <Bar*>_grow(NULL, 0, H * sizeof(Bar), 0)
+            self.held += n - r.cnt
+            r.head = 0
+            r.cnt = n
+            q = data
+            for j in range(n):
+                b = &r.b[j]
+                b.start = _rd_i64(q)
+                b.open = _rd_f64(q + 8)
+                b.high = _rd_f64(q + 16)
+                b.low = _rd_f64(q + 24)
+                b.close = _rd_f64(q + 32)
+                b.volume = _rd_f64(q + 40)
+                b.n = <int64_t>_rd_f64(q + 48)
+                b.stamp = ver
+                q += BUS_BAR
+            r.late = ver
+            self._touch(item, ver, now)
+            replaced += 1
+        if replaced:
+            self.version = ver
+        return replaced
 
     def snapshot_json(self, ids):
         """Comma-joined snapshot entries of `ids`: every held bar of each, oldest

@@ -18,7 +18,7 @@ add a kind of state.
 
 from fastfeed._defs cimport FF_DEBUG
 
-from fastfeed._bars import BAR_INTERVALS, Bars, day_bounds
+from fastfeed._bars import BAR_INTERVALS, BarClock, Bars, day_bounds
 from fastfeed._books import (
     BOOK_MAGIC,
     BOOK_OUTCOMES,
@@ -31,7 +31,8 @@ from fastfeed._delay import DelayLine
 from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._trades import (
-    TRADE_BATCH_MAGIC, Tape, Trades, check_trade, decode_trade_batch, encode_trade_batch,
+    TRADE_BATCH_MAGIC, Tape, Trades, bar_starts, check_trade, decode_trade_batch,
+    encode_trade_batch,
 )
 from fastfeed._wire import (
     BATCH_MAGIC,
@@ -57,10 +58,10 @@ DEBUG = bool(FF_DEBUG)
 
 __all__ = [
     "BAR_INTERVALS", "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "BOOK_MAGIC",
-    "BOOK_OUTCOMES", "Bars", "Books", "DEBUG", "DelayLine", "FIELDS", "Hub", "OUTCOMES",
-    "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades", "VALUE_FIELDS",
-    "can_send", "check_tick", "check_trade", "connected", "day_bounds", "decode_batch",
-    "decode_books", "decode_trade_batch", "encode_batch", "encode_books",
-    "encode_trade_batch", "has_type", "join_records", "pack_ticks", "partition",
-    "valid_symbol", "wall_ns",
+    "BOOK_OUTCOMES", "BarClock", "Bars", "Books", "DEBUG", "DelayLine", "FIELDS", "Hub",
+    "OUTCOMES", "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades",
+    "VALUE_FIELDS", "bar_starts", "can_send", "check_tick", "check_trade", "connected",
+    "day_bounds", "decode_batch", "decode_books", "decode_trade_batch", "encode_batch",
+    "encode_books", "encode_trade_batch", "has_type", "join_records", "pack_ticks",
+    "partition", "valid_symbol", "wall_ns",
 ]

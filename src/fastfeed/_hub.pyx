@@ -290,6 +290,13 @@ cdef class Hub:
                                                         (G.off[s + 1] - G.off[s]) * 4),
                               dtype=np.int32) for s in range(self.nslots)]
 
+    def sent_version(self, int32_t cid, Py_ssize_t slot):
+        """The version of `slot`'s kind this connection's next frame starts
+        after: a snapshot cut there (trades) repeats nothing that frame sends."""
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"no slot {slot}: this hub has {self.nslots}")
+        return self.conns[cid].sent_ver[slot]
+
     def subscribed_ids(self, int32_t cid, Py_ssize_t slot=0):
         """The item ids of `slot` this connection is subscribed to (sorted)."""
         return [int(x) for x in self._parts(self.conns[cid].group)[slot]]

@@ -39,12 +39,15 @@ cdef class Trades(Kind):
         int64_t* last                 # tseq of the last applied trade, -1 before any
         uint64_t* ntr                 # trades applied (the next trade's ordinal)
         uint8_t* seeded               # the ring was loaded from the store (seed)
+        uint64_t* heldfrom            # the ring holds no ordinal below this (a gap, see _gap)
         TradeLog* logs
         readonly uint64_t lost_inexact  # frames whose `lost` is a lower bound (see docs)
         readonly Py_ssize_t held      # trades held in every ring together (bounds sections)
 
     cdef int _reserve(self, Py_ssize_t items) except -1
+    cdef int _gap(self, int32_t iid, int64_t tseq) except -1
     cdef int apply(self, int32_t iid, int64_t tseq, int64_t ts, double price, double size,
                    int side, int64_t now) except -1
+    cdef tuple _apply_batch(self, const unsigned char[::1] data, int source, bint seed)
     cdef int _one(self, object t, int source, int64_t now, list errors,
                   Py_ssize_t idx) except -1

@@ -28,7 +28,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcmp, memcpy, memset
 
-from fastfeed._bars cimport Bars
+from fastfeed._bars cimport NBARIV, BarClock, Bars
 from fastfeed._defs cimport (
     APPLIED, CLOCK_REALTIME, FF_DEBUG, NSOURCES, REJECTED, SRC_BUS, SRC_INGEST, SRC_SIMULATOR,
     STALE, SYM_MAX, _clock, _grow,
@@ -154,6 +154,35 @@ cdef Py_ssize_t _record(const char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
         return -1
     pos += 1 + <uint8_t>p[pos] + 33
     return pos if pos <= n else -1
+
+
+def bar_starts(const unsigned char[::1] data, BarClock clock not None):
+    """The bar starts of every trade of a binary batch, as the bus's trade
+    script takes them: per trade, in batch order, six i64 (1s .. 1d, 48
+    bytes), computed by `clock` as every gateway's `Bars` computes them."""
+    cdef Py_ssize_t n = data.shape[0], pos = 8, end
+    cdef const char* p = b""
+    cdef uint32_t count, k
+    cdef int j
+    cdef int64_t ts, st
+    if n:
+        p = <const char*>&data[0]
+    if n < 8 or memcmp(p, b"FTR1", 4) != 0:
+        raise ValueError("not a fastfeed trade batch (magic FTR1 missing)")
+    count = _rd_u32(p + 4)
+    out = bytearray(<Py_ssize_t>count * NBARIV * 8)
+    cdef char* o = out
+    for k in range(count):
+        end = _record(p, pos, n)
+        if end < 0:
+            raise ValueError(f"trade batch truncated after {k} of {count} trades")
+        ts = _rd_i64(p + pos + 1 + <uint8_t>p[pos] + 8)
+        for j in range(NBARIV):
+            st = clock.start(ts, j)
+            memcpy(o, &st, 8)
+            o += 8
+        pos = end
+    return bytes(out)
 
 
 def decode_trade_batch(const unsigned char[::1] data):
@@ -353,6 +382,7 @@ cdef class Trades(Kind):
         free(self.last)
         free(self.ntr)
         free(self.seeded)
+        free(self.heldfrom)
 
     cdef int _reserve(self, Py_ssize_t items) except -1:
         cdef Py_ssize_t old = self.size
@@ -365,9 +395,42 @@ cdef class Trades(Kind):
         self.last = <int64_t*>_grow(self.last, old * 8, cap * 8, 0xFF)
         self.ntr = <uint64_t*>_grow(self.ntr, old * 8, cap * 8, 0)
         self.seeded = <uint8_t*>_grow(self.seeded, old, cap, 0)
+        self.heldfrom = <uint64_t*>_grow(self.heldfrom, old * 8, cap * 8, 0)
         self.logs = <TradeLog*>_grow(self.logs, old * sizeof(TradeLog),
                                      cap * sizeof(TradeLog), 0)
         self.size = cap
+        return 0
+
+    cdef int _gap(self, int32_t iid, int64_t tseq) except -1:
+        """Before the oldest trade of a loaded ring: if it is not the next after
+        the held one, the store lost the trades between (published while this
+        worker was not subscribed, and the store's ring moved past them). They take
+        ordinals and stamps, with no place in the ring, so a connection that
+        has not had them gets them in its `lost`, as trades the ring dropped."""
+        cdef TradeLog* g
+        cdef uint64_t o, k, L = self.backlog, R = self.ring
+        cdef int64_t n, t
+        if iid >= self.size:
+            self._reserve(iid + 1)
+        if self.last[iid] < 0 or tseq <= self.last[iid] + 1:
+            return 0
+        g = &self.logs[iid]
+        n = tseq - self.last[iid] - 1
+        o = self.ntr[iid]
+        # only the last `backlog` of them fit the stamps (further behind: a lower bound)
+        k = <uint64_t>n if <uint64_t>n < L else L
+        self.held += <Py_ssize_t>(min(o + <uint64_t>n, R) - min(o, R))
+        o += <uint64_t>n - k
+        t = tseq - <int64_t>k
+        while k:
+            self.version += 1
+            g.stamp[o % L] = self.version
+            g.tseq[o % L] = t
+            o += 1
+            t += 1
+            k -= 1
+        self.ntr[iid] = o
+        self.heldfrom[iid] = o
         return 0
 
     def reserve(self, Py_ssize_t items):
@@ -439,6 +502,8 @@ cdef class Trades(Kind):
             g = &self.logs[iid]
             end = self.ntr[iid]
             lo_held = end - R if end > R else 0
+            if lo_held < self.heldfrom[iid]:
+                lo_held = self.heldfrom[iid]
             lo_idx = end - L if end > L else 0
             # f: the first trade stamped after `since` (the newest one is)
             if g.stamp[lo_idx % L] > since:
@@ -537,19 +602,25 @@ cdef class Trades(Kind):
         g = &self.logs[iid]
         end = self.ntr[iid]
         lo = end - self.ring if end > <uint64_t>self.ring else 0
+        if lo < self.heldfrom[iid]:
+            lo = self.heldfrom[iid]
         return [PyBytes_FromStringAndSize(g.enc + <Py_ssize_t>(o % self.ring) * TRADE_SLOT,
                                           g.enclen[o % self.ring]) for o in range(lo, end)]
 
-    def snapshot_json(self, ids, since_trades=None):
+    def snapshot_json(self, ids, since_trades=None, upto=None):
         """Comma-joined snapshot entries `{"sym":..,"recent":[...]}` of `ids`.
 
         `since_trades` maps an id to the last tseq the client holds: `recent`
         then holds only later trades, with `"lost":N` (N = first held tseq -
         since - 1) when the gateway held trades after `since` that its ring
         no longer holds (or it started from a loaded ring after them).
+        `upto` (a version of this kind) leaves out trades stamped after it: a
+        connection whose next frame starts there gets those in that frame,
+        so none comes twice.
         """
         cdef TradeLog* g
         cdef uint64_t o, end, lo, R = self.ring, L = self.backlog
+        cdef uint64_t cut = self.version if upto is None else <uint64_t>upto
         cdef int64_t since, first
         out = []
         for iid in ids:
@@ -560,7 +631,11 @@ cdef class Trades(Kind):
             head = b'{"sym":"' + sym + b'",'
             end = self.ntr[iid]
             lo = end - R if end > R else 0
+            if lo < self.heldfrom[iid]:
+                lo = self.heldfrom[iid]
             g = &self.logs[iid]
+            while end > lo and g.stamp[(end - 1) % L] > cut:
+                end -= 1
             since = -1
             if since_trades is not None and iid in since_trades:
                 since = since_trades[iid]
@@ -637,14 +712,26 @@ cdef class Trades(Kind):
         return self._one({"sym": sym, "tseq": tseq, "ts": ts, "price": price, "size": size,
                           "side": side}, source, _clock(CLOCK_REALTIME), errors, 0)
 
-    def apply_batch(self, const unsigned char[::1] data, int source=SRC_BUS, bint seed=False):
+    def apply_batch(self, const unsigned char[::1] data, int source=SRC_BUS, bint seed=False,
+                    bint bars=True):
         """Apply a binary trade batch (FTR1). Returns (applied, stale, rejected).
 
         Raises ValueError if it is not a batch or is truncated; the trades
         before the damage are applied. With `seed`, the batch is a ring loaded
         from the store: its instruments are marked as starting from a loaded
-        ring (a snapshot resuming from before it gets `lost`).
+        ring (a snapshot resuming from before it gets `lost`). Without `bars`
+        the trades do not reach the bars (a ring loaded beside the bars the
+        store keeps, which hold them already).
         """
+        cdef Bars keep = self._bars
+        if not bars:
+            self._bars = None
+        try:
+            return self._apply_batch(data, source, seed)
+        finally:
+            self._bars = keep
+
+    cdef tuple _apply_batch(self, const unsigned char[::1] data, int source, bint seed):
         cdef Py_ssize_t n = data.shape[0], pos = 8, end, q
         cdef const char* p = b""
         cdef uint32_t count, k
@@ -655,6 +742,7 @@ cdef class Trades(Kind):
         cdef double price, size
         cdef int res[3]
         res[0] = res[1] = res[2] = 0
+        loaded = set()
         if n:
             p = <const char*>&data[0]
         if n < 8 or memcmp(p, b"FTR1", 4) != 0:
@@ -677,6 +765,11 @@ cdef class Trades(Kind):
                     and sd < 3):
                 iid = self.table.intern(p + pos + 1, slen)
                 if iid >= 0:
+                    if seed and iid not in loaded:
+                        # a ring's oldest trade against what was held: holes
+                        # within the ring are the store's own
+                        loaded.add(iid)
+                        self._gap(iid, tseq)
                     out = self.apply(iid, tseq, ts, price, size, sd, now)
                     if seed:
                         self.seeded[iid] = 1
@@ -699,6 +792,8 @@ cdef class Trades(Kind):
         if iid < 0:
             raise ValueError(f"bad symbol or full table: {sym!r}")
         self._reserve(iid + 1)
+        if trades and type(trades[0][0]) is int:
+            self._gap(iid, trades[0][0])
         for tr in trades:
             t = {"sym": sym, "tseq": tr[0], "ts": tr[1], "price": tr[2], "size": tr[3],
                  "side": tr[4]}

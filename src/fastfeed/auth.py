@@ -50,6 +50,12 @@ class Entitlements:
         rx = self._rx  # type: ignore[attr-defined]
         return rx is None or rx.match(sym) is not None
 
+    def sees_everything(self) -> bool:
+        """May see every symbol, in real time (the market-wide tape asks it):
+        no `syms` claim or a pattern `*`, and no delay or an `rt` pattern `*`."""
+        return (self.patterns is None or "*" in self.patterns) and \
+            (self.delay == 0 or "*" in self.rt)
+
     def delayed(self, sym: str) -> bool:
         """Is `sym` served to this holder delayed (by `delay` seconds)?"""
         return self.delay > 0 and self._rt.match(sym) is None  # type: ignore[attr-defined]

@@ -10,17 +10,22 @@
                 print(row.sym, row.bid, row.ask)
 
 The client keeps a local copy of the latest row of every subscribed symbol in
-`Client.rows`, and keeps it current by itself: when the connection drops or
-the gateway closes it (a deploy drains with 1012, a gateway with no market
-data yet says 1013, a killed process leaves 1006), it reconnects after a
-jittered exponential backoff, to the next URL when several replicas are
-given, and resumes by subscribing again with ``"since": {sym: last seq}`` so
-the gateway sends only the rows it missed, then watches again what was
-watched. The backoff starts afresh after a connection that was served, and
-keeps growing after a 1013 (try again later). It does not reconnect after it
-was closed by its user, nor after the gateway closed it for a fault of the
-client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused the upgrade with
-an HTTP 4xx (a bad token, a wrong path), unless asked to with
+`Client.rows` (and, for the version 1.1 channels, the book of every symbol
+subscribed on ``book`` in `Client.books`, the tape of every symbol subscribed
+on ``trades`` in `Client.trades` and its bars in `Client.bars`:
+``await c.subscribe(["BBCA"], channels=["trades", "bars:1m"])``), and keeps it
+current by itself: when the connection drops or the gateway closes it (a
+deploy drains with 1012, a gateway with no market data yet says 1013, a killed
+process leaves 1006), it reconnects after a jittered exponential backoff, to
+the next URL when several replicas are given, and resumes by subscribing again
+with ``"since": {sym: last seq}`` so the gateway sends only the rows it missed
+(and ``"since_trades": {sym: last tseq}`` so it sends only the trades it
+missed, or says how many it cannot: `Client.trades_lost`), then watches again
+what was watched. The backoff starts afresh after a connection that was
+served, and keeps growing after a 1013 (try again later). It does not
+reconnect after it was closed by its user, nor after the gateway closed it for
+a fault of the client's own (1002, 1003, 1007, 1008, 1009, 1010) or refused
+the upgrade with an HTTP 4xx (a bad token, a wrong path), unless asked to with
 ``retry_client_errors=True``.
 
 `connect()` (and ``async with``) returns once a gateway serves the client:
@@ -70,18 +75,23 @@ from .protocol import (
     FORBIDDEN,
     JSON_SUBPROTOCOL,
     QUOTE_CHANNEL,
+    TRADES_CHANNEL,
 )
+from .tape import MARKET, Bar, BarStore, Tape, Trade
 
 __all__ = [
     "BIN_SUBPROTOCOL",
     "FIELDS",
     "JSON_SUBPROTOCOL",
+    "MARKET",
     "Backoff",
+    "Bar",
     "Client",
     "ConnectionClosed",
     "FastfeedError",
     "OrderBook",
     "Row",
+    "Trade",
     "TryAgainLater",
     "decode_binary_update",
 ]
@@ -369,14 +379,26 @@ class Client:
       on_book_status: ``callback(sym, ok: bool)`` on a book ``status``
         (``"stale"``: its source skipped a ``seq`` or sent a crossed change,
         no changes follow until a full book, announced by ``"ok"``).
+      on_trades: ``callback(trades)`` with every batch of new `Trade` objects
+        (snapshots and updates of the ``trades`` channel), oldest first.
+      on_lost: ``callback(sym, n)`` when the gateway says it dropped `n`
+        trades of `sym` for this client (it read too slowly, or resumed
+        past what the gateway still holds); `trades_lost` sums them.
+      on_bars: ``callback(changes)`` with the ``(sym, interval, Bar)`` of
+        every batch of changed bars.
+      tape_size: trades kept per symbol in `trades`; bars_size: bars kept per
+        (symbol, interval) in `bars`.
 
     Books (``subscribe(..., channels=["book"])``) are kept in `books`
     (``books[sym].bids`` / ``.asks``: ``[price, volume, orders]``, best
     first; ``.seq``; ``.stale``). Every entry's checksum is verified; on a
     mismatch the client resubscribes that book (unsubscribe, then
-    subscribe: a full snapshot) and counts it in `book_resyncs`.
+    subscribe: a full snapshot) and counts it in `book_resyncs`. Trades
+    (``channels=["trades"]``) and bars (``"bars:1m"`` etc.) are kept in
+    `trades` and `bars` (`fastfeed.tape`).
 
     Counters: `reconnects`, `frames` (update frames), `messages`,
+    `trades_lost` (symbol -> trades the gateway dropped for this client),
     `last_latency` (seconds from the gateway's send time to local receipt,
     meaningful when both clocks agree), `last_message_at` (`time.monotonic`
     of the last message of any kind: a heartbeat counts), `last_server_time`
@@ -403,6 +425,11 @@ class Client:
         book_depth: int = BOOK_DEPTH,
         on_book: Callable[[OrderBook], Any] | None = None,
         on_book_status: Callable[[str, bool], Any] | None = None,
+        on_trades: Callable[[list[Trade]], Any] | None = None,
+        on_lost: Callable[[str, int], Any] | None = None,
+        on_bars: Callable[[list[tuple[str, str, Bar]]], Any] | None = None,
+        tape_size: int = 1000,
+        bars_size: int = 500,
     ):
         self.urls: list[str] = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -432,6 +459,15 @@ class Client:
         self.books: dict[str, OrderBook] = {}
         #: books resubscribed because their checksum did not match
         self.book_resyncs = 0
+        self._tape = Tape(tape_size,
+                          on_trades=_guarded(on_trades), on_lost=_guarded(on_lost))
+        self._bars = BarStore(bars_size, on_bars=_guarded(on_bars))
+        #: symbol -> its last trades (a bounded deque, oldest first); MARKET: the market's
+        self.trades = self._tape.trades
+        #: symbol -> trades the gateway dropped for this client (it said so with "lost")
+        self.trades_lost = self._tape.lost
+        #: (symbol, interval) -> its bars, oldest first (the last one may be forming)
+        self.bars = self._bars.bars
         #: what the gateway last said about its upstream
         self.feed_up = True
         #: the URL of the current (or last) connection
@@ -566,12 +602,13 @@ class Client:
                         channels: Iterable[str] | None = None) -> list[str]:
         """Subscribe to `symbols`; return once their snapshot is applied.
 
-        `channels` (version 1.1): ``["quote"]`` (the default), ``["book"]``,
-        or several; a book lands in `books`. Returns the symbols the gateway
-        has never seen (they are not subscribed). Raises `FastfeedError` if
-        the request is refused, with code ``forbidden`` and `symbols` naming
-        those outside the token's entitlements (the rest are subscribed
-        nonetheless).
+        `channels` (version 1.1): any of ``"quote"`` (the default: `rows`),
+        ``"book"`` (`books`), ``"trades"`` (`trades`; the symbol `MARKET`,
+        ``"*"``, is every instrument's trades: ``trades["*"]``) and
+        ``"bars:1m"`` etc. (`bars`). Returns the symbols the gateway has never
+        seen (they are not subscribed). Raises `FastfeedError` if the request
+        is refused, with code ``forbidden`` and `symbols` naming those outside
+        the token's entitlements (the rest are subscribed nonetheless).
         """
         syms = _symbols(symbols)
         chans = _channels(channels)
@@ -584,6 +621,7 @@ class Client:
         msg: dict[str, Any] = {"op": "subscribe", "symbols": syms}
         if channels is not None:
             msg["channels"] = sorted(chans)
+        self._since_trades(msg, syms, chans)
         try:
             reply = await self._request(msg, resend=True)
         except FastfeedError as e:
@@ -616,15 +654,43 @@ class Client:
                 self._chans[s] = chans
 
     def _forget_channels(self, symbols: Iterable[str]) -> None:
+        symbols = builtins.list(symbols)
         for s in symbols:
             self._chans.pop(s, None)
             self._wchans.pop(s, None)
             self.books.pop(s, None)
+        self._tape.forget(symbols)
+        self._bars.forget(symbols)
+
+    def _drop_data(self, symbols: Iterable[str], chans: frozenset[str]) -> None:
+        """What `chans` held for these symbols leaves the local copies."""
+        symbols = builtins.list(symbols)
+        for ch in chans:
+            if ch == QUOTE_CHANNEL:
+                for s in symbols:
+                    self.rows.pop(s, None)
+            elif ch == BOOK_CHANNEL:
+                for s in symbols:
+                    self.books.pop(s, None)
+            elif ch == TRADES_CHANNEL:
+                self._tape.forget(symbols)
+            elif ch.startswith("bars:"):
+                self._bars.forget(symbols, ch[5:])
+
+    def _since_trades(self, msg: dict[str, Any], syms: Iterable[str],
+                      chans: frozenset[str]) -> None:
+        """A subscribe of the trades channel asks only for the trades after
+        those held (``since_trades``)."""
+        if TRADES_CHANNEL in chans:
+            since_trades = self._tape.since(syms)
+            if since_trades:
+                msg["since_trades"] = since_trades
 
     async def unsubscribe(self, symbols: Iterable[str],
                           channels: Iterable[str] | None = None) -> None:
-        """Unsubscribe; their rows leave `rows` (and books `books`). With
-        `channels`, only those channels (the contract: without, every one)."""
+        """Unsubscribe; their rows leave `rows` (and books `books`, trades
+        `trades`, bars `bars`). With `channels`, only those channels (the
+        contract: without, every one)."""
         syms = _symbols(symbols)
         msg: dict[str, Any] = {"op": "unsubscribe", "symbols": syms}
         if channels is None:
@@ -639,10 +705,7 @@ class Client:
                     gone.append(s)
                     continue
                 self._chans[s] = left
-                if QUOTE_CHANNEL not in left:
-                    self.rows.pop(s, None)
-                if BOOK_CHANNEL not in left:
-                    self.books.pop(s, None)
+                self._drop_data([s], chans)
         self._subs.difference_update(gone)
         self._watched.difference_update(gone)
         self._lost.difference_update(gone)
@@ -962,13 +1025,16 @@ class Client:
 
     def _subscribe_msgs(self, syms: builtins.list[str]) -> Iterable[tuple[builtins.list[str],
                                                                           dict[str, Any]]]:
-        """Resubscriptions: quotes with "since" (only what was missed), books
-        without (a full snapshot)."""
+        """Resubscriptions: quotes with "since" (only what was missed), trades
+        with "since_trades" (only what was missed, or how many the gateway no
+        longer holds), books without (a full snapshot)."""
         for chunk, msg in self._grouped("subscribe", syms, self._chans):
-            if QUOTE_CHANNEL in msg.get("channels", (QUOTE_CHANNEL,)):
+            chans = frozenset(msg.get("channels", (QUOTE_CHANNEL,)))
+            if QUOTE_CHANNEL in chans:
                 since = {s: self.rows[s].seq for s in chunk if s in self.rows}
                 if since:
                     msg["since"] = since
+            self._since_trades(msg, chunk, chans)
             yield chunk, msg
 
     async def _raw(self, session: _Session, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -1068,6 +1134,8 @@ class Client:
             books = msg.get("books")
             if books:
                 self._on_books(books, False)
+            if "trades" in msg or "bars" in msg:
+                self._apply_channels(msg, "items")
             return
         rid = msg.get("id")
         pending = session.pending.get(rid) if rid is not None else None
@@ -1077,6 +1145,8 @@ class Client:
             books = msg.get("books")
             if books:
                 self._on_books(books, True)
+            if "trades" in msg or "bars" in msg:
+                self._apply_channels(msg, "recent")
             if pending is not None and not pending.future.done():
                 pending.future.set_result(msg)
         elif kind == "heartbeat":
@@ -1136,6 +1206,17 @@ class Client:
             it.push(changed)
         if self.on_update is not None:
             _call(self.on_update, changed)
+
+    def _apply_channels(self, msg: dict[str, Any], key: str) -> None:
+        """The trades and bars of a snapshot (`key` "recent") or an update ("items")."""
+        chans = self._chans
+        trades = msg.get("trades")
+        if trades:
+            self._tape.apply(trades, key,
+                             lambda sym: TRADES_CHANNEL in chans.get(sym, _QUOTE_ONLY))
+        bars = msg.get("bars")
+        if bars:
+            self._bars.apply(bars, lambda sym, iv: "bars:" + iv in chans.get(sym, _QUOTE_ONLY))
 
     def _on_books(self, entries: builtins.list[dict[str, Any]], snapshot: bool) -> None:
         """Apply ``books`` entries: a snapshot's replace the book, an update's
@@ -1280,3 +1361,10 @@ def _call(callback: Callable[..., Any], *args: Any) -> None:
         callback(*args)
     except Exception:
         log.exception("fastfeed: callback %r failed", callback)
+
+
+def _guarded(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """A user callback whose exceptions are logged, not raised into the client."""
+    if callback is None:
+        return None
+    return lambda *args: _call(callback, *args)

@@ -29,6 +29,8 @@ class Config:
     simulate: int = _opt(0, "run the built-in simulated feed with N instruments (0: off)")
     rate: float = _opt(2000.0, "simulated ticks per second, all instruments together")
     seed: int = _opt(0, "random seed of the simulated feed (0: random)")
+    trades_per_tick: float = _opt(0.25, "simulated trades per simulated quote tick: they print "
+                                        "at the quoted best bid or ask (0: no trades)")
     record: str = _opt("", "append every tick this gateway applies, with its arrival time, to "
                            "this file (docs/replay.md; one worker only)")
     replay: str = _opt("", "play this recording back as a source (docs/replay.md)")
@@ -212,8 +214,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"max-frame-ms {cfg.max_frame_ms} must lie in frame-ms..60000")
     if cfg.workers != "auto" and not (cfg.workers.isdigit() and int(cfg.workers) >= 1):
         problems.append(f"workers must be a positive number or 'auto', not {cfg.workers!r}")
-    if cfg.simulate < 0 or cfg.rate < 0:
-        problems.append("simulate and rate must not be negative")
+    if cfg.simulate < 0 or cfg.rate < 0 or cfg.trades_per_tick < 0:
+        problems.append("simulate, rate and trades-per-tick must not be negative")
     if cfg.max_queued_bytes < cfg.high_water_bytes:
         problems.append("max-queued-bytes must be at least high-water-bytes")
     if cfg.max_list_symbols < 1:

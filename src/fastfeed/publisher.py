@@ -55,6 +55,17 @@ to a gateway's ``/ingest``, or through the bus's book script
 (`fastfeed.bus.books`; ``book_levels`` must be the gateways'
 ``--book-levels``).
 
+Trades (contract version 1.1, ``{"type":"trade","sym":..,"tseq":..,"ts":..,
+"price":..,"size":..,"side":"b"}``) go through `publish_trades`, or through
+`publish` among the ticks (sent before the ticks of the same call), in the
+same batches. They are events, not state: none is folded into another. The last
+`trade_buffer` trades published are kept and sent again on every new
+connection, after the state (the other side drops those whose `tseq` it
+holds), so a reconnection loses none; trades published while disconnected
+beyond that buffer are counted in `trades_dropped` and logged, never lost
+silently. Trades go to a gateway's ``/ingest``, or through the bus's trade
+script (`fastfeed.bus.trades`).
+
 `sync()` waits until the other side has taken everything published so far
 (Redis: answered every script call; a gateway: answered a ping sent after the
 last batch), reconnecting if it must, and says whether it happened in time.
@@ -68,13 +79,14 @@ import json
 import logging
 import math
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, Self
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks
+from fastfeed._core import check_tick, encode_batch, join_records, pack_ticks, valid_symbol
 from fastfeed.backoff import Backoff, Retries
 from fastfeed.bus import BusDown, RedisBus, RedisError
 from fastfeed.client import ConnectionClosed, FastfeedError
@@ -97,6 +109,7 @@ __all__ = [
     "book_message",
     "transport_for",
     "validate_tick",
+    "validate_trade",
 ]
 
 log = logging.getLogger("fastfeed.publisher")
@@ -204,6 +217,35 @@ class _HeldBook:
                 "asks": sorted(self.asks.values(), key=lambda lv: lv[0])}
 
 
+_TRADE_KEYS = frozenset(("type", "sym", "tseq", "ts", "price", "size", "side"))
+_SIDES = ("b", "s", "")
+
+
+def validate_trade(trade: Mapping[str, Any]) -> None:
+    """Raise `ValueError` unless `trade` is a contract ingest trade
+    (``type`` ``"trade"`` may be left out: it is added)."""
+    if not isinstance(trade, Mapping):
+        raise ValueError(f"a trade is a mapping, not {type(trade).__name__}")
+    sym = trade.get("sym")
+    if not isinstance(sym, str) or not valid_symbol(sym):
+        raise ValueError(f"trade: bad symbol {sym!r}")
+    if trade.get("type", "trade") != "trade":
+        raise ValueError(f"{sym}: type {trade.get('type')!r} is not a trade")
+    for name, least in (("tseq", 1), ("ts", 0)):
+        n = trade.get(name)
+        if type(n) is not int or n < least:
+            raise ValueError(f"{sym}: {name} must be an integer of at least {least}, not {n!r}")
+    for name in ("price", "size"):
+        v = trade.get(name)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{sym}: {name} must be a finite number, not negative: {v!r}")
+    if trade.get("side", "") not in _SIDES:
+        raise ValueError(f"{sym}: side must be 'b', 's' or '', not {trade.get('side')!r}")
+    unknown = trade.keys() - _TRADE_KEYS
+    if unknown:
+        raise ValueError(f"{sym}: unknown trade field(s) {sorted(unknown)}")
+
+
 class Transport(Protocol):
     """Where batches go. Implementations: `WebSocketTransport` (the gateway's
     ``/ingest``) and `RedisTransport` (the bus).
@@ -272,6 +314,7 @@ class WebSocketTransport:
     WebSocket. `token` is the publisher token, sent as a Bearer header."""
 
     takes_books = True  # book messages go in the same arrays
+    takes_trades = True  # and trade messages
 
     def __init__(self, url: str, token: str | None = None, connect_timeout: float = 10.0):
         self.url = url
@@ -399,6 +442,7 @@ class RedisTransport:
 
     packs_ticks = True  # the publisher queues encoded records (see Transport)
     takes_books = True  # through the bus's book script (fastfeed.bus.books)
+    takes_trades = True  # through the bus's trade script (fastfeed.bus.trades)
 
     def __init__(self, url: str, *, channels: int = 16, prefix: str = "fastfeed",
                  max_inflight: int = 64, name: str = "publisher", **bus_kw: Any):
@@ -436,12 +480,15 @@ class RedisTransport:
                 return
 
     async def send(self, ticks: list[Any]) -> None:
-        # books and ticks keep their order: runs of each, one after the other
+        # ticks, books and trades keep their order: runs of each, one after the other
         start = 0
         for k in range(1, len(ticks) + 1):
-            if k == len(ticks) or _is_book(ticks[k]) != _is_book(ticks[start]):
-                if _is_book(ticks[start]):
+            if k == len(ticks) or _kind(ticks[k]) != _kind(ticks[start]):
+                kind = _kind(ticks[start])
+                if kind == "book":
                     await self._send_books(ticks[start:k], start)
+                elif kind == "trade":
+                    await self._send_trades(ticks[start:k], start)
                 else:
                     await self._send_ticks(ticks[start:k])
                 start = k
@@ -475,6 +522,18 @@ class RedisTransport:
         if errors and self.on_error is not None:
             for idx, sym, why in errors:
                 self.on_error(_refused(idx, sym, why))
+
+    async def _send_trades(self, trades: list[Any], first: int) -> None:
+        # the trade script keeps each instrument's ring only-if-newer (a trade
+        # sent again on a reconnection is dropped there); waiting for its
+        # answer keeps the ticks that follow after them
+        try:
+            errors = await self.bus.publish_trades(trades)
+        except (TimeoutError, RedisError, BusDown) as e:
+            raise BusDown(f"redis {self.bus.url}: {e or type(e).__name__}") from e
+        if errors and self.on_error is not None:
+            for idx, sym, why in errors:
+                self.on_error(_refused(first + idx, sym, why))
 
     async def sync(self) -> None:
         try:
@@ -510,8 +569,10 @@ def transport_for(url: str, token: str | None = None, **kw: Any) -> Transport:
                      f"redis+sentinel://), not {url!r}")
 
 
-def _is_book(t: Any) -> bool:
-    return type(t) is not bytes and t.get("type") == "book"
+def _kind(t: Any) -> str:
+    """What a queued entry is: ``"book"``, ``"trade"``, or a tick (a packed
+    record or a tick object)."""
+    return "tick" if type(t) is bytes else str(t.get("type") or "tick")
 
 
 def _refused(idx: int, sym: Any, why: str) -> FastfeedError:
@@ -535,7 +596,9 @@ class Publisher:
         folded into the per-symbol state, so nothing waits.
       backoff: the `fastfeed.backoff.Backoff` between reconnection attempts.
       validate: raise `ValueError` in `publish` for a bad tick
-        (`validate_tick`); if false, a bad tick is dropped and reported.
+        (`validate_tick`; `publish_trades`: `validate_trade`); if false, a
+        bad one is dropped and reported.
+      trade_buffer: the last trades kept to send again on a new connection.
       on_error: ``callback(FastfeedError)`` for each refusal: a bad tick
         (with ``validate=False``) or an ``error`` the gateway sends back (a
         refused tick names its symbol in ``symbols``).
@@ -545,8 +608,9 @@ class Publisher:
     Counters: `published` (ticks accepted by `publish`), `sent` (ticks
     written to the wire, resends included), `resent` (of those, rows sent
     from the held state on a new connection), `batches`, `errors`
-    (refusals), `reconnects`; `last_error`; `connected`; `error` (why the
-    publisher stopped, once it has).
+    (refusals), `reconnects`; `trades_published`, `trades_dropped` (trades
+    published while disconnected that the buffer could not hold);
+    `last_error`; `connected`; `error` (why the publisher stopped, once it has).
     """
 
     def __init__(
@@ -561,6 +625,7 @@ class Publisher:
         backoff: Backoff | None = None,
         validate: bool = True,
         on_error: Callable[[FastfeedError], Any] | None = None,
+        trade_buffer: int = 100_000,
         **transport_kw: Any,
     ):
         if transport is None:
@@ -583,6 +648,8 @@ class Publisher:
         self.on_error = on_error
 
         self.published = 0
+        self.trades_published = 0
+        self.trades_dropped = 0
         self.sent = 0
         self.resent = 0
         self.batches = 0
@@ -595,6 +662,7 @@ class Publisher:
         self._queue: list[Tick | bytes] = []  # ticks, or a packing transport's records
         self._state: dict[str, Tick] = {}  # every symbol's ticks merged: resent on reconnect
         self._books: dict[str, _HeldBook] = {}  # every book whole: resent full on reconnect
+        self._trades: deque[Tick] = deque(maxlen=max(1, trade_buffer))  # resent on reconnect
         self._connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()  # the flusher has work
@@ -635,6 +703,20 @@ class Publisher:
         if self._stopped.is_set():
             raise self.error or ConnectionClosed(1000, "publisher closed")
         batch = [ticks] if isinstance(ticks, Mapping) else list(ticks)
+        trades = [t for t in batch if isinstance(t, Mapping) and t.get("type") == "trade"]
+        if trades:
+            # trades first (the ticks they moved follow them), none queued if
+            # anything in the call is bad
+            rest = [t for t in batch if not (isinstance(t, Mapping)
+                                             and t.get("type") == "trade")]
+            if self.validate:
+                for t in rest:
+                    if not (isinstance(t, Mapping) and t.get("type") == "book"):
+                        validate_tick(t)
+            await self.publish_trades(trades)
+            if rest:
+                await self.publish(rest)
+            return
         if any(isinstance(t, Mapping) and t.get("type") == "book" for t in batch):
             books = [t for t in batch if isinstance(t, Mapping) and t.get("type") == "book"]
             batch = [t for t in batch if not (isinstance(t, Mapping) and t.get("type") == "book")]
@@ -763,6 +845,52 @@ class Publisher:
             self.published += 1
             if live:
                 self._queue.append(m)
+        if self._queue or not live:
+            self._idle.clear()
+            self._wake.set()
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
+
+    async def publish_trades(self, trades: Mapping[str, Any] | Iterable[Mapping[str, Any]]
+                             ) -> None:
+        """Queue one trade or a list of them, in order (see the module).
+        Raises `ValueError` for a bad trade with `validate` (and queues
+        none of the list), `ConnectionClosed` once the publisher has stopped."""
+        if self._stopped.is_set():
+            raise self.error or ConnectionClosed(1000, "publisher closed")
+        batch = [trades] if isinstance(trades, Mapping) else list(trades)
+        if self.validate:
+            for t in batch:
+                validate_trade(t)
+        await self.start()
+        while len(self._queue) >= self.max_queue and self._connected.is_set():
+            self._space.clear()
+            await self._space.wait()
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000, "publisher closed")
+        live = self._connected.is_set()
+        held = self._trades
+        dropped = 0
+        for i, t in enumerate(batch):
+            if not self.validate:
+                try:
+                    validate_trade(t)
+                except ValueError as e:
+                    self._on_error(_refused(i, t.get("sym") if isinstance(t, Mapping) else None,
+                                            str(e)))
+                    continue
+            trade = {"type": "trade", **t}  # a copy: the caller may reuse its dicts
+            if not live and len(held) == held.maxlen:
+                dropped += 1  # the oldest held, never sent: say so below
+            held.append(trade)
+            if live:
+                self._queue.append(trade)
+            self.trades_published += 1
+        if dropped:
+            self.trades_dropped += dropped
+            log.error("fastfeed publisher: %d trades dropped while disconnected (%d so far): "
+                      "more than trade_buffer=%d were published before the connection came "
+                      "back", dropped, self.trades_dropped, held.maxlen)
         if self._queue or not live:
             self._idle.clear()
             self._wake.set()
@@ -910,6 +1038,12 @@ class Publisher:
             if state:
                 log.info("fastfeed publisher: sent the latest state of %d symbols (%d books) "
                          "on connecting", len(self._state), len(self._books))
+            # whatever the last connection may not have delivered
+            trades: list[Tick | bytes] = list(self._trades)
+            for i in range(0, len(trades), self.max_batch):
+                batch = trades[i : i + self.max_batch]
+                await self._send(batch)
+                self.resent += len(batch)
             while not closed.done() and not self._closing:
                 if not self._queue:
                     self._idle.set()
@@ -940,7 +1074,7 @@ class Publisher:
             self._connected.clear()
             self._queue = []
             self._space.set()
-            if self._state or self._books:
+            if self._state or self._books or self._trades:
                 self._idle.clear()  # the state goes again on the next connection
         code = closed.result() if closed.done() else CLOSE_ABNORMAL
         closed.cancel()

@@ -128,6 +128,9 @@ class RefHub:
             c.sent[slot] = self.kinds[slot].version
         c.subs_by[slot] = set(ids)
 
+    def sent_version(self, cid: int, slot: int) -> int:
+        return self.conns[cid].sent[slot]
+
     def watch_ids(self, cid: int, ids, on: bool, slot: int = 0) -> None:
         c = self.conns[cid]
         w = c.watched_by[slot]
@@ -461,11 +464,12 @@ class RefTrades:
             out.append(head.encode() + b'"items":[' + b",".join(e[2] for e in items) + b"]}")
         return b",".join(out)
 
-    def snapshot(self, ids, since_trades: dict[int, int] | None = None) -> bytes:
+    def snapshot(self, ids, since_trades: dict[int, int] | None = None,
+                 upto: int | None = None) -> bytes:
         out = []
         for iid in ids:
             log = self.log.get(iid, [])
-            held = log[-self.ring:]
+            held = [e for e in log[-self.ring:] if upto is None or e[0] <= upto]
             head = f'{{"sym":"{self.sym(iid)}",'
             since = (since_trades or {}).get(iid, -1)
             later = [e for e in held if e[1] > since]

@@ -165,7 +165,8 @@ def _run_feed(cfg: Config) -> int:
 
     return run_simulator(cfg.redis, cfg.simulate, cfg.rate, seed=cfg.seed,
                          channels=cfg.redis_channels, prefix=cfg.redis_prefix,
-                         book_levels=cfg.book_levels)
+                         book_levels=cfg.book_levels,
+                         trade_rate=cfg.rate * cfg.trades_per_tick)
 
 
 class Supervisor:

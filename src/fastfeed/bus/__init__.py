@@ -35,7 +35,10 @@ store took, and they are full rows, so applying the same set of messages and
 snapshot rows in any order gives the same table.
 
 Order books travel beside the quotes on ``P:books:N`` and are stored in
-``P:book:N`` by their own script (`fastfeed.bus.books`).
+``P:book:N`` by their own script (`fastfeed.bus.books`). Trades travel on
+``P:ticks:N`` as ``FTR1`` batches; their script keeps each instrument's
+last trades in ``P:trades:N`` and the bars made of them in ``P:bars:N``
+(`fastfeed.bus.trades`).
 
 Subscribing, on every (re)connection: SUBSCRIBE all channels first, then read
 the store (``HSCAN`` in chunks) and apply it. A tick published in between
@@ -125,6 +128,8 @@ class RedisBus:
     writes through (a `fastfeed.feed.sink.LocalSink`, or a sink wrapping one:
     ``sink.table``, ``sink.apply_batch(data)``, ``sink.kick()``), so what it
     applies passes where every other source's does (a gateway's bus).
+    ``bars_tz``/``bars_history``: the bars the trade store keeps, for a bus
+    without a sink's bars (a publisher: None adopts the prefix's).
     A ``redis+cluster://`` URL gives a ``ClusterBus``.
 
     The parts are `link`, `store` and `subscriber` (None without a table);
@@ -165,6 +170,8 @@ class RedisBus:
         books: Any = None,
         book_levels: int = 50,
         trade_ring: int = 100,
+        bars_tz: str | None = None,
+        bars_history: int | None = None,
     ):
         if sink is not None:
             if table is not None or on_ticks is not None:
@@ -183,19 +190,24 @@ class RedisBus:
             ping_timeout=ping_timeout, name=name)
         self.store = RowStore(self.link)
         self.link.attach(self.store)
+        trades = getattr(sink, "trades", None)
+        self.trade_store = TradeStore(self.link, trades, trade_ring, on_ticks,
+                                      bars_tz=bars_tz, bars_history=bars_history)
         self.subscriber: Subscriber | None = None
         if table is not None:
+            apply = sink.apply_batch if sink is not None else None
+            if apply is not None and trades is not None:
+                # trade batches wait while the rings and bars load (bus/trades.py)
+                apply = self.trade_store.gate(apply)
             self.subscriber = Subscriber(self.link, table, self.store, on_ticks=on_ticks,
                                          reseed=reseed, snapshot_chunk=snapshot_chunk,
-                                         apply=sink.apply_batch if sink is not None else None)
+                                         apply=apply)
             self.link.attach(self.subscriber)
         # order books (bus/books.py): published by every bus, received by a
         # gateway's, which gives its `fastfeed._core.Books`
         self.book_bus = BookBus(self.link, books, levels=book_levels, on_change=on_ticks)
         self.link.attach(self.book_bus)
         # after the subscriber: the rings load once the channels are subscribed
-        self.trade_store = TradeStore(self.link, getattr(sink, "trades", None), trade_ring,
-                                      on_ticks)
         self.link.attach(self.trade_store)
 
     @classmethod
@@ -328,6 +340,11 @@ class RedisBus:
     def loaded_trades(self) -> int:
         """Trades loaded from the rings in Redis, every (re)connection together."""
         return self.trade_store.loaded_trades
+
+    @property
+    def loaded_bars(self) -> int:
+        """Instruments whose bars were taken from Redis, every (re)connection together."""
+        return self.trade_store.loaded_bars
 
     @property
     def reseeded_trades(self) -> int:

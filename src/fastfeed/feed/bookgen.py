@@ -177,6 +177,15 @@ class BookGen:
         self.seq[uniq] += 1
         return self._messages(uniq, new_p, new_v, new_o, set_mask, old_p, gone)
 
+    def volume_at(self, ids: np.ndarray, side: np.ndarray, price: np.ndarray) -> np.ndarray:
+        """The volume the book of each of `ids` holds at `price` on `side`
+        (`BID` 0, `ASK` 1), 0 where it holds none (or has not opened): what
+        the simulator's trades meet when a level above it was taken out."""
+        p = self.price[ids, side]  # (m, levels)
+        v = self.vol[ids, side]
+        hit = (p == price[:, None]) & (v > 0)
+        return np.where(hit.any(1), v[np.arange(len(ids)), hit.argmax(1)], 0.0)
+
     # -- the messages ---------------------------------------------------------
 
     def _messages(self, uniq: np.ndarray, new_p: np.ndarray, new_v: np.ndarray,

@@ -163,6 +163,11 @@ class PublisherSink:
         """Book messages given to `ticks` go on (the transport carries them)."""
         return bool(getattr(self.pub.transport, "takes_books", False))
 
+    @property
+    def takes_trades(self) -> bool:
+        """Trade messages given to `ticks` go on (the transport carries them)."""
+        return bool(getattr(self.pub.transport, "takes_trades", False))
+
     async def drain(self) -> None:
         if self.pending:
             ticks, self.pending = self.pending, []
@@ -179,25 +184,28 @@ class PublisherSink:
 
 
 async def simulate(pub: Publisher, n: int, rate: float, seed: int = 0,
-                   duration: float = 0.0, step: float = 0.005) -> int:
+                   duration: float = 0.0, step: float = 0.005, trade_rate: float = 0.0) -> int:
     """Publish the built-in simulated market until `duration` (0: forever),
-    with its order books when the publisher's transport takes books."""
+    with its order books when the publisher's transport takes books, and
+    `trade_rate` trades per second (0: none)."""
     from .simulator import SimulatorSource
 
     return await SimulatorSource(PublisherSink(pub), n, rate, seed, duration=duration,
-                                 step=step).run()
+                                 step=step, trade_rate=trade_rate).run()
 
 
 def run_simulator(url: str, n: int, rate: float, *, seed: int = 0, channels: int = 16,
-                  prefix: str = "fastfeed", duration: float = 0.0, book_levels: int = 50) -> int:
+                  prefix: str = "fastfeed", duration: float = 0.0, book_levels: int = 50,
+                  trade_rate: float = 0.0) -> int:
     """The pod's simulated feed process (`fastfeed serve --simulate` with workers):
-    its quotes and books onto the bus (`book_levels` is the pod's ``--book-levels``)."""
+    its quotes, books and trades onto the bus (`book_levels` is the pod's
+    ``--book-levels``; `trade_rate` trades per second, 0: none)."""
     import uvloop
 
     async def main() -> int:
         async with RedisPublisher(url, channels=channels, prefix=prefix,
                                   book_levels=book_levels) as pub:
-            await simulate(pub, n, rate, seed, duration)
+            await simulate(pub, n, rate, seed, duration, trade_rate=trade_rate)
         return 0
 
     return uvloop.run(main())

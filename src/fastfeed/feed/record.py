@@ -272,6 +272,10 @@ class RecordingSink:
     def takes_books(self) -> bool:
         return bool(getattr(self.inner, "takes_books", False))
 
+    @property
+    def takes_trades(self) -> bool:
+        return bool(getattr(self.inner, "takes_trades", False))
+
     def _forward(self, call: Any, data: Any, source: int, reply: Reply) -> bool:
         taken = self._taken
         taken.reply, taken.admitted = reply, False

@@ -3,7 +3,9 @@
 A few instruments tick far more than the rest (Zipf-like weights), prices move
 on exchange tick sizes with a spread of one to three ticks, sizes are lots of
 100 shares, volume accumulates, and every few seconds a burst multiplies the
-rate for a moment, as at an open or on news.
+rate for a moment, as at an open or on news. With a trade rate, trades
+(`fastfeed.feed.tradegen`) print against those quotes and set their last,
+last_size and volume.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..protocol import VALUE_FIELDS
 from .bookgen import BookGen, tick_size
 from .sink import SIMULATOR, LogReply, Sink, arrays_to_ticks
 from .source import TaskSource
+from .tradegen import TradeBatch, TradeGen, trades_to_messages
 
 # Real IDX names with rough price levels (IDR), so the board looks familiar.
 IDX = {
@@ -52,7 +55,7 @@ def symbols(n: int) -> list[str]:
 
 
 class Simulator:
-    def __init__(self, n: int, rate: float, seed: int = 0) -> None:
+    def __init__(self, n: int, rate: float, seed: int = 0, trade_rate: float = 0.0) -> None:
         self.rng = np.random.default_rng(seed or None)
         self.symbols = symbols(n)
         self.n = n
@@ -73,6 +76,14 @@ class Simulator:
         self.burst_left = 0.0
         self.carry = 0.0
         self.opened = False
+        self.mult = 1.0  # the rate multiplier of the last step (bursts)
+        # trades draw from their own generator: the quotes of a seed stay the same
+        self.tape: TradeGen | None = None
+        if trade_rate > 0:
+            self.tape = TradeGen(
+                n, trade_rate, np.random.default_rng(seed + 1 if seed else None),
+                weights=self.p, reference=self.mid.copy(),
+                start_tseq=int(self.seq[0]) if n else 0)
 
     def step(self, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Ticks for the next `dt` seconds: (ids, seqs, ts, values[7]) with one row per tick."""
@@ -142,8 +153,25 @@ class Simulator:
         vol[order] = vol_before[run] + cum - (cum[first] - sizes[first])
         self.seq += np.bincount(ids, minlength=self.n)
         vals[:, VALUE_COLS["volume"]] = vol
+        self.mult = mult
+        if self.tape is not None:
+            self.tape.on_quotes(ids, vals)
         ts = np.full(count, wall_ns(), dtype=np.int64)
         return ids, seqs, ts, vals
+
+    def trade_step(self, dt: float) -> tuple[TradeBatch, tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray, np.ndarray]]:
+        """The trades of the next `dt` seconds against the current quotes, and
+        the quote ticks they cause (ids, seqs, ts, values[7]: the traded
+        instruments' new top of book, last, last_size and volume)."""
+        assert self.tape is not None, "a Simulator made without a trade rate"
+        now = wall_ns()
+        batch, ids = self.tape.step(dt, now, self.mult)
+        self.seq[ids] += 1
+        self.mid[ids] = self.tape.last[ids]  # the quotes walk on from the last print
+        ticks = (ids, self.seq[ids], np.full(len(ids), now, np.int64),
+                 self.tape.quote_values(ids))
+        return batch, ticks
 
     def ticks(self, dt: float) -> list[dict]:
         """The same as `step`, as protocol tick objects (for publishers)."""
@@ -161,15 +189,21 @@ class SimulatorSource(TaskSource):
     With `books` (default: when the sink says it `takes_books`), the books
     of the instruments that ticked follow each step's quotes
     (`fastfeed.feed.bookgen.BookGen`), as contract ingest book messages
-    written with `Sink.ticks`, which takes book messages beside quotes."""
+    written with `Sink.ticks`, which takes book messages beside quotes.
+
+    With a `trade_rate`, each step's trades (`fastfeed.feed.tradegen`) go
+    to `Sink.ticks` as contract trade messages, then the quotes they moved
+    with `Sink.arrays`, then those instruments' books: a trade prints at the
+    best bid or ask the quote and the book showed, and the book's level
+    shrinks by it (or leaves the book)."""
 
     name = "simulator"
 
     def __init__(self, sink: Sink, n: int, rate: float, seed: int = 0, *,
                  duration: float = 0.0, step: float = 0.005, books: bool | None = None,
-                 book_levels: int = 20) -> None:
+                 book_levels: int = 20, trade_rate: float = 0.0) -> None:
         super().__init__(sink)
-        self.sim = Simulator(n, rate, seed)
+        self.sim = Simulator(n, rate, seed, trade_rate)
         self.duration = duration  # seconds; 0: until stopped
         self.step = step
         self.sent = 0  # ticks written to the sink
@@ -178,24 +212,59 @@ class SimulatorSource(TaskSource):
         self.bookgen = (BookGen(self.sim.symbols, book_levels, seed,
                                 seq0=wall_ns() // 1000) if books else None)
         self.books_sent = 0  # book messages written to the sink
+        if self.bookgen is not None and self.sim.tape is not None:
+            # a level a trade takes out uncovers the book's next one, as it is
+            self.sim.tape.book_volume = self.bookgen.volume_at
+        self.trades_sent = 0  # trades written to the sink
+        self.reply = LogReply("the simulator's trades")
+        self.book_reply = LogReply("the simulator's books")
+        # trades go out every `trade_step` seconds (their ts spread over it):
+        # a few trades a step cost mostly NumPy's per-call overhead
+        self.trade_step = max(step, 0.02)
+        self._trade_dt = 0.0
 
     async def run(self) -> int:
         """Write to the sink until `duration` has passed (0: forever); the ticks sent."""
-        sim, sink, gen = self.sim, self.sink, self.bookgen
+        sim, sink = self.sim, self.sink
         numbering = sink.symbols(sim.symbols)
-        reply = LogReply("the simulator's books")
         start = last = time.monotonic()
         while not self.duration or last - start < self.duration:
             await asyncio.sleep(self.step)
             now = time.monotonic()
-            ids, seqs, ts, vals = sim.step(min(now - last, 0.1))
+            dt = min(now - last, 0.1)
+            ids, seqs, ts, vals = sim.step(dt)
             last = now
             if len(ids):
                 sink.arrays(numbering, ids, seqs, ts, vals, SIMULATOR)
                 self.sent += len(ids)
-                if gen is not None:
-                    books = gen.step(ids, seqs, ts, vals)
-                    sink.ticks(books, SIMULATOR, reply)
-                    self.books_sent += len(books)
+                self._books(ids, seqs, ts, vals)
+            if sim.tape is not None:
+                self._trade_dt += dt
+                if self._trade_dt >= self.trade_step:
+                    self._trades(numbering, min(self._trade_dt, 0.1))
+                    self._trade_dt = 0.0
             await sink.drain()
         return self.sent
+
+    def _trades(self, numbering: object, dt: float) -> None:
+        """A step's trades to the sink's trade entry point, then the quotes
+        they moved (the trades come first: a row never shows a last that its
+        tape has not had)."""
+        batch, (ids, seqs, ts, vals) = self.sim.trade_step(dt)
+        if len(batch):  # contract ingest trade messages, among a sink's ticks
+            self.sink.ticks(trades_to_messages(self.sim.symbols, batch), SIMULATOR, self.reply)
+            self.trades_sent += len(batch)
+        if len(ids):
+            self.sink.arrays(numbering, ids, seqs, ts, vals, SIMULATOR)
+            self.sent += len(ids)
+            # the books of the traded instruments follow: the level a trade
+            # took from shrinks by its size, or leaves the book
+            self._books(ids, seqs, ts, vals)
+
+    def _books(self, ids: np.ndarray, seqs: np.ndarray, ts: np.ndarray,
+               vals: np.ndarray) -> None:
+        """The books of the instruments in these quote ticks brought to them."""
+        if self.bookgen is not None:
+            books = self.bookgen.step(ids, seqs, ts, vals)
+            self.sink.ticks(books, SIMULATOR, self.book_reply)
+            self.books_sent += len(books)

@@ -318,6 +318,12 @@ class LocalSink:
         gave this sink its books); the simulator then sends its books."""
         return getattr(self, "books", None) is not None
 
+    @property
+    def takes_trades(self) -> bool:
+        """Trade messages given to `ticks` or `json` are applied (the gateway
+        keeps trades); the simulator then sends its trades."""
+        return self.trades is not None
+
     def symbols(self, names: Sequence[str]) -> np.ndarray:
         """The numbering `arrays` takes: position in `names` -> this table's id."""
         return np.array([self.table.intern_symbol(s) for s in names], np.int32)
@@ -413,6 +419,11 @@ class BusSink:
     def takes_books(self) -> bool:
         """Book messages go onto the bus (when the bus carries books)."""
         return callable(getattr(self.bus, "publish_books", None))
+
+    @property
+    def takes_trades(self) -> bool:
+        """Trade messages go onto the bus (when the bus carries trades)."""
+        return callable(getattr(self.bus, "publish_trades", None))
 
     def symbols(self, names: Sequence[str]) -> list[str]:
         return list(names)

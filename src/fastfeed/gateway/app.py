@@ -33,7 +33,14 @@ from .books import book_channel, book_events
 from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
-from .registry import Channels, Limits, Registry, quote_channel, trade_channels
+from .registry import (
+    Channels,
+    Limits,
+    Registry,
+    quote_channel,
+    tape_channel,
+    trade_channels,
+)
 from .routes import Routes
 from .session import SessionContext, SymbolIndex
 
@@ -66,6 +73,10 @@ class Gateway:
         for ch in trade_channels(self.trades, self.hub.add_kind(self.trades),
                                  self.bars, self.hub.add_kind(self.bars)):
             self.channels.register(ch)
+        # the tape (`*` on trades) in a slot of its own: a connection holds it
+        # whole or not at all, so its pending starts at its snapshot (Hub.subscribe_ids)
+        self.channels.register_tape(tape_channel(self.trades.tape,
+                                                 self.hub.add_kind(self.trades.tape)))
         self.metrics = metrics.Metrics()
         self.limits = Limits.from_config(cfg)
         self.registry = Registry(self.limits, self.metrics, lambda: self.has_market_data)
@@ -142,7 +153,12 @@ class Gateway:
                                                  cfg.max_ingest_bytes, cfg.ingest_rate))
         self.sources.append(self.ingest)
         if cfg.simulate:
-            self.sources.append(SimulatorSource(self.sink, cfg.simulate, cfg.rate, cfg.seed))
+            # trades only into a sink that takes them (the local table with
+            # its trades kind, or a bus that carries them)
+            takes = bool(getattr(self.sink, "takes_trades", False))
+            self.sources.append(SimulatorSource(
+                self.sink, cfg.simulate, cfg.rate, cfg.seed,
+                trade_rate=cfg.rate * cfg.trades_per_tick if takes else 0.0))
         if cfg.replay:
             self.sources.append(ReplaySource(self.sink, cfg.replay, cfg.replay_speed))
         if cfg.max_delay_s:

@@ -21,7 +21,7 @@ def book_channel(hub: Any, books: Any) -> Channel:
     """
     slot = hub.add_kind(books)
     return Channel(name=BOOK_CHANNEL, slot=slot, key="books", item=books.item,
-                   snapshot=lambda items, since: books.snapshot_json(items))
+                   snapshot=lambda items, since, _upto: books.snapshot_json(items))
 
 
 def book_events(hub: Any, slot: int, books: Any) -> Callable[[], None]:

@@ -56,30 +56,40 @@ class Channel:
     `item(iid)`: the kind's item id of an instrument (quotes, books, trades:
     the instrument id; bars: iid * 6 + interval index).
     `key`: the snapshot's key of its entries ("rows", "books", ...).
-    `snapshot(items, since)`: the comma-separated JSON entries of `items` for
-    a snapshot; `since` maps instrument ids to the client's resume point
-    (`since_key` of the request, e.g. "since", "since_trades"), or is empty.
+    `snapshot(items, since, upto)`: the comma-separated JSON entries of
+    `items` for a snapshot; `since` maps instrument ids to the client's resume
+    point (`since_key` of the request, e.g. "since", "since_trades"), or is
+    empty; `upto` is the kind's version the connection's next frame starts
+    after (an event kind leaves out what that frame will carry).
     """
 
     name: str
     slot: int
     key: str
     item: Callable[[int], int]
-    snapshot: Callable[[list[int], dict[int, int]], bytes]
+    snapshot: Callable[[list[int], dict[int, int], int], bytes]
     since_key: str | None = None
 
 
 class Channels:
     """Channel name -> Channel. Quotes are registered by the app; books,
-    trades and bars register theirs the same way."""
+    trades and bars register theirs the same way. `tape` serves the symbol
+    `*` of the trades channel (the market-wide tape): a channel of its own
+    (hub slot, one item) that no request names."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, Channel] = {}
+        self.tape: Channel | None = None
 
     def register(self, ch: Channel) -> None:
         if ch.name in self.by_name:
             raise ValueError(f"channel {ch.name!r} is registered twice")
         self.by_name[ch.name] = ch
+
+    def register_tape(self, ch: Channel) -> None:
+        if self.tape is not None or ch.name in self.by_name:
+            raise ValueError("the tape's channel is registered twice")
+        self.tape = ch
 
     def get(self, name: str) -> Channel | None:
         return self.by_name.get(name)
@@ -88,7 +98,10 @@ class Channels:
         return list(self.by_name)
 
     def in_slot(self, slot: int) -> list[Channel]:
-        return [c for c in self.by_name.values() if c.slot == slot]
+        out = [c for c in self.by_name.values() if c.slot == slot]
+        if self.tape is not None and self.tape.slot == slot:
+            out.append(self.tape)
+        return out
 
 
 def quote_channel(table: Any) -> Channel:
@@ -96,7 +109,7 @@ def quote_channel(table: Any) -> Channel:
     with no quote yet (known from a book or a trade, seq -1) are left out of
     snapshots: their first quote comes as an update."""
     return Channel(name=P.QUOTE_CHANNEL, slot=0, key="rows", item=int,
-                   snapshot=lambda items, since: table.rows_json(items, since),
+                   snapshot=lambda items, since, _upto: table.rows_json(items, since),
                    since_key="since")
 
 
@@ -111,7 +124,7 @@ def trade_channels(trades: Any, trade_slot: int, bars: Any, bar_slot: int) -> li
         return iid
 
     out = [Channel(name=P.TRADES_CHANNEL, slot=trade_slot, key="trades", item=trade_item,
-                   snapshot=lambda items, since: trades.snapshot_json(items, since),
+                   snapshot=lambda items, since, upto: trades.snapshot_json(items, since, upto),
                    since_key="since_trades")]
     for k, name in enumerate(P.BAR_CHANNELS):
         def bar_item(iid: int, k: int = k) -> int:
@@ -119,8 +132,17 @@ def trade_channels(trades: Any, trade_slot: int, bars: Any, bar_slot: int) -> li
             return iid * 6 + k
 
         out.append(Channel(name=name, slot=bar_slot, key="bars", item=bar_item,
-                           snapshot=lambda items, since: bars.snapshot_json(items)))
+                           snapshot=lambda items, since, _upto: bars.snapshot_json(items)))
     return out
+
+
+def tape_channel(tape: Any, slot: int) -> Channel:
+    """The market-wide tape (`*` on trades): a `fastfeed._core.Tape` in its
+    own hub slot, one item (id 0), its entries under the trades key. Its name
+    is internal (a session's key for it); requests say `*` on `trades`."""
+    return Channel(name=f"{P.TRADES_CHANNEL} {P.TAPE_SYMBOL}", slot=slot, key="trades",
+                   item=lambda iid: 0,
+                   snapshot=lambda items, since, _upto: tape.snapshot_json() if items else b"")
 
 
 class Member(Protocol):

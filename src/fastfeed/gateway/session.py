@@ -35,6 +35,7 @@ FIELDS = list(P.FIELDS)
 _loads = orjson.loads
 _dumps = orjson.dumps
 _SCALAR = (str, int, float, bool, type(None))
+TAPE = P.TAPE_SYMBOL  # on the trades channel: every instrument's trades, in one stream
 
 
 _WILD = re.compile(r"[*?\[]")
@@ -155,7 +156,7 @@ def delayed_quote_channel(dtable: Any, slot: int, delay_s: int) -> Channel:
     """Quotes as of `delay_s` ago: the delayed table in its hub slot, under the
     same key. A symbol with no delayed state yet is left out of snapshots (it is
     subscribed; its first delayed state comes as an update)."""
-    def snapshot(items: list[int], since: dict[int, int]) -> bytes:
+    def snapshot(items: list[int], since: dict[int, int], _upto: int) -> bytes:
         return dtable.rows_json([i for i in items if dtable.seq_of(i) >= 0], since)
 
     return Channel(name=f"{P.QUOTE_CHANNEL}@{delay_s}", slot=slot, key="rows", item=int,
@@ -308,7 +309,8 @@ class Session(MessageListener):
         if not isinstance(syms, list) or not all(isinstance(s, str) for s in syms):
             raise RequestError(P.BAD_REQUEST, f"{key} must be a list of symbol strings")
         self._charge(len(syms) // SYMBOLS_UNIT)
-        bad = [s for s in syms if not _core.valid_symbol(s)]
+        # `*` is the market-wide tape, not a symbol: each op takes it out (_take_tape)
+        bad = [s for s in syms if s != TAPE and not _core.valid_symbol(s)]
         if bad:
             raise RequestError(P.BAD_REQUEST,
                                "bad symbol: 1 to 32 characters of A-Z a-z 0-9 . _ - : /", bad[:20])
@@ -329,6 +331,22 @@ class Session(MessageListener):
             raise RequestError(P.BAD_REQUEST, f"unknown channel {bad[0][:40]!r}; channels: "
                                               f"{', '.join(reg.names())}")
         return [reg.by_name[n] for n in dict.fromkeys(names)], True
+
+    def _take_tape(self, syms: list[str], chans: list[Channel], named: bool) -> Channel | None:
+        """Take `*`, the market-wide tape, out of `syms`: the tape's channel if
+        it was there. `*` is a symbol of the trades channel only: a request that
+        names it with another channel (or without `channels`, where that means
+        quotes) is refused whole."""
+        if TAPE not in syms:
+            return None
+        syms.remove(TAPE)
+        tape = self.ctx.channels.tape
+        names = {ch.name for ch in chans}
+        if tape is None or P.TRADES_CHANNEL not in names or (named and len(names) > 1):
+            raise RequestError(P.BAD_REQUEST, "symbol * (the market-wide tape) is served on the "
+                                              "trades channel only: "
+                                              '{"symbols":["*"],"channels":["trades"]}', [TAPE])
+        return tape
 
     def _chan(self, name: str) -> Channel:
         return self.twin_names.get(name) or self.ctx.channels.by_name[name]
@@ -367,6 +385,7 @@ class Session(MessageListener):
     def op_subscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
         chans, named = self._channels(req, [P.QUOTE_CHANNEL])
+        tape = self._take_tape(syms, chans, named)
         since_of: dict[str, dict[int, int]] = {}
         table = self.ctx.table
         for key in {ch.since_key for ch in chans if ch.since_key}:
@@ -398,6 +417,11 @@ class Session(MessageListener):
                     picked.setdefault(rc.name, set()).add(iid)
                     if rc is not ch and (not late or late[-1] != s):
                         late.append(s)
+        # the tape is one shared stream, unfiltered: only for a token that sees everything
+        tape_denied = tape is not None and not self.ent.sees_everything()
+        if tape is not None and not tape_denied and not self.chan_subs.get(tape.name):
+            targets[tape.name] = tape
+            picked[tape.name] = {0}  # its one item: one (symbol, channel) pair
         for ch in chans:
             targets.setdefault(ch.name, ch)
         new = {name: sorted(picked.get(name, ())) for name in targets}
@@ -408,6 +432,10 @@ class Session(MessageListener):
                                f"at most {self.limits.max_subscriptions} {what} per connection")
         if denied:
             self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
+        if tape_denied:
+            self._error(rid, P.FORBIDDEN, "the market-wide tape (*) needs a token that sees every "
+                                          "symbol in real time (no syms claim, or the pattern *)",
+                        [TAPE])
         for name, dsyms in undelayed.items():
             # never real time for a delayed symbol: this channel has no delayed copy yet
             self._error(rid, P.FORBIDDEN, f"channel {name} is not served delayed yet, and "
@@ -424,7 +452,8 @@ class Session(MessageListener):
         parts: dict[str, list[bytes]] = {"rows": []}
         for ch in targets.values():
             since = since_of.get(ch.since_key, {}) if ch.since_key else {}
-            body = ch.snapshot([ch.item(i) for i in new[ch.name]], since)
+            body = ch.snapshot([ch.item(i) for i in new[ch.name]], since,
+                               self.hub.sent_version(self.cid, ch.slot))
             if body:
                 parts.setdefault(ch.key, []).append(body)
             else:
@@ -455,10 +484,15 @@ class Session(MessageListener):
     def op_unsubscribe(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
         chans, named = self._channels(req, None)
+        tape = self._take_tape(syms, chans, named)
         pairs, missing = self._split(syms, chans, self.chan_subs)
         if not named:  # every channel: a symbol is missing only if none was subscribed
             hit = {sym for sym, _, _ in pairs}
             missing = [s for s in syms if s not in hit]
+        if tape is not None and self.chan_subs.get(tape.name):
+            pairs.append((TAPE, 0, tape))
+        elif tape is not None:
+            missing.append(TAPE)
         if pairs:
             unwatch = [(sym, iid, ch) for sym, iid, ch in pairs
                        if iid in self.chan_watched.get(ch.name, ())]
@@ -477,6 +511,12 @@ class Session(MessageListener):
     def op_watch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
         chans, named = self._channels(req, [P.QUOTE_CHANNEL])
+        if self._take_tape(syms, chans, named) is not None:
+            # a watched item is pushed at once on every change; the tape changes
+            # with every trade of the market, so it keeps to the frame interval
+            raise RequestError(P.BAD_REQUEST, "the market-wide tape (*) cannot be watched: it "
+                                              "comes at this connection's frame interval "
+                                              "(configure frame_ms)", [TAPE])
         pairs, missing = self._split(syms, chans, self.chan_subs)
         add = [(sym, iid, ch) for sym, iid, ch in pairs
                if iid not in self.chan_watched.get(ch.name, ())]
@@ -498,6 +538,7 @@ class Session(MessageListener):
     def op_unwatch(self, rid: Any, req: dict) -> None:
         syms = self._symbols(req)
         chans, named = self._channels(req, None)
+        self._take_tape(syms, chans, named)  # never watched: nothing to undo
         gone, _ = self._split(syms, chans, self.chan_watched)
         if gone:
             self._unwatch(gone)

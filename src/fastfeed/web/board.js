@@ -3,9 +3,11 @@
 // Messages only touch plain data (rows, a dirty set); the DOM is written in
 // one requestAnimationFrame callback, and only for rows on screen whose text
 // actually changed (every cell remembers what it shows). Clicking a row
-// opens its depth ladder (the "book" channel), painted in the same frame.
+// opens its depth ladder (the "book" channel), painted in the same frame, and
+// shows its trades and bars in the side panel (trades-panel.js).
 
-import { BOOK_CHANNEL, F, FastfeedClient, defaultUrl } from "./fastfeed.js";
+import { BOOK_CHANNEL, F, FastfeedClient, MARKET, defaultUrl } from "./fastfeed.js";
+import { mountTradesPanel } from "./trades-panel.js";
 
 const ROW_H = 24;        // px, matches --row in style.css
 const OVERSCAN = 6;      // rows drawn above and below the viewport
@@ -15,8 +17,9 @@ const COLS = ["star", "sym", "bid", "ask", "last", "change", "spread", "volume",
 const DEPTH_ROWS = 10;   // ladder levels per side
 const DEPTH_COLS = ["bid_orders", "bid_volume", "bid", "ask", "ask_volume", "ask_orders"];
 // (symbol, channel) pairs the board leaves free under the subscription limit:
-// the ladder's one book. Without it a gateway with as many instruments as
-// the limit refuses the book (too_many_subscriptions) and no ladder opens.
+// the ladder's one book (and the side panel's own, its `reserve`). Without it
+// a gateway with as many instruments as the limit refuses the book
+// (too_many_subscriptions) and no ladder opens.
 const LADDER_PAIRS = 1;
 
 const params = new URLSearchParams(location.search);
@@ -90,6 +93,7 @@ class Board {
     this.chained = false;       // the last paint asked for the next frame
     this.pinnedCount = 0;
     this.bar = {};              // status texts to paint
+    this.selected = params.get("sym") || null; // the symbol the side panels show
     this.note = "";
     this.rateWindow = { rows: 0, msgs: 0, lat: [], age: [] };
     try {
@@ -223,6 +227,16 @@ class Board {
     }
   }
 
+  // The symbol the side panels show: a click on its row. They listen for
+  // "fastfeed:select" on the document.
+  select(sym) {
+    if (sym === this.selected) return;
+    this.selected = sym;
+    this.layoutDirty = true;
+    this.schedule();
+    document.dispatchEvent(new CustomEvent("fastfeed:select", { detail: { sym } }));
+  }
+
   // -- status bar -------------------------------------------------------------
 
   setBar(key, value) {
@@ -311,7 +325,8 @@ class Board {
       r.tr.dataset.sym = sym;
       this.setText(c.sym, sym);
     }
-    const selected = sym === this.ladder.sym;
+    // the symbol the side panel shows, which is also the ladder's when it is open
+    const selected = sym === this.selected || sym === this.ladder.sym;
     if (r.selected !== selected) {
       r.selected = selected;
       r.tr.classList.toggle("selected", selected);
@@ -735,7 +750,8 @@ function start() {
     board.setNote("");
     try {
       const symbols = await client.list();
-      const max = client.opts.maxSubscriptions - LADDER_PAIRS;
+      // the limit counts (symbol, channel) pairs: leave the ladder and the side panel theirs
+      const max = client.opts.maxSubscriptions - LADDER_PAIRS - (window.fastfeed.side?.reserve || 0);
       const take = symbols.slice().sort().slice(0, max);
       board.setSymbols(take);
       if (symbols.length > max) {
@@ -768,6 +784,8 @@ function start() {
     for (let i = 0; i < rows.length && i < 8; i++) win.age.push(nowMs - rows[i][F.TS] / 1e6);
   });
   client.on("error", (m) => {
+    // a refused market-wide tape is the side panel's to say (it falls back)
+    if (m.symbols?.length === 1 && m.symbols[0] === MARKET) return;
     if (m.code && m.code !== "socket" && m.code !== "closed") board.setNote(`${m.code}: ${m.message || ""}`);
   });
 
@@ -821,9 +839,24 @@ function start() {
     const sym = e.target.closest("tr")?.dataset.sym;
     if (!sym) return;
     if (btn) board.toggleWatch(sym);
-    else board.ladder.open(board.ladder.sym === sym ? null : sym);
+    else {
+      // the side panel follows the click; the ladder opens on it, or closes
+      // when it was already open on it
+      board.select(sym);
+      board.ladder.open(board.ladder.sym === sym ? null : sym);
+    }
   });
   $("ladder-close").addEventListener("click", () => board.ladder.open(null));
+
+  const side = mountTradesPanel(client, params);
+  if (side) {
+    window.fastfeed.side = side;
+    document.addEventListener("fastfeed:select", (e) => side.select(e.detail.sym));
+    // nothing chosen (no ?sym=): the first instrument the board lists
+    client.on("snapshot", () => {
+      if (!board.selected && board.all.length) board.select(board.all[0]);
+    });
+  }
 
   board.viewport.addEventListener(
     "scroll",

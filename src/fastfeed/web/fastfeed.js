@@ -11,10 +11,14 @@
 // The client keeps the latest row of every subscribed instrument in
 // `client.rows` (Map sym -> row array in protocol field order), the order
 // book of every instrument subscribed with the "book" channel in
-// `client.books` (Map sym -> OrderBook, every checksum verified), resubscribes
-// with `since` after a reconnect so only missed rows are resent, re-applies
-// watch and configure, paces its requests under the server's rate limit and
-// splits large subscriptions into chunks. See docs/fastfeed-js.md.
+// `client.books` (Map sym -> OrderBook, every checksum verified), and on the
+// "trades" and "bars:<interval>" channels the tape (`client.trades`) and the
+// bars (`client.getBars(sym, interval)`); it resubscribes with `since` (and
+// `since_trades`) after a reconnect so only what was missed is resent,
+// reports trades the gateway had to drop (`client.tradesLost`, event
+// "lost"), re-applies watch and configure, paces its requests under the
+// server's rate limit and splits large subscriptions into chunks. See
+// docs/fastfeed-js.md.
 
 /** Field names in protocol order. */
 export const FIELDS = Object.freeze([
@@ -32,8 +36,23 @@ export const SUBPROTOCOL = "fastfeed.v1.json";
 /** Channels (protocol version 1.1). A request without channels means "quote". */
 export const QUOTE_CHANNEL = "quote";
 export const BOOK_CHANNEL = "book";
+export const TRADES_CHANNEL = "trades";
 /** Levels per side a gateway serves unless it runs with another --book-depth. */
 export const BOOK_DEPTH = 10;
+
+/** A trade, as the wire carries it: trade[T.TSEQ]. The market-wide tape's
+ * trades have the symbol in front: [sym, tseq, ts, price, size, side]. */
+export const T = Object.freeze({ TSEQ: 0, TS: 1, PRICE: 2, SIZE: 3, SIDE: 4 });
+
+/** A bar: bar[B.CLOSE]. */
+export const B = Object.freeze({ START: 0, OPEN: 1, HIGH: 2, LOW: 3, CLOSE: 4, VOLUME: 5, COUNT: 6 });
+
+/** Bar intervals, shortest first (channel `bars:<interval>`), and their length in ms (1d: a day). */
+export const INTERVALS = Object.freeze(["1s", "1m", "5m", "15m", "1h", "1d"]);
+export const INTERVAL_MS = Object.freeze({ "1s": 1e3, "1m": 6e4, "5m": 3e5, "15m": 9e5, "1h": 3.6e6, "1d": 8.64e7 });
+
+/** The symbol of the market-wide tape on the `trades` channel. */
+export const MARKET = "*";
 
 /** Close codes that blame the client: no reconnect unless retryClientErrors. */
 export const CLIENT_FAULT_CLOSE_CODES = Object.freeze([1002, 1003, 1007, 1008, 1009, 1010]);
@@ -63,6 +82,8 @@ const DEFAULTS = {
   pingEveryMs: 30000,        // clock offset estimate (0: off)
   retryClientErrors: false,  // also reconnect after a close for the client's own fault (1008, 1009, ...)
   bookDepth: BOOK_DEPTH,     // the gateway's book depth: levels kept per side, and what the checksum covers
+  tapeSize: 1000,            // trades kept per symbol (and on the market-wide tape)
+  barsSize: 500,             // bars kept per (symbol, interval)
   WebSocket: globalThis.WebSocket,
 };
 
@@ -196,6 +217,15 @@ export class FastfeedClient {
     /** sym -> Set of channels, for symbols subscribed to more than the quote */
     this.channels = new Map();
     this._resyncing = new Set(); // books resubscribed after a bad checksum
+    /** sym -> its last trades, oldest first ([tseq, ts, price, size, side]; MARKET: [sym, ...]) */
+    this.trades = new Map();
+    /** sym -> trades the gateway dropped for this client, in all (it said so with "lost") */
+    this.tradesLost = new Map();
+    /** sym -> highest tseq held (for since_trades) */
+    this.lastTseq = new Map();
+    this._marketLast = new Map(); // the same, on the market-wide tape
+    /** `${interval} ${sym}` -> bars, oldest first (the last may be forming); see getBars */
+    this.bars = new Map();
     /** symbols this client wants subscribed, in request order (kept across reconnects) */
     this.wanted = new Set();
     /** symbols the server confirmed on the current connection */
@@ -212,7 +242,7 @@ export class FastfeedClient {
     this.connects = 0;        // successful opens so far
     this.attempt = 0;         // reconnect attempts since the last stable connection
     this.reconnectAt = 0;     // performance.now() of the scheduled reconnect
-    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0, bookEntries: 0, bookResyncs: 0 };
+    this.counters = { messages: 0, updates: 0, rows: 0, bytes: 0, bookEntries: 0, bookResyncs: 0, trades: 0, lost: 0 };
     this._handlers = new Map();
     this._ws = null;
     this._nextId = 1;
@@ -542,11 +572,12 @@ export class FastfeedClient {
     const fresh = [];
     for (const s of symbols) {
       if (this.wanted.has(s)) {
-        if (!chans) continue;
-        // more channels of a symbol already wanted: ask for the new ones
-        const held = this.channels.get(s) || new Set([QUOTE_CHANNEL]);
-        if (chans.every((c) => held.has(c))) continue;
-        for (const c of chans) held.add(c);
+        // more channels of a symbol already wanted (the quote of one wanted
+        // for its book, say): ask for the new ones
+        const held = this._channelsOf(s);
+        const want = chans || [QUOTE_CHANNEL];
+        if (want.every((c) => held.has(c))) continue;
+        for (const c of want) held.add(c);
         this.channels.set(s, held);
         fresh.push(s);
         continue;
@@ -577,9 +608,24 @@ export class FastfeedClient {
     const out = { rows: [], unknown: [], forbidden: [], errors: [] };
     const jobs = [];
     const quote = !channels || channels.includes(QUOTE_CHANNEL);
-    for (const chunk of this._chunks(symbols, withSince)) {
+    const trades = Boolean(channels && channels.includes(TRADES_CHANNEL));
+    for (const chunk of this._chunks(symbols, withSince || trades)) {
       const msg = { op: "subscribe", symbols: chunk };
       if (channels) msg.channels = channels;
+      // The trades resume after the last tseq held, always (even after a
+      // resync): they are events, a snapshot cannot stand in for them.
+      if (trades) {
+        const since = {};
+        let any = false;
+        for (const s of chunk) {
+          const t = this.lastTseq.get(s);
+          if (t !== undefined && s !== MARKET) {
+            since[s] = t;
+            any = true;
+          }
+        }
+        if (any) msg.since_trades = since;
+      }
       if (withSince && quote) {
         const since = {};
         let any = false;
@@ -617,6 +663,7 @@ export class FastfeedClient {
                   const held = this.channels.get(s);
                   if (!held) continue;
                   for (const c of channels) if (c !== QUOTE_CHANNEL) held.delete(c);
+                  if (!held.size) this.wanted.delete(s); // wanted for those channels alone
                   if (!held.size || (held.size === 1 && held.has(QUOTE_CHANNEL))) this.channels.delete(s);
                 }
               }
@@ -628,10 +675,33 @@ export class FastfeedClient {
     await Promise.all(jobs);
     for (const s of [...out.unknown, ...out.forbidden]) {
       this.wanted.delete(s);
+      this._dropData(s, this._channelsOf(s));
       this.channels.delete(s);
-      this.books.delete(s);
     }
     return out;
+  }
+
+  /** The channels `sym` is wanted on (a symbol of the quote alone has no entry). */
+  _channelsOf(sym) {
+    return this.channels.get(sym) || new Set([QUOTE_CHANNEL]);
+  }
+
+  // What these channels held of `sym` leaves the local copies.
+  _dropData(sym, channels) {
+    for (const c of channels) {
+      if (c === QUOTE_CHANNEL) this.rows.delete(sym);
+      else if (c === BOOK_CHANNEL) this.books.delete(sym);
+      else if (c === TRADES_CHANNEL) {
+        this.trades.delete(sym);
+        this.lastTseq.delete(sym);
+        if (sym === MARKET) this._marketLast.clear();
+      } else if (c.startsWith("bars:")) this.bars.delete(`${c.slice(5)} ${sym}`);
+    }
+  }
+
+  /** The bars held of (sym, interval), oldest first ([] if none). */
+  getBars(sym, interval) {
+    return this.bars.get(`${interval} ${sym}`) || [];
   }
 
   // A request refused with rate_limited changed nothing: try it again later.
@@ -665,8 +735,8 @@ export class FastfeedClient {
   }
 
   /**
-   * Unsubscribe and forget the rows (and books). With `channels`, only those
-   * channels: a symbol keeps the others.
+   * Unsubscribe and forget the rows (and books, trades, bars). With
+   * `channels`, only those channels: a symbol keeps the others.
    */
   async unsubscribe(symbols, channels) {
     const chans = channels ? channelList(channels) : null;
@@ -674,20 +744,19 @@ export class FastfeedClient {
     const gone = [];
     for (const s of syms) {
       if (chans) {
-        const left = new Set(this.channels.get(s) || [QUOTE_CHANNEL]);
+        const left = new Set(this._channelsOf(s));
         for (const c of chans) left.delete(c);
         if (left.size) {
-          this.channels.set(s, left);
-          if (!left.has(QUOTE_CHANNEL)) this.rows.delete(s);
-          if (!left.has(BOOK_CHANNEL)) this.books.delete(s);
+          this._dropData(s, chans);
+          if (left.size === 1 && left.has(QUOTE_CHANNEL)) this.channels.delete(s);
+          else this.channels.set(s, left);
           continue;
         }
       }
       gone.push(s);
       this.wanted.delete(s);
       this.watched.delete(s);
-      this.rows.delete(s);
-      this.books.delete(s);
+      this._dropData(s, this._channelsOf(s));
       this.channels.delete(s);
     }
     if (this.state !== State.OPEN) return;
@@ -792,6 +861,8 @@ export class FastfeedClient {
         c.updates += 1;
         c.rows += rows.length;
         if (msg.books) this._onBooks(msg.books, false);
+        if (msg.trades) this._applyTrades(msg.trades, "items");
+        if (msg.bars) this._applyBars(msg.bars);
         this._emit("update", msg);
         return;
       }
@@ -864,7 +935,99 @@ export class FastfeedClient {
     }
     for (const r of rows) this.rows.set(r[0], r);
     if (msg.books) this._onBooks(msg.books, true);
+    if (msg.trades) this._applyTrades(msg.trades, "recent");
+    if (msg.bars) this._applyBars(msg.bars);
     this._emit("snapshot", msg);
+  }
+
+  // Trades of a snapshot ("recent") or an update ("items"): each taken once
+  // (a tseq not above the one held is a resume's overlap), "lost" counted
+  // and told. Per entry: one "trades" event with the new trades.
+  _applyTrades(entries, key) {
+    const max = this.opts.tapeSize;
+    for (const e of entries) {
+      const sym = e.sym;
+      if (!this.channels.get(sym)?.has(TRADES_CHANNEL)) continue;
+      if (e.lost) {
+        this.tradesLost.set(sym, (this.tradesLost.get(sym) || 0) + e.lost);
+        this.counters.lost += e.lost;
+        this._emit("lost", { sym, n: e.lost });
+      }
+      const items = e[key];
+      if (!items || !items.length) continue;
+      let tape = this.trades.get(sym);
+      if (!tape) this.trades.set(sym, (tape = []));
+      let fresh = items;
+      if (sym === MARKET) {
+        fresh = this._market(items, key === "recent");
+        if (!fresh.length) continue;
+      } else {
+        const held = this.lastTseq.get(sym);
+        if (held !== undefined && items[0][0] <= held) fresh = items.filter((t) => t[0] > held);
+        if (!fresh.length) continue;
+        this.lastTseq.set(sym, fresh[fresh.length - 1][0]);
+      }
+      for (let i = 0; i < fresh.length; i++) tape.push(fresh[i]);
+      // trimmed in steps, so keeping the last `max` costs O(1) per trade
+      if (tape.length > max + (max >> 2)) tape.splice(0, tape.length - max);
+      this.counters.trades += fresh.length;
+      this._emit("trades", { sym, trades: fresh, snapshot: key === "recent" });
+    }
+  }
+
+  // The market-wide tape has no since_trades: a resubscribe gets the
+  // gateway's ring again. Trades held are skipped by symbol and tseq; a
+  // symbol whose first trade there jumps past the one held + 1 had trades in
+  // between that neither holds, counted as lost (exact with consecutive tseq).
+  _market(items, resumed) {
+    const last = this._marketLast;
+    const fresh = [];
+    const firsts = new Set();
+    let gap = 0;
+    for (const t of items) {
+      const held = last.get(t[0]);
+      if (held !== undefined && t[1] <= held) continue;
+      if (resumed && held !== undefined && !firsts.has(t[0]) && t[1] > held + 1) gap += t[1] - held - 1;
+      firsts.add(t[0]);
+      last.set(t[0], t[1]);
+      fresh.push(t);
+    }
+    if (gap) {
+      this.tradesLost.set(MARKET, (this.tradesLost.get(MARKET) || 0) + gap);
+      this.counters.lost += gap;
+      this._emit("lost", { sym: MARKET, n: gap });
+    }
+    return fresh;
+  }
+
+  // Bars: each replaces the held bar with the same start, or is added in order.
+  _applyBars(entries) {
+    const max = this.opts.barsSize;
+    for (const e of entries) {
+      const channel = `bars:${e.interval}`;
+      if (!this.channels.get(e.sym)?.has(channel)) continue;
+      const k = `${e.interval} ${e.sym}`;
+      let series = this.bars.get(k);
+      if (!series) this.bars.set(k, (series = []));
+      for (const bar of e.bars || []) {
+        const n = series.length;
+        if (!n || bar[0] > series[n - 1][0]) series.push(bar);
+        else if (bar[0] === series[n - 1][0]) series[n - 1] = bar;
+        else {
+          let lo = 0;
+          let hi = n;
+          while (lo < hi) {
+            const mid = (lo + hi) >> 1;
+            if (series[mid][0] < bar[0]) lo = mid + 1;
+            else hi = mid;
+          }
+          if (series[lo][0] === bar[0]) series[lo] = bar;
+          else series.splice(lo, 0, bar);
+        }
+      }
+      if (series.length > max) series.splice(0, series.length - max);
+      this._emit("bars", { sym: e.sym, interval: e.interval, bars: e.bars || [] });
+    }
   }
 
   // Apply `books` entries; a book whose checksum then differs is
