@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import websockets
 from support import start_gateway, until
+from wsraw import server_frame
 
 from fastfeed.orderbook import OrderBook, book_checksum
 
@@ -41,16 +42,6 @@ def client():
         yield _client, worker, zipf_table
     finally:
         sys.path.remove(str(ROOT))
-
-
-def server_frame(text: str) -> bytes:
-    data = text.encode()
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
 
 
 def levels(book: OrderBook | tuple, side: str) -> list[list[float]]:

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from wsraw import server_frame
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -33,16 +34,6 @@ def client():
         yield _client
     finally:
         sys.path.remove(str(ROOT))
-
-
-def server_frame(text: str) -> bytes:
-    data = text.encode()
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
 
 
 def test_load_client_counts_gaps_and_gateway_lost(client):

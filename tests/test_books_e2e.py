@@ -26,20 +26,18 @@ a book there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import struct
 import time
 import zlib
 from typing import Any
 
 import pytest
-import websockets
 from books_feed import BookFeed
+from contract_client import ContractConnection
 from fixtures import children, http_get, owner_pid
 from support import start_gateway, until
 
@@ -91,7 +89,7 @@ class Book:
                 [[p, v, o] for p, (v, o) in self.asks.items()])
 
 
-class ContractClient:
+class ContractClient(ContractConnection):
     """Subscribes to the `book` channel of `syms`, keeps each book by the
     contract's rules and checks the checksum of every entry (a mismatch is
     counted and the book resubscribed, as the contract says). When its
@@ -100,86 +98,23 @@ class ContractClient:
     it at once); `bounce()` closes the connection from this side."""
 
     def __init__(self, port: int, syms: list[str], rcvbuf: int = 0) -> None:
-        self.port, self.syms, self.rcvbuf = port, syms, rcvbuf
+        super().__init__(port, syms, rcvbuf)
         self.books: dict[str, Book] = {}
         self.entries = 0
         self.mismatches: list[tuple[str, int]] = []
         self.backwards: list[tuple[str, int, int]] = []  # entries whose seq went back
-        self.connections = 0
         self.snapshots = 0  # answers to a subscribe of every symbol
         self.stale: list[dict] = []  # book status messages, and entries marked stale
-        self.feed: list[str] = []  # "down", "up"
-        self.errors: list[dict] = []
         self.stale_before_redis = 0
-        self.local_port = 0
-        self.reading = asyncio.Event()
-        self.reading.set()
-        self._ws: Any = None
-        self._stop = False
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def reconnects(self) -> int:
-        return max(0, self.connections - 1)
 
     @property
     def ready(self) -> bool:
         """Subscribed on the current connection, every book held."""
         return self._ws is not None and all(s in self.books for s in self.syms)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        self._stop = True
-        self.reading.set()
-        if self._ws is not None:
-            await self._ws.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def pause(self) -> None:
-        self.reading.clear()
-
-    def resume(self) -> None:
-        self.reading.set()
-
-    async def bounce(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def _run(self) -> None:
-        while not self._stop:
-            with contextlib.suppress(OSError, websockets.ConnectionClosed,
-                                     websockets.InvalidHandshake, TimeoutError):
-                await self._connection()
-            self._ws = None
-            if not self._stop:
-                await asyncio.sleep(0.1)  # then reconnect and resubscribe
-
-    async def _connection(self) -> None:
-        sock = socket.socket()
-        if self.rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
-        except OSError:
-            sock.close()
-            raise
-        self.local_port = sock.getsockname()[1]
-        async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws", sock=sock,
-                                      max_size=None, max_queue=4, ping_interval=None,
-                                      open_timeout=10) as ws:
-            self.connections += 1
-            self.books = {}  # the new connection's snapshot brings every book whole
-            await self._subscribe(ws, self.syms)
-            self._ws = ws
-            while True:
-                await self.reading.wait()
-                await self._on(ws, json.loads(await ws.recv()))
+    async def _opened(self, ws: Any) -> None:
+        self.books = {}  # the new connection's snapshot brings every book whole
+        await self._subscribe(ws, self.syms)
 
     async def _subscribe(self, ws: Any, syms: list[str]) -> None:
         await ws.send(json.dumps({"op": "subscribe", "symbols": syms, "channels": ["book"]}))

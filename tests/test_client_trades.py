@@ -15,13 +15,12 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from support import start_gateway, until
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed as WSClosed
+from test_client import scripted
+from websockets.asyncio.server import ServerConnection
 
 from fastfeed.client import MARKET, Backoff, Client
 from fastfeed.publisher import Publisher, validate_trade
@@ -105,23 +104,8 @@ def test_the_publisher_refuses_a_bad_trade_by_name(trade: dict, why: str) -> Non
         validate_trade(trade)
 
 
-# ------------------------------------------------------------------ scripted server
-
-Handler = Callable[[ServerConnection, int], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def scripted(handler: Handler) -> AsyncIterator[tuple[str, list[list[dict]]]]:
-    seen: list[list[dict]] = []
-
-    async def run(ws: ServerConnection) -> None:
-        seen.append([])
-        with contextlib.suppress(WSClosed):
-            await handler(ws, len(seen) - 1)
-
-    async with serve(run, "127.0.0.1", 0, select_subprotocol=lambda c, offered: offered[0]) as srv:
-        port = next(iter(srv.sockets)).getsockname()[1]
-        yield f"ws://127.0.0.1:{port}/ws", seen
+# the scripted server is test_client's: `scripted(handler)` yields its URL and
+# what each connection asked
 
 
 async def test_resumes_the_tape_with_since_trades_and_reports_what_was_lost() -> None:

@@ -38,18 +38,16 @@ trades").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
 import re
 import signal
-import socket
 import time
 from typing import Any
 
 import pytest
-import websockets
+from contract_client import ContractConnection
 from fixtures import children, http_get, owner_pid
 from support import start_gateway, until
 
@@ -68,7 +66,7 @@ FAST = {"backoff_base": 0.05, "backoff_cap": 0.3, "ping_interval": 0.2, "ping_ti
 # ---- the contract client: websockets + json, from the contract alone ---------------
 
 
-class ContractClient:
+class ContractClient(ContractConnection):
     """Subscribes to the `trades` channel of `syms` and checks every entry
     against the last `tseq` it holds (see the module's docstring). When its
     connection ends it reconnects and resubscribes with ``since_trades``.
@@ -76,87 +74,24 @@ class ContractClient:
     server see it at once); `bounce()` closes the connection from this side."""
 
     def __init__(self, port: int, syms: list[str], rcvbuf: int = 0) -> None:
-        self.port, self.syms, self.rcvbuf = port, syms, rcvbuf
+        super().__init__(port, syms, rcvbuf)
         self.last = dict.fromkeys(syms, 0)  # the last tseq held, per symbol
         self.received = dict.fromkeys(syms, 0)
         self.lost = dict.fromkeys(syms, 0)
         # per connection and symbol, what came: tseqs, and ("lost", N) before them
         self.log: list[dict[str, list]] = []
         self.violations: list[str] = []
-        self.connections = 0
         self.subscribed: set[str] = set()  # on the current connection
-        self.feed: list[str] = []  # "down", "up"
-        self.errors: list[dict] = []
-        self.local_port = 0
-        self.reading = asyncio.Event()
-        self.reading.set()
-        self._ws: Any = None
-        self._stop = False
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def reconnects(self) -> int:
-        return max(0, self.connections - 1)
 
     @property
     def ready(self) -> bool:
         """Every symbol subscribed on the current connection."""
         return self._ws is not None and self.subscribed >= set(self.syms)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        self._stop = True
-        self.reading.set()
-        if self._ws is not None:
-            await self._ws.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def pause(self) -> None:
-        self.reading.clear()
-
-    def resume(self) -> None:
-        self.reading.set()
-
-    async def bounce(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def _run(self) -> None:
-        while not self._stop:
-            with contextlib.suppress(OSError, websockets.ConnectionClosed,
-                                     websockets.InvalidHandshake, TimeoutError):
-                await self._connection()
-            self._ws = None
-            if not self._stop:
-                await asyncio.sleep(0.1)  # then reconnect and resume
-
-    async def _connection(self) -> None:
-        sock = socket.socket()
-        if self.rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
-        except OSError:
-            sock.close()
-            raise
-        self.local_port = sock.getsockname()[1]
-        async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws", sock=sock,
-                                      max_size=None, max_queue=4, ping_interval=None,
-                                      open_timeout=10) as ws:
-            self.connections += 1
-            self.subscribed = set()
-            self.log.append({s: [] for s in self.syms})
-            await self._subscribe(ws, self.syms)
-            self._ws = ws
-            while True:
-                await self.reading.wait()
-                await self._on(ws, json.loads(await ws.recv()))
+    async def _opened(self, ws: Any) -> None:
+        self.subscribed = set()
+        self.log.append({s: [] for s in self.syms})
+        await self._subscribe(ws, self.syms)
 
     async def _subscribe(self, ws: Any, syms: list[str]) -> None:
         # resume each symbol after the last trade held: only later trades

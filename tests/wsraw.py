@@ -2,7 +2,8 @@
 
 Libraries refuse to write invalid UTF-8, stray continuations or oversized
 frames; tests of the server's answers to those need raw frames
-(`client_frame` builds one, `RawWS` sends them).
+(`client_frame` builds one, `RawWS` sends them). `server_frame` builds what a
+server sends (a text frame, unmasked), to feed a client under test directly.
 """
 
 from __future__ import annotations
@@ -92,6 +93,17 @@ def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, *, rsv: in
         payload = (bytes(b ^ key[i % 4] for i, b in enumerate(payload))
                    if len(payload) < 65536 else _xor(payload, key))
     return head + key + payload
+
+
+def server_frame(text: str) -> bytes:
+    """One unmasked text frame, as a server writes it."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
 
 
 def _xor(data: bytes, key: bytes) -> bytes:

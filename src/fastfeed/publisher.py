@@ -727,12 +727,7 @@ class Publisher:
         if self.validate:
             for t in batch:
                 validate_tick(t)
-        await self.start()
-        while len(self._queue) >= self.max_queue and self._connected.is_set():
-            self._space.clear()
-            await self._space.wait()
-            if self._stopped.is_set():
-                raise self.error or ConnectionClosed(1000, "publisher closed")
+        await self._room()
         state = self._state
         held_of = state.get
         queue = self._queue
@@ -829,12 +824,7 @@ class Publisher:
                     raise ValueError(str(e)) from e
                 sym = b.get("sym") if isinstance(b, Mapping) else None
                 self._on_error(_refused(i, sym, str(e)))
-        await self.start()
-        while len(self._queue) >= self.max_queue and self._connected.is_set():
-            self._space.clear()
-            await self._space.wait()
-            if self._stopped.is_set():
-                raise self.error or ConnectionClosed(1000, "publisher closed")
+        await self._room()
         live = self._connected.is_set()
         for m in msgs:
             held = self._books.get(m["sym"])
@@ -862,12 +852,7 @@ class Publisher:
         if self.validate:
             for t in batch:
                 validate_trade(t)
-        await self.start()
-        while len(self._queue) >= self.max_queue and self._connected.is_set():
-            self._space.clear()
-            await self._space.wait()
-            if self._stopped.is_set():
-                raise self.error or ConnectionClosed(1000, "publisher closed")
+        await self._room()
         live = self._connected.is_set()
         held = self._trades
         dropped = 0
@@ -973,6 +958,17 @@ class Publisher:
         await self.close()
 
     # ---------------------------------------------------------------- internals
+
+    async def _room(self) -> None:
+        """Start, then wait while the queue is full and the link is up: a
+        caller outpacing the other side waits here (while disconnected,
+        publishing never waits; see the module)."""
+        await self.start()
+        while len(self._queue) >= self.max_queue and self._connected.is_set():
+            self._space.clear()
+            await self._space.wait()
+            if self._stopped.is_set():
+                raise self.error or ConnectionClosed(1000, "publisher closed")
 
     def _on_error(self, err: FastfeedError) -> None:
         self.errors += 1
