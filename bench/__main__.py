@@ -298,8 +298,8 @@ def sc_workers(server, p, pins, extra):
 
 def sc_book(server, p, pins, extra):
     if server in ("fastfeed_bin", "fastfeed_delayed"):
-        raise Skip("books go as JSON for every subprotocol and the delay line is the "
-                   "quote path's concern: see fastfeed")
+        raise Skip("books go as JSON for every subprotocol, and what the delay line costs "
+                   "is measured by the capacity scenario: see fastfeed")
     res = load_run(server, Load(clients=p["clients"], subs=p["books"],
                                 instruments=p["instruments"], kind="book",
                                 phases=[("warmup", p["warmup"], p["rate"]),
@@ -355,8 +355,8 @@ def _trades_at(server, p, rate, pins, extra):
 
 def sc_trades(server, p, pins, extra):
     if server in ("fastfeed_bin", "fastfeed_delayed"):
-        raise Skip("trades go as JSON for every subprotocol and delayed tokens get no trades: "
-                   "see fastfeed")
+        raise Skip("trades go as JSON for every subprotocol, and what the delay line costs "
+                   "is measured by the capacity scenario: see fastfeed")
     ladder: dict[str, Any] = {}
     first_loss = None
     for rate in p["rates"]:

@@ -193,11 +193,16 @@ def _metric(g, name: str) -> float:
     return float(m.group(1))
 
 
-def formula(instruments, ticks_per_s, max_delay_s, slot_s):
+def formula(instruments, ticks_per_s, max_delay_s, slot_s, book_msgs_per_s=0, trades_per_s=0,
+            depth=10):
     """docs/delay.md's bound on the line's bytes."""
     slots = max_delay_s / slot_s + 2
-    per_slot = min(instruments, ticks_per_s * slot_s)
-    return 2 * 80 * per_slot * slots + 2 * 32 * slots + 2 * 21 * max(instruments, 1024)
+    quotes = min(instruments, ticks_per_s * slot_s)
+    books = min(instruments, book_msgs_per_s * slot_s)
+    floor = 1024 * (80 + 32 + 64 * depth + 40)  # each buffer's first allocation
+    return (2 * (80 * quotes + (32 + 64 * depth) * books) * slots
+            + 2 * 40 * trades_per_s * (max_delay_s + 2 * slot_s)
+            + 2 * 64 * slots + 2 * 21 * max(instruments, 1024) + floor)
 
 
 async def test_memory_stays_within_the_formula_under_10k_ticks_per_second():
@@ -211,7 +216,8 @@ async def test_memory_stays_within_the_formula_under_10k_ticks_per_second():
         while time.monotonic() < end:
             peak = max(peak, _metric(g, "fastfeed_delay_line_bytes"))
             await asyncio.sleep(1.0)
-        assert 0 < peak <= formula(n, rate, delay, 0.1), peak
+        # the simulator sends a book message with every quote tick, and 0.25 trades
+        assert 0 < peak <= formula(n, rate, delay, 0.1, rate, rate / 4), peak
         assert w.seen and not w.late
 
 

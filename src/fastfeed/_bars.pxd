@@ -50,6 +50,7 @@ cdef class Bars(Kind):
         int64_t* encstart
 
     cdef int _reserve(self, Py_ssize_t items) except -1
+    cdef int copy_state(self, Bars other) except -1
     cdef int add(self, int32_t iid, int64_t ts, double price, double size,
                  int64_t now) except -1
     cdef char* _bar(self, char* p, int32_t item, const Bar* b) except NULL

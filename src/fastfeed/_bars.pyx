@@ -161,6 +161,28 @@ cdef class Bars(Kind):
         self.size = cap
         return 0
 
+    cdef int copy_state(self, Bars other) except -1:
+        """Become a copy of `other`'s bars (same history; this one new): a
+        delayed copy made from another (docs/delay.md)."""
+        cdef Py_ssize_t i, n = other.size
+        if self.history != other.history or self.version:
+            raise ValueError("copy_state needs a new Bars of the same history")
+        self._reserve(n)
+        memcpy(self.rings, other.rings, n * sizeof(BarRing))
+        for i in range(n):
+            if other.rings[i].b != NULL:
+                self.rings[i].b = <Bar*>_grow(NULL, 0, self.history * sizeof(Bar), 0)
+                memcpy(self.rings[i].b, other.rings[i].b, self.history * sizeof(Bar))
+        memcpy(self.enc, other.enc, n * BAR_SLOT)
+        memcpy(self.enclen, other.enclen, n * 4)
+        memcpy(self.encstamp, other.encstamp, n * 8)
+        memcpy(self.encstart, other.encstart, n * 8)
+        memcpy(self.chg, other.chg, n * 8)
+        memcpy(self.arrived, other.arrived, n * 8)
+        self.version = other.version
+        self.held = other.held
+        return 0
+
     def reserve(self, Py_ssize_t items):
         """Cover item ids 0 .. items-1 (the hub reads `chg`/`watched` of every id it is given)."""
         self._reserve(items)

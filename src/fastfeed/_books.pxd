@@ -69,6 +69,10 @@ cdef class Books(Kind):
     cdef int apply_book(self, int32_t iid, int64_t seq, bint full, int32_t nb, int32_t na,
                         const double* px, const double* vol, const uint32_t* orders,
                         int64_t now) except -1
+    cdef int replace(self, int32_t iid, int64_t seq, int32_t nb, int32_t na,
+                     const Level* bids, const Level* asks, int64_t now) except -1
+    cdef void _commit(self, int32_t b, int32_t iid, int64_t seq, const int32_t* nnew,
+                      int64_t now) noexcept
     cdef void _stamp(self, int32_t b, int32_t side, int32_t nold) noexcept
     cdef void _tomb(self, int32_t b, int32_t side, double price, uint64_t stamp) noexcept
     cdef void _untomb(self, int32_t b, int32_t side, double price) noexcept

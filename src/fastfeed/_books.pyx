@@ -232,7 +232,6 @@ cdef class Books(Kind):
         cdef Level* lv
         cdef int32_t side, k, j, n, cnt, first
         cdef int32_t nnew[2]
-        cdef int32_t nvis[2]
         cdef double p
         cdef bint present
         if seq <= B.seq:
@@ -299,6 +298,41 @@ cdef class Books(Kind):
         if nnew[0] and nnew[1] and self.scratch[0].price >= self.scratch[self.levels].price:
             self._set_stale(b, iid, True)
             return B_CROSSED
+        self._commit(b, iid, seq, nnew, now)
+        return B_APPLIED
+
+    cdef int replace(self, int32_t iid, int64_t seq, int32_t nb, int32_t na,
+                     const Level* bids, const Level* asks, int64_t now) except -1:
+        """Set the book to a whole view: a delayed copy's step (docs/delay.md).
+        Unlike a full book it goes out as the levels that changed, as an
+        incremental would; `bids` and `asks` are sorted, best first, uncrossed,
+        at most `levels` each. APPLIED, or STALE for a seq not above the held one."""
+        cdef int32_t b = self._book(iid)
+        cdef Book* B = &self.books[b]
+        cdef int32_t nnew[2]
+        cdef int32_t k
+        if seq <= B.seq:
+            return B_STALE
+        if B.seq <= 0:  # its first state: a client that had none gets the whole book
+            B.floor = self.version + 1
+        nnew[0] = min(nb, self.levels)
+        nnew[1] = min(na, self.levels)
+        memcpy(self.scratch, bids, nnew[0] * sizeof(Level))
+        memcpy(self.scratch + self.levels, asks, nnew[1] * sizeof(Level))
+        for k in range(nnew[0]):
+            self.scratch[k].stamp = 0
+        for k in range(nnew[1]):
+            self.scratch[self.levels + k].stamp = 0
+        self._commit(b, iid, seq, nnew, now)
+        return B_APPLIED
+
+    cdef void _commit(self, int32_t b, int32_t iid, int64_t seq, const int32_t* nnew,
+                      int64_t now) noexcept:
+        """Make the levels in `scratch` the book's, stamping what changed."""
+        cdef Book* B = &self.books[b]
+        cdef Level* lv
+        cdef int32_t side
+        cdef int32_t nvis[2]
         for side in range(2):
             lv = self._side(b, side)
             # the old view, for _stamp to compare with
@@ -310,7 +344,6 @@ cdef class Books(Kind):
         for side in range(2):
             self._stamp(b, side, nvis[side])
         self._mark(iid, now)
-        return B_APPLIED
 
     cdef void _stamp(self, int32_t b, int32_t side, int32_t nold) noexcept:
         """After a change: stamp the levels that changed or came into view and

@@ -138,20 +138,38 @@ class Hub:
     def paused_count(self) -> int: ...
 
 @final
+class DelayedView:
+    table: Table
+    books: Books | None
+    trades: Trades | None
+    bars: Bars | None
+    delay_ns: int
+
+@final
 class DelayLine:
     real: Table
+    real_books: Books | None
+    real_trades: Trades | None
     max_delay_ns: int
     slot_ns: int
     budget_bytes: int
     started_ns: int
     coarsened: int
-    views: list[Any]
+    future_trades: int
+    views: list[DelayedView]
     def __init__(self, real: Table, max_delay_ns: int, slot_ns: int = 100_000_000,
-                 budget_bytes: int = 268435456) -> None: ...
+                 budget_bytes: int = 268435456, books: Books | None = None,
+                 trades: Trades | None = None) -> None: ...
     @property
     def nbytes(self) -> int: ...
     @property
     def entries(self) -> int: ...
+    @property
+    def book_entries(self) -> int: ...
+    @property
+    def trade_entries(self) -> int: ...
+    @property
+    def book_entry_bytes(self) -> int: ...
     @property
     def slots(self) -> int: ...
     @property
@@ -159,7 +177,7 @@ class DelayLine:
     def past_ns(self, now: int = 0) -> int: ...
     def record(self, now: int = 0) -> int: ...
     def advance(self, now: int = 0) -> int: ...
-    def view(self, delay_ns: int, now: int = 0) -> Table: ...
+    def view(self, delay_ns: int, now: int = 0) -> DelayedView: ...
     def delays(self) -> list[int]: ...
 BAR_INTERVALS: tuple[str, ...]
 TRADE_BATCH_MAGIC: bytes

@@ -27,7 +27,7 @@ from fastfeed._books import (
     encode_books,
 )
 from fastfeed._books import has_type
-from fastfeed._delay import DelayLine
+from fastfeed._delay import DelayedView, DelayLine
 from fastfeed._hub import Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._trades import (
@@ -58,7 +58,8 @@ DEBUG = bool(FF_DEBUG)
 
 __all__ = [
     "BAR_INTERVALS", "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "BOOK_MAGIC",
-    "BOOK_OUTCOMES", "BarClock", "Bars", "Books", "DEBUG", "DelayLine", "FIELDS", "Hub",
+    "BOOK_OUTCOMES", "BarClock", "Bars", "Books", "DEBUG", "DelayLine", "DelayedView",
+    "FIELDS", "Hub",
     "OUTCOMES", "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades",
     "VALUE_FIELDS", "bar_starts", "can_send", "check_tick", "check_trade", "connected",
     "day_bounds", "decode_batch", "decode_books", "decode_trade_batch", "encode_batch",

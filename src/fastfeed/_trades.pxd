@@ -18,6 +18,15 @@ cdef struct TradeLog:   # one instrument, allocated at its first trade
     int32_t* enclen
 
 
+cdef struct TradeRec:   # one applied trade as the delay line keeps it (docs/delay.md)
+    int64_t tseq
+    int64_t ts
+    double price
+    double size
+    int32_t iid
+    int32_t side
+
+
 cdef class Tape(Kind):
     cdef:
         readonly int32_t ring         # trades held market-wide
@@ -43,11 +52,16 @@ cdef class Trades(Kind):
         TradeLog* logs
         readonly uint64_t lost_inexact  # frames whose `lost` is a lower bound (see docs)
         readonly Py_ssize_t held      # trades held in every ring together (bounds sections)
+        # every applied trade since the delay line last took them (journaling on)
+        bint journaling
+        TradeRec* journal
+        Py_ssize_t jn, jcap
 
     cdef int _reserve(self, Py_ssize_t items) except -1
     cdef int _gap(self, int32_t iid, int64_t tseq) except -1
     cdef int apply(self, int32_t iid, int64_t tseq, int64_t ts, double price, double size,
                    int side, int64_t now) except -1
+    cdef int copy_state(self, Trades other) except -1
     cdef tuple _apply_batch(self, const unsigned char[::1] data, int source, bint seed)
     cdef int _one(self, object t, int source, int64_t now, list errors,
                   Py_ssize_t idx) except -1

@@ -383,6 +383,7 @@ cdef class Trades(Kind):
         free(self.ntr)
         free(self.seeded)
         free(self.heldfrom)
+        free(self.journal)
 
     cdef int _reserve(self, Py_ssize_t items) except -1:
         cdef Py_ssize_t old = self.size
@@ -473,7 +474,46 @@ cdef class Trades(Kind):
                        e, <int32_t>(end - e), now)
         if self._bars is not None:
             self._bars.add(iid, ts, price, size, now)
+        if self.journaling:
+            if self.jn == self.jcap:
+                self.journal = <TradeRec*>_grow(self.journal, self.jcap * sizeof(TradeRec),
+                                                max(1024, self.jcap * 2) * sizeof(TradeRec), 0)
+                self.jcap = max(1024, self.jcap * 2)
+            self.journal[self.jn] = TradeRec(tseq, ts, price, size, iid, side)
+            self.jn += 1
         return APPLIED
+
+    cdef int copy_state(self, Trades other) except -1:
+        """Become a copy of `other`'s trades (same ring and backlog; this one
+        new): a delayed copy made from another (docs/delay.md)."""
+        cdef Py_ssize_t i, n = other.size
+        cdef TradeLog* g
+        cdef TradeLog* h
+        if self.ring != other.ring or self.backlog != other.backlog or self.version:
+            raise ValueError("copy_state needs a new Trades of the same ring and backlog")
+        self._reserve(n)
+        memcpy(self.last, other.last, n * 8)
+        memcpy(self.ntr, other.ntr, n * 8)
+        memcpy(self.seeded, other.seeded, n)
+        memcpy(self.heldfrom, other.heldfrom, n * 8)
+        memcpy(self.chg, other.chg, n * 8)
+        memcpy(self.arrived, other.arrived, n * 8)
+        for i in range(n):
+            h = &other.logs[i]
+            if h.stamp == NULL:
+                continue
+            g = &self.logs[i]
+            g.stamp = <uint64_t*>_grow(NULL, 0, <Py_ssize_t>self.backlog * 8, 0)
+            g.tseq = <int64_t*>_grow(NULL, 0, <Py_ssize_t>self.backlog * 8, 0)
+            g.enc = <char*>_grow(NULL, 0, <Py_ssize_t>self.ring * TRADE_SLOT, 0)
+            g.enclen = <int32_t*>_grow(NULL, 0, <Py_ssize_t>self.ring * 4, 0)
+            memcpy(g.stamp, h.stamp, <Py_ssize_t>self.backlog * 8)
+            memcpy(g.tseq, h.tseq, <Py_ssize_t>self.backlog * 8)
+            memcpy(g.enc, h.enc, <Py_ssize_t>self.ring * TRADE_SLOT)
+            memcpy(g.enclen, h.enclen, <Py_ssize_t>self.ring * 4)
+        self.version = other.version
+        self.held = other.held
+        return 0
 
     # ---- the kind: what the hub calls ----------------------------------
 

@@ -128,6 +128,14 @@ class Metrics:
         self.delay_past = Gauge("fastfeed_delay_past_seconds",
                                 "Past the delay line holds (it is full at --max-delay-s)",
                                 multiprocess_mode="livemin")
+        self.delay_entries = Gauge("fastfeed_delay_line_entries",
+                                   "What the delay line holds, by kind: quote and book states "
+                                   "(one per instrument changed in a slot), trades (every one)",
+                                   ["kind"], multiprocess_mode="livesum")
+        self.delay_dropped = Counter("fastfeed_delay_dropped_trades",
+                                     "Trades left out of the delayed copies: stamped further "
+                                     "ahead of the gateway's clock than --max-delay-s (delayed "
+                                     "clients count them lost)")
         self.worker_restarts = Counter("fastfeed_worker_restarts",
                                        "Worker processes restarted by the supervisor")
         self.internal_errors = Counter("fastfeed_internal_errors",

@@ -28,10 +28,11 @@ class DelaySource(TaskSource):
     name = "delay line"
 
     def __init__(self, table: Any, max_delay_s: int, slot_ms: int, budget_mb: int,
-                 gates_ready: bool, kick: Callable[[], None]) -> None:
-        super().__init__(None)  # type: ignore[arg-type]  # it writes delayed tables, no sink
+                 gates_ready: bool, kick: Callable[[], None], books: Any = None,
+                 trades: Any = None) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # it writes delayed copies, no sink
         self.line = _core.DelayLine(table, max_delay_s * NS, slot_ms * 1_000_000,
-                                    budget_mb << 20)
+                                    budget_mb << 20, books, trades)
         self.max_delay_s = max_delay_s
         self.gates_ready = gates_ready
         self.kick = kick
@@ -39,16 +40,18 @@ class DelaySource(TaskSource):
         self._asked: set[int] = set()
         self._filling: set[int] = set()  # delays (s) whose past the line does not hold yet
         self._slot_logged = self.line.slot_ns
+        self._dropped = 0  # line.future_trades already counted
 
-    def table_for(self, delay_s: int) -> Any:
-        """The delayed table for `delay_s` (1 .. max_delay_s), made on first use."""
+    def view_for(self, delay_s: int) -> Any:
+        """The delayed copy for `delay_s` (1 .. max_delay_s), made on first use: a
+        `DelayedView` (its `table`, `books`, `trades` and their `bars`)."""
         known = delay_s * NS in self._asked
-        table = self.line.view(delay_s * NS)
+        view = self.line.view(delay_s * NS)
         if not known:
             self._asked.add(delay_s * NS)
             if self.filling(delay_s):
                 self._filling.add(delay_s)
-        return table
+        return view
 
     def filling(self, delay_s: int) -> bool:
         """True while the line holds less than `delay_s` of past (this worker
@@ -101,6 +104,18 @@ class DelaySource(TaskSource):
             self.step(_core.wall_ns())
 
     def observe(self, metrics: Any) -> None:
+        line = self.line
+        dropped = line.future_trades - self._dropped
+        if dropped:
+            self._dropped = line.future_trades
+            metrics.delay_dropped.inc(dropped)
+            log.warning("left %d trades out of the delayed copies: their source ts lies more "
+                        "than --max-delay-s (%d s) ahead of this gateway's clock, so no delay "
+                        "could release them; delayed clients count them lost. Check the "
+                        "publisher's clock (or this host's)", dropped, self.max_delay_s)
+        metrics.delay_entries.labels("quote").set(line.entries)
+        metrics.delay_entries.labels("book").set(line.book_entries)
+        metrics.delay_entries.labels("trade").set(line.trade_entries)
         metrics.delay_line_bytes.set(self.line.nbytes)
         metrics.delay_slot.set(self.line.slot_ns / NS)
         metrics.delay_past.set(min(self.past_s(), self.max_delay_s))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -34,9 +35,11 @@ from .clock import FrameClock
 from .framing import ECHO_MAX_BYTES, FramingContext
 from .httpfront import create_server
 from .registry import (
+    Channel,
     Channels,
     Limits,
     Registry,
+    delayed_quote_channel,
     quote_channel,
     tape_channel,
     trade_channels,
@@ -48,6 +51,20 @@ log = logging.getLogger("fastfeed.server")
 READ_BUFFER_BYTES = 2048
 REFUSED_LOG_EVERY_S = 60.0  # a full instrument table is logged at most this often
 SUBPROTOCOLS = P.SUBPROTOCOLS
+
+
+
+def delayed_channels(hub: Any, view: Any, delay_s: int) -> dict[str, Channel]:
+    """The channels of a delayed copy (a `DelayedView`), each in a hub slot of
+    its own, by the real channel's name; named "book@900" and so on, so a
+    connection holds a symbol's real-time and delayed subscriptions apart."""
+    chans = [delayed_quote_channel(view.table, hub.add_kind(view.table))]
+    if view.books is not None:
+        chans.append(book_channel(hub, view.books))
+    if view.trades is not None:
+        chans += trade_channels(view.trades, hub.add_kind(view.trades),
+                                view.bars, hub.add_kind(view.bars))
+    return {ch.name: dataclasses.replace(ch, name=f"{ch.name}@{delay_s}") for ch in chans}
 
 
 class Gateway:
@@ -102,7 +119,7 @@ class Gateway:
         self.sources: list[Source] = []
         self.ingest: IngestSource | None = None
         self.delay: DelaySource | None = None  # the delay line, unless --max-delay-s 0
-        self.delay_slots: dict[int, int] = {}  # delay (s) -> the hub slot of its table
+        self.delay_twins: dict[int, dict[str, Channel]] = {}  # delay (s) -> its channels
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
@@ -166,18 +183,20 @@ class Gateway:
             # then the line's first slot
             self.delay = DelaySource(self.table, cfg.max_delay_s, cfg.delay_slot_ms,
                                      cfg.delay_budget_mb, cfg.delay_gates_ready,
-                                     self.clock.after_ticks)
+                                     self.clock.after_ticks, self.books, self.trades)
             self.delay.on_full = self._delay_full
             self.sources.append(self.delay)
 
-    def delayed(self, delay_s: int) -> tuple[int, Any, float]:
-        """The hub slot and quote table that serve `delay_s`, and the past the line holds."""
+    def delayed(self, delay_s: int) -> tuple[dict[str, Channel], float]:
+        """The channels that serve `delay_s` (by the real channel's name), made
+        on first use, and the past the line holds. Each delayed kind is another
+        hub slot under its kind's key: the hub merges them in one array."""
         assert self.delay is not None
-        table = self.delay.table_for(delay_s)
-        slot = self.delay_slots.get(delay_s)
-        if slot is None:  # another slot under "rows": the hub merges them in one array
-            slot = self.delay_slots[delay_s] = self.hub.add_kind(table)
-        return slot, table, self.delay.past_s()
+        twins = self.delay_twins.get(delay_s)
+        if twins is None:
+            twins = self.delay_twins[delay_s] = delayed_channels(
+                self.hub, self.delay.view_for(delay_s), delay_s)
+        return twins, self.delay.past_s()
 
     def _delay_full(self, delay_s: int) -> None:
         for s in list(self.sessions.values()):

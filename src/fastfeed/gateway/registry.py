@@ -113,6 +113,17 @@ def quote_channel(table: Any) -> Channel:
                    since_key="since")
 
 
+def delayed_quote_channel(dtable: Any, slot: int) -> Channel:
+    """Quotes from a delayed table (docs/delay.md) in its hub slot, under the
+    same key. A symbol with no delayed state yet is left out of snapshots (it is
+    subscribed; its first delayed state comes as an update)."""
+    def snapshot(items: list[int], since: dict[int, int], _upto: int) -> bytes:
+        return dtable.rows_json([i for i in items if dtable.seq_of(i) >= 0], since)
+
+    return Channel(name=P.QUOTE_CHANNEL, slot=slot, key="rows", item=int,
+                   snapshot=snapshot, since_key="since")
+
+
 def trade_channels(trades: Any, trade_slot: int, bars: Any, bar_slot: int) -> list[Channel]:
     """The trades channel (instrument ids, resumed with since_trades) and the
     six bar channels (one hub slot, item iid * 6 + interval). An item is made

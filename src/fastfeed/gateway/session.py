@@ -147,20 +147,10 @@ class SessionContext:
     registry: Registry  # attach, detach, subscription counts
     count_error: Callable[[str], None]  # an error reply, by code
     channels: Channels  # what `channels` may name: hub slot, items, snapshot
-    # delayed data: delay (s) -> (hub slot, delayed quote table, seconds of past the
-    # line holds); None when the gateway keeps no delay line (--max-delay-s 0)
-    delayed: Callable[[int], tuple[int, Any, float]] | None = None
-
-
-def delayed_quote_channel(dtable: Any, slot: int, delay_s: int) -> Channel:
-    """Quotes as of `delay_s` ago: the delayed table in its hub slot, under the
-    same key. A symbol with no delayed state yet is left out of snapshots (it is
-    subscribed; its first delayed state comes as an update)."""
-    def snapshot(items: list[int], since: dict[int, int], _upto: int) -> bytes:
-        return dtable.rows_json([i for i in items if dtable.seq_of(i) >= 0], since)
-
-    return Channel(name=f"{P.QUOTE_CHANNEL}@{delay_s}", slot=slot, key="rows", item=int,
-                   snapshot=snapshot, since_key="since")
+    # delayed data: delay (s) -> (channel name -> the channel that serves it
+    # delayed, named "book@900"; seconds of past the line holds); None when the
+    # gateway keeps no delay line (--max-delay-s 0)
+    delayed: Callable[[int], tuple[dict[str, Channel], float]] | None = None
 
 
 class Session(MessageListener):
@@ -184,7 +174,7 @@ class Session(MessageListener):
         self.chan_watched: dict[str, set[int]] = {P.QUOTE_CHANNEL: self.watched}
         self.nsubs = 0  # (symbol, channel) pairs subscribed
         # a delayed token: channel name -> the channel serving its delayed symbols
-        # (another hub slot, named "quote@900"); only quotes have one so far
+        # (another hub slot, named "quote@900")
         self.twins: dict[str, Channel] = {}
         self.twin_names: dict[str, Channel] = {}
         self.told_filling = False
@@ -210,9 +200,8 @@ class Session(MessageListener):
         self.guard_frames(transport)
         self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
         if self.ent.delay and self.ctx.delayed is not None:
-            slot, dtable, _ = self.ctx.delayed(self.ent.delay)
-            twin = delayed_quote_channel(dtable, slot, self.ent.delay)
-            self.twins[P.QUOTE_CHANNEL] = self.twin_names[twin.name] = twin
+            self.twins, _ = self.ctx.delayed(self.ent.delay)
+            self.twin_names = {t.name: t for t in self.twins.values()}
         self.ctx.registry.attach(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -469,7 +458,7 @@ class Session(MessageListener):
         out.append(b',"unknown":' + _dumps(unknown) + b"}")
         self.send_text(b"".join(out))
         if late and not self.told_filling and self.ctx.delayed is not None:
-            _, _, past_s = self.ctx.delayed(self.ent.delay)
+            _, past_s = self.ctx.delayed(self.ent.delay)
             if past_s < self.ent.delay:  # started late: no past for what ticked since
                 self.told_filling = True
                 self.send_text(_dumps({"type": "status", "delay_line": "filling",
