@@ -384,3 +384,40 @@ async def test_the_board_survives_a_stall_and_a_gateway_restart(browser) -> None
             assert not b.errors, b.errors
         finally:
             await ctx.close()
+
+
+async def test_a_delayed_token_shows_its_badges(browser) -> None:
+    """A token delayed 60 s except BB*: the bar's badge says so, and so does every
+    delayed symbol's row, its depth ladder and its chart; BB* rows carry none."""
+    from test_delayed import ENV, token
+
+    async with start_gateway("--simulate", "12", "--rate", "200", "--max-delay-s", "120",
+                             env=ENV) as gw:
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
+        try:
+            b = Board(await ctx.new_page())
+            await b.page.goto(gw.url + f"/?token={token(60, rt=['BB*'])}")
+            await b.page.wait_for_selector("#delay:not([hidden])", timeout=WAIT)
+            assert await b.page.text_content("#delay") == "delayed 1 min (some real time)"
+            assert await b.page.get_attribute("body", "data-delay-mix") == "true"
+            await b.wait("() => document.querySelector('#rows tr[data-sym=\"TLKM\"]')")
+            late = await b.page.evaluate("""() =>
+                [...document.querySelectorAll('#rows tr[data-sym]')].map((tr) => [
+                    tr.dataset.sym, tr.classList.contains('delayed'),
+                    tr.querySelector('td.sym').dataset.delay])""")
+            assert late and all(
+                (d, text) == ((False, "") if sym.startswith("BB") else (True, "delayed 1 min"))
+                for sym, d, text in late), late
+            # the ladder and the chart of a delayed symbol say it too
+            await b.page.click('#rows tr[data-sym="TLKM"] td.sym')
+            await b.wait("() => document.querySelector('#ladder-sym').textContent === 'TLKM'")
+            assert await b.page.get_attribute("#ladder-sym", "data-delay") == "delayed 1 min"
+            await b.wait("() => document.querySelector('#chart-sym').textContent === 'TLKM'")
+            assert await b.page.get_attribute("#chart-sym", "data-delay") == "delayed 1 min"
+            await b.page.click('#rows tr[data-sym="BBCA"] td.sym')
+            await b.wait("() => document.querySelector('#ladder-sym').textContent === 'BBCA'")
+            assert await b.page.get_attribute("#ladder-sym", "data-delay") == ""
+            assert await b.page.get_attribute("#chart-sym", "data-delay") == ""
+            assert not b.errors, b.errors
+        finally:
+            await ctx.close()

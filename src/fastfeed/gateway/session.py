@@ -340,12 +340,13 @@ class Session(MessageListener):
     def _chan(self, name: str) -> Channel:
         return self.twin_names.get(name) or self.ctx.channels.by_name[name]
 
-    def _route(self, ch: Channel, sym: str) -> Channel | None:
+    def _route(self, ch: Channel, sym: str) -> Channel:
         """The channel that serves `sym` on `ch` to this client: `ch` itself, or
-        for a symbol it sees delayed, the delayed twin (None: `ch` has none yet)."""
+        for a symbol it sees delayed, the delayed twin (a delayed token comes
+        only through a gateway with a delay line, which has one for every channel)."""
         if not self.ent.delay or not self.ent.delayed(sym):
             return ch
-        return self.twins.get(ch.name)
+        return self.twins[ch.name]
 
     def _push(self, slots: set[int]) -> None:
         """Tell the hub this connection's subscription set of each slot in `slots`."""
@@ -364,7 +365,7 @@ class Session(MessageListener):
         missing: list[str] = []
         for sym in syms:
             iid = table.lookup(sym)
-            routed = [c for c in (self._route(ch, sym) for ch in chans) if c is not None]
+            routed = [self._route(ch, sym) for ch in chans]
             have = [ch for ch in routed if iid >= 0 and iid in held.get(ch.name, ())]
             pairs.extend((sym, iid, ch) for ch in have)
             if len(have) < len(chans):
@@ -392,15 +393,11 @@ class Session(MessageListener):
         targets: dict[str, Channel] = {}
         picked: dict[str, set[int]] = {}
         late: list[str] = []  # the symbols served delayed
-        undelayed: dict[str, list[str]] = {}  # channel -> delayed symbols it cannot serve yet
         for s, iid in ids.items():
             if iid < 0:
                 continue
             for ch in chans:
                 rc = self._route(ch, s)
-                if rc is None:
-                    undelayed.setdefault(ch.name, []).append(s)
-                    continue
                 targets[rc.name] = rc
                 if iid not in self.chan_subs.get(rc.name, ()):
                     picked.setdefault(rc.name, set()).add(iid)
@@ -425,10 +422,6 @@ class Session(MessageListener):
             self._error(rid, P.FORBIDDEN, "the market-wide tape (*) needs a token that sees every "
                                           "symbol in real time (no syms claim, or the pattern *)",
                         [TAPE])
-        for name, dsyms in undelayed.items():
-            # never real time for a delayed symbol: this channel has no delayed copy yet
-            self._error(rid, P.FORBIDDEN, f"channel {name} is not served delayed yet, and "
-                                          f"this token sees these symbols delayed", dsyms)
         if added:
             for ch in targets.values():
                 self.chan_subs.setdefault(ch.name, set()).update(new[ch.name])

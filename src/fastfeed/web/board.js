@@ -234,7 +234,9 @@ class Board {
     this.selected = sym;
     this.layoutDirty = true;
     this.schedule();
-    document.dispatchEvent(new CustomEvent("fastfeed:select", { detail: { sym } }));
+    // `delay`: "delayed 15 min" when this token sees it delayed, else ""
+    const delay = this.delayed.has(sym) ? this.delayText : "";
+    document.dispatchEvent(new CustomEvent("fastfeed:select", { detail: { sym, delay } }));
   }
 
   // -- status bar -------------------------------------------------------------
@@ -573,6 +575,7 @@ class Ladder {
     this.el.hidden = sym == null;
     this.el.dataset.sym = sym || "";
     this.symEl.textContent = sym || "";
+    this.symEl.dataset.delay = sym && this.board.delayed.has(sym) ? this.board.delayText : "";
     this.board.layoutDirty = true; // the selected row's marker
     this.board.schedule();
     try {
@@ -851,7 +854,7 @@ function start() {
   const side = mountTradesPanel(client, params);
   if (side) {
     window.fastfeed.side = side;
-    document.addEventListener("fastfeed:select", (e) => side.select(e.detail.sym));
+    document.addEventListener("fastfeed:select", (e) => side.select(e.detail.sym, e.detail.delay));
     // nothing chosen (no ?sym=): the first instrument the board lists
     client.on("snapshot", () => {
       if (!board.selected && board.all.length) board.select(board.all[0]);

@@ -161,11 +161,13 @@ export class TradesPanel {
     if (this.scope === "market") this.setScope("symbol");
   }
 
-  async select(sym) {
+  /** Show `sym`; `delay` ("delayed 15 min", or "") marks a symbol this token sees delayed. */
+  async select(sym, delay = "") {
     if (!sym || sym === this.sym) return;
     const old = this.sym;
     this.sym = sym;
     this.symEl.textContent = sym;
+    this.symEl.dataset.delay = delay;
     this.tapeDirty = this.chartDirty = true;
     this.schedule();
     const c = this.client;
