@@ -271,6 +271,11 @@ cdef class DelayLine:
             self.icap = cap
         return 0
 
+    def sync(self):
+        """Give the delayed copies the symbols the real table learnt since the
+        last record: a snapshot must name a symbol that has no delayed state yet."""
+        self._intern_views()
+
     cdef int _intern_views(self) except -1:
         # same ids as the real table, in the same order
         cdef DelayedView v

@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import _core, logs, metrics
@@ -54,17 +55,28 @@ SUBPROTOCOLS = P.SUBPROTOCOLS
 
 
 
-def delayed_channels(hub: Any, view: Any, delay_s: int) -> dict[str, Channel]:
+def delayed_channels(hub: Any, view: Any, delay_s: int, sync: Callable[[], None]
+                     ) -> dict[str, Channel]:
     """The channels of a delayed copy (a `DelayedView`), each in a hub slot of
     its own, by the real channel's name; named "book@900" and so on, so a
-    connection holds a symbol's real-time and delayed subscriptions apart."""
+    connection holds a symbol's real-time and delayed subscriptions apart.
+    `sync` gives the copies the symbols the real table learnt since the line's
+    last slot, before a snapshot names them."""
     chans = [delayed_quote_channel(view.table, hub.add_kind(view.table))]
     if view.books is not None:
         chans.append(book_channel(hub, view.books))
     if view.trades is not None:
         chans += trade_channels(view.trades, hub.add_kind(view.trades),
                                 view.bars, hub.add_kind(view.bars))
-    return {ch.name: dataclasses.replace(ch, name=f"{ch.name}@{delay_s}") for ch in chans}
+
+    def twin(ch: Channel) -> Channel:
+        def snapshot(items: list[int], since: dict[int, int], upto: int) -> bytes:
+            sync()
+            return ch.snapshot(items, since, upto)
+
+        return dataclasses.replace(ch, name=f"{ch.name}@{delay_s}", snapshot=snapshot)
+
+    return {ch.name: twin(ch) for ch in chans}
 
 
 class Gateway:
@@ -195,7 +207,7 @@ class Gateway:
         twins = self.delay_twins.get(delay_s)
         if twins is None:
             twins = self.delay_twins[delay_s] = delayed_channels(
-                self.hub, self.delay.view_for(delay_s), delay_s)
+                self.hub, self.delay.view_for(delay_s), delay_s, self.delay.line.sync)
         return twins, self.delay.past_s()
 
     def _delay_full(self, delay_s: int) -> None:
