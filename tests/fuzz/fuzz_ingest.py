@@ -40,7 +40,8 @@ from fastfeed._tickjson import TickParser
 from fastfeed.feed.sink import LocalSink
 
 PARSER = TickParser()
-GW = gateway()
+# every run takes a new table (below): no delay line, which keeps the first one's kinds
+GW = gateway(max_delay_s=0)
 HISTORY = [{"sym": "BBCA", "seq": 5, "last": 1.0}, {"sym": "TLKM", "seq": 7, "bid": 2.0}]
 
 
