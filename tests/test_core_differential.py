@@ -29,7 +29,9 @@ tick = st.fixed_dictionaries(
 )
 op = st.one_of(
     st.tuples(st.just("ticks"), st.lists(tick, min_size=1, max_size=6)),
-    st.tuples(st.just("add"), st.sampled_from([0, 16 * MS, 3_600_000 * MS]), st.booleans()),
+    # add: interval, binary, compact (the compact subprotocol wins over binary)
+    st.tuples(st.just("add"), st.sampled_from([0, 16 * MS, 3_600_000 * MS]), st.booleans(),
+              st.booleans()),
     st.tuples(st.just("subscribe"), st.integers(0, 7), st.sets(st.sampled_from(SYMS))),
     st.tuples(st.just("watch"), st.integers(0, 7), st.sets(st.sampled_from(SYMS)), st.booleans()),
     st.tuples(st.just("pause"), st.integers(0, 7), st.booleans()),
@@ -66,8 +68,9 @@ def test_frames_match_reference(ops):
             assert (applied, stale, len(errors)) == (
                 outcomes.count(0), outcomes.count(1), outcomes.count(2))
         elif kind == "add":
-            cid = hub.add(None, o[1], o[2], mono)
-            assert cid == rhub.add(o[1], o[2], mono)
+            compact = len(o) > 3 and o[3]
+            cid = hub.add(None, o[1], o[2], mono, compact=compact)
+            assert cid == rhub.add(o[1], o[2], mono, compact)
             cids.append(cid)
         elif not cids:
             continue

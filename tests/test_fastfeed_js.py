@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import start_gateway, until
+from support import Feed, start_gateway, until
 from test_client_books import ServerBook, crc, scripted, seeded_book, serve_requests, update
 from test_client_trades import FAST, Trades, bars_of
 from websockets.asyncio.server import ServerConnection
@@ -301,3 +301,38 @@ async def test_the_tape_and_bars_hold_every_trade_once_across_a_dropped_connecti
                        [list(b) for b in bars_of(feed.sent[s], 1_000_000_000)] for s in syms)
 
         await state_until(js, bars_match, "bars equal to those of the published trades")
+
+
+async def test_compact_rows_are_whole_rows_across_a_dropped_connection(js: JS) -> None:
+    """fastfeed.js with compact: true gets fastfeed.v1.compact, and every row it
+    hands its listeners is the source's whole row at that seq, before and after
+    a connection that dies (the resume's snapshot leaves out what it holds)."""
+    feed = Feed(9)
+    syms = [f"J{k:02d}" for k in range(10)]
+    rng = random.Random(9)
+    async with start_gateway() as gw, Publisher(gw.ingest_url) as p:
+        await p.publish(feed.ticks(syms))
+        assert await p.sync(10)
+        await js.cmd("connect", url=gw.ws_url, compact=True)
+        await js.cmd("subscribe", symbols=syms)
+        for k in range(40):
+            await p.publish(feed.ticks(rng.sample(syms, 3)))
+            if k == 15:
+                await js.cmd("drop")
+            await asyncio.sleep(0.02)
+        assert await p.sync(10)
+        truth = feed.truth()
+
+        def same(r: list, want: Any) -> bool:
+            # ts (ns) is a double in JavaScript: equal to within its rounding
+            return r[0] == want[0] and r[1] == want[1] and abs(r[2] - want[2]) < 2048 \
+                and [float(v) for v in r[3:]] == list(want[3:])
+
+        st = await state_until(js, lambda st: all(
+            s in st["rows"] and same(st["rows"][s], truth[s]) for s in syms),
+            "the source's final rows")
+        assert st["protocol"] == "fastfeed.v1.compact" and st["connects"] == 2
+    rows = [r for e in js.events if e["ev"] == "rows" for r in e["rows"]]
+    assert len(rows) > 20
+    bad = [r for r in rows if not same(r, feed.history[r[0]][r[1]])]
+    assert not bad, bad[:3]

@@ -37,7 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the bus: Redis as the sink, and as a source for the table",
      ("fastfeed.bus", "fastfeed.bus.*")),
     ("what users import: the client and the publisher",
-     ("fastfeed.orderbook", "fastfeed.tape", "fastfeed.client", "fastfeed.publisher")),
+     ("fastfeed.orderbook", "fastfeed.tape", "fastfeed.compact", "fastfeed.client",
+      "fastfeed.publisher")),
     ("framing: RFC 6455 and the HTTP front door, for every endpoint",
      ("fastfeed.gateway.framing", "fastfeed.gateway.httpfront")),
     ("sources and sinks: the Sink and Source interfaces, simulator, /ingest, publishers, "

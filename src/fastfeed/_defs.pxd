@@ -33,6 +33,7 @@ cdef extern from "<time.h>" nogil:
 
 cdef enum:
     NVALS = 7            # bid, ask, last, bid_size, ask_size, last_size, volume
+    NFCHG = 8            # per-field change stamps per instrument: ts, then the NVALS values
     SYM_MAX = 32
     ROW_SLOT = 288       # longest JSON row: 32-char symbol, two int64, seven 24-char floats
     BIN_ROW = 104        # ROW_DTYPE.itemsize

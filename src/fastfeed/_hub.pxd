@@ -18,11 +18,12 @@ cdef enum ConnFlag:
     F_IN_HEAP = 2
     F_PAUSED = 4
     F_BINARY = 8
+    F_COMPACT = 16     # the compact subprotocol: quote rows carry only changed fields
 
 
 cdef enum:
     MAX_SLOTS = 16       # kinds one hub fans out (quotes, books, trades, bars, delayed copies)
-    NFMT = 3             # cached frames per group: text; binary FFB1; binary's JSON companion
+    NFMT = 4             # cached frames per group: text; FFB1; FFB1's JSON companion; compact
     KEY_MAX = 24         # longest `,"key":[` a kind may have
 
 

@@ -139,6 +139,7 @@ cdef class Hub:
         self.kptr[s] = <void*>kind
         self.keyof[s] = ki
         self.fmt_mask[0] |= 1u << s
+        self.fmt_mask[3] |= 1u << s
         self.fmt_mask[1 if kind.has_binary else 2] |= 1u << s
         for cid in range(len(self.transports)):
             self.conns[cid].sent_ver[s] = kind.version
@@ -169,8 +170,12 @@ cdef class Hub:
 
     # -- connections
 
-    def add(self, transport, int64_t interval_ns, bint binary=False, int64_t mono=0):
+    def add(self, transport, int64_t interval_ns, bint binary=False, int64_t mono=0,
+            bint compact=False):
         """Register a connection; returns its id. `transport` is a picows WSTransport.
+
+        `compact`: its update frames carry quote rows in the compact form
+        (only the fields changed since its previous frame; docs/protocol.md).
 
         `mono` (tests only) stands in for the monotonic clock.
         """
@@ -194,7 +199,7 @@ cdef class Hub:
         memset(c, 0, sizeof(Conn))
         c.group = -1
         c.gnext = c.gprev = -1
-        c.flags = F_ACTIVE | (F_BINARY if binary else 0)
+        c.flags = F_ACTIVE | (F_BINARY if binary else 0) | (F_COMPACT if compact else 0)
         c.interval = interval_ns
         for s in range(self.nslots):
             c.sent_ver[s] = (<Kind>self.kptr[s]).version
@@ -621,7 +626,9 @@ cdef class Hub:
         cdef int sent = 0
         if c.group >= 0:
             G = &self.groups[c.group]
-            if not c.flags & F_BINARY:
+            if c.flags & F_COMPACT:
+                sent = self._serve(cid, G, c, 3, wall)
+            elif not c.flags & F_BINARY:
                 sent = self._serve(cid, G, c, 0, wall)
             else:
                 # quote rows as FFB1, the other kinds in a JSON frame beside it
@@ -671,7 +678,12 @@ cdef class Hub:
             if mask >> s & 1:
                 K = <Kind>self.kptr[s]
                 n = G.off[s + 1] - G.off[s]
-                need += K.bin_bound(n) if fmt == 1 else K.section_bound(n) + 1
+                if fmt == 1:
+                    need += K.bin_bound(n)
+                elif fmt == 3:
+                    need += K.compact_bound(n) + 1
+                else:
+                    need += K.section_bound(n) + 1
         if self.arena_len + need > self.arena_cap:
             n2 = max(self.arena_cap * 2, self.arena_len + need, 65536)
             self.arena = <char*>_grow(self.arena, self.arena_cap, n2, 0)
@@ -708,8 +720,12 @@ cdef class Hub:
                     if kcnt:
                         q[0] = b","
                         q += 1
-                    q = K.encode_section(q, G.ids + G.off[s], G.off[s + 1] - G.off[s],
-                                         c.sent_ver[s], &cnt, &old)
+                    if fmt == 3:
+                        q = K.encode_compact(q, G.ids + G.off[s], G.off[s + 1] - G.off[s],
+                                             c.sent_ver[s], wall, &cnt, &old)
+                    else:
+                        q = K.encode_section(q, G.ids + G.off[s], G.off[s + 1] - G.off[s],
+                                             c.sent_ver[s], &cnt, &old)
                     if cnt:
                         p = q
                         if total + kcnt == 0 or old < oldest:

@@ -32,6 +32,9 @@ cdef class Kind:
     cdef Py_ssize_t bin_bound(self, int32_t n) noexcept
     cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                           uint32_t* count, int64_t* oldest) except NULL
+    cdef Py_ssize_t compact_bound(self, int32_t n) noexcept
+    cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              int64_t t, uint32_t* count, int64_t* oldest) except NULL
     cdef int check(self) except -1
     cdef int _grow_items(self, Py_ssize_t old, Py_ssize_t cap) except -1
 
@@ -49,6 +52,7 @@ cdef class Table(Kind):
         char* rowbuf                  # ROW_SLOT bytes per instrument: cached JSON row
         int32_t* rowlen
         uint64_t* rowver              # chg the cached row was encoded at
+        uint64_t* fchg                # NFCHG per instrument: change stamp of ts and each value
         int32_t* hslots               # open-addressing symbol map
         Py_ssize_t hcap
         char refused_sym[32]          # the last symbol refused for a full table

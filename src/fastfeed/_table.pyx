@@ -15,7 +15,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from fastfeed._defs cimport (
-    APPLIED, BIN_ROW, CLOCK_REALTIME, FF_DEBUG, M_ALL, M_TS, NSOURCES, NVALS, REJECTED,
+    APPLIED, BIN_ROW, CLOCK_REALTIME, FF_DEBUG, M_ALL, M_TS, NFCHG, NSOURCES, NVALS, REJECTED,
     ROW_SLOT, SRC_BUS, SRC_INGEST, SRC_SIMULATOR, STALE, SYM_MAX, Stats, __builtin_popcount,
     _clock, _grow,
 )
@@ -84,6 +84,17 @@ cdef class Kind:
         """As encode_section, as FFB1 records (no header): only kinds with has_binary."""
         raise NotImplementedError("a kind without has_binary has no binary records")
 
+    cdef Py_ssize_t compact_bound(self, int32_t n) noexcept:
+        """Most bytes `encode_compact` may write for `n` items."""
+        return self.section_bound(n)
+
+    cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              int64_t t, uint32_t* count, int64_t* oldest) except NULL:
+        """As encode_section, for connections on the compact subprotocol; `t`
+        is the frame's time. A kind without a compact form sends its entries
+        as they are."""
+        return self.encode_section(p, ids, n, since, count, oldest)
+
     cdef int check(self) except -1:
         """Assert the kind's own invariants (debug builds call it every pump)."""
         return 0
@@ -127,6 +138,7 @@ cdef class Table(Kind):
         free(self.rowbuf)
         free(self.rowlen)
         free(self.rowver)
+        free(self.fchg)
         free(self.hslots)
 
     def _resize(self, Py_ssize_t cap):
@@ -159,6 +171,7 @@ cdef class Table(Kind):
         self.rowbuf = <char*>_grow(self.rowbuf, old * ROW_SLOT, cap * ROW_SLOT, 0)
         self.rowlen = <int32_t*>_grow(self.rowlen, old * 4, cap * 4, 0)
         self.rowver = <uint64_t*>_grow(self.rowver, old * 8, cap * 8, 0xFF)
+        self.fchg = <uint64_t*>_grow(self.fchg, old * 8 * NFCHG, cap * 8 * NFCHG, 0)
         self.capacity = cap
         self._rehash(cap * 2)
 
@@ -223,15 +236,21 @@ cdef class Table(Kind):
         for k in range(NVALS):
             if mask & (2 << k) and not isfinite(v[k]):
                 return REJECTED
+        cdef uint64_t* f = self.fchg + <Py_ssize_t>iid * NFCHG
+        cdef uint64_t ver = self.version + 1
         if seq <= self.seq[iid]:
             return STALE
         self.seq[iid] = seq
-        if mask & M_TS:
+        # a field's own stamp moves only when its value does (bit for bit, so
+        # -0.0 after 0.0 counts): the compact encoding sends just those
+        if mask & M_TS and ts != self.ts[iid]:
             self.ts[iid] = ts
+            f[0] = ver
         for k in range(NVALS):
-            if mask & (2 << k):
+            if mask & (2 << k) and memcmp(&self.val[k][iid], &v[k], 8) != 0:
                 self.val[k][iid] = v[k]
-        self.version += 1
+                f[k + 1] = ver
+        self.version = ver
         self.chg[iid] = self.version
         self.arrived[iid] = now
         self.dirty[iid >> 6] |= 1ULL << (iid & 63)
@@ -309,6 +328,57 @@ cdef class Table(Kind):
         oldest[0] = old
         return p
 
+    cdef Py_ssize_t compact_bound(self, int32_t n) noexcept:
+        # a compact row is a full row at most, plus its mask (3 digits and a comma)
+        return <Py_ssize_t>n * (ROW_SLOT + 5)
+
+    cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              int64_t t, uint32_t* count, int64_t* oldest) except NULL:
+        # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md)
+        cdef Py_ssize_t k
+        cdef int j
+        cdef int32_t iid
+        cdef uint32_t cnt = 0, m
+        cdef int64_t old = 0
+        cdef const uint64_t* f
+        for k in range(n):
+            iid = ids[k]
+            if iid >= self.size or self.chg[iid] <= since:
+                continue
+            if cnt == 0 or self.arrived[iid] < old:
+                old = self.arrived[iid]
+            if cnt:
+                p[0] = b","
+                p += 1
+            f = self.fchg + <Py_ssize_t>iid * NFCHG
+            m = 0
+            for j in range(NFCHG):
+                if f[j] > since:
+                    m |= 1u << j
+            p[0] = b"["
+            p[1] = b'"'
+            memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
+            p += 2 + self.symlen[iid]
+            p[0] = b'"'
+            p[1] = b","
+            p = _put_i64(p + 2, self.seq[iid])
+            p[0] = b","
+            p = _put_i64(p + 1, m)
+            if m & M_TS:
+                # ts and t are both >= 0: the difference fits
+                p[0] = b","
+                p = _put_i64(p + 1, t - self.ts[iid])
+            for j in range(NVALS):
+                if m & (2u << j):
+                    p[0] = b","
+                    p = _put_f64(p + 1, self.val[j][iid])
+            p[0] = b"]"
+            p += 1
+            cnt += 1
+        count[0] = cnt
+        oldest[0] = old
+        return p
+
     cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
         return <Py_ssize_t>n * BIN_ROW
 
@@ -332,7 +402,7 @@ cdef class Table(Kind):
         return p
 
     cdef int check(self) except -1:
-        cdef Py_ssize_t i, found = 0
+        cdef Py_ssize_t i, k, found = 0
         cdef bint bit
         assert 0 <= self.size <= self.capacity, "table size past its capacity"
         for i in range(self.size):
@@ -341,6 +411,9 @@ cdef class Table(Kind):
                 f"dirty bit of instrument {i} is {bit} but its change stamp is "
                 f"{self.chg[i]} against {self.swept} at the last sweep")
             assert self.chg[i] <= self.version, f"instrument {i} stamped in the future"
+            for k in range(NFCHG):
+                assert self.fchg[i * NFCHG + k] <= self.chg[i], \
+                    f"field {k} of instrument {i} stamped after its row"
             if self.rowver[i] == self.chg[i]:
                 assert 0 < self.rowlen[i] <= ROW_SLOT, f"cached row {i} overflows its slot"
         for i in range(self.size, (self.capacity // 64) * 64):

@@ -61,6 +61,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from picows.common import WSHandshakeError
 
 from .backoff import Backoff
+from .compact import CompactState
 from .orderbook import OrderBook
 
 # the client's protocol constants are the protocol module's (re-exported here)
@@ -71,6 +72,7 @@ from .protocol import (
     BOOK_DEPTH,
     CLIENT_FAULT_CLOSE_CODES,
     CLOSE_TRY_AGAIN_LATER,
+    COMPACT_SUBPROTOCOL,
     FIELDS,
     FORBIDDEN,
     JSON_SUBPROTOCOL,
@@ -81,6 +83,7 @@ from .tape import MARKET, Bar, BarStore, Tape, Trade
 
 __all__ = [
     "BIN_SUBPROTOCOL",
+    "COMPACT_SUBPROTOCOL",
     "FIELDS",
     "JSON_SUBPROTOCOL",
     "MARKET",
@@ -277,6 +280,8 @@ class _Session:
         self.writable.set()
         self.closing = False  # the gateway's close frame is in: nothing after it counts
         self.pong: asyncio.Future[None] | None = None  # the resume's round trip
+        # fastfeed.v1.compact: the full rows this connection was sent
+        self.compact = CompactState(lambda sym: client.rows.get(sym)) if client.compact else None
 
     def on_message(self, binary: bool, data: bytes) -> None:
         if not self.closing:
@@ -350,6 +355,9 @@ class Client:
         every reconnection. ``None``: the gateway's default.
       binary: negotiate ``fastfeed.v1.bin`` (update frames arrive binary and
         are decoded with NumPy); otherwise ``fastfeed.v1.json``.
+      compact: negotiate ``fastfeed.v1.compact`` instead: update frames carry
+        only the fields changed since the connection's previous frame (fewer
+        bytes); `rows` holds the same full rows either way.
       backoff: the `Backoff` between reconnection attempts.
       reconnect: ``False`` stops the client at the first disconnection.
       retry_client_errors: also reconnect after a close for a client fault
@@ -412,6 +420,7 @@ class Client:
         token: str | None = None,
         frame_ms: int | None = None,
         binary: bool = False,
+        compact: bool = False,
         backoff: Backoff | None = None,
         reconnect: bool = True,
         retry_client_errors: bool = False,
@@ -436,7 +445,10 @@ class Client:
             raise ValueError("Client needs at least one URL")
         self.token = token
         self.frame_ms = frame_ms
+        if binary and compact:
+            raise ValueError("binary and compact are two subprotocols: choose one")
         self.binary = binary
+        self.compact = compact
         self.backoff = backoff or Backoff()
         self.reconnect = reconnect
         self.retry_client_errors = retry_client_errors
@@ -927,7 +939,9 @@ class Client:
         A connection counts as served (for connect()) once a round trip on it
         was answered."""
         session = _Session(self, url)
-        headers = {"Sec-WebSocket-Protocol": BIN_SUBPROTOCOL if self.binary else JSON_SUBPROTOCOL}
+        proto = (BIN_SUBPROTOCOL if self.binary else COMPACT_SUBPROTOCOL if self.compact
+                 else JSON_SUBPROTOCOL)
+        headers = {"Sec-WebSocket-Protocol": proto}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
@@ -1130,7 +1144,8 @@ class Client:
             log.warning("fastfeed: unreadable message from %s: %.200r", session.url, data)
             return
         if kind == "update":
-            self._on_rows([_make_row(r) for r in msg["rows"]], msg.get("t"))
+            full = msg["rows"] if session.compact is None else session.compact.update(msg)
+            self._on_rows([_make_row(r) for r in full], msg.get("t"))
             books = msg.get("books")
             if books:
                 self._on_books(books, False)
@@ -1141,7 +1156,10 @@ class Client:
         pending = session.pending.get(rid) if rid is not None else None
         if kind == "snapshot":
             # applied here, before the caller resumes, so `rows` holds them
-            self._apply_rows([_make_row(r) for r in msg.get("rows") or ()])
+            raw: list[list[Any]] = msg.get("rows") or []
+            if session.compact is not None:
+                session.compact.snapshot(raw)
+            self._apply_rows([_make_row(r) for r in raw])
             books = msg.get("books")
             if books:
                 self._on_books(books, True)

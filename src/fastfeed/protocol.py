@@ -33,7 +33,9 @@ BOOK_DEPTH = 10
 
 JSON_SUBPROTOCOL = "fastfeed.v1.json"
 BIN_SUBPROTOCOL = "fastfeed.v1.bin"  # update frames binary, everything else JSON
-SUBPROTOCOLS = (JSON_SUBPROTOCOL, BIN_SUBPROTOCOL)  # in the order the gateway prefers
+#: update frames' quote rows carry only the fields changed since the previous frame
+COMPACT_SUBPROTOCOL = "fastfeed.v1.compact"
+SUBPROTOCOLS = (JSON_SUBPROTOCOL, BIN_SUBPROTOCOL, COMPACT_SUBPROTOCOL)  # the gateway's preference
 BIN_MAGIC = b"FFB1"  # a binary update frame
 BATCH_MAGIC = b"FFT1"  # a binary tick batch (/ingest, the Redis bus)
 TRADE_BATCH_MAGIC = b"FTR1"  # a binary trade batch (/ingest, the Redis bus)

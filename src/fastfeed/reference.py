@@ -30,6 +30,7 @@ class RefTable:
         self.ids: dict[str, int] = {}
         self.rows: list[list] = []
         self.chg: list[int] = []
+        self.fchg: list[list[int]] = []  # per row: stamp of ts and of each value
         self.version = 0
         self.watched: set[int] = set()
         self.dirty: set[int] = set()
@@ -52,15 +53,21 @@ class RefTable:
             iid = self.ids[sym] = len(self.rows)
             self.rows.append([sym, -1, 0] + [0.0] * 7)
             self.chg.append(0)
+            self.fchg.append([0] * 8)
         row = self.rows[iid]
         if seq <= row[1]:
             return STALE
         row[1] = seq
-        if tick.get("ts") is not None:
+        ver = self.version + 1
+        f = self.fchg[iid]
+        if tick.get("ts") is not None and tick["ts"] != row[2]:
             row[2] = tick["ts"]
+            f[0] = ver
         for k, name in enumerate(VALUE_FIELDS):
-            if name in vals:
+            # bit for bit: -0.0 after 0.0 is a change
+            if name in vals and struct.pack("<d", vals[name]) != struct.pack("<d", row[3 + k]):
                 row[3 + k] = float(vals[name])
+                f[k + 1] = ver
         self.version += 1
         self.chg[iid] = self.version
         self.dirty.add(iid)
@@ -70,6 +77,15 @@ class RefTable:
 
     def row_json(self, iid: int) -> bytes:
         return _dumps(self.rows[iid]).encode()
+
+    def row_compact(self, iid: int, since: int, t: int) -> bytes:
+        r, f = self.rows[iid], self.fchg[iid]
+        mask = sum(1 << k for k in range(8) if f[k] > since)
+        out = [r[0], r[1], mask]
+        if mask & 1:
+            out.append(t - r[2])
+        out += [r[3 + k] for k in range(7) if mask & (2 << k)]
+        return _dumps(out).encode()
 
     def row_bin(self, iid: int) -> bytes:
         r = self.rows[iid]
@@ -87,6 +103,7 @@ class RefConn:
     scheduled: bool = False
     due: int = 0
     paused: bool = False
+    compact: bool = False
 
     @property
     def subs(self) -> set[int]:  # slot 0
@@ -114,12 +131,13 @@ class RefHub:
             c.watched_by.append(set())
         return len(self.kinds) - 1
 
-    def add(self, interval_ns: int, binary: bool, mono: int) -> int:
+    def add(self, interval_ns: int, binary: bool, mono: int, compact: bool = False) -> int:
         cid = self._next
         self._next += 1
         n = len(self.kinds)
         self.conns[cid] = RefConn(interval_ns, binary, mono, [k.version for k in self.kinds],
-                                  [set() for _ in range(n)], [set() for _ in range(n)])
+                                  [set() for _ in range(n)], [set() for _ in range(n)],
+                                  compact=compact)
         return cid
 
     def subscribe_ids(self, cid: int, ids, slot: int = 0) -> None:
@@ -170,9 +188,13 @@ class RefHub:
                 continue
             pending = [[i for i in sorted(c.subs_by[s]) if t.chg[i] > c.sent[s]]
                        for s, t in enumerate(self.kinds)]
+            since = c.sent
             c.sent = [t.version for t in self.kinds]
             frames = []
-            if c.binary:
+            if c.compact:
+                if any(pending):
+                    frames.append(self.frame(pending, wall, since))
+            elif c.binary:
                 kinds = self.kinds
                 binary = [p if t.has_binary else [] for p, t in zip(pending, kinds, strict=True)]
                 other = [[] if t.has_binary else p for p, t in zip(pending, kinds, strict=True)]
@@ -191,12 +213,16 @@ class RefHub:
         rows = [t.row_bin(i) for t, ids in zip(self.kinds, pending, strict=True) for i in ids]
         return BIN_MAGIC + struct.pack("<Iq", len(rows), wall) + b"".join(rows)
 
-    def frame(self, pending: list[list[int]], wall: int) -> bytes:
+    def frame(self, pending: list[list[int]], wall: int, since: list[int] | None = None) -> bytes:
         """A JSON update frame: `rows` always, every other key in order of its
-        first slot, only when it holds something."""
+        first slot, only when it holds something. With `since` (per slot),
+        quote rows in the compact form."""
         keys: dict[str, list[bytes]] = {"rows": []}
-        for t, ids in zip(self.kinds, pending, strict=True):
-            keys.setdefault(t.key, []).extend(t.row_json(i) for i in ids)
+        for s, (t, ids) in enumerate(zip(self.kinds, pending, strict=True)):
+            if since is not None and isinstance(t, RefTable):
+                keys.setdefault(t.key, []).extend(t.row_compact(i, since[s], wall) for i in ids)
+            else:
+                keys.setdefault(t.key, []).extend(t.row_json(i) for i in ids)
         body = b"".join(b',"%s":[%s]' % (k.encode(), b",".join(v))
                         for k, v in keys.items() if v or k == "rows")
         return b'{"type":"update","t":%d%s}' % (wall, body)

@@ -2,7 +2,7 @@
 // WebSocket. tests/test_fastfeed_js.py drives it: one JSON command per line
 // on stdin, one JSON event per line on stdout.
 //
-//   {"id":1,"cmd":"connect","url":"ws://…/ws"}
+//   {"id":1,"cmd":"connect","url":"ws://…/ws","compact":true}   (compact: optional)
 //   {"id":2,"cmd":"subscribe","symbols":["BBCA"],"channels":["book"]}
 //   {"id":3,"cmd":"unsubscribe","symbols":["BBCA"],"channels":["book"]}
 //   {"id":4,"cmd":"list","match":"BB*"}                 -> {"ev":"done","id":4,"result":[…]}
@@ -46,14 +46,18 @@ function state() {
   return {
     books, rows: Object.fromEntries(client.rows), counters: client.counters, state: client.state,
     connects: client.connects, trades, lost: Object.fromEntries(client.tradesLost), bars,
-    wanted: [...client.wanted],
+    wanted: [...client.wanted], protocol: client._ws ? client._ws.protocol : null,
   };
 }
 
 async function run(cmd) {
   switch (cmd.cmd) {
     case "connect": {
-      client = new FastfeedClient(cmd.url, { WebSocket, pingEveryMs: 0, backoffInitialMs: 50, backoffMaxMs: 200, tapeSize: 100000 });
+      client = new FastfeedClient(cmd.url, {
+        WebSocket, pingEveryMs: 0, backoffInitialMs: 50, backoffMaxMs: 200, tapeSize: 100000,
+        compact: Boolean(cmd.compact),
+      });
+      client.on("update", (m) => { if (cmd.compact) emit({ ev: "rows", rows: m.rows }); });
       client.on("bookresync", (e) => emit({ ev: "bookresync", ...e }));
       client.on("bookstatus", (e) => emit({ ev: "bookstatus", ...e }));
       client.on("open", (e) => emit({ ev: "open", reconnect: e.reconnect }));

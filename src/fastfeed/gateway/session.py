@@ -156,13 +156,15 @@ class SessionContext:
 class Session(MessageListener):
     path = "/ws"
 
-    def __init__(self, ctx: SessionContext, ent: Entitlements, binary: bool, peer: str) -> None:
+    def __init__(self, ctx: SessionContext, ent: Entitlements, binary: bool, peer: str,
+                 compact: bool = False) -> None:
         super().__init__(ctx.link, ctx.limits.max_message_bytes)
         self.ctx = ctx
         self.hub = ctx.hub
         self.limits = ctx.limits
         self.ent = ent
         self.binary = binary
+        self.compact = compact  # the compact subprotocol: quote rows carry changed fields only
         self.peer = peer
         self.ip = ""
         self.cid = -1
@@ -198,7 +200,8 @@ class Session(MessageListener):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hw)
         self.guard_frames(transport)
-        self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary)
+        self.cid = self.hub.add(transport, self.frame_ms * 1_000_000, self.binary,
+                                compact=self.compact)
         if self.ent.delay and self.ctx.delayed is not None:
             self.twins, _ = self.ctx.delayed(self.ent.delay)
             self.twin_names = {t.name: t for t in self.twins.values()}

@@ -32,6 +32,9 @@ export const F = Object.freeze({
 });
 
 export const SUBPROTOCOL = "fastfeed.v1.json";
+/** Update frames' quote rows carry only the fields changed since the connection's
+ * previous frame (docs/protocol.md, "Compact rows"): `compact: true` offers it. */
+export const COMPACT_SUBPROTOCOL = "fastfeed.v1.compact";
 
 /** Channels (protocol version 1.1). A request without channels means "quote". */
 export const QUOTE_CHANNEL = "quote";
@@ -65,9 +68,25 @@ export const State = Object.freeze({
   WAITING: "reconnecting",  // closed, a reconnect is scheduled
 });
 
+/**
+ * A compact row (fastfeed.v1.compact) made full: `held` is the row the client
+ * holds for it (what this connection sent it, or a resume's snapshot skipped),
+ * or undefined: the gateway's zero state. `t` is the frame's send time.
+ */
+export function expandCompact(r, held, t) {
+  const row = held ? held.slice() : [r[0], 0, 0, 0, 0, 0, 0, 0, 0, 0];
+  const mask = r[2];
+  let k = 3;
+  row[F.SEQ] = r[1];
+  if (mask & 1) row[F.TS] = t - r[k++];
+  for (let j = 0; j < 7; j++) if (mask & (2 << j)) row[F.BID + j] = r[k++];
+  return row;
+}
+
 const DEFAULTS = {
   token: "",                 // appended as ?token= when set
-  protocols: [SUBPROTOCOL],
+  protocols: null,            // default: [SUBPROTOCOL], or with compact [COMPACT_SUBPROTOCOL, SUBPROTOCOL]
+  compact: false,            // offer fastfeed.v1.compact: fewer bytes; `rows` are full rows either way
   chunkSize: 500,            // symbols per subscribe request
   chunkBytes: 48 * 1024,     // and at most this many bytes per request (server default cap: 64 KiB)
   maxSubscriptions: 5000,    // server default per connection
@@ -327,7 +346,9 @@ export class FastfeedClient {
     this._emit("connecting", { attempt: this.attempt, url: this.url });
     let ws;
     try {
-      ws = new this.opts.WebSocket(this._socketUrl(), this.opts.protocols);
+      const protocols = this.opts.protocols
+        || (this.opts.compact ? [COMPACT_SUBPROTOCOL, SUBPROTOCOL] : [SUBPROTOCOL]);
+      ws = new this.opts.WebSocket(this._socketUrl(), protocols);
     } catch (err) {
       this._emit("error", { code: "connect", message: String(err) });
       this._scheduleReconnect(1006, "");
@@ -364,6 +385,8 @@ export class FastfeedClient {
   }
 
   _onOpen(ws) {
+    // an older gateway may pick plain JSON: rows are then full already
+    this._compact = ws.protocol === COMPACT_SUBPROTOCOL;
     const reconnect = this.connects > 0;
     this.connects += 1;
     this.state = State.OPEN;
@@ -848,7 +871,10 @@ export class FastfeedClient {
         const map = this.rows;
         let backwards = false;
         for (let i = 0; i < rows.length; i++) {
-          const r = rows[i];
+          // compact: [sym, seq, mask, t - ts if bit 0, the values of bits 1..7] on
+          // what this client holds; listeners see the full row
+          const r = this._compact ? (rows[i] = expandCompact(rows[i], map.get(rows[i][0]), msg.t))
+            : rows[i];
           if (!this.wanted.has(r[0])) continue;
           // seq only grows for a given source, so a lower one means the
           // source (or a simulator) started over: what `since` skipped on

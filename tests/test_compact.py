@@ -1,0 +1,100 @@
+"""The compact subprotocol against a real gateway: a websockets client asking
+for it, decoded with fastfeed.compact, holds the same rows as a v1 client;
+fastfeed.client on it holds every row whole, across a dropped connection
+(fastfeed.js on it: tests/test_fastfeed_js.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import websockets
+from support import Feed, start_gateway, until
+from test_client import FAST
+
+from fastfeed import protocol as P
+from fastfeed.client import Client, Row
+from fastfeed.compact import CompactState
+from fastfeed.feed.simulator import symbols
+from fastfeed.publisher import Publisher
+
+
+async def _read(ws, on_update, on_snapshot):
+    async for raw in ws:
+        msg = json.loads(raw)
+        if msg["type"] == "snapshot":
+            on_snapshot(msg["rows"])
+        elif msg["type"] == "update":
+            on_update(msg)
+
+
+async def test_compact_client_converges_to_v1_rows():
+    async with start_gateway("--simulate", "20", "--rate", "2000", "--seed", "7") as g:
+        v1: dict[tuple[str, int], list] = {}
+        compact: dict[tuple[str, int], list] = {}
+        state = CompactState()
+        sizes = {"v1": 0, "compact": 0}
+
+        def v1_rows(rows):
+            for r in rows:
+                v1[(r[0], r[1])] = r
+
+        def v1_update(msg):
+            v1_rows(msg["rows"])
+
+        def c_snapshot(rows):
+            state.snapshot(rows)
+            for r in rows:
+                compact[(r[0], r[1])] = list(r)
+
+        def c_update(msg):
+            sizes["compact"] += len(msg["rows"])
+            for r in state.update(msg):
+                compact[(r[0], r[1])] = list(r)
+
+        async with websockets.connect(g.ws_url, subprotocols=[P.JSON_SUBPROTOCOL]) as a, \
+                websockets.connect(g.ws_url, subprotocols=[P.COMPACT_SUBPROTOCOL]) as b:
+            assert b.subprotocol == P.COMPACT_SUBPROTOCOL
+            syms = symbols(20)
+            await a.send(json.dumps({"op": "subscribe", "symbols": syms}))
+            await b.send(json.dumps({"op": "subscribe", "symbols": syms}))
+            tasks = [asyncio.create_task(_read(a, v1_update, v1_rows)),
+                     asyncio.create_task(_read(b, c_update, c_snapshot))]
+            try:
+                # both saw many of the same (symbol, seq): every one must agree
+                await until(lambda: sizes["compact"] > 300
+                            and len(v1.keys() & compact.keys()) > 200, timeout=60)
+            finally:
+                for t in tasks:
+                    t.cancel()
+        common = v1.keys() & compact.keys()
+        assert all(v1[k] == compact[k] for k in common), [
+            (v1[k], compact[k]) for k in common if v1[k] != compact[k]][:3]
+
+
+async def test_the_python_client_on_compact_holds_every_row_across_a_drop():
+    """fastfeed.client with compact=True: every row it applies is the whole row
+    the source had at that seq, before and after a dropped connection (the
+    resume's snapshot leaves out rows it holds: the compact rows after it build
+    on them), and it ends on the source's state."""
+    feed = Feed(5)
+    syms = [f"C{k:02d}" for k in range(12)]
+    rng = random.Random(5)
+    async with start_gateway() as g, Publisher(g.ingest_url) as p:
+        await p.publish(feed.ticks(syms))
+        assert await p.sync(10)
+        seen: list[Row] = []
+        async with Client(g.ws_url, compact=True, backoff=FAST) as c:
+            await c.subscribe(syms)
+            c.on_update = seen.extend
+            for k in range(40):
+                await p.publish(feed.ticks(rng.sample(syms, 4)))
+                if k == 15:
+                    c.disconnect()
+                await asyncio.sleep(0.02)
+            assert await p.sync(10)
+            await until(lambda: c.rows == feed.truth(), 20, what="the source's final rows")
+            assert c.reconnects == 1 and c.frames > 10
+        bad = [r for r in seen if r != feed.history[r.sym][r.seq]]
+        assert not bad, bad[:3]
