@@ -167,6 +167,9 @@ async def test_the_running_trade_shows_the_selected_symbol_or_the_whole_market(p
     assert len({r["sym"] for r in rows}) > 1, "the market's tape holds more than one symbol"
     await page.select_option("[data-testid=tape-scope]", "symbol")
     await wait(page, "() => !fastfeed.client.wanted.has('*')")
+    # the tape is repainted on the next animation frame: until then it shows the market's
+    await wait(page, f"() => [...document.querySelectorAll('#tape .tape-row:not([hidden])')]"
+                     f".every(r => r.dataset.sym === '{SYM}')")
     rows = await shown_tape_matches(page, wire, market=False)
     assert {r["sym"] for r in rows} == {SYM}
     assert "error" not in (await page.text_content("#note") or "").lower()
