@@ -343,7 +343,7 @@ cdef class DelayLine:
         return (<TradeRec*>r).ts
 
     cdef int _slot(self, int64_t start, const int64_t* off, const int64_t* n) except -1:
-        cdef int64_t cap, j, mx = 0
+        cdef int64_t cap, j, ts, mx = 0
         cdef int k
         cdef bint empty = True
         for k in range(NBUF):
@@ -363,8 +363,9 @@ cdef class DelayLine:
                 self.s_cap = cap
         for k in range(NBUF):
             for j in range(off[k], off[k] + n[k]):
-                if self._ts(k, j) > mx:
-                    mx = self._ts(k, j)
+                ts = self._ts(k, j)
+                if ts > mx:
+                    mx = ts
             self.S[self.s_n].off[k] = off[k]
             self.S[self.s_n].n[k] = n[k]
         self.S[self.s_n].start = start

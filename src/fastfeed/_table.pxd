@@ -64,4 +64,7 @@ cdef class Table(Kind):
     cdef int apply(self, int32_t iid, int64_t seq, int64_t ts, uint32_t mask,
                    const double* v, int64_t now) noexcept
     cdef const char* row_json(self, int32_t iid, int32_t* n) except NULL
+    cdef char* _rows(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                     bint compact, int64_t t, uint32_t* count, int64_t* oldest) except NULL
+    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept
     cdef void row_bin(self, int32_t iid, char* out) noexcept

@@ -305,6 +305,20 @@ cdef class Table(Kind):
 
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL:
+        return self._rows(p, ids, n, since, False, 0, count, oldest)
+
+    cdef Py_ssize_t compact_bound(self, int32_t n) noexcept:
+        # a compact row is a full row at most, plus its mask (3 digits and a comma)
+        return <Py_ssize_t>n * (ROW_SLOT + 5)
+
+    cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                              int64_t t, uint32_t* count, int64_t* oldest) except NULL:
+        return self._rows(p, ids, n, since, True, t, count, oldest)
+
+    cdef char* _rows(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
+                     bint compact, int64_t t, uint32_t* count, int64_t* oldest) except NULL:
+        """The rows of `ids` changed after `since`, comma-separated: whole (the
+        cached JSON row) or compact (only the fields changed after `since`)."""
         cdef Py_ssize_t k
         cdef int32_t iid, rn
         cdef uint32_t cnt = 0
@@ -320,64 +334,44 @@ cdef class Table(Kind):
             if cnt:
                 p[0] = b","
                 p += 1
-            row = self.row_json(iid, &rn)
-            memcpy(p, row, rn)
-            p += rn
+            if compact:
+                p = self._compact_row(p, iid, since, t)
+            else:
+                row = self.row_json(iid, &rn)
+                memcpy(p, row, rn)
+                p += rn
             cnt += 1
         count[0] = cnt
         oldest[0] = old
         return p
 
-    cdef Py_ssize_t compact_bound(self, int32_t n) noexcept:
-        # a compact row is a full row at most, plus its mask (3 digits and a comma)
-        return <Py_ssize_t>n * (ROW_SLOT + 5)
-
-    cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                              int64_t t, uint32_t* count, int64_t* oldest) except NULL:
+    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
         # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md)
-        cdef Py_ssize_t k
+        cdef const uint64_t* f = self.fchg + <Py_ssize_t>iid * NFCHG
+        cdef uint32_t m = 0
         cdef int j
-        cdef int32_t iid
-        cdef uint32_t cnt = 0, m
-        cdef int64_t old = 0
-        cdef const uint64_t* f
-        for k in range(n):
-            iid = ids[k]
-            if iid >= self.size or self.chg[iid] <= since:
-                continue
-            if cnt == 0 or self.arrived[iid] < old:
-                old = self.arrived[iid]
-            if cnt:
-                p[0] = b","
-                p += 1
-            f = self.fchg + <Py_ssize_t>iid * NFCHG
-            m = 0
-            for j in range(NFCHG):
-                if f[j] > since:
-                    m |= 1u << j
-            p[0] = b"["
-            p[1] = b'"'
-            memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
-            p += 2 + self.symlen[iid]
-            p[0] = b'"'
-            p[1] = b","
-            p = _put_i64(p + 2, self.seq[iid])
+        for j in range(NFCHG):
+            if f[j] > since:
+                m |= 1u << j
+        p[0] = b"["
+        p[1] = b'"'
+        memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
+        p += 2 + self.symlen[iid]
+        p[0] = b'"'
+        p[1] = b","
+        p = _put_i64(p + 2, self.seq[iid])
+        p[0] = b","
+        p = _put_i64(p + 1, m)
+        if m & M_TS:
+            # ts and t are both >= 0: the difference fits
             p[0] = b","
-            p = _put_i64(p + 1, m)
-            if m & M_TS:
-                # ts and t are both >= 0: the difference fits
+            p = _put_i64(p + 1, t - self.ts[iid])
+        for j in range(NVALS):
+            if m & (2u << j):
                 p[0] = b","
-                p = _put_i64(p + 1, t - self.ts[iid])
-            for j in range(NVALS):
-                if m & (2u << j):
-                    p[0] = b","
-                    p = _put_f64(p + 1, self.val[j][iid])
-            p[0] = b"]"
-            p += 1
-            cnt += 1
-        count[0] = cnt
-        oldest[0] = old
-        return p
+                p = _put_f64(p + 1, self.val[j][iid])
+        p[0] = b"]"
+        return p + 1
 
     cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
         return <Py_ssize_t>n * BIN_ROW

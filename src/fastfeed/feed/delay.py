@@ -116,6 +116,6 @@ class DelaySource(TaskSource):
         metrics.delay_entries.labels("quote").set(line.entries)
         metrics.delay_entries.labels("book").set(line.book_entries)
         metrics.delay_entries.labels("trade").set(line.trade_entries)
-        metrics.delay_line_bytes.set(self.line.nbytes)
-        metrics.delay_slot.set(self.line.slot_ns / NS)
+        metrics.delay_line_bytes.set(line.nbytes)
+        metrics.delay_slot.set(line.slot_ns / NS)
         metrics.delay_past.set(min(self.past_s(), self.max_delay_s))
