@@ -397,7 +397,8 @@ class WebSocketTransport:
             ws.send_close(WSCloseCode.OK)
             ws.disconnect()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.wait_disconnected(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await ws.wait_disconnected()
 
     def _on_text(self, data: bytes) -> None:
         try:
@@ -1051,8 +1052,9 @@ class Publisher:
                         break
                 if len(self._queue) < self.max_batch and self.flush_ms > 0:
                     # gather a batch: until flush_ms passes or max_batch ticks wait
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._full.wait(), self.flush_ms / 1000)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.flush_ms / 1000):
+                            await self._full.wait()
                 self._full.clear()
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]

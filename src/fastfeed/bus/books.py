@@ -265,7 +265,8 @@ class BookBus:
             else:
                 futs.extend(conn.write((b"SUBSCRIBE", *names), replies=len(names)))
             self._where.update((n, addr) for n in parts)
-        await asyncio.wait_for(asyncio.gather(*futs), link.connect_timeout)
+        async with asyncio.timeout(link.connect_timeout):
+            await asyncio.gather(*futs)
         await self._load_snapshot()
 
     def still_routed(self, owners: Sequence[Addr | None]) -> bool:
@@ -300,7 +301,8 @@ class BookBus:
             self.on_change()
         if total < len(self.books):
             # Redis lost them (restarted without persistence): write ours back
-            sent = await asyncio.wait_for(self.write_back(), self.link.ping_timeout)
+            async with asyncio.timeout(self.link.ping_timeout):
+                sent = await self.write_back()
             if sent:
                 log.warning("bus: redis had lost book state; wrote back %d books from this "
                             "worker", sent)

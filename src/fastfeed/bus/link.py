@@ -265,7 +265,11 @@ class _Conn(asyncio.Protocol):
 
     async def call(self, *args: Any, timeout: float | None = None) -> Any:
         (fut,) = self.write(args)
-        return await asyncio.wait_for(fut, timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel
+        # that lands as the reply does, and the caller's task (the ping loop
+        # a closing link waits for) then runs on for good
+        async with asyncio.timeout(timeout):
+            return await fut
 
     async def drain(self) -> None:
         if self.paused:
@@ -421,7 +425,8 @@ class Link:
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         assert self._ready is not None, "start() first"
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
 
     async def close(self) -> None:
         self._closing = True
@@ -563,7 +568,8 @@ class Link:
             coro = loop.create_unix_connection(factory, u.path)
         else:
             coro = loop.create_connection(factory, u.host, u.port, ssl=ctx)
-        _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await coro
         t = self.connect_timeout
         if u.password is not None:
             args = ("AUTH", u.username, u.password) if u.username else ("AUTH", u.password)
@@ -596,7 +602,8 @@ class Link:
             try:
                 coro = loop.create_connection(lambda: _Conn("sentinel", lambda _c, _e: None),
                                               addr[0], addr[1], ssl=ctx)
-                _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):
+                    _, conn = await coro
                 assert conn is not None
                 r = await conn.call("SENTINEL", "get-master-addr-by-name", u.service,
                                     timeout=self.connect_timeout)
@@ -686,7 +693,10 @@ class Link:
         return out + self._extra
 
     async def _ping_loop(self) -> None:
-        while True:
+        lost = self._lost
+        assert lost is not None
+        # ends with the connection it watches, even if a cancel were lost
+        while not lost.is_set():
             await asyncio.sleep(self.ping_interval)
             for c, addr in self._watched():
                 try:

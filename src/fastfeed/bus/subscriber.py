@@ -134,7 +134,8 @@ class Subscriber:
             else:
                 futs.extend(conn.write((b"SUBSCRIBE", *names), replies=len(names)))
             self._where.update((n, addr) for n in parts)
-        await asyncio.wait_for(asyncio.gather(*futs), link.connect_timeout)
+        async with asyncio.timeout(link.connect_timeout):
+            await asyncio.gather(*futs)
         await self._load_snapshot()
 
     def still_routed(self, owners: Sequence[Addr | None]) -> bool:
@@ -176,8 +177,8 @@ class Subscriber:
                 ticks.append(dict(zip(FIELDS, table.row(iid), strict=True)))
         sent = 0
         for i in range(0, len(ticks), 1000):
-            sent += await asyncio.wait_for(self.store.write_rows(ticks[i:i + 1000]),
-                                           self.link.ping_timeout)
+            async with asyncio.timeout(self.link.ping_timeout):
+                sent += await self.store.write_rows(ticks[i:i + 1000])
         self.reseeded_rows += sent
         if sent:
             log.warning("bus: redis had lost state; wrote back %d rows from this worker", sent)
