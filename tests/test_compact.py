@@ -9,19 +9,24 @@ import asyncio
 import json
 import random
 
+import pytest
 import websockets
 from support import Feed, start_gateway, until
 from test_client import FAST
 
 from fastfeed import protocol as P
 from fastfeed.client import Client, Row
-from fastfeed.compact import CompactState
+from fastfeed.compact import CompactState, decode_compact_bin
 from fastfeed.feed.simulator import symbols
 from fastfeed.publisher import Publisher
 
 
 async def _read(ws, on_update, on_snapshot):
     async for raw in ws:
+        if isinstance(raw, bytes):  # fastfeed.v1.compact.bin: an FFC1 frame
+            t, rows = decode_compact_bin(raw)
+            on_update({"type": "update", "t": t, "rows": rows})
+            continue
         msg = json.loads(raw)
         if msg["type"] == "snapshot":
             on_snapshot(msg["rows"])
@@ -29,7 +34,8 @@ async def _read(ws, on_update, on_snapshot):
             on_update(msg)
 
 
-async def test_compact_client_converges_to_v1_rows():
+@pytest.mark.parametrize("proto", [P.COMPACT_SUBPROTOCOL, P.COMPACT_BIN_SUBPROTOCOL])
+async def test_compact_client_converges_to_v1_rows(proto):
     async with start_gateway("--simulate", "20", "--rate", "2000", "--seed", "7") as g:
         v1: dict[tuple[str, int], list] = {}
         compact: dict[tuple[str, int], list] = {}
@@ -54,8 +60,8 @@ async def test_compact_client_converges_to_v1_rows():
                 compact[(r[0], r[1])] = list(r)
 
         async with websockets.connect(g.ws_url, subprotocols=[P.JSON_SUBPROTOCOL]) as a, \
-                websockets.connect(g.ws_url, subprotocols=[P.COMPACT_SUBPROTOCOL]) as b:
-            assert b.subprotocol == P.COMPACT_SUBPROTOCOL
+                websockets.connect(g.ws_url, subprotocols=[proto]) as b:
+            assert b.subprotocol == proto
             syms = symbols(20)
             await a.send(json.dumps({"op": "subscribe", "symbols": syms}))
             await b.send(json.dumps({"op": "subscribe", "symbols": syms}))
@@ -73,8 +79,10 @@ async def test_compact_client_converges_to_v1_rows():
             (v1[k], compact[k]) for k in common if v1[k] != compact[k]][:3]
 
 
-async def test_the_python_client_on_compact_holds_every_row_across_a_drop():
-    """fastfeed.client with compact=True: every row it applies is the whole row
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "bin"])
+async def test_the_python_client_on_compact_holds_every_row_across_a_drop(binary):
+    """fastfeed.client with compact=True (and binary=True: compact binary
+    frames): every row it applies is the whole row
     the source had at that seq, before and after a dropped connection (the
     resume's snapshot leaves out rows it holds: the compact rows after it build
     on them), and it ends on the source's state."""
@@ -85,7 +93,7 @@ async def test_the_python_client_on_compact_holds_every_row_across_a_drop():
         await p.publish(feed.ticks(syms))
         assert await p.sync(10)
         seen: list[Row] = []
-        async with Client(g.ws_url, compact=True, backoff=FAST) as c:
+        async with Client(g.ws_url, compact=True, binary=binary, backoff=FAST) as c:
             await c.subscribe(syms)
             c.on_update = seen.extend
             for k in range(40):
@@ -96,5 +104,6 @@ async def test_the_python_client_on_compact_holds_every_row_across_a_drop():
             assert await p.sync(10)
             await until(lambda: c.rows == feed.truth(), 20, what="the source's final rows")
             assert c.reconnects == 1 and c.frames > 10
+            assert c.protocol == (P.COMPACT_BIN_SUBPROTOCOL if binary else P.COMPACT_SUBPROTOCOL)
         bad = [r for r in seen if r != feed.history[r.sym][r.seq]]
         assert not bad, bad[:3]

@@ -21,7 +21,11 @@ WALL0 = 1_700_000_000_000_000_000
 
 price = st.one_of(
     st.floats(min_value=-1e6, max_value=1e9, allow_nan=False, allow_infinity=False),
-    st.just(math.nan), st.just(math.inf), st.integers(-5, 10_000))
+    st.just(math.nan), st.just(math.inf), st.integers(-5, 10_000),
+    # short decimals (the compact binary form's integer tokens), and its edges
+    st.builds(lambda m, k: m / 10**k, st.integers(-10**9, 10**12), st.integers(0, 6)),
+    st.builds(lambda m, e: float(m * 10**e), st.integers(-10**6, 10**6), st.integers(1, 6)),
+    st.sampled_from([-0.0, 2.0**48, 2.0**48 - 1, 281474976710655.5, 1e-15, 5e-324]))
 tick = st.fixed_dictionaries(
     {"sym": st.sampled_from([*SYMS, "bad sym", ""]), "seq": st.integers(0, 30)},
     optional={"ts": st.integers(0, 2**62), "bid": price, "ask": price, "last": price,
@@ -29,7 +33,7 @@ tick = st.fixed_dictionaries(
 )
 op = st.one_of(
     st.tuples(st.just("ticks"), st.lists(tick, min_size=1, max_size=6)),
-    # add: interval, binary, compact (the compact subprotocol wins over binary)
+    # add: interval, binary, compact (both: compact binary, FFC1)
     st.tuples(st.just("add"), st.sampled_from([0, 16 * MS, 3_600_000 * MS]), st.booleans(),
               st.booleans()),
     st.tuples(st.just("subscribe"), st.integers(0, 7), st.sets(st.sampled_from(SYMS))),

@@ -303,17 +303,20 @@ async def test_the_tape_and_bars_hold_every_trade_once_across_a_dropped_connecti
         await state_until(js, bars_match, "bars equal to those of the published trades")
 
 
-async def test_compact_rows_are_whole_rows_across_a_dropped_connection(js: JS) -> None:
-    """fastfeed.js with compact: true gets fastfeed.v1.compact, and every row it
-    hands its listeners is the source's whole row at that seq, before and after
-    a connection that dies (the resume's snapshot leaves out what it holds)."""
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "bin"])
+async def test_compact_rows_are_whole_rows_across_a_dropped_connection(js: JS,
+                                                                       binary: bool) -> None:
+    """fastfeed.js with compact: true gets fastfeed.v1.compact (with binary:
+    true, fastfeed.v1.compact.bin), and every row it hands its listeners is the
+    source's whole row at that seq, before and after a connection that dies
+    (the resume's snapshot leaves out what it holds)."""
     feed = Feed(9)
     syms = [f"J{k:02d}" for k in range(10)]
     rng = random.Random(9)
     async with start_gateway() as gw, Publisher(gw.ingest_url) as p:
         await p.publish(feed.ticks(syms))
         assert await p.sync(10)
-        await js.cmd("connect", url=gw.ws_url, compact=True)
+        await js.cmd("connect", url=gw.ws_url, compact=True, binary=binary)
         await js.cmd("subscribe", symbols=syms)
         for k in range(40):
             await p.publish(feed.ticks(rng.sample(syms, 3)))
@@ -331,7 +334,8 @@ async def test_compact_rows_are_whole_rows_across_a_dropped_connection(js: JS) -
         st = await state_until(js, lambda st: all(
             s in st["rows"] and same(st["rows"][s], truth[s]) for s in syms),
             "the source's final rows")
-        assert st["protocol"] == "fastfeed.v1.compact" and st["connects"] == 2
+        assert st["protocol"] == ("fastfeed.v1.compact.bin" if binary else
+                                  "fastfeed.v1.compact") and st["connects"] == 2
     rows = [r for e in js.events if e["ev"] == "rows" for r in e["rows"]]
     assert len(rows) > 20
     bad = [r for r in rows if not same(r, feed.history[r[0]][r[1]])]

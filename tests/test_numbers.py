@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from fastfeed import _core
 from fastfeed._tickjson import TickParser
+from fastfeed.compact import decode_compact_bin
+from fastfeed.reference import _value_token
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 # what markets send: few digits, few decimals, both signs, whole numbers too
@@ -61,6 +63,62 @@ def check_formatted(values: list[float]) -> None:
 @given(st.lists(double, min_size=1, max_size=200))
 def test_formatted_text_is_repr_and_parses_back(values):
     check_formatted(values)
+
+
+def compact_bin_values(values: list[float]) -> list[float]:
+    """Each value through a tick into a real table, out in a compact binary
+    (FFC1) frame, and back through the Python decoder (the differential test
+    holds the core's bytes to the reference's)."""
+    table = _core.Table()
+    hub = _core.Hub(table)
+    hub.capture = []
+    cid = hub.add(None, 0, True, 1, compact=True)
+    n = (len(values) + 6) // 7
+    vals = np.zeros((n, 7))
+    vals.flat[:len(values)] = values
+    ids = np.array([table.intern_symbol(f"N{i}") for i in range(n)], np.int32)
+    hub.subscribe_ids(cid, ids.tolist())
+    table.apply_arrays(ids, np.ones(n, np.int64), np.zeros(n, np.int64), vals)
+    hub.pump(wall=5, mono=2)
+    ((_, frame),) = hub.capture
+    _, rows = decode_compact_bin(frame)
+    out = []
+    for r in rows:  # [sym, seq, mask, t - ts, values of the set bits]
+        mask, got = r[2], iter(r[4:] if r[2] & 1 else r[3:])
+        out += [next(got) if mask & (2 << k) else 0.0 for k in range(7)]
+    return out[:len(values)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(double, min_size=1, max_size=200))
+def test_compact_binary_values_decode_to_the_same_double(values):
+    for v, got in zip(values, compact_bin_values(values), strict=True):
+        assert bits(got) == bits(v), (v, got)
+
+
+def leb128(u: int) -> bytes:
+    out = []
+    while True:
+        out.append(u & 0x7F | (0x80 if u >= 0x80 else 0))
+        if u < 0x80:
+            return bytes(out)
+        u >>= 7
+
+
+def test_compact_binary_value_tokens():
+    # +-m / 10**c (c <= 11) or +-m * 10**(c-11) (c 12..15) as the varint
+    # m*32 + c*2 + sign; 31 and the double otherwise
+    assert _value_token(0.0) == b"\x00" and _value_token(-0.0) == b"\x01"
+    assert _value_token(100.0) == leb128(1 * 32 + 13 * 2)  # 1 * 10**2
+    assert _value_token(1_200_000.0) == leb128(120 * 32 + 15 * 2)  # 120 * 10**4
+    assert _value_token(-10.0) == leb128(1 * 32 + 12 * 2 + 1)
+    assert _value_token(7.0) == leb128(7 * 32)
+    assert _value_token(1.5e-12) == b"\x1f" + struct.pack("<d", 1.5e-12)  # past 11 decimals
+    assert _value_token(1.0) == bytes([32]) and _value_token(-2.5) == leb128(25 * 32 + 2 + 1)
+    assert _value_token(6500.25) == leb128(650025 * 32 + 2 * 2)
+    assert _value_token(0.1 + 0.2) == b"\x1f" + struct.pack("<d", 0.1 + 0.2)
+    assert _value_token(2.0**48) == b"\x1f" + struct.pack("<d", 2.0**48)  # m past 2**48
+    assert len(_value_token(2.0**48 - 1)) == 8
 
 
 def test_formatted_text_sweep():

@@ -23,7 +23,9 @@ cdef enum ConnFlag:
 
 cdef enum:
     MAX_SLOTS = 16       # kinds one hub fans out (quotes, books, trades, bars, delayed copies)
-    NFMT = 4             # cached frames per group: text; FFB1; FFB1's JSON companion; compact
+    # cached frames per group: text; FFB1; the JSON companion of FFB1 and FFC1;
+    # compact text; FFC1 (compact binary)
+    NFMT = 5
     KEY_MAX = 24         # longest `,"key":[` a kind may have
 
 

@@ -141,6 +141,8 @@ cdef class Hub:
         self.fmt_mask[0] |= 1u << s
         self.fmt_mask[3] |= 1u << s
         self.fmt_mask[1 if kind.has_binary else 2] |= 1u << s
+        if kind.has_binary:
+            self.fmt_mask[4] |= 1u << s
         for cid in range(len(self.transports)):
             self.conns[cid].sent_ver[s] = kind.version
         self.nslots += 1
@@ -175,7 +177,8 @@ cdef class Hub:
         """Register a connection; returns its id. `transport` is a picows WSTransport.
 
         `compact`: its update frames carry quote rows in the compact form
-        (only the fields changed since its previous frame; docs/protocol.md).
+        (only the fields changed since its previous frame; docs/protocol.md):
+        as JSON, or with `binary` as FFC1 frames.
 
         `mono` (tests only) stands in for the monotonic clock.
         """
@@ -626,14 +629,12 @@ cdef class Hub:
         cdef int sent = 0
         if c.group >= 0:
             G = &self.groups[c.group]
-            if c.flags & F_COMPACT:
-                sent = self._serve(cid, G, c, 3, wall)
-            elif not c.flags & F_BINARY:
-                sent = self._serve(cid, G, c, 0, wall)
+            if not c.flags & F_BINARY:
+                sent = self._serve(cid, G, c, 3 if c.flags & F_COMPACT else 0, wall)
             else:
-                # quote rows as FFB1, the other kinds in a JSON frame beside it
+                # quote rows as FFB1 (or FFC1), the other kinds in a JSON frame beside it
                 if G.slots & self.fmt_mask[1]:
-                    sent = self._serve(cid, G, c, 1, wall)
+                    sent = self._serve(cid, G, c, 4 if c.flags & F_COMPACT else 1, wall)
                 if G.slots & self.fmt_mask[2]:
                     sent += self._serve(cid, G, c, 2, wall)
         # with nothing subscribed nothing is pending either (as a frame with
@@ -657,7 +658,7 @@ cdef class Hub:
         if not hit:
             self._build(G, c, fmt, wall)
         if G.cache_len[fmt]:
-            self._send(cid, fmt == 1, G.cache_off[fmt], G.cache_len[fmt])
+            self._send(cid, fmt == 1 or fmt == 4, G.cache_off[fmt], G.cache_len[fmt])
             return 1
         return 0
 
@@ -678,8 +679,8 @@ cdef class Hub:
             if mask >> s & 1:
                 K = <Kind>self.kptr[s]
                 n = G.off[s + 1] - G.off[s]
-                if fmt == 1:
-                    need += K.bin_bound(n)
+                if fmt == 1 or fmt == 4:
+                    need += K.bin_bound(n, fmt == 4)
                 elif fmt == 3:
                     need += K.compact_bound(n) + 1
                 else:
@@ -690,15 +691,15 @@ cdef class Hub:
             self.arena_cap = n2
         off = self.arena_len + HEADROOM
         start = p = self.arena + off
-        if fmt == 1:
-            memcpy(p, b"FFB1", 4)
+        if fmt == 1 or fmt == 4:
+            memcpy(p, b"FFC1" if fmt == 4 else b"FFB1", 4)
             memcpy(p + 8, &wall, 8)
             p += BIN_HEADER
             for s in range(self.nslots):
                 if mask >> s & 1:
                     K = <Kind>self.kptr[s]
                     p = K.encode_bin(p, G.ids + G.off[s], G.off[s + 1] - G.off[s],
-                                     c.sent_ver[s], &cnt, &old)
+                                     c.sent_ver[s], fmt == 4, wall, &cnt, &old)
                     if cnt:
                         if total == 0 or old < oldest:
                             oldest = old

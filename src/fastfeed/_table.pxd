@@ -29,9 +29,10 @@ cdef class Kind:
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept
     cdef char* encode_section(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               uint32_t* count, int64_t* oldest) except NULL
-    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept
+    cdef Py_ssize_t bin_bound(self, int32_t n, bint compact) noexcept
     cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                          uint32_t* count, int64_t* oldest) except NULL
+                          bint compact, int64_t t, uint32_t* count,
+                          int64_t* oldest) except NULL
     cdef Py_ssize_t compact_bound(self, int32_t n) noexcept
     cdef char* encode_compact(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                               int64_t t, uint32_t* count, int64_t* oldest) except NULL
@@ -66,5 +67,7 @@ cdef class Table(Kind):
     cdef const char* row_json(self, int32_t iid, int32_t* n) except NULL
     cdef char* _rows(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                      bint compact, int64_t t, uint32_t* count, int64_t* oldest) except NULL
+    cdef uint32_t _changed(self, int32_t iid, uint64_t since) noexcept
     cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept
+    cdef char* _compact_bin_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept
     cdef void row_bin(self, int32_t iid, char* out) noexcept

@@ -20,7 +20,8 @@ from fastfeed._defs cimport (
     _clock, _grow,
 )
 from fastfeed._wire cimport (
-    _check_tick, _finite, _hash, _put_f64, _put_i64, _rd_f64, _rd_i64, _rd_u32, symbol_ok,
+    _check_tick, _finite, _hash, _put_f64, _put_i64, _put_value, _put_varint, _put_zigzag,
+    _rd_f64, _rd_i64, _rd_u32, symbol_ok,
 )
 
 import numpy as np
@@ -75,13 +76,15 @@ cdef class Kind:
         shares the bytes among every connection in the same state."""
         raise NotImplementedError("a kind must override encode_section")
 
-    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
+    cdef Py_ssize_t bin_bound(self, int32_t n, bint compact) noexcept:
         """Most bytes `encode_bin` may write for `n` items (kinds with has_binary)."""
         return 0
 
     cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                          uint32_t* count, int64_t* oldest) except NULL:
-        """As encode_section, as FFB1 records (no header): only kinds with has_binary."""
+                          bint compact, int64_t t, uint32_t* count,
+                          int64_t* oldest) except NULL:
+        """As encode_section, as binary records (no header): FFB1's, or with
+        `compact` FFC1's (`t`: the frame's time). Only kinds with has_binary."""
         raise NotImplementedError("a kind without has_binary has no binary records")
 
     cdef Py_ssize_t compact_bound(self, int32_t n) noexcept:
@@ -345,14 +348,20 @@ cdef class Table(Kind):
         oldest[0] = old
         return p
 
-    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
-        # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md)
+    cdef uint32_t _changed(self, int32_t iid, uint64_t since) noexcept:
+        # bit 0: ts, bit k: the k-th value; set when changed after `since`
         cdef const uint64_t* f = self.fchg + <Py_ssize_t>iid * NFCHG
         cdef uint32_t m = 0
         cdef int j
         for j in range(NFCHG):
             if f[j] > since:
                 m |= 1u << j
+        return m
+
+    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
+        # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md)
+        cdef uint32_t m = self._changed(iid, since)
+        cdef int j
         p[0] = b"["
         p[1] = b'"'
         memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
@@ -373,11 +382,30 @@ cdef class Table(Kind):
         p[0] = b"]"
         return p + 1
 
-    cdef Py_ssize_t bin_bound(self, int32_t n) noexcept:
-        return <Py_ssize_t>n * BIN_ROW
+    cdef char* _compact_bin_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
+        # u8 symbol length, the symbol, u8 mask, varint seq, zigzag varint
+        # t-ts if bit 0, a value token per set bit 1-7 (docs/protocol.md)
+        cdef uint32_t m = self._changed(iid, since)
+        cdef int j
+        p[0] = <char>self.symlen[iid]
+        memcpy(p + 1, self.syms + iid * SYM_MAX, self.symlen[iid])
+        p += 1 + self.symlen[iid]
+        p[0] = <char>m
+        p = _put_varint(p + 1, <uint64_t>self.seq[iid])
+        if m & M_TS:
+            p = _put_zigzag(p, t - self.ts[iid])
+        for j in range(NVALS):
+            if m & (2u << j):
+                p = _put_value(p, self.val[j][iid])
+        return p
+
+    cdef Py_ssize_t bin_bound(self, int32_t n, bint compact) noexcept:
+        # a compact record: length, symbol, mask, two 10-byte varints, 9 per value
+        return <Py_ssize_t>n * (2 + SYM_MAX + 20 + 9 * NVALS if compact else BIN_ROW)
 
     cdef char* encode_bin(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
-                          uint32_t* count, int64_t* oldest) except NULL:
+                          bint compact, int64_t t, uint32_t* count,
+                          int64_t* oldest) except NULL:
         cdef Py_ssize_t k
         cdef int32_t iid
         cdef uint32_t cnt = 0
@@ -388,8 +416,11 @@ cdef class Table(Kind):
                 continue
             if cnt == 0 or self.arrived[iid] < old:
                 old = self.arrived[iid]
-            self.row_bin(iid, p)
-            p += BIN_ROW
+            if compact:
+                p = self._compact_bin_row(p, iid, since, t)
+            else:
+                self.row_bin(iid, p)
+                p += BIN_ROW
             cnt += 1
         count[0] = cnt
         oldest[0] = old

@@ -2,7 +2,7 @@
 # rule, the partition hash and tick validation (see _wire.pyx).
 
 cimport cython
-from libc.math cimport fabs, isfinite, nearbyint, signbit
+from libc.math cimport fabs, floor, isfinite, nearbyint, signbit
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Free
@@ -80,47 +80,103 @@ cdef inline char* _put_u64(char* p, uint64_t u, int width) noexcept:
     return p
 
 
+cdef inline int _short_dec(double a, double limit, uint64_t* m) noexcept:
+    """The smallest k (0..15) for which m = round(a * 10**k) < `limit` gives
+    m / 10**k == a (one correctly rounded IEEE division: what a reader
+    computes from m and k), or -1. `a` >= 0."""
+    cdef double r, fm
+    cdef int k
+    for k in range(16):
+        r = a * ff_p10[k]
+        if not r < limit:                # also NaN and inf
+            return -1
+        fm = nearbyint(r)
+        # |r - m| is at most a few ulps of r when m / 10**k round-trips, and
+        # far more otherwise: the division runs only for a likely candidate
+        if fabs(r - fm) <= r * 8.881784197001252e-16 and fm / ff_p10[k] == a:
+            m[0] = <uint64_t>fm
+            return k
+    return -1
+
+
 @cython.cdivision(True)   # divisors are powers of ten: never zero
 cdef inline char* _put_short(char* p, double v) noexcept:
     """repr(v) for a short decimal (m / 10**k exactly, m < 10**15, |v| >= 1e-4
     or 0) written with integer arithmetic; NULL for any other value.
 
-    The smallest k for which m = round(|v| * 10**k) gives m / 10**k == |v|
-    (one correctly rounded IEEE division: what parsing that text gives) is
-    Python's shortest round-trip text: with m < 2**50 the interval of
-    decimals that parse to v holds at most one multiple of 10**-k, so no
-    shorter text round-trips and none of the same length is nearer. In
-    [1e-4, 1e16) repr writes fixed-point, as here. tests/test_numbers.py
-    checks it against repr for every kind of double."""
+    The smallest such k (`_short_dec`) is Python's shortest round-trip text:
+    with m < 2**50 the interval of decimals that parse to v holds at most one
+    multiple of 10**-k, so no shorter text round-trips and none of the same
+    length is nearer. In [1e-4, 1e16) repr writes fixed-point, as here.
+    tests/test_numbers.py checks it against repr for every kind of double."""
     cdef double a = fabs(v)
-    cdef double r, fm
     cdef uint64_t m, ip
     cdef int k
-    if not a < 1e15:                  # NaN, inf, or past where m may reach
+    if a < 1e-4 and a != 0:
         return NULL
-    if a < 1e-4:
-        if a != 0:
-            return NULL
-    for k in range(16):
-        r = a * ff_p10[k]
-        if r >= 1e15:
-            return NULL
-        fm = nearbyint(r)
-        # |r - m| is at most a few ulps of r when m / 10**k round-trips, and
-        # far more otherwise: the division runs only for a likely candidate
-        if fabs(r - fm) <= r * 8.881784197001252e-16 and fm / ff_p10[k] == a:
-            m = <uint64_t>fm
-            if signbit(v):
-                p[0] = b"-"
-                p += 1
-            ip = m // ff_u10[k]
-            p = _put_u64(p, ip, 1)
-            p[0] = b"."
-            if k == 0:
-                p[1] = b"0"
-                return p + 2
-            return _put_u64(p + 1, m - ip * ff_u10[k], k)
-    return NULL
+    k = _short_dec(a, 1e15, &m)
+    if k < 0:
+        return NULL
+    if signbit(v):
+        p[0] = b"-"
+        p += 1
+    ip = m // ff_u10[k]
+    p = _put_u64(p, ip, 1)
+    p[0] = b"."
+    if k == 0:
+        p[1] = b"0"
+        return p + 2
+    return _put_u64(p + 1, m - ip * ff_u10[k], k)
+
+
+cdef inline char* _put_varint(char* p, uint64_t u) noexcept:
+    # unsigned LEB128: 7 bits a byte, low first, the high bit says more follow
+    while u >= 0x80:
+        p[0] = <char>((u & 0x7F) | 0x80)
+        p += 1
+        u >>= 7
+    p[0] = <char>u
+    return p + 1
+
+
+cdef inline char* _put_zigzag(char* p, int64_t v) noexcept:
+    return _put_varint(p, (<uint64_t>v << 1) ^ <uint64_t>(v >> 63))
+
+
+# a binary compact value (docs/protocol.md, "Compact binary frames"): the
+# varint m*32 + c*2 + sign with m < 2**48 (so a JavaScript Number holds the
+# varint exactly): c 0..11 for m / 10**c, c 12..15 for m * 10**(c-11) (whole
+# sizes and volumes in round lots); the token 31 (m 0, c 15, negative: never
+# one of those, as a multiple is at least 10) and the double's 8 bytes for
+# anything else
+cdef enum:
+    VALUE_F64 = 31
+
+
+@cython.cdivision(True)
+cdef inline char* _put_value(char* p, double v) noexcept:
+    cdef double a = fabs(v), q
+    cdef uint64_t m
+    cdef int k, c = -1
+    cdef uint64_t sign = 1 if signbit(v) else 0
+    if 10 <= a < 9007199254740992.0 and a == floor(a):  # whole, below 2**53
+        # a multiple of 10**e: the quotient is exact, and so is the product back
+        for k in range(4, 0, -1):
+            q = a / ff_p10[k]
+            if q == floor(q) and q * ff_p10[k] == a and q < 281474976710656.0:
+                m = <uint64_t>q
+                c = 11 + k
+                break
+    if c < 0:
+        c = _short_dec(a, 281474976710656.0, &m)  # 2**48
+        if c > 11:
+            c = -1
+    if c >= 0:
+        return _put_varint(p, (m << 5) | (<uint64_t>c << 1) | sign)
+    p[0] = VALUE_F64
+    memcpy(p + 1, &v, 8)
+    return p + 9
+
 
 cdef inline char* _put_f64(char* p, double v) except NULL:
     # Python's repr: shortest round-trip digits, as json.dumps writes floats;

@@ -72,6 +72,7 @@ from .protocol import (
     BOOK_DEPTH,
     CLIENT_FAULT_CLOSE_CODES,
     CLOSE_TRY_AGAIN_LATER,
+    COMPACT_BIN_SUBPROTOCOL,
     COMPACT_SUBPROTOCOL,
     FIELDS,
     FORBIDDEN,
@@ -83,6 +84,7 @@ from .tape import MARKET, Bar, BarStore, Tape, Trade
 
 __all__ = [
     "BIN_SUBPROTOCOL",
+    "COMPACT_BIN_SUBPROTOCOL",
     "COMPACT_SUBPROTOCOL",
     "FIELDS",
     "JSON_SUBPROTOCOL",
@@ -357,7 +359,8 @@ class Client:
         are decoded with NumPy); otherwise ``fastfeed.v1.json``.
       compact: negotiate ``fastfeed.v1.compact`` instead: update frames carry
         only the fields changed since the connection's previous frame (fewer
-        bytes); `rows` holds the same full rows either way.
+        bytes); `rows` holds the same full rows either way. With `binary`
+        too, ``fastfeed.v1.compact.bin``: those rows in binary (FFC1) frames.
       backoff: the `Backoff` between reconnection attempts.
       reconnect: ``False`` stops the client at the first disconnection.
       retry_client_errors: also reconnect after a close for a client fault
@@ -445,10 +448,9 @@ class Client:
             raise ValueError("Client needs at least one URL")
         self.token = token
         self.frame_ms = frame_ms
-        if binary and compact:
-            raise ValueError("binary and compact are two subprotocols: choose one")
         self.binary = binary
         self.compact = compact
+        self.protocol: str | None = None  # the subprotocol the gateway chose, once connected
         self.backoff = backoff or Backoff()
         self.reconnect = reconnect
         self.retry_client_errors = retry_client_errors
@@ -939,8 +941,8 @@ class Client:
         A connection counts as served (for connect()) once a round trip on it
         was answered."""
         session = _Session(self, url)
-        proto = (BIN_SUBPROTOCOL if self.binary else COMPACT_SUBPROTOCOL if self.compact
-                 else JSON_SUBPROTOCOL)
+        proto = ((COMPACT_BIN_SUBPROTOCOL if self.compact else BIN_SUBPROTOCOL) if self.binary
+                 else COMPACT_SUBPROTOCOL if self.compact else JSON_SUBPROTOCOL)
         headers = {"Sec-WebSocket-Protocol": proto}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -957,6 +959,11 @@ class Client:
                 raise ConnectionClosed(status, f"{url} refused the upgrade: HTTP {status}") from e
             raise
         session.transport = transport
+        # what the gateway chose: rows are compact only if it chose a compact
+        # subprotocol (an older gateway may answer with plain JSON)
+        self.protocol = transport.response.headers.get("Sec-WebSocket-Protocol")
+        if self.protocol not in (COMPACT_SUBPROTOCOL, COMPACT_BIN_SUBPROTOCOL):
+            session.compact = None
         self._session = session
         self.url = url
         self.last_message_at = time.monotonic()
@@ -1134,6 +1141,14 @@ class Client:
         self.messages += 1
         self.last_message_at = time.monotonic()
         if binary:
+            if session.compact is not None:  # fastfeed.v1.compact.bin: FFC1 frames
+                try:
+                    t, full = session.compact.update_binary(data)
+                except ValueError as e:
+                    log.warning("fastfeed: unreadable frame from %s: %s", session.url, e)
+                    return
+                self._on_rows([_make_row(r) for r in full], t)
+                return
             t, rows = decode_binary_update(data)
             self._on_rows(rows, t)
             return

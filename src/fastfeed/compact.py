@@ -1,20 +1,81 @@
-"""Decode the compact subprotocol's update rows (docs/protocol.md, "Compact rows").
+"""Decode the compact subprotocols' update rows (docs/protocol.md, "Compact rows").
 
 A compact row is ``[sym, seq, mask, ...]``: bit 0 of `mask` says the row carries
 ``t - ts`` (the frame's `t` minus the source time), bit k (1..7) that it carries
 ``VALUE_FIELDS[k-1]``; the values follow in that order. Fields a row leaves out
 kept their value. `CompactState` holds the full rows one connection was sent
 and turns every compact row back into one (the same row a v1 client holds).
+``fastfeed.v1.compact.bin`` carries the same rows in FFC1 frames
+(`decode_compact_bin`).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .protocol import VALUE_FIELDS
+from .protocol import COMPACT_BIN_MAGIC, VALUE_FIELDS
 
 NVALS = len(VALUE_FIELDS)
+VALUE_F64 = 31  # a value token: the 8 bytes of a double follow
+_HEADER = struct.Struct("<4sIq")
+_F64 = struct.Struct("<d")
+_P10 = [10.0**k for k in range(16)]  # every one exact
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    u = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        u |= (b & 0x7F) << shift
+        if b < 0x80:
+            return u, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("compact binary frame: a varint longer than 10 bytes")
+
+
+def decode_compact_bin(buf: bytes | bytearray | memoryview) -> tuple[int, list[list[Any]]]:
+    """An FFC1 frame as ``(t, rows)``, each row as a JSON compact row is
+    (``[sym, seq, mask, t - ts if bit 0, values...]``); ValueError if it is
+    not one."""
+    buf = bytes(buf)
+    magic, count, t = _HEADER.unpack_from(buf, 0) if len(buf) >= 16 else (b"", 0, 0)
+    if magic != COMPACT_BIN_MAGIC:
+        raise ValueError(f"not a compact binary frame (magic {magic!r})")
+    rows: list[list[Any]] = []
+    i = 16
+    try:
+        for _ in range(count):
+            n = buf[i]
+            sym = buf[i + 1:i + 1 + n].decode("ascii")
+            i += 1 + n
+            mask = buf[i]
+            seq, i = _varint(buf, i + 1)
+            row: list[Any] = [sym, seq, mask]
+            if mask & 1:
+                z, i = _varint(buf, i)
+                row.append((z >> 1) ^ -(z & 1))  # zigzag
+            for j in range(NVALS):
+                if mask & (2 << j):
+                    u, i = _varint(buf, i)
+                    if u == VALUE_F64:
+                        row.append(_F64.unpack_from(buf, i)[0])
+                        i += 8
+                        continue
+                    # +-m / 10**c (one correctly rounded division, as the gateway
+                    # checked), or for c 12..15 the exact m * 10**(c - 11)
+                    c = (u >> 1) & 15
+                    v = (u >> 5) / _P10[c] if c < 12 else (u >> 5) * _P10[c - 11]
+                    row.append(-v if u & 1 else v)
+            rows.append(row)
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise ValueError("compact binary frame: truncated or malformed") from None
+    if i != len(buf):
+        raise ValueError(f"compact binary frame: {len(buf) - i} bytes after its {count} rows")
+    return t, rows
 
 
 class CompactState:
@@ -33,6 +94,11 @@ class CompactState:
         """Take the full rows of a `snapshot` message."""
         for r in rows:
             self.rows[r[0]] = list(r)
+
+    def update_binary(self, buf: bytes | bytearray | memoryview) -> tuple[int, list[list]]:
+        """Apply an FFC1 frame; returns its `t` and the full rows it made."""
+        t, rows = decode_compact_bin(buf)
+        return t, self.update({"t": t, "rows": rows})
 
     def update(self, msg: dict) -> list[list]:
         """Apply an `update` message's compact rows; returns the full rows they made."""

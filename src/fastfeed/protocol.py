@@ -35,8 +35,12 @@ JSON_SUBPROTOCOL = "fastfeed.v1.json"
 BIN_SUBPROTOCOL = "fastfeed.v1.bin"  # update frames binary, everything else JSON
 #: update frames' quote rows carry only the fields changed since the previous frame
 COMPACT_SUBPROTOCOL = "fastfeed.v1.compact"
-SUBPROTOCOLS = (JSON_SUBPROTOCOL, BIN_SUBPROTOCOL, COMPACT_SUBPROTOCOL)  # the gateway's preference
+#: the same, binary: quote rows in FFC1 frames, everything else as on fastfeed.v1.bin
+COMPACT_BIN_SUBPROTOCOL = "fastfeed.v1.compact.bin"
+SUBPROTOCOLS = (JSON_SUBPROTOCOL, BIN_SUBPROTOCOL, COMPACT_SUBPROTOCOL,
+                COMPACT_BIN_SUBPROTOCOL)  # the gateway's preference
 BIN_MAGIC = b"FFB1"  # a binary update frame
+COMPACT_BIN_MAGIC = b"FFC1"  # a compact binary update frame
 BATCH_MAGIC = b"FFT1"  # a binary tick batch (/ingest, the Redis bus)
 TRADE_BATCH_MAGIC = b"FTR1"  # a binary trade batch (/ingest, the Redis bus)
 

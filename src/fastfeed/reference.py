@@ -15,10 +15,38 @@ import zlib
 from dataclasses import dataclass, field
 
 from ._core import ROW_DTYPE, valid_symbol
-from .protocol import BIN_MAGIC, VALUE_FIELDS
+from .protocol import BIN_MAGIC, COMPACT_BIN_MAGIC, VALUE_FIELDS
 
 APPLIED, STALE, REJECTED = 0, 1, 2
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _varint(u: int) -> bytes:
+    out = bytearray()
+    while u >= 0x80:
+        out.append(u & 0x7F | 0x80)
+        u >>= 7
+    out.append(u)
+    return bytes(out)
+
+
+def _value_token(v: float) -> bytes:
+    """m / 10**c (the smallest c <= 11) or, for a whole multiple of ten,
+    m * 10**(c - 11) (the largest power, c 12..15), as m*32 + c*2 + sign with
+    m < 2**48; or 31 and the double's 8 bytes."""
+    a, sign = abs(v), int(math.copysign(1.0, v) < 0)
+    if 10 <= a < 2.0**53 and a == int(a):
+        for e in (4, 3, 2, 1):
+            if int(a) % 10**e == 0 and int(a) // 10**e < 2**48:
+                return _varint(int(a) // 10**e * 32 + (11 + e) * 2 + sign)
+    for k in range(12):
+        p = float(10**k)
+        if not a * p < 2.0**48:
+            break
+        m = round(a * p)
+        if m / p == a:
+            return _varint(m * 32 + k * 2 + sign)
+    return b"\x1f" + struct.pack("<d", v)
 
 
 class RefTable:
@@ -79,13 +107,23 @@ class RefTable:
         return _dumps(self.rows[iid]).encode()
 
     def row_compact(self, iid: int, since: int, t: int) -> bytes:
-        r, f = self.rows[iid], self.fchg[iid]
-        mask = sum(1 << k for k in range(8) if f[k] > since)
+        r, mask = self.rows[iid], self._changed(iid, since)
         out = [r[0], r[1], mask]
         if mask & 1:
             out.append(t - r[2])
         out += [r[3 + k] for k in range(7) if mask & (2 << k)]
         return _dumps(out).encode()
+
+    def _changed(self, iid: int, since: int) -> int:
+        return sum(1 << k for k in range(8) if self.fchg[iid][k] > since)
+
+    def row_compact_bin(self, iid: int, since: int, t: int) -> bytes:
+        r, mask = self.rows[iid], self._changed(iid, since)
+        out = bytes([len(r[0])]) + r[0].encode() + bytes([mask]) + _varint(r[1])
+        if mask & 1:
+            d = t - r[2]
+            out += _varint(2 * d if d >= 0 else -2 * d - 1)  # zigzag
+        return out + b"".join(_value_token(r[3 + k]) for k in range(7) if mask & (2 << k))
 
     def row_bin(self, iid: int) -> bytes:
         r = self.rows[iid]
@@ -191,26 +229,33 @@ class RefHub:
             since = c.sent
             c.sent = [t.version for t in self.kinds]
             frames = []
-            if c.compact:
-                if any(pending):
-                    frames.append(self.frame(pending, wall, since))
-            elif c.binary:
+            if c.binary:
                 kinds = self.kinds
                 binary = [p if t.has_binary else [] for p, t in zip(pending, kinds, strict=True)]
                 other = [[] if t.has_binary else p for p, t in zip(pending, kinds, strict=True)]
                 if any(binary):
-                    frames.append(self.bin_frame(binary, wall))
+                    frames.append(self.bin_frame(binary, wall, since if c.compact else None))
                 if any(other):
                     frames.append(self.frame(other, wall))
+            elif c.compact:
+                if any(pending):
+                    frames.append(self.frame(pending, wall, since))
             elif any(pending):
                 frames.append(self.frame(pending, wall))
             if frames:
                 c.last_send = mono
                 self.capture.extend((cid, f) for f in frames)
 
-    def bin_frame(self, pending: list[list[int]], wall: int) -> bytes:
+    def bin_frame(self, pending: list[list[int]], wall: int,
+                  since: list[int] | None = None) -> bytes:
+        """FFB1, or with `since` (per slot) FFC1: compact binary rows."""
         assert ROW_DTYPE.itemsize == 104
-        rows = [t.row_bin(i) for t, ids in zip(self.kinds, pending, strict=True) for i in ids]
+        kinds = list(zip(self.kinds, pending, strict=True))
+        if since is not None:
+            rows = [t.row_compact_bin(i, since[s], wall) for s, (t, ids) in enumerate(kinds)
+                    for i in ids]
+            return COMPACT_BIN_MAGIC + struct.pack("<Iq", len(rows), wall) + b"".join(rows)
+        rows = [t.row_bin(i) for t, ids in kinds for i in ids]
         return BIN_MAGIC + struct.pack("<Iq", len(rows), wall) + b"".join(rows)
 
     def frame(self, pending: list[list[int]], wall: int, since: list[int] | None = None) -> bytes:

@@ -2,7 +2,7 @@
 // WebSocket. tests/test_fastfeed_js.py drives it: one JSON command per line
 // on stdin, one JSON event per line on stdout.
 //
-//   {"id":1,"cmd":"connect","url":"ws://…/ws","compact":true}   (compact: optional)
+//   {"id":1,"cmd":"connect","url":"ws://…/ws","compact":true,"binary":true}   (both optional)
 //   {"id":2,"cmd":"subscribe","symbols":["BBCA"],"channels":["book"]}
 //   {"id":3,"cmd":"unsubscribe","symbols":["BBCA"],"channels":["book"]}
 //   {"id":4,"cmd":"list","match":"BB*"}                 -> {"ev":"done","id":4,"result":[…]}
@@ -55,7 +55,7 @@ async function run(cmd) {
     case "connect": {
       client = new FastfeedClient(cmd.url, {
         WebSocket, pingEveryMs: 0, backoffInitialMs: 50, backoffMaxMs: 200, tapeSize: 100000,
-        compact: Boolean(cmd.compact),
+        compact: Boolean(cmd.compact), binary: Boolean(cmd.binary),
       });
       client.on("update", (m) => { if (cmd.compact) emit({ ev: "rows", rows: m.rows }); });
       client.on("bookresync", (e) => emit({ ev: "bookresync", ...e }));

@@ -190,8 +190,9 @@ class Routes:
         if offered and chosen is None:
             return self._refuse(
                 400, f"unsupported subprotocol; offer one of {', '.join(P.SUBPROTOCOLS)}")
-        session = Session(self.session_ctx, ent, chosen == P.BIN_SUBPROTOCOL, "",
-                          compact=chosen == P.COMPACT_SUBPROTOCOL)
+        session = Session(self.session_ctx, ent,
+                          chosen in (P.BIN_SUBPROTOCOL, P.COMPACT_BIN_SUBPROTOCOL), "",
+                          compact=chosen in (P.COMPACT_SUBPROTOCOL, P.COMPACT_BIN_SUBPROTOCOL))
         headers = {"Sec-WebSocket-Protocol": chosen} if chosen else None
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(extra_headers=headers), session)

@@ -35,6 +35,8 @@ export const SUBPROTOCOL = "fastfeed.v1.json";
 /** Update frames' quote rows carry only the fields changed since the connection's
  * previous frame (docs/protocol.md, "Compact rows"): `compact: true` offers it. */
 export const COMPACT_SUBPROTOCOL = "fastfeed.v1.compact";
+/** The same rows in binary (FFC1) update frames: `compact: true, binary: true`. */
+export const COMPACT_BIN_SUBPROTOCOL = "fastfeed.v1.compact.bin";
 
 /** Channels (protocol version 1.1). A request without channels means "quote". */
 export const QUOTE_CHANNEL = "quote";
@@ -83,10 +85,69 @@ export function expandCompact(r, held, t) {
   return row;
 }
 
+const P10 = [1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+
+/**
+ * An FFC1 frame (fastfeed.v1.compact.bin; docs/protocol.md) as `{t, rows}`,
+ * each row as a JSON compact row: [sym, seq, mask, t - ts if bit 0, values].
+ * `buf`: an ArrayBuffer or a Uint8Array. Throws on anything else.
+ */
+export function decodeCompactBin(buf) {
+  const u8 = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
+  const dv = new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
+  if (u8.length < 16 || String.fromCharCode(u8[0], u8[1], u8[2], u8[3]) !== "FFC1") {
+    throw new Error("not a compact binary frame");
+  }
+  const count = dv.getUint32(4, true);
+  // a double, as JSON.parse gives `t` of a text frame
+  const t = Number(dv.getBigInt64(8, true));
+  let i = 16;
+  // integers below 2**53 (every value token is): arithmetic, not 32-bit shifts
+  const varint = () => {
+    let u = 0;
+    for (let scale = 1; ; scale *= 128) {
+      if (i >= u8.length || scale > 2 ** 63) throw new Error("compact binary frame: bad varint");
+      const b = u8[i++];
+      u += (b & 0x7f) * scale;
+      if (b < 0x80) return u;
+    }
+  };
+  const rows = new Array(count);
+  for (let r = 0; r < count; r++) {
+    const n = u8[i];
+    const sym = String.fromCharCode.apply(null, u8.subarray(i + 1, i + 1 + n));
+    i += 1 + n;
+    const mask = u8[i++];
+    const row = [sym, varint(), mask];
+    if (mask & 1) {
+      const z = varint();
+      row.push(z % 2 ? -(z + 1) / 2 : z / 2); // zigzag
+    }
+    for (let j = 0; j < 7; j++) {
+      if (!(mask & (2 << j))) continue;
+      const u = varint();
+      if (u === 31) { // the double's 8 bytes follow
+        row.push(dv.getFloat64(i, true));
+        i += 8;
+      } else {
+        // +-m / 10**c (one correctly rounded division, as the gateway
+        // checked), or for c 12..15 the exact m * 10**(c - 11)
+        const m = Math.floor(u / 32), c = Math.floor(u / 2) % 16;
+        const v = c < 12 ? m / P10[c] : m * P10[c - 11];
+        row.push(u % 2 ? -v : v);
+      }
+    }
+    rows[r] = row;
+  }
+  if (i !== u8.length) throw new Error("compact binary frame: bytes after its rows");
+  return { t, rows };
+}
+
 const DEFAULTS = {
   token: "",                 // appended as ?token= when set
   protocols: null,            // default: [SUBPROTOCOL], or with compact [COMPACT_SUBPROTOCOL, SUBPROTOCOL]
   compact: false,            // offer fastfeed.v1.compact: fewer bytes; `rows` are full rows either way
+  binary: false,             // with compact: offer fastfeed.v1.compact.bin first (binary frames)
   chunkSize: 500,            // symbols per subscribe request
   chunkBytes: 48 * 1024,     // and at most this many bytes per request (server default cap: 64 KiB)
   maxSubscriptions: 5000,    // server default per connection
@@ -346,9 +407,12 @@ export class FastfeedClient {
     this._emit("connecting", { attempt: this.attempt, url: this.url });
     let ws;
     try {
-      const protocols = this.opts.protocols
-        || (this.opts.compact ? [COMPACT_SUBPROTOCOL, SUBPROTOCOL] : [SUBPROTOCOL]);
-      ws = new this.opts.WebSocket(this._socketUrl(), protocols);
+      const o = this.opts;
+      const protocols = o.protocols || (!o.compact ? [SUBPROTOCOL]
+        : o.binary ? [COMPACT_BIN_SUBPROTOCOL, COMPACT_SUBPROTOCOL, SUBPROTOCOL]
+          : [COMPACT_SUBPROTOCOL, SUBPROTOCOL]);
+      ws = new o.WebSocket(this._socketUrl(), protocols);
+      ws.binaryType = "arraybuffer";
     } catch (err) {
       this._emit("error", { code: "connect", message: String(err) });
       this._scheduleReconnect(1006, "");
@@ -386,7 +450,7 @@ export class FastfeedClient {
 
   _onOpen(ws) {
     // an older gateway may pick plain JSON: rows are then full already
-    this._compact = ws.protocol === COMPACT_SUBPROTOCOL;
+    this._compact = ws.protocol === COMPACT_SUBPROTOCOL || ws.protocol === COMPACT_BIN_SUBPROTOCOL;
     const reconnect = this.connects > 0;
     this.connects += 1;
     this.state = State.OPEN;
@@ -852,18 +916,25 @@ export class FastfeedClient {
     if (this.stale) this._setStale(false);
     const c = this.counters;
     c.messages += 1;
-    if (typeof data !== "string") {
-      // Binary update frames belong to fastfeed.v1.bin, which this client
-      // does not offer; ignore rather than fail.
-      return;
-    }
-    c.bytes += data.length;
     let msg;
-    try {
-      msg = JSON.parse(data);
-    } catch {
-      this._emit("error", { code: "bad_message", message: "server sent invalid JSON" });
-      return;
+    if (typeof data !== "string") {
+      // FFC1 frames (fastfeed.v1.compact.bin); fastfeed.v1.bin's FFB1, which
+      // this client does not offer, is refused here too
+      c.bytes += data.byteLength;
+      try {
+        msg = { type: "update", ...decodeCompactBin(data) };
+      } catch (err) {
+        this._emit("error", { code: "bad_message", message: String(err.message || err) });
+        return;
+      }
+    } else {
+      c.bytes += data.length;
+      try {
+        msg = JSON.parse(data);
+      } catch {
+        this._emit("error", { code: "bad_message", message: "server sent invalid JSON" });
+        return;
+      }
     }
     switch (msg.type) {
       case "update": {
