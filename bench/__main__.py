@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -69,9 +70,15 @@ PARAMS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"connections": 10_000},
         "quick": {"connections": 500},
     },
+    # counts: worker processes per run; clients: per worker (the load grows
+    # with the workers, so linear scaling keeps updates/s per worker flat);
+    # load_cpus_per_worker: cores for the load clients and the publisher;
+    # cluster: each count again through a 3-master Redis Cluster
     "workers": {
-        "full": {"clients": 1000, "rate": 100_000, "warmup": 2, "measure": 5},
-        "quick": {"clients": 100, "rate": 20_000, "warmup": 1, "measure": 1},
+        "full": {"counts": [1, 2], "clients": 1000, "rate": 100_000, "warmup": 2, "measure": 5,
+                 "load_cpus_per_worker": 1, "cluster": True},
+        "quick": {"counts": [1, 2], "clients": 100, "rate": 20_000, "warmup": 1, "measure": 1,
+                  "load_cpus_per_worker": 1, "cluster": True},
     },
     # rate: level changes/s over `instruments` books; each client holds `books`
     "book": {
@@ -155,7 +162,7 @@ _LAST_HISTS: dict[tuple[str, int], dict] = {}
 
 def _brief(res: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
     _LAST_HISTS[(res["server"], res["clients"])] = m["hist"]
-    keep = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "updates_per_s", "frames_per_s",
+    keep = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "updates_per_s", "frames_per_s", "bytes_per_s",
             "rows_per_frame", "server_cpu", "server_core_busy", "server_rss_mb", "load_cpu_max",
             "load_cpu_total", "server_user_us_per_frame", "server_kernel_us_per_frame")
     late = {k: m[k] for k in ("delayed_p50_ms", "delayed_p99_ms", "delayed_updates_per_s")
@@ -195,8 +202,8 @@ def sc_watched(server, p, pins, extra):
 
 
 def _same_as_fastfeed(server):
-    if server == "fastfeed_bin":
-        raise Skip("the binary subprotocol changes only update frames: see fastfeed")
+    if server in ("fastfeed_bin", "fastfeed_compact"):
+        raise Skip("the binary subprotocols change only update frames: see fastfeed")
     if server == "fastfeed_delayed":
         raise Skip("delayed clients change only what is sent to them: see capacity")
 
@@ -270,34 +277,57 @@ def sc_idle(server, p, pins, extra):
     return res
 
 
+def workers_layout(count: int, masters: int, load_per_worker: float,
+                   cpus: list[int]) -> tuple[Pins, str | None] | None:
+    """Cores of their own for `count` workers, the load (clients and
+    publisher) and Redis (one core per master): (pins, Redis cores), or None
+    when the machine has too few and every process shares every core."""
+    load = max(1, math.ceil(count * load_per_worker))
+    if count + load + masters > len(cpus):
+        return None
+
+    def cores(xs: list[int]) -> str:
+        return ",".join(map(str, xs))
+
+    return (Pins(cores(cpus[:count]), cores(cpus[count:count + load])),
+            cores(cpus[count + load:count + load + masters]))
+
+
 def sc_workers(server, p, pins, extra):
     if server != "fastfeed":
         raise Skip("the workers scenario is fastfeed's own (peers run one process)")
-    # Both runs go through Redis (workers share ticks only that way). One
-    # worker is pinned like every one-core scenario; two workers take both
-    # cores, which they then share with the load client, publisher and Redis.
-    with RedisServer(None) as redis:
-        one = _plain(server, p, pins, [*extra, "--workers", "1", "--redis", redis.url],
-                     "workers=1")
-    with RedisServer(None) as redis:
-        two = _plain(server, p, Pins(server=None, load=None),
-                     [*extra, "--workers", "2", "--redis", redis.url], "workers=2")
-    ratio = (two["updates_per_s"] / one["updates_per_s"]) if one["updates_per_s"] else None
-    out: dict[str, Any] = {"one": one, "two": two, "ratio": ratio}
-    # the same two runs through a 3-master Redis Cluster (redis+cluster://)
-    with RedisCluster(None) as cluster:
-        out["one_cluster"] = _plain(server, p, pins,
-                                    [*extra, "--workers", "1", "--redis", cluster.url],
-                                    "workers=1 cluster")
-    with RedisCluster(None) as cluster:
-        out["two_cluster"] = _plain(server, p, Pins(server=None, load=None),
-                                    [*extra, "--workers", "2", "--redis", cluster.url],
-                                    "workers=2 cluster")
+    # Workers share ticks only through Redis, so every run goes through it.
+    # Each count gets `clients` clients per worker and, where the machine has
+    # the cores, workers, load and Redis on cores of their own; `--workers N`
+    # pins each worker to one of the cores the server is given.
+    cpus = sorted(os.sched_getaffinity(0))
+    out: dict[str, Any] = {"cpus": len(cpus), "runs": []}
+    buses = [("redis", 1)] + ([("cluster", 3)] if p.get("cluster", True) else [])
+    for bus, masters in buses:
+        base = None
+        for count in p["counts"]:
+            lay = None if pins.server is None else workers_layout(
+                count, masters, p["load_cpus_per_worker"], cpus)
+            run_pins, redis_cpus = lay if lay else (Pins(None, None), None)
+            name = f"workers={count} {bus}"
+            q = {**p, "clients": p["clients"] * count}
+            store = RedisServer(redis_cpus) if bus == "redis" else RedisCluster(redis_cpus)
+            with store as redis:
+                r = _plain(server, q, run_pins,
+                           [*extra, "--workers", str(count), "--redis", redis.url], name)
+            r.update(bus=bus, workers=count,
+                     layout={"server": run_pins.server, "load": run_pins.load,
+                             "redis": redis_cpus} if lay else "shared")
+            if base is None:
+                base = r["updates_per_s"] or None
+            r["speedup"] = r["updates_per_s"] / base if base else None
+            r["efficiency"] = r["speedup"] / count if r["speedup"] else None
+            out["runs"].append(r)
     return out
 
 
 def sc_book(server, p, pins, extra):
-    if server in ("fastfeed_bin", "fastfeed_delayed"):
+    if server in ("fastfeed_bin", "fastfeed_compact", "fastfeed_delayed"):
         raise Skip("books go as JSON for every subprotocol, and what the delay line costs "
                    "is measured by the capacity scenario: see fastfeed")
     res = load_run(server, Load(clients=p["clients"], subs=p["books"],
@@ -354,7 +384,7 @@ def _trades_at(server, p, rate, pins, extra):
 
 
 def sc_trades(server, p, pins, extra):
-    if server in ("fastfeed_bin", "fastfeed_delayed"):
+    if server in ("fastfeed_bin", "fastfeed_compact", "fastfeed_delayed"):
         raise Skip("trades go as JSON for every subprotocol, and what the delay line costs "
                    "is measured by the capacity scenario: see fastfeed")
     ladder: dict[str, Any] = {}
@@ -391,6 +421,9 @@ def median_of(runs: list[Any]) -> Any:
                         key=lambda r: r["capacity"])
         if ranked:
             return {**ranked[(len(ranked) - 1) // 2], "curves": [r.get("curve") for r in runs]}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first)
+                                       for r in runs):
+        return [median_of([r[i] for r in runs]) for i in range(len(first))]
     if isinstance(first, dict):
         out = {}
         for k, v in first.items():

@@ -1,8 +1,9 @@
-"""Bytes per instrument-update on the wire: compact subprotocol vs v1 JSON.
+"""Bytes per instrument-update on the wire: the compact subprotocols vs v1 JSON.
 
-Runs a real gateway with its simulated feed, one v1 client and one compact
-client subscribed to every instrument, and counts the update frames' bytes
-and rows each receives over the same window. Usage:
+Runs a real gateway with its simulated feed and one client per subprotocol
+(v1 JSON, v1 binary, compact JSON, compact binary) subscribed to every
+instrument, and counts the update frames' bytes (WebSocket payloads) and rows
+each receives over the same window. Usage:
 
     python -m bench.compact_bytes --instruments 50 --rate 100000 --secs 5 --repeats 3
 """
@@ -15,6 +16,7 @@ import json
 import os
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ import websockets
 
 from fastfeed import protocol as P
 from fastfeed.feed.simulator import symbols
+
+SUBS = (P.JSON_SUBPROTOCOL, P.BIN_SUBPROTOCOL, P.COMPACT_SUBPROTOCOL, P.COMPACT_BIN_SUBPROTOCOL)
 
 
 def _port() -> int:
@@ -40,9 +44,15 @@ async def _count(url, sub, syms, stop, out):
                 raw = await asyncio.wait_for(ws.recv(), 0.5)
             except TimeoutError:
                 continue
+            if stop[1] > time.monotonic():
+                continue
+            if isinstance(raw, bytes):  # FFB1 / FFC1: the row count is in the header
+                out[0] += len(raw)
+                out[1] += struct.unpack_from("<I", raw, 4)[0]
+                continue
             msg = json.loads(raw)
-            if msg["type"] == "update" and stop[1] <= time.monotonic():
-                out[0] += len(raw.encode() if isinstance(raw, str) else raw)
+            if msg["type"] == "update":
+                out[0] += len(raw.encode())
                 out[1] += len(msg["rows"])
 
 
@@ -63,10 +73,9 @@ async def one(args) -> tuple[float, float]:
         syms = symbols(args.instruments)
         now = time.monotonic()
         stop = [now + 1 + args.secs, now + 1]  # one second of warm-up
-        v1, cp = [0, 0], [0, 0]
-        await asyncio.gather(_count(url, P.JSON_SUBPROTOCOL, syms, stop, v1),
-                             _count(url, P.COMPACT_SUBPROTOCOL, syms, stop, cp))
-        return v1[0] / max(v1[1], 1), cp[0] / max(cp[1], 1)
+        counts = {sub: [0, 0] for sub in SUBS}
+        await asyncio.gather(*(_count(url, sub, syms, stop, counts[sub]) for sub in SUBS))
+        return {sub: b / max(n, 1) for sub, (b, n) in counts.items()}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -80,10 +89,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     runs = [asyncio.run(one(args)) for _ in range(args.repeats)]
-    v1 = statistics.median(r[0] for r in runs)
-    cp = statistics.median(r[1] for r in runs)
-    print(f"bytes per instrument-update (median of {args.repeats}): v1 JSON {v1:.1f}, "
-          f"compact {cp:.1f}, compact/v1 {100 * cp / v1:.1f} %")
+    per = {sub: statistics.median(r[sub] for r in runs) for sub in SUBS}
+    v1 = per[P.JSON_SUBPROTOCOL]
+    print(f"bytes per instrument-update, medians of {args.repeats} "
+          f"({args.instruments} instruments, {args.rate:g} ticks/s):")
+    for sub, b in per.items():
+        print(f"  {sub:26s} {b:6.1f}  {100 * b / v1:5.1f} % of v1 JSON")
 
 
 if __name__ == "__main__":

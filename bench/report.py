@@ -138,16 +138,19 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for s, r in rowsof(name):
             if problem(r):
-                rows.append([s, problem(r)] + [""] * 12)
+                rows.append([s, problem(r)] + [""] * 13)
                 continue
             watched = "/".join(f(r[k]) for k in ("watched_p50_ms", "watched_p99_ms",
                                                    "watched_p999_ms"))
+            per_update = (r["bytes_per_s"] / r["updates_per_s"]
+                          if r.get("bytes_per_s") and r["updates_per_s"] else None)
             rows.append([s, f(r["updates_per_s"]), f(r["frames_per_s"]), f(r["rows_per_frame"]),
-                         f(r["p50_ms"]), f(r["p99_ms"]), f(r["p999_ms"]), watched,
+                         f(per_update), f(r["p50_ms"]), f(r["p99_ms"]), f(r["p999_ms"]), watched,
                          f"{f(r['server_cpu'])} / {f(r.get('server_core_busy'))}",
                          per_frame(r), f(r["server_rss_mb"]), pct(r["converged_share"]),
                          f(r["load_cpu_max"])])
-        lines.append(_table(["server", "updates/s", "frames/s", "rows/frame", "p50 ms", "p99 ms",
+        lines.append(_table(["server", "updates/s", "frames/s", "rows/frame",
+                             "bytes/update", "p50 ms", "p99 ms",
                              "p99.9 ms", "watched p50/p99/p99.9 ms", "server CPU / its core busy",
                              "server µs/frame user + kernel", "RSS MB",
                              "converged", "load client CPU"], rows))
@@ -194,23 +197,22 @@ def markdown(res: dict[str, Any]) -> str:
                          f(r["rss_after_mb"])])
         lines.append(_table(["server", "connected", "KiB per connection", "RSS MB"], rows))
     if "workers" in sc:
-        lines += ["", "## Workers (throughput load, 1 vs 2 worker processes)", ""]
+        lines += ["", "## Workers (throughput load per worker, through Redis)", ""]
         rows = []
         for s, r in rowsof("workers"):
             if problem(r):
-                rows.append([s, problem(r), "", "", "", ""])
+                rows.append([s, problem(r), "", "", "", "", "", ""])
                 continue
-            rows.append([s, "one Redis", f(r["one"]["updates_per_s"]),
-                         f(r["two"]["updates_per_s"]), f(r["ratio"]),
-                         f"{f(r['one']['p99_ms'])} / {f(r['two']['p99_ms'])}"])
-            c1, c2 = r.get("one_cluster"), r.get("two_cluster")
-            if c1 and c2:
-                ratio = c2["updates_per_s"] / c1["updates_per_s"] if c1["updates_per_s"] else None
-                rows.append([s, "3-master Redis Cluster", f(c1["updates_per_s"]),
-                             f(c2["updates_per_s"]), f(ratio),
-                             f"{f(c1['p99_ms'])} / {f(c2['p99_ms'])}"])
-        lines.append(_table(["server", "bus", "updates/s, 1 worker", "updates/s, 2 workers",
-                             "ratio", "p99 ms (1 / 2)"], rows))
+            for run in r["runs"]:
+                lay = run["layout"]
+                where = ("shared" if lay == "shared" else
+                         f"workers {lay['server']}, load {lay['load']}, Redis {lay['redis']}")
+                rows.append([s, run["bus"], f(run["workers"]), f(run["clients"]),
+                             f(run["updates_per_s"]), f(run["speedup"]), f(run["p99_ms"]),
+                             where])
+        lines.append(_table(["server", "bus", "workers", "clients", "updates/s",
+                             "vs 1 worker", "p99 ms", "cores"], rows))
+
     def per_change(r: dict) -> float | None:
         # server CPU per change delivered: the work done, less exposed to a
         # shared core than latency is

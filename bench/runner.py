@@ -36,17 +36,19 @@ ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-ALL_SERVERS = ("fastfeed", "fastfeed_bin", "fastfeed_delayed", "bun", "node_ws",
-               "py_websockets")
-# fastfeed_bin is fastfeed with clients on the binary subprotocol
-CLIENT_PROTOCOLS = {"fastfeed_bin": "fastfeed.v1.bin"}
+ALL_SERVERS = ("fastfeed", "fastfeed_bin", "fastfeed_compact", "fastfeed_delayed", "bun",
+               "node_ws", "py_websockets")
+# fastfeed_bin is fastfeed with clients on the binary subprotocol;
+# fastfeed_compact on the compact binary one (rows with the changed fields only)
+CLIENT_PROTOCOLS = {"fastfeed_bin": "fastfeed.v1.bin",
+                    "fastfeed_compact": "fastfeed.v1.compact.bin"}
 # fastfeed_delayed is fastfeed with every other load process's clients on a
 # token delayed by DELAY_S: what the delay line costs beside the same load all
 # real time. Latency figures are the real-time clients'; the delayed ones' are
 # reported apart (they are DELAY_S plus at most a slot).
 DELAY_S = 1
 DELAY_SECRET = "bench-secret-for-delayed-tokens-only"
-FASTFEEDS = ("fastfeed", "fastfeed_bin", "fastfeed_delayed")
+FASTFEEDS = ("fastfeed", "fastfeed_bin", "fastfeed_compact", "fastfeed_delayed")
 
 
 def bench_token(delay: int) -> str:

@@ -528,6 +528,8 @@ cdef class Conn:
         cdef int64_t idx, seq, ts
         cdef char* r
         cdef int k
+        if n >= 16 and memcmp(p, b"FFC1", 4) == 0:
+            return self._compact(<unsigned char*>p, n, t)
         if n < 16 or memcmp(p, b"FFB1", 4) != 0:
             self.stats.other_msgs += 1
             return 0
@@ -547,6 +549,57 @@ cdef class Conn:
             memcpy(&ts, r + 40, 8)
             self._row(idx, seq, ts, t, True)
             off += 104
+        return 0
+
+    cdef int _compact(self, const unsigned char* p, Py_ssize_t n, int64_t t) except -1:
+        """An FFC1 frame (fastfeed.v1.compact.bin): per row the symbol, mask,
+        varint seq, zigzag varint (frame t - ts) if bit 0, then value tokens,
+        skipped (docs/protocol.md). A row without ts is counted, not timed."""
+        cdef Py_ssize_t off = 16
+        cdef int64_t idx, frame_t, ts
+        cdef uint64_t u, seq
+        cdef int k, j, ln, mask, shift
+        memcpy(&frame_t, p + 8, 8)
+        while off < n:
+            ln = p[off]
+            idx = -1
+            if ln > 1 and p[off + 1] == b'S':
+                idx = 0
+                for k in range(2, ln + 1):
+                    if not b'0' <= p[off + k] <= b'9':
+                        idx = -1
+                        break
+                    idx = idx * 10 + (p[off + k] - 48)
+            off += 1 + ln
+            mask = p[off]
+            off += 1
+            # varints: seq, then (bit 0) t - ts, then one per value bit
+            ts = -1
+            for j in range(9):
+                if j == 1 and not mask & 1:
+                    continue
+                if j >= 2 and not mask & (1 << (j - 1)):
+                    continue
+                u = 0
+                shift = 0
+                while off < n and p[off] & 0x80:
+                    u |= <uint64_t>(p[off] & 0x7F) << shift
+                    shift += 7
+                    off += 1
+                if off >= n:
+                    self.stats.bad_frames += 1
+                    return 0
+                u |= <uint64_t>p[off] << shift
+                off += 1
+                if j == 0:
+                    seq = u
+                elif j == 1:
+                    ts = frame_t - <int64_t>((u >> 1) ^ (0 - (u & 1)))
+                elif u == 31:
+                    off += 8  # a double follows the token
+            if ts < 0:
+                self.stats.untimed += 1
+            self._row(idx, <int64_t>seq, ts if ts >= 0 else t, t, True)
         return 0
 
     cdef inline void _row(self, int64_t idx, int64_t seq, int64_t ts, int64_t t,
