@@ -116,6 +116,7 @@ class Hub:
     kinds: list[Any]
     capture: list[tuple[int, bytes]] | None
     nconns: int
+    watches: int  # (connection, item) watch entries
     floor_ns: int
     def __init__(self, table: Table, slack_ns: int = 1_000_000) -> None: ...
     def add_kind(self, kind: Any) -> int: ...

@@ -79,6 +79,7 @@ cdef class Hub:
         int32_t* free_conns
         Py_ssize_t nfree_conns
         readonly Py_ssize_t nconns
+        readonly Py_ssize_t watches   # (connection, item) watch entries
         Group* groups
         Py_ssize_t ngroups_cap
         int32_t* free_groups
@@ -107,7 +108,7 @@ cdef class Hub:
     cdef void _ensure_inst(self, Py_ssize_t s, Py_ssize_t n) except *
     cdef void _push_vec(self, int32_t** vec, int32_t* vn, int32_t* vcap, int32_t i,
                         int32_t x) except *
-    cdef void _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept
+    cdef bint _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept
     cdef void _leave_group(self, int32_t cid) except *
     cdef void _unwatch_all(self, int32_t cid) noexcept
     cdef void _heap_push(self, int64_t due, int32_t cid) except *

@@ -363,13 +363,14 @@ cdef class Hub:
         vec[i][vn[i]] = x
         vn[i] += 1
 
-    cdef void _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept:
+    cdef bint _drop_vec(self, int32_t** vec, int32_t* vn, int32_t i, int32_t x) noexcept:
         cdef int32_t k
         for k in range(vn[i]):
             if vec[i][k] == x:
                 vn[i] -= 1
                 vec[i][k] = vec[i][vn[i]]
-                return
+                return True
+        return False
 
     def _new_group(self, parts):
         cdef int32_t g = self._alloc_group()
@@ -455,8 +456,9 @@ cdef class Hub:
             i = iid
             if on:
                 self._push_vec(self.wrev[slot], self.wrev_n[slot], self.wrev_cap[slot], i, cid)
-            else:
-                self._drop_vec(self.wrev[slot], self.wrev_n[slot], i, cid)
+                self.watches += 1
+            elif self._drop_vec(self.wrev[slot], self.wrev_n[slot], i, cid):
+                self.watches -= 1
             K.watched[i] = self.wrev_n[slot][i] > 0
 
     cdef void _unwatch_all(self, int32_t cid) noexcept:
@@ -468,8 +470,9 @@ cdef class Hub:
         for s in range(self.nslots):
             K = <Kind>self.kptr[s]
             for i in range(min(K.size, self.inst_cap[s])):
-                if self.wrev_n[s][i]:
-                    self._drop_vec(self.wrev[s], self.wrev_n[s], <int32_t>i, cid)
+                if self.wrev_n[s][i] and self._drop_vec(self.wrev[s], self.wrev_n[s],
+                                                        <int32_t>i, cid):
+                    self.watches -= 1
                     K.watched[i] = self.wrev_n[s][i] > 0
 
     # -- scheduling
@@ -881,9 +884,11 @@ cdef class Hub:
                         f"group {g} cached frame lies past the arena's end")
         assert live == len(self.group_keys) == len(self.key_of), (
             f"{live} live groups but {len(self.group_keys)} group keys")
+        watches = 0
         for s in range(self.nslots):
             K = <Kind>self.kptr[s]
             for i in range(min(K.size, self.inst_cap[s])):
+                watches += self.wrev_n[s][i]
                 assert K.watched[i] == (self.wrev_n[s][i] > 0), (
                     f"item {i} of slot {s}: watched flag disagrees with its watchers")
                 for k in range(self.wrev_n[s][i]):
@@ -897,6 +902,7 @@ cdef class Hub:
                         f"connection {i} sent past the version of slot {s}")
                 if self.conns[i].group >= 0:
                     grouped -= 1
+        assert watches == self.watches, f"{watches} watch entries, watches says {self.watches}"
         assert active == self.nconns, f"{active} active connections, nconns says {self.nconns}"
         assert grouped == 0, "group member counts disagree with the connections"
         return 0

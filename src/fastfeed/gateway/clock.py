@@ -8,8 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 # A frame cycle yields to the loop after this long: a watched tick that
-# arrives meanwhile waits at most one slice before it goes out.
+# arrives meanwhile waits at most one slice before it goes out. While any
+# connection watches, the slice is shorter (bench watched scenario: p99 of
+# watched ticks about a third lower at 250 µs than at 1 ms, the same CPU).
 PUMP_SLICE_NS = 1_000_000
+WATCHED_SLICE_NS = 250_000
 PACE_EVERY_S = 0.1
 PACE_BUSY = 0.75  # share of a core the frame pacing aims at under load
 
@@ -41,7 +44,7 @@ class FrameClock:
         self._kicked = False
         for before in self.before:
             before()
-        if self.hub.pump(PUMP_SLICE_NS):
+        if self.hub.pump(WATCHED_SLICE_NS if self.hub.watches else PUMP_SLICE_NS):
             # out of time slice: let ingest and reads run, then carry on with
             # the most overdue connections first (the heap is deadline-ordered)
             self.after_ticks()
