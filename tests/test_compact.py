@@ -107,3 +107,14 @@ async def test_the_python_client_on_compact_holds_every_row_across_a_drop(binary
             assert c.protocol == (P.COMPACT_BIN_SUBPROTOCOL if binary else P.COMPACT_SUBPROTOCOL)
         bad = [r for r in seen if r != feed.history[r.sym][r.seq]]
         assert not bad, bad[:3]
+
+
+def test_a_bad_compact_binary_frame_is_a_clear_error():
+    # FFC1, 1 row, t = 5: the row "AB", mask 0b11 (ts and bid), seq 7, t - ts
+    # 3 (zigzag 6), bid 7.0 (the varint 7 * 32 = 224: two bytes)
+    good = b"FFC1" + (1).to_bytes(4, "little") + (5).to_bytes(8, "little") + \
+        b"\x02AB\x03\x07\x06\xe0\x01"
+    assert decode_compact_bin(good) == (5, [["AB", 7, 3, 3, 7.0]])
+    for bad in (b"", b"FFB1" + good[4:], good[:-1], good + b"\x00", good[:16] + b"\x40AB"):
+        with pytest.raises(ValueError):
+            decode_compact_bin(bad)
