@@ -5,7 +5,7 @@
 # and calls its C methods once per distinct frame (section). docs/core.md says
 # what a kind must provide and what it must never do on the hot path.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from fastfeed._defs cimport Stats
 
@@ -53,7 +53,10 @@ cdef class Table(Kind):
         char* rowbuf                  # ROW_SLOT bytes per instrument: cached JSON row
         int32_t* rowlen
         uint64_t* rowver              # chg the cached row was encoded at
+        uint16_t* rowoff              # NVALS + 1 per instrument: where each value's text starts
         uint64_t* fchg                # NFCHG per instrument: change stamp of ts and each value
+        char* tokbuf                  # TOK_SLOT per instrument: its values' FFC1 tokens
+        uint64_t* tokver              # chg the tokens were encoded at
         int32_t* hslots               # open-addressing symbol map
         Py_ssize_t hcap
         char refused_sym[32]          # the last symbol refused for a full table
@@ -68,6 +71,7 @@ cdef class Table(Kind):
     cdef char* _rows(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                      bint compact, int64_t t, uint32_t* count, int64_t* oldest) except NULL
     cdef uint32_t _changed(self, int32_t iid, uint64_t since) noexcept
-    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept
+    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) except NULL
+    cdef const char* _tokens(self, int32_t iid) noexcept
     cdef char* _compact_bin_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept
     cdef void row_bin(self, int32_t iid, char* out) noexcept

@@ -10,7 +10,7 @@ asks each kind to encode a client's pending items (`Kind.encode_section`).
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.math cimport isfinite
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -27,6 +27,11 @@ from fastfeed._wire cimport (
 import numpy as np
 
 from fastfeed._wire import FIELDS, OUTCOMES, SOURCES, VALUE_FIELDS
+
+
+cdef enum:
+    TOK_STEP = 10                # a value token's length byte and at most 9 bytes
+    TOK_SLOT = 72                # NVALS tokens per instrument, 8-byte aligned
 
 
 cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
@@ -141,7 +146,10 @@ cdef class Table(Kind):
         free(self.rowbuf)
         free(self.rowlen)
         free(self.rowver)
+        free(self.rowoff)
         free(self.fchg)
+        free(self.tokbuf)
+        free(self.tokver)
         free(self.hslots)
 
     def _resize(self, Py_ssize_t cap):
@@ -174,7 +182,11 @@ cdef class Table(Kind):
         self.rowbuf = <char*>_grow(self.rowbuf, old * ROW_SLOT, cap * ROW_SLOT, 0)
         self.rowlen = <int32_t*>_grow(self.rowlen, old * 4, cap * 4, 0)
         self.rowver = <uint64_t*>_grow(self.rowver, old * 8, cap * 8, 0xFF)
+        self.rowoff = <uint16_t*>_grow(self.rowoff, old * 2 * (NVALS + 1),
+                                       cap * 2 * (NVALS + 1), 0)
         self.fchg = <uint64_t*>_grow(self.fchg, old * 8 * NFCHG, cap * 8 * NFCHG, 0)
+        self.tokbuf = <char*>_grow(self.tokbuf, old * TOK_SLOT, cap * TOK_SLOT, 0)
+        self.tokver = <uint64_t*>_grow(self.tokver, old * 8, cap * 8, 0xFF)
         self.capacity = cap
         self._rehash(cap * 2)
 
@@ -267,6 +279,7 @@ cdef class Table(Kind):
         """The instrument's JSON row, encoded at most once per change."""
         cdef char* base = self.rowbuf + iid * ROW_SLOT
         cdef char* p
+        cdef uint16_t* off
         cdef int k
         if self.rowver[iid] != self.chg[iid]:
             p = base
@@ -279,10 +292,13 @@ cdef class Table(Kind):
             p = _put_i64(p + 2, self.seq[iid])
             p[0] = b","
             p = _put_i64(p + 1, self.ts[iid])
+            off = self.rowoff + iid * (NVALS + 1)
             for k in range(NVALS):
                 p[0] = b","
+                off[k] = <uint16_t>(p + 1 - base)  # compact rows copy the texts from here
                 p = _put_f64(p + 1, self.val[k][iid])
             p[0] = b"]"
+            off[NVALS] = <uint16_t>(p + 1 - base)
             if FF_DEBUG and p + 1 - base > ROW_SLOT:
                 _overrun("row", p + 1 - base, ROW_SLOT)
             self.rowlen[iid] = <int32_t>(p + 1 - base)
@@ -358,9 +374,13 @@ cdef class Table(Kind):
                 m |= 1u << j
         return m
 
-    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
-        # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md)
+    cdef char* _compact_row(self, char* p, int32_t iid, uint64_t since, int64_t t) except NULL:
+        # ["SYM",seq,mask,t-ts if bit 0,value per set bit 1-7] (docs/protocol.md);
+        # the values' texts are those of the cached whole row (one encode per change)
         cdef uint32_t m = self._changed(iid, since)
+        cdef int32_t rn
+        cdef const char* row
+        cdef const uint16_t* off
         cdef int j
         p[0] = b"["
         p[1] = b'"'
@@ -375,17 +395,37 @@ cdef class Table(Kind):
             # ts and t are both >= 0: the difference fits
             p[0] = b","
             p = _put_i64(p + 1, t - self.ts[iid])
-        for j in range(NVALS):
-            if m & (2u << j):
-                p[0] = b","
-                p = _put_f64(p + 1, self.val[j][iid])
+        if m & ~M_TS:
+            row = self.row_json(iid, &rn)
+            off = self.rowoff + iid * (NVALS + 1)
+            for j in range(NVALS):
+                if m & (2u << j):
+                    # the text runs up to the comma (or bracket) before the next
+                    p[0] = b","
+                    memcpy(p + 1, row + off[j], off[j + 1] - 1 - off[j])
+                    p += off[j + 1] - off[j]
         p[0] = b"]"
         return p + 1
+
+    cdef const char* _tokens(self, int32_t iid) noexcept:
+        # the values' FFC1 tokens, encoded at most once per change (a
+        # compact row is built per connection state, its values are not):
+        # per value its length, then its bytes, TOK_STEP apart
+        cdef char* base = self.tokbuf + iid * TOK_SLOT
+        cdef char* q
+        cdef int j
+        if self.tokver[iid] != self.chg[iid]:
+            for j in range(NVALS):
+                q = base + j * TOK_STEP
+                q[0] = <char>(_put_value(q + 1, self.val[j][iid]) - (q + 1))
+            self.tokver[iid] = self.chg[iid]
+        return base
 
     cdef char* _compact_bin_row(self, char* p, int32_t iid, uint64_t since, int64_t t) noexcept:
         # u8 symbol length, the symbol, u8 mask, varint seq, zigzag varint
         # t-ts if bit 0, a value token per set bit 1-7 (docs/protocol.md)
         cdef uint32_t m = self._changed(iid, since)
+        cdef const char* tok
         cdef int j
         p[0] = <char>self.symlen[iid]
         memcpy(p + 1, self.syms + iid * SYM_MAX, self.symlen[iid])
@@ -394,9 +434,12 @@ cdef class Table(Kind):
         p = _put_varint(p + 1, <uint64_t>self.seq[iid])
         if m & M_TS:
             p = _put_zigzag(p, t - self.ts[iid])
-        for j in range(NVALS):
-            if m & (2u << j):
-                p = _put_value(p, self.val[j][iid])
+        if m & ~M_TS:
+            tok = self._tokens(iid)
+            for j in range(NVALS):
+                if m & (2u << j):
+                    memcpy(p, tok + j * TOK_STEP + 1, <uint8_t>tok[j * TOK_STEP])
+                    p += <uint8_t>tok[j * TOK_STEP]
         return p
 
     cdef Py_ssize_t bin_bound(self, int32_t n, bint compact) noexcept:
