@@ -73,6 +73,7 @@ cdef class Hub:
         uint32_t fmt_mask[NFMT]       # per cached format, the slots it carries
         dict key_of                   # group -> its key in group_keys
         list transports
+        list closing                  # per connection: its socket transport's is_closing
         public object capture         # list of (cid, bytes) instead of sockets; for tests
         Conn* conns
         Py_ssize_t nconns_cap

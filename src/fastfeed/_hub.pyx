@@ -44,19 +44,30 @@ cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:
     raise AssertionError(f"{what} of {n} bytes overran its bound of {bound}")
 
 
-cdef bint writable(WSTransport tr) noexcept:
+cdef bint writable(WSTransport tr, object is_closing=None) noexcept:
     """False once the connection is lost or its close frame is sent.
 
     picows sets `is_disconnected` only when the loop delivers connection_lost,
     one loop pass after the socket failed; until then the transport under it
     says `is_closing()`, and every write to it is dropped with a warning.
+    `is_closing`: that method, bound once per connection (`Hub.add`): the
+    lookup cost about as much as the rest of a frame's Python work.
     """
     if tr.is_disconnected or tr.is_close_frame_sent:
         return False
     try:
-        return not tr.underlying_transport.is_closing()
+        if is_closing is None:
+            is_closing = tr.underlying_transport.is_closing
+        return not is_closing()
     except BaseException:
         return False
+
+
+cdef object _closing_of(object transport):
+    # the socket transport's is_closing, bound (None without a transport: tests)
+    if transport is None:
+        return None
+    return getattr(getattr(transport, "underlying_transport", None), "is_closing", None)
 
 
 def connected(WSTransport tr not None):
@@ -89,6 +100,7 @@ cdef class Hub:
         self.keylen[0] = 9
         self.nkeys = 1
         self.transports = []
+        self.closing = []
         self.capture = None
         self.nconns_cap = 0
         self.nfree_conns = 0
@@ -189,6 +201,7 @@ cdef class Hub:
             self.nfree_conns -= 1
             cid = self.free_conns[self.nfree_conns]
             self.transports[cid] = transport
+            self.closing[cid] = _closing_of(transport)
         else:
             if <Py_ssize_t>len(self.transports) >= self.nconns_cap:
                 n = max(64, self.nconns_cap * 2)
@@ -198,6 +211,7 @@ cdef class Hub:
                 self.nconns_cap = n
             cid = <int32_t>len(self.transports)
             self.transports.append(transport)
+            self.closing.append(_closing_of(transport))
         c = &self.conns[cid]
         memset(c, 0, sizeof(Conn))
         c.group = -1
@@ -219,6 +233,7 @@ cdef class Hub:
         self._unwatch_all(cid)
         c.flags = 0
         self.transports[cid] = None
+        self.closing[cid] = None
         self.free_conns[self.nfree_conns] = cid
         self.nfree_conns += 1
         self.nconns -= 1
@@ -768,7 +783,7 @@ cdef class Hub:
             self.capture.append((cid, PyBytes_FromStringAndSize(self.arena + off, n)))
             return 0
         tr = <WSTransport>o
-        if not writable(tr):
+        if not writable(tr, <object>PyList_GET_ITEM(self.closing, cid)):
             return 0
         tr.send_reuse_external_buffer(WSMsgType.BINARY if binary else WSMsgType.TEXT,
                                       self.arena + off, n)
@@ -802,7 +817,7 @@ cdef class Hub:
             self.capture.append((cid, data))
             return
         tr = <WSTransport>self.transports[cid]
-        if writable(tr):
+        if writable(tr, self.closing[cid]):
             tr.send(WSMsgType.TEXT, data)
 
     def take_latencies(self):
