@@ -27,6 +27,7 @@ cdef enum:
     # compact text; FFC1 (compact binary)
     NFMT = 5
     KEY_MAX = 24         # longest `,"key":[` a kind may have
+    OVERRUN_NS = 1_000_000  # a frame cycle's work past this counts as an overrun
 
 
 cdef struct Conn:
@@ -101,6 +102,7 @@ cdef class Hub:
         Py_ssize_t arena_cap
         uint64_t pump_no
         int64_t slack
+        int64_t cycle_ns              # work of the frame cycle so far, over the slices it ran in
         readonly int64_t floor_ns     # under load: no update frame sooner than this
         int64_t* lat_ring
         Py_ssize_t lat_n

@@ -593,7 +593,8 @@ cdef class Hub:
         T.nhot = 0
 
     def pump(self, int64_t budget_ns=4_000_000, int64_t wall=0, int64_t mono=0):
-        """Send every frame that is due. Returns True if the time slice ran out first.
+        """Send every frame that is due. Returns True if the time slice ran out first
+        (`stats` counts an overrun once per OVERRUN_NS of a cycle's work so ended).
 
         `wall` (ns since the epoch) is the frame's `t`; 0 reads the clock.
         `mono` (tests only) fixes the monotonic clock and lifts the time slice.
@@ -632,10 +633,19 @@ cdef class Hub:
                 now = _clock(CLOCK_MONOTONIC)
                 if now - start > budget_ns:
                     overrun = True
-                    T.stats.overruns += 1
                     break
         if not mono:
-            T.stats.build_ns += _clock(CLOCK_MONOTONIC) - start
+            now = _clock(CLOCK_MONOTONIC)
+            T.stats.build_ns += now - start
+            # an overrun is a cycle with more than OVERRUN_NS of work left
+            # after a slice, however short the slices it yields in
+            if overrun:
+                self.cycle_ns += now - start
+                if self.cycle_ns > OVERRUN_NS:
+                    T.stats.overruns += 1
+                    self.cycle_ns = 0
+            else:
+                self.cycle_ns = 0
         if FF_DEBUG:
             self._check()
         return overrun

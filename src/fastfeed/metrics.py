@@ -77,7 +77,8 @@ class Metrics:
                                "Immediate pushes caused by a watched instrument")
         self.heartbeats = Counter("fastfeed_heartbeats", "Heartbeats sent to quiet connections")
         self.overruns = Counter("fastfeed_frame_overruns",
-                                "Frame cycles that ran out of their time slice")
+                                "Frame cycles that ran out of time: one per 1 ms of work "
+                                "that yielded with frames still due")
         self.stalled = Gauge("fastfeed_stalled_clients", "Clients above the write high-water mark",
                              multiprocess_mode="livesum")
         self.stall_closes = Counter("fastfeed_stall_closes", "Clients closed 1008 for stalling")
