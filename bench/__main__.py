@@ -77,8 +77,9 @@ PARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "workers": {
         "full": {"counts": [1, 2], "clients": 1000, "rate": 100_000, "warmup": 2, "measure": 5,
                  "load_cpus_per_worker": 1, "cluster": True},
+        # quick: one Redis only (the ingest scenario's quick run covers the cluster bus)
         "quick": {"counts": [1, 2], "clients": 100, "rate": 20_000, "warmup": 1, "measure": 1,
-                  "load_cpus_per_worker": 1, "cluster": True},
+                  "load_cpus_per_worker": 1, "cluster": False},
     },
     # rate: level changes/s over `instruments` books; each client holds `books`
     "book": {

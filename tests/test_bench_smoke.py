@@ -43,8 +43,7 @@ def test_quick_bench_runs_every_scenario_for_fastfeed(tmp_path):
     assert res["scenarios"]["throughput"]["fastfeed"]["converged_share"] == 1.0
     assert res["scenarios"]["ingest"]["fastfeed"]["json_errors"] == 0
     runs = res["scenarios"]["workers"]["fastfeed"]["runs"]
-    assert [(r["bus"], r["workers"]) for r in runs] == [
-        ("redis", 1), ("redis", 2), ("cluster", 1), ("cluster", 2)]
+    assert [(r["bus"], r["workers"]) for r in runs] == [("redis", 1), ("redis", 2)]
     assert all(r["converged_share"] == 1.0 for r in runs)
     book = res["scenarios"]["book"]["fastfeed"]
     assert book["converged"] == book["clients"] and book["ingest_errors"] == 0
