@@ -67,6 +67,7 @@ cdef class Table(Kind):
     cdef int32_t intern(self, const char* s, Py_ssize_t n) except -2
     cdef int apply(self, int32_t iid, int64_t seq, int64_t ts, uint32_t mask,
                    const double* v, int64_t now) noexcept
+    cdef char* _row_head(self, char* p, int32_t iid) noexcept
     cdef const char* row_json(self, int32_t iid, int32_t* n) except NULL
     cdef char* _rows(self, char* p, const int32_t* ids, int32_t n, uint64_t since,
                      bint compact, int64_t t, uint32_t* count, int64_t* oldest) except NULL

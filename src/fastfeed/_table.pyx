@@ -275,6 +275,18 @@ cdef class Table(Kind):
             self.nhot += 1
         return APPLIED
 
+    cdef char* _row_head(self, char* p, int32_t iid) noexcept:
+        # `["SYM",seq,`: how a whole row and a compact row both begin
+        p[0] = b"["
+        p[1] = b'"'
+        memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
+        p += 2 + self.symlen[iid]
+        p[0] = b'"'
+        p[1] = b","
+        p = _put_i64(p + 2, self.seq[iid])
+        p[0] = b","
+        return p + 1
+
     cdef const char* row_json(self, int32_t iid, int32_t* n) except NULL:
         """The instrument's JSON row, encoded at most once per change."""
         cdef char* base = self.rowbuf + iid * ROW_SLOT
@@ -282,16 +294,8 @@ cdef class Table(Kind):
         cdef uint16_t* off
         cdef int k
         if self.rowver[iid] != self.chg[iid]:
-            p = base
-            p[0] = b"["
-            p[1] = b'"'
-            memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
-            p += 2 + self.symlen[iid]
-            p[0] = b'"'
-            p[1] = b","
-            p = _put_i64(p + 2, self.seq[iid])
-            p[0] = b","
-            p = _put_i64(p + 1, self.ts[iid])
+            p = self._row_head(base, iid)
+            p = _put_i64(p, self.ts[iid])
             off = self.rowoff + iid * (NVALS + 1)
             for k in range(NVALS):
                 p[0] = b","
@@ -382,15 +386,7 @@ cdef class Table(Kind):
         cdef const char* row
         cdef const uint16_t* off
         cdef int j
-        p[0] = b"["
-        p[1] = b'"'
-        memcpy(p + 2, self.syms + iid * SYM_MAX, self.symlen[iid])
-        p += 2 + self.symlen[iid]
-        p[0] = b'"'
-        p[1] = b","
-        p = _put_i64(p + 2, self.seq[iid])
-        p[0] = b","
-        p = _put_i64(p + 1, m)
+        p = _put_i64(self._row_head(p, iid), m)
         if m & M_TS:
             # ts and t are both >= 0: the difference fits
             p[0] = b","
