@@ -163,6 +163,10 @@ async def test_the_running_trade_shows_the_selected_symbol_or_the_whole_market(p
                      " && fastfeed.client.trades.get('*')?.length > 20")
     star = [m for m in wire.sent if m.get("op") == "subscribe" and m.get("symbols") == ["*"]]
     assert [m["channels"] for m in star] == [["trades"]]
+    # repainted on the next animation frame: until then the symbol's rows are
+    # shown, and they can match a stretch of the market's tape that is all BBCA
+    await wait(page, f"() => [...document.querySelectorAll('#tape .tape-row:not([hidden])')]"
+                     f".some(r => r.dataset.sym !== '{SYM}')")
     rows = await shown_tape_matches(page, wire, market=True)
     assert len({r["sym"] for r in rows}) > 1, "the market's tape holds more than one symbol"
     await page.select_option("[data-testid=tape-scope]", "symbol")
