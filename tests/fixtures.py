@@ -108,6 +108,21 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
+async def settled_rss_kib(pid: int, step_kib: int = 1024, timeout: float = 15.0) -> int:
+    """`rss_kib` once the process has warmed up: two readings 0.5 s apart differ
+    by less than `step_kib`. A gateway just started still grows by tens of MiB
+    (its arrays, the simulator, first frames), slower on a loaded machine; a
+    baseline taken then charges that warm-up to whatever the test does next."""
+    end = time.monotonic() + timeout
+    last = rss_kib(pid)
+    while True:
+        await asyncio.sleep(0.5)
+        now = rss_kib(pid)
+        if abs(now - last) < step_kib or time.monotonic() > end:
+            return now
+        last = now
+
+
 def children(pid: int) -> list[int]:
     """The pids of `pid`'s children (a supervisor's workers)."""
     with open(f"/proc/{pid}/task/{pid}/children") as fh:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import websockets
-from fixtures import rss_kib
+from fixtures import rss_kib, settled_rss_kib
 from support import http_get, start_gateway, until
 from wsraw import RawWS, client_frame
 
@@ -196,8 +196,7 @@ async def test_a_client_that_never_reads_its_replies_is_bounded_then_closed_1008
     off = ["--requests-per-s", "1000000", "--request-burst", "1000000"]
     async with start_gateway("--simulate", "3000", "--rate", "100",
                              *(off if limiter == "off" else [])) as g:
-        await asyncio.sleep(0.5)
-        base = rss_kib(g.proc.pid)
+        base = await settled_rss_kib(g.proc.pid)
         closed0 = metric(g, "fastfeed_closes_total", 'code="1008"')
         list_frame = client_frame(1, b'{"op":"list"}')
         mixes = [list_frame * 200, list_frame * 200, client_frame(2) * 2000,
@@ -259,8 +258,7 @@ async def test_twenty_clients_sending_huge_frames_do_not_pin_memory():
     reading it; the gateway's memory grows by less than 16 MiB in all
     (before: +76 MiB)."""
     async with start_gateway("--idle-timeout-s", "600") as g:
-        await asyncio.sleep(0.5)
-        base = rss_kib(g.proc.pid)
+        base = await settled_rss_kib(g.proc.pid)
         size = 4_000_000 - 1000
         clients = [await RawWS.connect(g.port) for _ in range(20)]
         for ws in clients:
