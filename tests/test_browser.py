@@ -388,7 +388,8 @@ async def test_the_board_survives_a_stall_and_a_gateway_restart(browser) -> None
 
 async def test_a_delayed_token_shows_its_badges(browser) -> None:
     """A token delayed 60 s except BB*: the bar's badge says so, and so does every
-    delayed symbol's row, its depth ladder and its chart; BB* rows carry none."""
+    delayed symbol's row, its depth ladder and its chart, and the market-wide
+    running trade; BB* rows carry none."""
     from test_delayed import ENV, token
 
     async with start_gateway("--simulate", "12", "--rate", "200", "--max-delay-s", "120",
@@ -418,6 +419,13 @@ async def test_a_delayed_token_shows_its_badges(browser) -> None:
             await b.wait("() => document.querySelector('#ladder-sym').textContent === 'BBCA'")
             assert await b.page.get_attribute("#ladder-sym", "data-delay") == ""
             assert await b.page.get_attribute("#chart-sym", "data-delay") == ""
+            # the market-wide running trade: served, delayed whole (it mixes every symbol)
+            await b.page.select_option("#tape-scope", "market")
+            await b.wait("() => document.querySelector('#tape-title').dataset.delay"
+                         " === 'delayed 1 min'")
+            assert await b.page.text_content('#tape-scope option[value="market"]') == "market"
+            await b.page.select_option("#tape-scope", "symbol")
+            await b.wait("() => document.querySelector('#tape-title').dataset.delay === ''")
             assert not b.errors, b.errors
         finally:
             await ctx.close()

@@ -243,6 +243,8 @@ def same_kinds(view, books, trades, iids):
         assert view.trades.last_tseq(i) == trades.last_tseq(i)
         for k in range(6):
             assert view.bars.bars_of(i * 6 + k) == trades.bars.bars_of(i * 6 + k)
+    # the delayed market-wide tape: the same trades, in the order they were applied
+    assert view.trades.tape.snapshot_json() == trades.tape.snapshot_json()
 
 
 def test_books_and_trades_come_out_after_the_delay_whole_and_in_order():
@@ -328,6 +330,28 @@ def test_over_budget_trades_are_kept_whole_and_a_new_view_copies_them():
         for i in ids:  # every trade, none twice
             got = [json.loads(t)[0] for t in view.trades.recent(i)]
             assert got == list(range(1, trades.last_tseq(i) + 1))
+
+
+def test_a_new_view_starts_with_the_oldest_views_tape_and_goes_on_in_order():
+    _real, _books, trades, line = kinds(delay=5 * S)
+    five = line.view(5 * S)
+    now = _core.wall_ns()
+    line.record(now)
+    for n in range(1, 61):  # 6 s of trades, two symbols, one every 100 ms
+        trades.apply_trade("BBCA" if n % 2 else "TLKM", (n + 1) // 2, now, 100.0 + n, 1.0)
+        now += 100 * MS
+        line.record(now)
+        line.advance(now)
+    held = json.loads(five.trades.tape.snapshot_json())["recent"]
+    assert 0 < len(held) < 60  # the first second's trades are 5 s old
+    two = line.view(2 * S, now)  # its tape: the 5 s view's, then what the line holds on
+    assert json.loads(two.trades.tape.snapshot_json())["recent"][:len(held)] == held
+    for _ in range(60):
+        now += 100 * MS
+        line.record(now)
+        line.advance(now)
+    assert json.loads(two.trades.tape.snapshot_json())["recent"] == \
+        json.loads(trades.tape.snapshot_json())["recent"]
 
 
 def test_a_trade_stamped_beyond_the_horizon_is_dropped_not_held():

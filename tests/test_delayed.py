@@ -179,6 +179,30 @@ async def test_a_late_worker_says_its_line_is_filling_and_readyz_waits_when_aske
             assert st["delay_line"] == "filling" and st["delay"] == 600 and st["past_s"] < 600
 
 
+async def test_a_delay_past_the_ones_a_worker_can_serve_is_refused_at_upgrade():
+    """Each delay served is one more set of hub slots: a worker serves five
+    delays at once; a token for a sixth gets 403 naming the five, at upgrade,
+    and one for a delay already served still connects."""
+    from websockets.exceptions import InvalidStatus
+
+    async with start_gateway("--max-delay-s", "900", env=ENV) as g:
+        await feed(g, ["TLKM"], 0.2, 50)
+        for d in (900, 600, 300, 120, 60):
+            async with websockets.connect(g.ws_url + f"?token={token(d)}") as ws:
+                snap = await Watcher(ws, d).subscribe(["TLKM"])
+                assert snap["delay"] == d and snap["delayed"] == ["TLKM"]
+        try:
+            async with websockets.connect(g.ws_url + f"?token={token(30)}"):
+                raise AssertionError("a sixth delay was served")
+        except InvalidStatus as e:
+            assert e.response.status_code == 403
+            body = e.response.body.decode()
+            assert "30s delay" in body and "900, 600, 300, 120, 60 s" in body, body
+        async with websockets.connect(g.ws_url + f"?token={token(600)}") as ws:
+            assert (await Watcher(ws, 600).subscribe(["TLKM"]))["delay"] == 600
+        assert g.proc.poll() is None
+
+
 def _status(g):
     try:
         return http_get(g.url + "/readyz", 1.0)

@@ -338,3 +338,67 @@ async def test_delayed_trades_resume_with_since_trades():
         assert not any(again.lost.values()), again.lost
         assert not first.late and not again.late, (first.late[:3], again.late[:3])
         assert first.wrong == [] == again.wrong, (first.wrong[:3], again.wrong[:3])
+
+
+class TapeReader:
+    """Every market-wide tape item a client gets, with its send time."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.items: list[tuple[int, list]] = []  # (send time, ["SYM", tseq, ts, ...])
+        self.lost = 0
+        self.other: list[dict] = []  # anything but the tape's snapshot and updates
+        self.task = asyncio.ensure_future(self.run())
+
+    async def run(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for raw in self.ws:
+                m = json.loads(raw)
+                if m["type"] not in ("update", "snapshot"):
+                    self.other.append(m)
+                    continue
+                if m["type"] == "snapshot":
+                    self.other.append(m)
+                sent = m["t"] if m["type"] == "update" else time.time_ns()
+                for e in m.get("trades", []):
+                    assert e["sym"] == "*", e
+                    self.lost += e.get("lost", 0)
+                    self.items += [(sent, it) for it in e.get("items", e.get("recent", []))]
+
+    def order(self) -> list[tuple[str, int]]:
+        return [(it[0], it[1]) for _, it in self.items]
+
+
+async def test_the_market_wide_tape_is_served_delayed_to_a_delayed_token():
+    """`*` on trades for a delayed token (even one with rt ["BB*"]: the tape
+    mixes every symbol, so it is delayed whole): every item at least the delay
+    old when sent, and in the end the same trades in the same order as the
+    real-time tape."""
+    syms = ["BBCA", "TLKM", "ASII"]
+    market = Market(syms, 53)
+    req = json.dumps({"op": "subscribe", "symbols": ["*"], "channels": ["trades"]})
+    async with (start_gateway(*GATEWAY_ARGS, env=ENV) as g,
+                Publisher(g.ingest_url) as pub,
+                websockets.connect(g.ws_url + f"?token={token()}", max_size=None) as rt_ws,
+                websockets.connect(g.ws_url + f"?token={token(DELAY, ['BB*'])}",
+                                   max_size=None) as d_ws):
+        rt, late = TapeReader(rt_ws), TapeReader(d_ws)
+        for ws in (rt_ws, d_ws):
+            await ws.send(req)
+        await until(lambda: rt.other and late.other, 10, what="both tapes' snapshots")
+        snap = late.other[0]
+        assert snap["type"] == "snapshot" and snap["delay"] == DELAY, snap
+        assert snap["delayed"] == ["*"], snap
+        assert "delayed" not in rt.other[0]
+        await stream(pub, market, 3, 0, 2)
+        want = sum(market.last_tseqs().values())
+        await until(lambda: len(rt.items) == want, 10, what="every trade on the real-time tape")
+        await until(lambda: late.order() == rt.order(), 15,
+                    what="the delayed tape at the real-time tape's trades, in its order")
+        young = [(sent, it) for sent, it in late.items if it[2] > sent - DELAY * S]
+        assert not young, f"{len(young)} delayed tape items newer than send time - 2 s: " \
+                          f"{young[:3]}"
+        assert any(it[2] > sent - DELAY * S for sent, it in rt.items), \
+            "the real-time tape had trades younger than the delay"
+        assert rt.lost == 0 == late.lost and pub.errors == []
+        assert [m for m in late.other[1:] if m["type"] == "error"] == []

@@ -280,7 +280,7 @@ async def replies(ws, n: int) -> list[dict]:
     return out
 
 
-async def test_only_a_token_that_sees_everything_gets_the_tape_and_only_on_trades():
+async def test_only_a_token_that_sees_every_symbol_gets_the_tape_and_only_on_trades():
     env = {"FASTFEED_JWT_SECRET": SECRET}
     async with start_gateway("--max-subscriptions", "2", env=env) as gw:
         async with websockets.connect(gw.ingest_url) as pub:
@@ -305,15 +305,17 @@ async def test_only_a_token_that_sees_everything_gets_the_tape_and_only_on_trade
             err, snap = await replies(ws, 2)
             assert (err["type"], err["code"], err["symbols"]) == ("error", "forbidden", ["*"])
             assert snap["type"] == "snapshot" and [e["sym"] for e in snap["trades"]] == ["BBCA"]
-        # a delayed token sees nothing in real time: no tape, unless rt is everything
-        for claims, ok in (({"syms": ["*"]}, True), ({"delay": 900}, False),
-                           ({"delay": 900, "rt": ["*"]}, True)):
+        # a delayed token gets the delayed tape (here still empty: the trade is
+        # not 900 s old), even with rt BB*; rt * is real time
+        for claims, now in (({"syms": ["*"]}, True), ({"delay": 900}, False),
+                            ({"delay": 900, "rt": ["BB*"]}, False),
+                            ({"delay": 900, "rt": ["*"]}, True)):
             async with websockets.connect(gw.ws_url + f"?token={token(**claims)}") as ws:
                 await ws.send(json.dumps(TAPE_REQ))
-                got = await replies(ws, 1 if ok else 2)
-                assert [e["sym"] for e in got[-1]["trades"]] == (["*"] if ok else []), claims
-                if not ok:
-                    assert (got[0]["code"], got[0]["symbols"]) == ("forbidden", ["*"])
+                (snap,) = await replies(ws, 1)
+                assert snap["type"] == "snapshot" and [e["sym"] for e in snap["trades"]] == ["*"]
+                assert len(snap["trades"][0]["recent"]) == (1 if now else 0), claims
+                assert snap.get("delayed", []) == ([] if now else ["*"]), claims
 
         async with websockets.connect(gw.ws_url + f"?token={token()}") as ws:
             # `*` anywhere but on trades alone: refused whole, nothing subscribed

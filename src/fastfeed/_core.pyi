@@ -13,6 +13,7 @@ ROW_DTYPE: np.dtype[Any]
 BIN_MAGIC: bytes
 BATCH_MAGIC: bytes
 BIN_HEADER_SIZE: int
+HUB_KINDS: int  # kinds one Hub fans out at most
 SOURCES: tuple[str, ...]
 OUTCOMES: tuple[str, ...]
 DEBUG: bool

@@ -28,7 +28,7 @@ from fastfeed._books import (
 )
 from fastfeed._books import has_type
 from fastfeed._delay import DelayedView, DelayLine
-from fastfeed._hub import Hub, can_send, connected
+from fastfeed._hub import HUB_KINDS, Hub, can_send, connected
 from fastfeed._table import Table
 from fastfeed._trades import (
     TRADE_BATCH_MAGIC, Tape, Trades, bar_starts, check_trade, decode_trade_batch,
@@ -59,7 +59,7 @@ DEBUG = bool(FF_DEBUG)
 __all__ = [
     "BAR_INTERVALS", "BATCH_MAGIC", "BIN_HEADER_SIZE", "BIN_MAGIC", "BOOK_MAGIC",
     "BOOK_OUTCOMES", "BarClock", "Bars", "Books", "DEBUG", "DelayLine", "DelayedView",
-    "FIELDS", "Hub",
+    "FIELDS", "HUB_KINDS", "Hub",
     "OUTCOMES", "ROW_DTYPE", "SOURCES", "TRADE_BATCH_MAGIC", "Table", "Tape", "Trades",
     "VALUE_FIELDS", "bar_starts", "can_send", "check_tick", "check_trade", "connected",
     "day_bounds", "decode_batch", "decode_books", "decode_trade_batch", "encode_batch",

@@ -204,8 +204,9 @@ cdef class DelayLine:
             rb = self.real_trades.bars
             if rb is not None:
                 bars = Bars(t, (<Bars>rb).history, (<Bars>rb).tz)
-            # its tape is never served: the market-wide tape is for real-time tokens
-            tr = Trades(t, self.real_trades.ring, self.real_trades.backlog, 1, bars)
+            # its tape, fed by the released trades, is the delayed market-wide tape
+            tr = Trades(t, self.real_trades.ring, self.real_trades.backlog,
+                        self.real_trades.tape.ring, bars)
         return DelayedView(t, b, tr, delay_ns, cursor)
 
     # ---- bookkeeping

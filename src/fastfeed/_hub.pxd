@@ -22,7 +22,9 @@ cdef enum ConnFlag:
 
 
 cdef enum:
-    MAX_SLOTS = 16       # kinds one hub fans out (quotes, books, trades, bars, delayed copies)
+    # kinds one hub fans out: quotes, books, trades, bars and the tape, real time
+    # and per delay served (a slot mask is a uint32_t)
+    MAX_SLOTS = 32
     # cached frames per group: text; FFB1; the JSON companion of FFB1 and FFC1;
     # compact text; FFC1 (compact binary)
     NFMT = 5

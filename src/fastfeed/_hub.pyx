@@ -37,6 +37,8 @@ import numpy as np
 
 cdef const char* UPDATE_PREFIX = b'{"type":"update","t":'
 _KEY_OK = re.compile(r"[a-z][a-z0-9_]{0,15}\Z")
+#: kinds one Hub fans out at most (`Hub.add_kind` refuses more)
+HUB_KINDS = MAX_SLOTS
 
 
 cdef int _overrun(str what, Py_ssize_t n, Py_ssize_t bound) except -1:

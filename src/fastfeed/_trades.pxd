@@ -35,6 +35,7 @@ cdef class Tape(Kind):
 
     cdef void push(self, const char* sym, Py_ssize_t symlen, const char* trade,
                    int32_t n, int64_t now) noexcept
+    cdef void copy_state(self, Tape other) noexcept
 
 
 cdef class Trades(Kind):

@@ -269,6 +269,15 @@ cdef class Tape(Kind):
         self.version += 1
         _stamp(self, 0, self.version, now)
 
+    cdef void copy_state(self, Tape other) noexcept:
+        """Become a copy of `other` (same ring; this one new): the delayed tape
+        of a delayed copy made from another."""
+        memcpy(self.enc, other.enc, <Py_ssize_t>self.ring * TAPE_SLOT)
+        memcpy(self.enclen, other.enclen, <Py_ssize_t>self.ring * 4)
+        self.version = other.version
+        self.chg[0] = other.chg[0]
+        self.arrived[0] = other.arrived[0]
+
     cdef Py_ssize_t section_bound(self, int32_t n) noexcept:
         return 64 + <Py_ssize_t>self.ring * (TAPE_SLOT + 1)
 
@@ -513,6 +522,8 @@ cdef class Trades(Kind):
             memcpy(g.enclen, h.enclen, <Py_ssize_t>self.ring * 4)
         self.version = other.version
         self.held = other.held
+        if self.tape.ring == other.tape.ring:
+            self.tape.copy_state(other.tape)
         return 0
 
     # ---- the kind: what the hub calls ----------------------------------

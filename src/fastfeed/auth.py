@@ -50,11 +50,16 @@ class Entitlements:
         rx = self._rx  # type: ignore[attr-defined]
         return rx is None or rx.match(sym) is not None
 
-    def sees_everything(self) -> bool:
-        """May see every symbol, in real time (the market-wide tape asks it):
-        no `syms` claim or a pattern `*`, and no delay or an `rt` pattern `*`."""
-        return (self.patterns is None or "*" in self.patterns) and \
-            (self.delay == 0 or "*" in self.rt)
+    def sees_every_symbol(self) -> bool:
+        """May see every symbol (the market-wide tape asks it): no `syms` claim
+        or a pattern `*`. Delayed or not: see `tape_delayed`."""
+        return self.patterns is None or "*" in self.patterns
+
+    def tape_delayed(self) -> bool:
+        """Is the market-wide tape served to this holder delayed? Yes unless
+        `rt` holds the pattern `*` itself: the tape mixes every symbol, so any
+        narrower `rt` (even one that matches the string "*") leaves it delayed."""
+        return self.delay > 0 and "*" not in self.rt
 
     def delayed(self, sym: str) -> bool:
         """Is `sym` served to this holder delayed (by `delay` seconds)?"""

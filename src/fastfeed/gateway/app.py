@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import _core, logs, metrics
 from .. import protocol as P
+from ..auth import DelayRefused
 from ..config import Config
 from ..feed import record
 from ..feed.delay import DelaySource
@@ -68,6 +69,8 @@ def delayed_channels(hub: Any, view: Any, delay_s: int, sync: Callable[[], None]
     if view.trades is not None:
         chans += trade_channels(view.trades, hub.add_kind(view.trades),
                                 view.bars, hub.add_kind(view.bars))
+        # the delayed market-wide tape: the released trades, in the order released
+        chans.append(tape_channel(view.trades.tape, hub.add_kind(view.trades.tape)))
 
     def twin(ch: Channel) -> Channel:
         def snapshot(items: list[int], since: dict[int, int], upto: int) -> bytes:
@@ -132,6 +135,7 @@ class Gateway:
         self.ingest: IngestSource | None = None
         self.delay: DelaySource | None = None  # the delay line, unless --max-delay-s 0
         self.delay_twins: dict[int, dict[str, Channel]] = {}  # delay (s) -> its channels
+        self.kinds_per_delay = 0  # hub slots one delay's channels take (learnt from the first)
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
@@ -202,12 +206,21 @@ class Gateway:
     def delayed(self, delay_s: int) -> tuple[dict[str, Channel], float]:
         """The channels that serve `delay_s` (by the real channel's name), made
         on first use, and the past the line holds. Each delayed kind is another
-        hub slot under its kind's key: the hub merges them in one array."""
+        hub slot under its kind's key: the hub merges them in one array, and
+        has `_core.HUB_KINDS` slots: a delay past those is `DelayRefused`."""
         assert self.delay is not None
         twins = self.delay_twins.get(delay_s)
         if twins is None:
+            served = sorted(self.delay_twins, reverse=True)
+            if served and len(self.hub.kinds) + self.kinds_per_delay > _core.HUB_KINDS:
+                raise DelayRefused(
+                    f"token asks for a {delay_s}s delay, and this worker already serves "
+                    f"{len(served)} delays ({', '.join(map(str, served))} s), the most it "
+                    "serves at once: mint delayed tokens with one of those delays")
+            before = len(self.hub.kinds)
             twins = self.delay_twins[delay_s] = delayed_channels(
                 self.hub, self.delay.view_for(delay_s), delay_s, self.delay.line.sync)
+            self.kinds_per_delay = len(self.hub.kinds) - before
         return twins, self.delay.past_s()
 
     def _delay_full(self, delay_s: int) -> None:

@@ -175,6 +175,8 @@ class Routes:
             try:
                 ent = auth.verify(auth.token_from_request(req.path, req.headers), self.secret,
                                   self.max_delay_s)
+                if ent.delay and self.session_ctx.delayed is not None:
+                    self.session_ctx.delayed(ent.delay)  # its channels, made now or refused
             except auth.DelayRefused as e:
                 # a valid token this gateway cannot serve: the operator's mismatch, so logged
                 now = time.monotonic()

@@ -325,10 +325,11 @@ class Session(MessageListener):
         return [reg.by_name[n] for n in dict.fromkeys(names)], True
 
     def _take_tape(self, syms: list[str], chans: list[Channel], named: bool) -> Channel | None:
-        """Take `*`, the market-wide tape, out of `syms`: the tape's channel if
-        it was there. `*` is a symbol of the trades channel only: a request that
-        names it with another channel (or without `channels`, where that means
-        quotes) is refused whole."""
+        """Take `*`, the market-wide tape, out of `syms`: the tape's channel that
+        serves this client (the delayed tape for a delayed token whose `rt` does
+        not name `*`) if it was there. `*` is a symbol of the trades channel
+        only: a request that names it with another channel (or without
+        `channels`, where that means quotes) is refused whole."""
         if TAPE not in syms:
             return None
         syms.remove(TAPE)
@@ -338,7 +339,7 @@ class Session(MessageListener):
             raise RequestError(P.BAD_REQUEST, "symbol * (the market-wide tape) is served on the "
                                               "trades channel only: "
                                               '{"symbols":["*"],"channels":["trades"]}', [TAPE])
-        return tape
+        return self.twins[tape.name] if self.ent.tape_delayed() else tape
 
     def _chan(self, name: str) -> Channel:
         return self.twin_names.get(name) or self.ctx.channels.by_name[name]
@@ -406,11 +407,14 @@ class Session(MessageListener):
                     picked.setdefault(rc.name, set()).add(iid)
                     if rc is not ch and (not late or late[-1] != s):
                         late.append(s)
-        # the tape is one shared stream, unfiltered: only for a token that sees everything
-        tape_denied = tape is not None and not self.ent.sees_everything()
+        # the tape is one shared stream, unfiltered: only for a token that sees
+        # every symbol; delayed as a whole unless `rt` names everything
+        tape_denied = tape is not None and not self.ent.sees_every_symbol()
         if tape is not None and not tape_denied and not self.chan_subs.get(tape.name):
             targets[tape.name] = tape
             picked[tape.name] = {0}  # its one item: one (symbol, channel) pair
+            if self.ent.tape_delayed():
+                late.append(TAPE)
         for ch in chans:
             targets.setdefault(ch.name, ch)
         new = {name: sorted(picked.get(name, ())) for name in targets}
@@ -423,8 +427,7 @@ class Session(MessageListener):
             self._error(rid, P.FORBIDDEN, "not entitled to these symbols", denied)
         if tape_denied:
             self._error(rid, P.FORBIDDEN, "the market-wide tape (*) needs a token that sees every "
-                                          "symbol in real time (no syms claim, or the pattern *)",
-                        [TAPE])
+                                          "symbol (no syms claim, or the pattern *)", [TAPE])
         if added:
             for ch in targets.values():
                 self.chan_subs.setdefault(ch.name, set()).update(new[ch.name])

@@ -739,6 +739,7 @@ function start() {
     const text = delay % 60 === 0 ? `delayed ${delay / 60} min` : `delayed ${delay} s`;
     board.delayText = text;
     for (const s of syms) board.delayed.add(s);
+    if (board.delayed.has(MARKET)) window.fastfeed.side?.setMarketDelay(text);
     mixed = mixed || rows.some((r) => !board.delayed.has(r[F.SYM]));
     const pill = $("delay");
     pill.hidden = board.delayed.size === 0;

@@ -55,6 +55,9 @@ export class TradesPanel {
     // refusal (an older gateway, or a token that does not see every symbol)
     // leaves the selected symbol's tape, and "*" is not asked for again.
     this.marketServed = true;
+    // "delayed 15 min" when this token gets the market-wide tape delayed (the
+    // tape mixes every symbol: delayed whole unless the token's rt is "*")
+    this.marketDelay = "";
     // (symbol, channel) pairs it may hold (the market tape, the selected
     // symbol's trades and bars), left free by the grid under the limit
     this.reserve = 4;
@@ -103,7 +106,8 @@ export class TradesPanel {
   build(root) {
     const tape = el("section", { class: "tape-panel" });
     const th = el("header");
-    th.append(el("b", {}, "Running trade"));
+    this.titleEl = el("b", { id: "tape-title", "data-testid": "tape-title" }, "Running trade");
+    th.append(this.titleEl);
     this.scopeSel = el("select", { id: "tape-scope", "data-testid": "tape-scope", "aria-label": "tape" });
     this.scopeSel.append(new Option("selected", "symbol"), new Option("market", "market"));
     this.scopeSel.value = this.scope;
@@ -131,6 +135,17 @@ export class TradesPanel {
 
   tapeKey() {
     return this.scope === "market" && this.marketServed ? MARKET : this.sym;
+  }
+
+  /** `delay` ("delayed 15 min", or "") marks the market-wide tape as served delayed. */
+  setMarketDelay(delay) {
+    this.marketDelay = delay;
+    this.markDelay();
+  }
+
+  // the tape's title carries the delay of what it shows (shown where a token mixes)
+  markDelay() {
+    this.titleEl.dataset.delay = this.tapeKey() === MARKET ? this.marketDelay : this.symEl.dataset.delay || "";
   }
 
   // -- subscriptions --------------------------------------------------------
@@ -168,6 +183,7 @@ export class TradesPanel {
     this.sym = sym;
     this.symEl.textContent = sym;
     this.symEl.dataset.delay = delay;
+    this.markDelay();
     this.tapeDirty = this.chartDirty = true;
     this.schedule();
     const c = this.client;
@@ -201,6 +217,7 @@ export class TradesPanel {
     if (scope === "market" && !this.marketServed) scope = "symbol";
     this.scope = scope;
     this.scopeSel.value = scope;
+    this.markDelay();
     if (scope === "market" && this.channels) this.subscribeMarket();
     // the market's tape is the busiest stream there is: not kept when not shown
     else if (scope !== "market" && this.client.wanted.has(MARKET)) {
