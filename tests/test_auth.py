@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jwt
@@ -100,6 +101,12 @@ def test_operators_can_mint_delayed_tokens():
                          capture_output=True, text=True, check=True).stdout.strip()
     claims = jwt.decode(out, SECRET, algorithms=["HS256"])
     assert claims["delay"] == 900 and claims["rt"] == ["BB*"]
+    # a free tier's one delayed token for everyone: no --sub, named anonymous
+    out = subprocess.run([sys.executable, "-m", "fastfeed", "token", "--delay", "900"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "FASTFEED_JWT_SECRET": SECRET}).stdout.strip()
+    claims = jwt.decode(out, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "anonymous" and claims["delay"] == 900
     bad = subprocess.run([sys.executable, "-m", "fastfeed", "token", "--sub", "x", "--rt", "BB*",
                           "--secret", SECRET], capture_output=True, text=True)
     assert bad.returncode == 2 and "--delay" in bad.stderr

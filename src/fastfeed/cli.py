@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     config.add_arguments(p)
     p.set_defaults(func=_serve)
     t = sub.add_parser("token", help="print a client token (HS256 JWT) for operators")
-    t.add_argument("--sub", required=True, help="who the token is for")
+    t.add_argument("--sub", default="anonymous",
+                   help="who the token is for, as the gateway's logs name its clients "
+                        "(default anonymous: one token for many users, such as the "
+                        "delayed token of an app's free tier)")
     t.add_argument("--syms", default="",
                    help="comma-separated symbol globs it may see (default all)")
     t.add_argument("--delay", type=int, default=0,
