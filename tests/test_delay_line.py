@@ -190,15 +190,21 @@ def test_memory_stays_within_the_formula():
     assert 0 < line.nbytes <= formula(2000, 10_000, 5, 0.1)
 
 
-def test_over_budget_the_slots_coarsen_and_stay_correct():
+@pytest.mark.parametrize("budget_mb, slot_ms", [(3.5, 400), (2, 1600)])
+def test_over_budget_the_slots_coarsen_and_stay_correct(budget_mb, slot_ms):
+    """10k ticks/s over 5,000 instruments, 5 s of past: 3.5 MiB is met with
+    400 ms slots; 2 MiB is not met even at the coarsest slots (1.6 s: one more
+    doubling would pass half the delay), where the line stops merging."""
     rnd = random.Random(5)
     real = _core.Table()
-    budget = 2 << 20
+    budget = int(budget_mb * (1 << 20))
     line = _core.DelayLine(real, 5 * S, 100 * MS, budget_bytes=budget)
     views = [(5 * S, line.view(5 * S).table), (2 * S, line.view(2 * S).table)]
     now = _random_feed(line, real, views, 8, 10_000, 5000, rnd)
-    assert line.coarsened >= 1 and line.slot_ns > 100 * MS
-    assert line.nbytes <= budget + 2 * 80 * 5000  # the budget, plus one slot of growth
+    assert line.slot_ns == slot_ms * MS and line.coarsest == (slot_ms == 1600)
+    # in use within the budget; allocated (buffers double as they grow) within twice it
+    assert line.nbytes <= 2 * budget or line.coarsest
+    assert line.nbytes <= formula(5000, 10_000, 5, 0.1)  # never more than uncoarsened
     for _ in range(int((5 * S + 2 * line.slot_ns) // (100 * MS)) + 1):
         now += 100 * MS
         line.record(now)

@@ -18,7 +18,7 @@ Memory is entries (80 bytes: one instrument's quote in one slot; a book's
 head and its served levels; 40 bytes a trade), slot headers and a few bytes
 per instrument; over the budget the slots are merged two by two (the slot
 length doubles: quotes and books keep their later state, trades are kept
-whole), never dropped.
+whole), never dropped, down to slots of half the maximum delay (`coarsest`).
 """
 
 cimport cython
@@ -605,7 +605,11 @@ cdef class DelayLine:
         cdef int64_t need
         cdef int k
         cdef Buf* B
-        while self.s_n - self.s_lo >= 2 and self._held() > self.budget_bytes:
+        # no coarser than half the delay: past that a merge saves next to nothing
+        # (every slot already holds nearly every instrument) and delayed clients
+        # would move in steps longer than their delay
+        while self.s_n - self.s_lo >= 2 and self._held() > self.budget_bytes \
+                and self.slot_ns * 2 <= self.max_delay_ns // 2:
             self._merge()
         for k in range(NBUF):
             B = &self.buf[k]
@@ -613,6 +617,12 @@ cdef class DelayLine:
             if B.cap * B.rec > self.budget_bytes and need * 2 < B.cap:
                 self._shrink(k, max(1024, need + need // 2))
         return 0
+
+    @property
+    def coarsest(self):
+        """The slots are as long as they get (half the maximum delay, or more
+        than that after the next merge): over budget now, the line stays so."""
+        return self.slot_ns * 2 > self.max_delay_ns // 2
 
     cdef int _shrink(self, int k, int64_t cap) except -1:
         cdef Buf* B = &self.buf[k]

@@ -40,6 +40,7 @@ class DelaySource(TaskSource):
         self._asked: set[int] = set()
         self._filling: set[int] = set()  # delays (s) whose past the line does not hold yet
         self._slot_logged = self.line.slot_ns
+        self._over_logged = False  # "over budget at its coarsest", said once
         self._dropped = 0  # line.future_trades already counted
 
     def view_for(self, delay_s: int) -> Any:
@@ -83,6 +84,16 @@ class DelaySource(TaskSource):
                         line.budget_bytes >> 20, self._slot_logged / 1e6, line.slot_ns / 1e6,
                         line.entries, line.slots, line.nbytes, line.slot_ns / 1e6)
             self._slot_logged = line.slot_ns
+        if line.coarsest and not self._over_logged and line.nbytes > line.budget_bytes:
+            self._over_logged = True
+            log.error("delay line over its budget of %d MiB (--delay-budget-mb) at its "
+                      "coarsest slots (%g ms, half of --max-delay-s): it holds %d bytes (each "
+                      "instrument's latest state in every slot, every trade) and merges no "
+                      "further, so it grows with the instruments and the trade rate. Delayed "
+                      "clients stay correct, in steps of %g ms. Raise --delay-budget-mb or "
+                      "lower --max-delay-s (docs/delay.md, Memory, has the formula)",
+                      line.budget_bytes >> 20, line.slot_ns / 1e6, line.nbytes,
+                      line.slot_ns / 1e6)
         if self._filling:
             for d in sorted(self._filling):
                 if not self.filling(d):
