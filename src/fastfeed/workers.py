@@ -21,6 +21,13 @@ dead or hung worker would be lost.
   (workers then exit at once).
 * With ``--simulate`` the simulated feed runs once per pod, in its own child
   process that publishes through Redis, never once per worker.
+* Delayed data: each worker keeps its own delay line, and a restarted worker
+  starts with no past (docs/delay.md). For ``--max-delay-s`` after its restart
+  the delayed clients it accepts get ``delay_line: filling`` and lack the
+  symbols that ticked within their delay, while its siblings serve theirs
+  whole. With ``--delay-gates-ready`` its ``/readyz`` answers 503 meanwhile;
+  a probe reaches one worker at random, so such a pod may flap in and out of
+  its Service's endpoints until the line is full (docs/operations.md).
 
 The workers share ticks and state through Redis (`fastfeed.bus`); more than
 one worker without ``--redis`` is refused: their tables would diverge.
