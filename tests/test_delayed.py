@@ -16,6 +16,7 @@ import re
 import time
 
 import jwt
+import pytest
 import websockets
 from support import http_get, start_gateway, until
 
@@ -304,6 +305,57 @@ async def test_binary_frames_for_delayed_symbols_hold_no_newer_row():
                     held[sym] = int(r["seq"])
             await more
             assert fresh_bb and held == seqs, (fresh_bb, held, seqs)
+
+
+@pytest.mark.parametrize("subprotocol", ["fastfeed.v1.compact", "fastfeed.v1.compact.bin"])
+async def test_compact_frames_for_delayed_symbols_hold_no_newer_row_and_end_equal(subprotocol):
+    """A mixed token (delay 1 s, rt BB*) on a compact subprotocol: every row the
+    client rebuilds from its compact frames is old enough for TLKM and ASII,
+    BBCA comes in real time, and it ends on the real-time client's rows."""
+    from fastfeed.compact import CompactState
+
+    syms = ["TLKM", "ASII", "BBCA"]
+    async with start_gateway("--max-delay-s", "5", env=ENV) as g:
+        seqs = await feed(g, syms, 0.3, 100)
+        async with (websockets.connect(g.ws_url + f"?token={token()}") as rt_ws,
+                    websockets.connect(g.ws_url + f"?token={token(1, ['BB*'])}",
+                                       subprotocols=[subprotocol]) as ws):
+            assert ws.subprotocol == subprotocol
+            rt = Watcher(rt_ws, 1, lambda s: False)
+            await rt.subscribe(syms)
+            state, late, fresh_bb = CompactState(), [], []
+
+            async def read() -> None:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    async for m in ws:
+                        if isinstance(m, bytes):
+                            t, rows = state.update_binary(m)
+                        else:
+                            msg = json.loads(m)
+                            if msg["type"] == "snapshot":
+                                state.snapshot(msg["rows"])
+                                t, rows = time.time_ns(), msg["rows"]
+                            elif msg["type"] == "update":
+                                t, rows = msg["t"], state.update(msg)
+                            else:
+                                continue
+                        for r in rows:
+                            if r[0].startswith("BB"):
+                                fresh_bb.append(r[2] > t - S)
+                            elif r[2] > t - S:
+                                late.append((list(r), t))
+
+            reader = asyncio.ensure_future(read())
+            await ws.send(json.dumps({"op": "subscribe", "symbols": syms}))
+            await feed(g, syms, 2.5, 200, seqs)
+            await until(lambda: {s: r[1] for s, r in rt.rows.items()} == seqs, 10,
+                        what="the real-time client at the last tick")
+            final = {s: list(r) for s, r in rt.rows.items()}
+            await until(lambda: state.rows == final, 10,
+                        what="the compact delayed client at the real-time rows")
+            reader.cancel()
+            assert not late, f"{len(late)} delayed rows newer than t - 1 s: {late[:3]}"
+            assert any(fresh_bb), "BBCA came in real time"
 
 
 async def test_every_worker_and_a_late_pod_build_the_delayed_state_from_the_bus():
