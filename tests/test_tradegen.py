@@ -307,6 +307,8 @@ async def test_with_books_every_trade_prints_at_the_books_best_and_takes_from_it
             if level[1] == 0:
                 side.pop(0)  # taken out: the next level comes into view
                 taken_out += 1
+                if not side:  # the last level it showed: what comes into view is unknown
+                    held[t["side"]] = None
             checked += 1
         expect.update(local)
     assert checked > 300 and taken_out > 0
