@@ -90,10 +90,9 @@ class DelaySource(TaskSource):
                       "coarsest slots (%g ms, half of --max-delay-s): it holds %d bytes (each "
                       "instrument's latest state in every slot, every trade) and merges no "
                       "further, so it grows with the instruments and the trade rate. Delayed "
-                      "clients stay correct, in steps of %g ms. Raise --delay-budget-mb or "
+                      "clients stay correct, in steps of one slot. Raise --delay-budget-mb or "
                       "lower --max-delay-s (docs/delay.md, Memory, has the formula)",
-                      line.budget_bytes >> 20, line.slot_ns / 1e6, line.nbytes,
-                      line.slot_ns / 1e6)
+                      line.budget_bytes >> 20, line.slot_ns / 1e6, line.nbytes)
         if self._filling:
             for d in sorted(self._filling):
                 if not self.filling(d):

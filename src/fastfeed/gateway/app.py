@@ -135,7 +135,6 @@ class Gateway:
         self.ingest: IngestSource | None = None
         self.delay: DelaySource | None = None  # the delay line, unless --max-delay-s 0
         self.delay_twins: dict[int, dict[str, Channel]] = {}  # delay (s) -> its channels
-        self.kinds_per_delay = 0  # hub slots one delay's channels take (learnt from the first)
         self.started = False
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
@@ -212,15 +211,15 @@ class Gateway:
         twins = self.delay_twins.get(delay_s)
         if twins is None:
             served = sorted(self.delay_twins, reverse=True)
-            if served and len(self.hub.kinds) + self.kinds_per_delay > _core.HUB_KINDS:
+            # the hub slots one delay takes: those of a delay already served
+            per = len({c.slot for c in self.delay_twins[served[0]].values()}) if served else 0
+            if len(self.hub.kinds) + per > _core.HUB_KINDS:
                 raise DelayRefused(
                     f"token asks for a {delay_s}s delay, and this worker already serves "
                     f"{len(served)} delays ({', '.join(map(str, served))} s), the most it "
                     "serves at once: mint delayed tokens with one of those delays")
-            before = len(self.hub.kinds)
             twins = self.delay_twins[delay_s] = delayed_channels(
                 self.hub, self.delay.view_for(delay_s), delay_s, self.delay.line.sync)
-            self.kinds_per_delay = len(self.hub.kinds) - before
         return twins, self.delay.past_s()
 
     def _delay_full(self, delay_s: int) -> None:
